@@ -1,0 +1,358 @@
+"""``CausalLM``: the LightningModule around a Hugging Face causal language model.
+
+It builds the model in ``configure_model`` (so Lightning can wrap construction in DeepSpeed ZeRO-3's partitioning
+context or on the meta device), trains it with AdamW and a warm-up + cosine schedule, logs loss, perplexity,
+learning rate and gradient norm, and writes a plain Hugging Face directory with :meth:`CausalLM.save_hf`.
+
+Example:
+    >>> import lightning as L
+    >>> from lit_accel.models import CausalLM
+    >>> module = CausalLM(model="llama-tiny", learning_rate=1e-3, warmup_steps=10)
+    >>> trainer = L.Trainer(max_steps=20, accelerator="cpu")  # doctest: +SKIP
+    >>> trainer.fit(module, datamodule=...)  # doctest: +SKIP
+    >>> module.save_hf("out/llama-tiny")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from lit_accel.models.params import full_state_dict, is_partitioned, load_full_state_dict, zero3_initialize_weights
+from lit_accel.models.presets import ModelSource, resolve_model_source
+
+__all__ = ["CausalLM", "warmup_cosine"]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up from 0 to 1, then cosine decay to ``min_lr_ratio``.
+
+    Example:
+        >>> warmup_cosine(0, 10, 100, 0.1), warmup_cosine(10, 10, 100, 0.1), warmup_cosine(100, 10, 100, 0.1)
+        (0.1, 1.0, 0.1)
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        # Starting the warm-up at 1/warmup (not 0) keeps the first step from being a wasted no-op update.
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CausalLM(L.LightningModule):
+    """A Hugging Face causal LM as a LightningModule, built from a preset, a config dict or a local directory.
+
+    Args:
+        model: A preset name (``llama-tiny``, ``llama-20m``, ``llama-125m``, ``llama-350m``, ``llama-1b``), a
+            Hugging Face config dict with ``model_type``, or a local model directory (weights are loaded). A hub
+            id is accepted only if it already has a local copy in the Hugging Face cache; nothing is downloaded.
+        config_overrides: Config fields to change, e.g. ``{"vocab_size": 8192}``.
+        learning_rate: Peak learning rate of AdamW.
+        min_lr_ratio: Final learning rate as a fraction of the peak, reached at the last step.
+        warmup_steps: Linear warm-up steps.
+        weight_decay: AdamW weight decay on matrices; norms and biases are not decayed.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        fused_optimizer: Use the fused AdamW kernel; ``None`` means "on CUDA".
+        gradient_checkpointing: Recompute each decoder block's activations in the backward pass.
+        attn_implementation: Hugging Face attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+    """
+
+    def __init__(
+        self,
+        model: str | dict[str, Any] = "llama-tiny",
+        config_overrides: dict[str, Any] | None = None,
+        learning_rate: float = 3e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        fused_optimizer: bool | None = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0; got {learning_rate}.")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1]; got {min_lr_ratio}.")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}.")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0; got {weight_decay}.")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1); got {betas}.")
+        if attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r}; allowed: sdpa, eager, flash_attention_2,"
+                " flash_attention_3, flex_attention."
+            )
+        self.save_hyperparameters()
+        self.source: ModelSource = resolve_model_source(model, config_overrides)
+        self.model: PreTrainedModel | None = None
+        self._val_loss_sum: torch.Tensor | None = None
+        self._val_token_count: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ model construction
+    @property
+    def config(self) -> PretrainedConfig:
+        """The Hugging Face config of the model (available before the model is built)."""
+        return self.model.config if self.model is not None else self.source.config
+
+    def configure_model(self) -> None:
+        """Builds the Hugging Face model (idempotent).
+
+        Called by Lightning inside the strategy's initialisation context, so under DeepSpeed ZeRO-3 the parameters
+        are partitioned as they are created; weights are then initialised (or loaded) module by module with the
+        partitions gathered, so the full model never has to fit on one device.
+        """
+        if self.model is not None:
+            return
+        config = self.source.config
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=self.hparams.attn_implementation, dtype=torch.float32
+        )
+        partitioned = any(is_partitioned(p) for p in model.parameters())
+        if partitioned and self.source.pretrained_dir is None:
+            zero3_initialize_weights(model)
+        if self.source.pretrained_dir is not None and not _on_meta(model):
+            load_full_state_dict(model, _read_hf_weights(self.source.pretrained_dir))
+        if self.hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        self.model = model
+
+    def setup(self, stage: str) -> None:
+        """Checks the data against the model (sequence length, vocabulary) before any step runs."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        seq_len = getattr(datamodule, "seq_len", None)
+        max_pos = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        if seq_len is not None and max_pos is not None and seq_len > max_pos:
+            raise ValueError(
+                f"data seq_len={seq_len} is longer than the model's max_position_embeddings={max_pos}; use"
+                f" seq_len <= {max_pos} or set model config_overrides: {{max_position_embeddings: {seq_len}}}."
+            )
+        try:
+            vocab = datamodule.vocab_size
+        except (AttributeError, RuntimeError):
+            vocab = None
+        if vocab is not None and vocab > self.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab} tokens but the model's vocab_size is {self.config.vocab_size}; token ids"
+                f" >= {self.config.vocab_size} would index past the embedding. Use a tokenizer with at most"
+                f" {self.config.vocab_size} tokens (data bpe_vocab_size) or set model config_overrides:"
+                f" {{vocab_size: {vocab}}}."
+            )
+        eos = getattr(datamodule, "eos_token_id", None)
+        if eos is not None and self.source.pretrained_dir is None:
+            self.source.config.eos_token_id = eos
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The tokenizer lives in the data cache, not in the weights: remember where, so `lit-accel export` can
+        # ship it with the model.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tok_dir = getattr(datamodule, "tokenizer_dir", None)
+        checkpoint["lit_accel"] = {"tokenizer_dir": os.path.abspath(tok_dir) if tok_dir else None}
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        assert self.model is not None, "call configure_model() first (the Trainer does it for you)"
+        return self.model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        input_ids = batch["input_ids"]
+        loss = self(input_ids, labels=batch.get("labels", input_ids)).loss
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=input_ids.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._should_log_now():
+            return
+        loss = outputs["loss"].detach() if isinstance(outputs, dict) else None
+        if loss is not None:
+            # Checked only at logging steps: reading the loss on the host syncs the device.
+            if not bool(torch.isfinite(loss).all()):
+                warnings.warn(
+                    f"non-finite training loss at step {self.trainer.global_step}: lower learning_rate, raise"
+                    " warmup_steps, or enable gradient clipping (trainer.gradient_clip_val).",
+                    stacklevel=1,
+                )
+            self.log("train/ppl", torch.exp(loss.float().clamp(max=30.0)), on_step=True)
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is not None:
+            self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True)
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                self.log("train/grad_norm", float(norm), on_step=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._should_log_now() or getattr(self.trainer.strategy, "deepspeed_engine", None) is not None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            # Before clipping, so the logged value shows spikes that clipping then hides from the update.
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            self.log("train/grad_norm", norm, on_step=True)
+
+    def _should_log_now(self) -> bool:
+        trainer = self.trainer
+        return trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_token_count = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        input_ids = batch["input_ids"]
+        loss = self(input_ids, labels=batch.get("labels", input_ids)).loss
+        tokens = input_ids[:, 1:].numel()
+        assert self._val_loss_sum is not None and self._val_token_count is not None
+        self._val_loss_sum += loss.detach().double() * tokens
+        self._val_token_count += tokens
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        assert self._val_loss_sum is not None and self._val_token_count is not None
+        # Token-weighted mean over all ranks: a plain mean of per-batch means would weight a short last batch
+        # as much as a full one.
+        total = self.all_gather(torch.stack([self._val_loss_sum, self._val_token_count]))
+        total = total.reshape(-1, 2).sum(0)
+        loss = (total[0] / total[1].clamp(min=1)).float()
+        self.log("val/loss", loss, prog_bar=True, rank_zero_only=False, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss.clamp(max=30.0)), sync_dist=False)
+
+    test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_test_epoch_end(self) -> None:
+        assert self._val_loss_sum is not None and self._val_token_count is not None
+        total = self.all_gather(torch.stack([self._val_loss_sum, self._val_token_count])).reshape(-1, 2).sum(0)
+        loss = (total[0] / total[1].clamp(min=1)).float()
+        self.log("test/loss", loss)
+        self.log("test/ppl", torch.exp(loss.clamp(max=30.0)))
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for _, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            # Norm gains and biases are 1-D; decaying them toward zero only hurts (as in GPT-2/LLaMA recipes).
+            (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        fused = hp.fused_optimizer
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        if fused is None:
+            fused = on_cuda and getattr(self.trainer.strategy, "deepspeed_engine", None) is None
+        if fused and not on_cuda:
+            raise ValueError("fused_optimizer=True needs every parameter on a CUDA device; use None or False.")
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        total = int(self.trainer.estimated_stepping_batches)
+        if total <= 0 or total >= 10**12:
+            raise ValueError(
+                "the learning-rate schedule needs a finite number of steps: set trainer.max_steps (or max_epochs)."
+            )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ export
+    def save_hf(self, directory: str | os.PathLike[str], tokenizer: Any | None = None, overwrite: bool = False) -> Path:
+        """Writes a Hugging Face model directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+        Under DeepSpeed ZeRO-3 the partitioned parameters are gathered first; call it on every rank (only rank 0
+        writes). The directory is written next to its destination and renamed into place, so an interrupted save
+        leaves no half-written model, and an existing non-empty directory is never overwritten unless asked.
+
+        Args:
+            directory: Destination directory.
+            tokenizer: Optional tokenizer (anything with ``save_pretrained``) written alongside.
+            overwrite: Replace an existing non-empty directory.
+
+        Returns:
+            The directory path.
+        """
+        assert self.model is not None, "the model is not built yet: call configure_model() first"
+        state = full_state_dict(self.model)
+        out = Path(directory)
+        if not _is_rank_zero():
+            return out
+        return save_hf_directory(self.model, state, out, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def save_hf_directory(
+    model: PreTrainedModel, state: dict[str, torch.Tensor], out: Path, tokenizer: Any | None, overwrite: bool
+) -> Path:
+    """Writes ``model``'s config and the given full ``state`` as safetensors into ``out`` atomically."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; pass overwrite=True or a new path.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            backup = out.with_name(out.name + ".replaced")
+            shutil.rmtree(backup, ignore_errors=True)
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rank_zero_info(f"lit_accel: wrote Hugging Face model to {out}")
+    return out
+
+
+def _read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
+    """Reads every weight file of a Hugging Face model directory (safetensors or PyTorch bins)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    files = sorted(path.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    if files:
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ValueError(f"model={directory!r} holds no *.safetensors or pytorch_model*.bin weight files.")
+    for f in bins:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _is_rank_zero() -> bool:
+    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or (
+        torch.distributed.get_rank() == 0
+    )

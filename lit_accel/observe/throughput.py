@@ -1,0 +1,161 @@
+"""``Throughput``: tokens/s, step time, model FLOPs utilisation and peak memory of a training run.
+
+Timing syncs the device only at logging steps: the interval between two synchronised points covers all device
+work launched in between, so the average step time is exact without stalling every step.
+
+Example:
+    >>> import lightning as L
+    >>> from lit_accel.observe import Throughput
+    >>> trainer = L.Trainer(callbacks=[Throughput(peak_flops=None)])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+__all__ = ["PEAK_FLOPS", "Throughput", "device_peak_flops", "model_flops_per_token"]
+
+# Dense (non-sparse) tensor-core peaks per device, from the vendors' datasheets (SXM parts where both exist).
+# "half" is bf16/fp16 with fp32 accumulation; "tf32" is fp32 matmuls on tensor cores; "fp32" is plain FMA.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"half": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "H100": {"half": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "A100": {"half": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"half": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "A10G": {"half": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    "L4": {"half": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+    "V100": {"half": 125e12, "tf32": 15.7e12, "fp32": 15.7e12},
+}
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Looks up the peak FLOP/s of ``device`` for a Lightning ``precision`` string; ``None`` if unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    kind = "half" if ("bf16" in precision or "16" in precision) else "fp32"
+    if kind == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        kind = "tf32"
+    for key, table in PEAK_FLOPS.items():
+        if key in name:
+            return table[kind]
+    return None
+
+
+def model_flops_per_token(module: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token of the Hugging Face model inside ``module`` (PaLM's 6N + attention formula)."""
+    from lit_accel.models.flops import flops_per_token
+    from lit_accel.models.structure import get_structure
+
+    model = getattr(module, "model", module)
+    return float(flops_per_token(get_structure(model), seq_len, training=True))
+
+
+class Throughput(L.Callback):
+    """Logs ``throughput/*``: tokens/s (global and per device), step time, TFLOP/s, MFU and peak memory.
+
+    Args:
+        peak_flops: Peak FLOP/s of one device for MFU; ``None`` looks it up from :data:`PEAK_FLOPS` by device
+            name and trainer precision (e.g. 989e12 for an H100 in bf16). On CPU, MFU is logged only if given.
+        flops_per_token: Training FLOPs per token; ``None`` computes it from the model's shapes (6N plus the
+            attention term at the batch's sequence length).
+        log_every_n_steps: Logging interval in optimizer steps; ``None`` uses the trainer's.
+    """
+
+    def __init__(
+        self, peak_flops: float | None = None, flops_per_token: float | None = None, log_every_n_steps: int | None = None
+    ) -> None:
+        super().__init__()
+        if peak_flops is not None and peak_flops <= 0:
+            raise ValueError(f"peak_flops must be > 0 FLOP/s or None; got {peak_flops}.")
+        if flops_per_token is not None and flops_per_token <= 0:
+            raise ValueError(f"flops_per_token must be > 0 or None; got {flops_per_token}.")
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1 or None; got {log_every_n_steps}.")
+        self.peak_flops = peak_flops
+        self.flops_per_token = flops_per_token
+        self.log_every_n_steps = log_every_n_steps
+        self._t0: float | None = None
+        self._tokens = 0
+        self._steps = 0
+        self._last_step = -1
+        self._warned = False
+        self.last_metrics: dict[str, float] = {}
+
+    def _sync(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _restart(self, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module.device)
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+        self._steps = 0
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak_flops is None:
+            self.peak_flops = device_peak_flops(pl_module.device, str(trainer.precision))
+        self._last_step = trainer.global_step
+        self._restart(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        self._tokens += int(ids.numel())
+        if self.flops_per_token is None:
+            try:
+                self.flops_per_token = model_flops_per_token(pl_module, int(ids.shape[-1]))
+            except (ValueError, AttributeError) as err:
+                if not self._warned:
+                    rank_zero_warn(f"Throughput: no FLOPs per token for this model ({err}); pass flops_per_token.")
+                    self._warned = True
+        if trainer.global_step == self._last_step:
+            return  # still accumulating gradients for this optimizer step
+        self._steps += trainer.global_step - self._last_step
+        self._last_step = trainer.global_step
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every != 0 or self._t0 is None or self._steps == 0:
+            return
+        self._sync(pl_module.device)
+        elapsed = time.perf_counter() - self._t0
+        world = trainer.world_size
+        tokens_per_sec_device = self._tokens / elapsed
+        metrics = {
+            "throughput/step_time_ms": 1000.0 * elapsed / self._steps,
+            "throughput/tokens_per_sec": tokens_per_sec_device * world,
+            "throughput/tokens_per_sec_per_device": tokens_per_sec_device,
+        }
+        if self.flops_per_token is not None:
+            achieved = tokens_per_sec_device * self.flops_per_token
+            metrics["throughput/tflops_per_device"] = achieved / 1e12
+            if self.peak_flops:
+                metrics["throughput/mfu"] = achieved / self.peak_flops
+        if pl_module.device.type == "cuda":
+            metrics["throughput/peak_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            metrics["throughput/peak_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
+        self.last_metrics = metrics
+        if trainer.is_global_zero:
+            # Straight to the loggers: Lightning's own cadence would drop values computed between its log steps.
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        self._restart(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation time is not training time: restart the interval after it.
+        if trainer.training:
+            self._restart(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"peak_flops": self.peak_flops, "flops_per_token": self.flops_per_token}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.peak_flops = state_dict.get("peak_flops", self.peak_flops)
+        self.flops_per_token = state_dict.get("flops_per_token", self.flops_per_token)
