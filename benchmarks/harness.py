@@ -93,8 +93,9 @@ def environment() -> dict[str, str]:
     }
 
 
-def write_results(title: str, header: Sequence[str], rows: Sequence[Sequence[object]], path: str | Path,
-                  notes: str = "") -> str:
+def write_results(
+    title: str, header: Sequence[str], rows: Sequence[Sequence[object]], path: str | Path, notes: str = ""
+) -> str:
     """Appends a markdown section (environment, command, table, notes) to ``path`` and returns it."""
     env = environment()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

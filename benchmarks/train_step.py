@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Measurement, measure, write_results  # noqa: E402
+from harness import Measurement, measure, write_results
 
-from lit_accel.models import CausalLM  # noqa: E402
+from lit_accel.models import CausalLM
 
 
 class RandomTokens(Dataset):
@@ -53,7 +53,9 @@ def raw_loop(preset: str, batch: int, seq_len: int, warmup: int, iters: int, rep
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=3e-4, betas=(0.9, 0.95), fused=True,
+        lr=3e-4,
+        betas=(0.9, 0.95),
+        fused=True,
     )
     ds = RandomTokens(batch * (warmup + iters * repeats + 1), seq_len, model.config.vocab_size)
     it = iter(loader(ds, batch))
@@ -67,7 +69,6 @@ def raw_loop(preset: str, batch: int, seq_len: int, warmup: int, iters: int, rep
         opt.zero_grad(set_to_none=True)
 
     result = measure("raw HF + torch", step, warmup=warmup, iters=iters, repeats=repeats)
-    del model, module, opt
     return result
 
 
@@ -89,8 +90,9 @@ class _StepTimer(L.Callback):
             start.record()
             self.events.append((start, None))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any,
-                           idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any, idx: int
+    ) -> None:
         k = idx - self.warmup + 1
         if k > 0 and k % self.iters == 0 and k // self.iters <= self.repeats:
             end = torch.cuda.Event(enable_timing=True)
@@ -106,9 +108,18 @@ def lightning_loop(preset: str, batch: int, seq_len: int, warmup: int, iters: in
     timer = _StepTimer(warmup, iters, repeats)
     steps = warmup + iters * repeats
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10, callbacks=[timer],
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=10,
+        callbacks=[timer],
     )
     ds = RandomTokens(batch * (steps + 1), seq_len, module.config.vocab_size)
     trainer.fit(module, train_dataloaders=loader(ds, batch))
@@ -121,8 +132,9 @@ def lightning_loop(preset: str, batch: int, seq_len: int, warmup: int, iters: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["llama-125m:16:2048", "llama-1b:8:2048"],
-                        help="preset:batch:seq_len entries")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["llama-125m:16:2048", "llama-1b:8:2048"], help="preset:batch:seq_len entries"
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
@@ -139,16 +151,27 @@ def main() -> None:
             results.append(fn(preset, batch, seq, args.warmup, args.iters, args.repeats))
             gc.collect()
             torch.cuda.empty_cache()
-        raw, ours = results
+        raw = results[0]
         for r in results:
             tok_s = batch * seq / (r.median_ms / 1e3)
-            rows.append([preset, f"{batch}x{seq}", r.name, r.median_ms, r.spread_ms, f"{tok_s / 1e3:.1f}k",
-                         raw.median_ms / r.median_ms, r.peak_gib])
+            rows.append(
+                [
+                    preset,
+                    f"{batch}x{seq}",
+                    r.name,
+                    r.median_ms,
+                    r.spread_ms,
+                    f"{tok_s / 1e3:.1f}k",
+                    raw.median_ms / r.median_ms,
+                    r.peak_gib,
+                ]
+            )
             print(rows[-1], flush=True)
     text = write_results(
         "Training step: CausalLM (Lightning) vs raw Hugging Face loop",
         ["model", "batch", "loop", "median ms/step", "spread ms", "tokens/s", "speed vs raw", "peak GiB"],
-        rows, args.results,
+        rows,
+        args.results,
         notes=f"bf16 autocast, fp32 master weights, fused AdamW, sdpa attention; {args.repeats} windows of"
         f" {args.iters} steps after {args.warmup} warm-up steps; 'speed vs raw' = raw ms / this ms.",
     )

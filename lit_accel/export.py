@@ -27,7 +27,9 @@ def load_lightning_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(ckpt)
     if not path.exists():
-        raise ValueError(f"--ckpt {str(path)!r} does not exist; pass a Lightning .ckpt file or a DeepSpeed checkpoint folder.")
+        raise ValueError(
+            f"--ckpt {str(path)!r} does not exist; pass a Lightning .ckpt file or a DeepSpeed checkpoint folder."
+        )
     if path.is_dir():
         if not (path / "latest").is_file() and not any(path.glob("*/mp_rank_*_model_states.pt")):
             raise ValueError(
@@ -73,7 +75,9 @@ def export_checkpoint(
 
     out_path = Path(out)
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
-        raise FileExistsError(f"--out {str(out_path)!r} exists and is not empty; choose a new path or pass --overwrite.")
+        raise FileExistsError(
+            f"--out {str(out_path)!r} exists and is not empty; choose a new path or pass --overwrite."
+        )
     checkpoint = load_lightning_checkpoint(ckpt)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "model" not in hparams:

@@ -108,6 +108,10 @@ class CausalLM(L.LightningModule):
 
     # ------------------------------------------------------------------ model construction
     @property
+    def _hp(self) -> Any:
+        return self.hparams
+
+    @property
     def config(self) -> PretrainedConfig:
         """The Hugging Face config of the model (available before the model is built)."""
         return self.model.config if self.model is not None else self.source.config
@@ -123,14 +127,14 @@ class CausalLM(L.LightningModule):
             return
         config = self.source.config
         model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=self.hparams.attn_implementation, dtype=torch.float32
+            config, attn_implementation=self._hp.attn_implementation, dtype=torch.float32
         )
         partitioned = any(is_partitioned(p) for p in model.parameters())
         if partitioned and self.source.pretrained_dir is None:
             zero3_initialize_weights(model)
         if self.source.pretrained_dir is not None and not _on_meta(model):
             load_full_state_dict(model, _read_hf_weights(self.source.pretrained_dir))
-        if self.hparams.gradient_checkpointing:
+        if self._hp.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         self.model = model
@@ -212,7 +216,7 @@ class CausalLM(L.LightningModule):
             self.log("train/grad_norm", norm, on_step=True)
 
     def _should_log_now(self) -> bool:
-        trainer = self.trainer
+        trainer: Any = self.trainer
         return trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
 
     def on_validation_epoch_start(self) -> None:
@@ -229,29 +233,31 @@ class CausalLM(L.LightningModule):
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        assert self._val_loss_sum is not None and self._val_token_count is not None
         # Token-weighted mean over all ranks: a plain mean of per-batch means would weight a short last batch
         # as much as a full one.
-        total = self.all_gather(torch.stack([self._val_loss_sum, self._val_token_count]))
-        total = total.reshape(-1, 2).sum(0)
-        loss = (total[0] / total[1].clamp(min=1)).float()
+        loss = self._gathered_mean_loss()
         self.log("val/loss", loss, prog_bar=True, rank_zero_only=False, sync_dist=False)
         self.log("val/ppl", torch.exp(loss.clamp(max=30.0)), sync_dist=False)
+
+    def _gathered_mean_loss(self) -> torch.Tensor:
+        assert self._val_loss_sum is not None and self._val_token_count is not None
+        gathered: Any = self.all_gather(torch.stack([self._val_loss_sum, self._val_token_count]))
+        total = gathered.reshape(-1, 2).sum(0)
+        return (total[0] / total[1].clamp(min=1)).float()
 
     test_step = validation_step
     on_test_epoch_start = on_validation_epoch_start
 
     def on_test_epoch_end(self) -> None:
-        assert self._val_loss_sum is not None and self._val_token_count is not None
-        total = self.all_gather(torch.stack([self._val_loss_sum, self._val_token_count])).reshape(-1, 2).sum(0)
-        loss = (total[0] / total[1].clamp(min=1)).float()
+        loss = self._gathered_mean_loss()
         self.log("test/loss", loss)
         self.log("test/ppl", torch.exp(loss.clamp(max=30.0)))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        decay, no_decay = [], []
+        hp = self._hp
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for _, param in self.named_parameters():
             if not param.requires_grad:
                 continue
@@ -308,7 +314,9 @@ def save_hf_directory(
 ) -> Path:
     """Writes ``model``'s config and the given full ``state`` as safetensors into ``out`` atomically."""
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; pass overwrite=True or a new path.")
+        raise FileExistsError(
+            f"output directory {str(out)!r} exists and is not empty; pass overwrite=True or a new path."
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -353,6 +361,8 @@ def _on_meta(model: nn.Module) -> bool:
 
 
 def _is_rank_zero() -> bool:
-    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or (
-        torch.distributed.get_rank() == 0
+    return (
+        not torch.distributed.is_available()
+        or not torch.distributed.is_initialized()
+        or (torch.distributed.get_rank() == 0)
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,8 +113,9 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
             + (f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
             + (f"shape mismatches {mismatched[:8]}" if mismatched else "")
         )
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    tie: Any = getattr(model, "tie_weights", None)
+    if tie is not None:
+        tie()
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -153,5 +155,6 @@ def zero3_initialize_weights(model: nn.Module) -> None:
         with gathered(params, modifier_rank=0), torch.no_grad():
             if rank == 0:
                 init_fn(module)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    tie: Any = getattr(model, "tie_weights", None)
+    if tie is not None:
+        tie()

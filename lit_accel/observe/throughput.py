@@ -68,7 +68,10 @@ class Throughput(L.Callback):
     """
 
     def __init__(
-        self, peak_flops: float | None = None, flops_per_token: float | None = None, log_every_n_steps: int | None = None
+        self,
+        peak_flops: float | None = None,
+        flops_per_token: float | None = None,
+        log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         if peak_flops is not None and peak_flops <= 0:
@@ -121,7 +124,7 @@ class Throughput(L.Callback):
             return  # still accumulating gradients for this optimizer step
         self._steps += trainer.global_step - self._last_step
         self._last_step = trainer.global_step
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = int(self.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50)
         if trainer.global_step % every != 0 or self._t0 is None or self._steps == 0:
             return
         self._sync(pl_module.device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import netrc
 import os
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
@@ -51,7 +51,7 @@ class WandbLogger(_LightningWandbLogger):
         name: str | None = None,
         save_dir: str = "runs",
         offline: bool | None = None,
-        log_model: bool | str = False,
+        log_model: bool | Literal["all"] = False,
         id: str | None = None,
         tags: list[str] | None = None,
         group: str | None = None,
@@ -69,7 +69,14 @@ class WandbLogger(_LightningWandbLogger):
             raise ValueError("log_model=True needs an online run; set offline=False (and a W&B API key).")
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(
-            name=name, save_dir=save_dir, offline=offline, id=id, project=project, log_model=log_model, tags=tags,
-            group=group, **kwargs,
+            name=name,
+            save_dir=save_dir,
+            offline=offline,
+            id=id,
+            project=project,
+            log_model=log_model,
+            tags=tags,
+            group=group,
+            **kwargs,
         )
         self.offline = offline

@@ -23,8 +23,9 @@ def _random_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> 
 
 def test_preset_shapes_match_the_issue() -> None:
     with torch.device("meta"):
-        counts = {n: sum(p.numel() for p in AutoModelForCausalLM.from_config(preset_config(n)).parameters())
-                  for n in PRESETS}
+        counts = {
+            n: sum(p.numel() for p in AutoModelForCausalLM.from_config(preset_config(n)).parameters()) for n in PRESETS
+        }
     assert counts["llama-tiny"] < 5e6
     assert 15e6 < counts["llama-20m"] < 25e6
     assert 120e6 < counts["llama-125m"] < 140e6
@@ -44,8 +45,16 @@ def test_model_sources_and_their_errors(tmp_path) -> None:
         resolve_model_source(str(tmp_path))
     with pytest.raises(ValueError, match="must contain 'model_type'"):
         resolve_model_source({"hidden_size": 8})
-    src = resolve_model_source({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-                                "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 300})
+    src = resolve_model_source(
+        {
+            "model_type": "llama",
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 1,
+            "intermediate_size": 128,
+            "vocab_size": 300,
+        }
+    )
     assert src.config.hidden_size == 64 and src.pretrained_dir is None
     assert resolve_model_source("llama-tiny", {"vocab_size": 999}).config.vocab_size == 999
     with pytest.raises(ValueError, match="learning_rate must be > 0"):
@@ -112,15 +121,37 @@ class _Recorder(L.Callback):
 
 
 def test_training_reduces_loss_and_logs(tmp_path) -> None:
-    module = CausalLM({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                       "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 64,
-                       "max_position_embeddings": 64}, learning_rate=3e-3, warmup_steps=5)
+    module = CausalLM(
+        {
+            "model_type": "llama",
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_hidden_layers": 2,
+            "intermediate_size": 128,
+            "vocab_size": 64,
+            "max_position_embeddings": 64,
+        },
+        learning_rate=3e-3,
+        warmup_steps=5,
+    )
     rec = _Recorder()
-    trainer = L.Trainer(accelerator="cpu", max_steps=40, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=5,
-                        callbacks=[rec], default_root_dir=tmp_path, limit_val_batches=2, val_check_interval=20)
-    trainer.fit(module, train_dataloaders=_random_batches(40, 4, 32, 64),
-                val_dataloaders=_random_batches(2, 4, 32, 64, seed=1))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=40,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=5,
+        callbacks=[rec],
+        default_root_dir=tmp_path,
+        limit_val_batches=2,
+        val_check_interval=20,
+    )
+    trainer.fit(
+        module, train_dataloaders=_random_batches(40, 4, 32, 64), val_dataloaders=_random_batches(2, 4, 32, 64, seed=1)
+    )
     first, last = sum(rec.losses[:5]) / 5, sum(rec.losses[-5:]) / 5
     assert last < first - 0.5, (first, last)
     for key in ("train/loss", "train/lr", "train/grad_norm", "train/ppl", "val/loss", "val/ppl"):
