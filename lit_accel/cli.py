@@ -69,13 +69,14 @@ class LitAccelCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lit-accel``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "export":
         from lit_accel.export import main as export_main
 
-        export_main(argv[1:])
+        export_main(args[1:])
         return
-    LitAccelCLI(args=argv)
+    # LightningCLI reads sys.argv itself when args is None (and warns when given both).
+    LitAccelCLI(args=None if argv is None else args)
 
 
 if __name__ == "__main__":

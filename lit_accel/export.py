@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -82,7 +83,9 @@ def export_checkpoint(
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "model" not in hparams:
         raise ValueError(f"--ckpt {str(ckpt)!r} has no CausalLM hyper-parameters; was it written by lit_accel?")
-    module = CausalLM(**hparams)
+    # LightningCLI adds bookkeeping entries (e.g. `_instantiator`, `_class_path`) to the saved hyper-parameters.
+    accepted = inspect.signature(CausalLM.__init__).parameters
+    module = CausalLM(**{k: v for k, v in hparams.items() if k in accepted})
     module.configure_model()
     assert module.model is not None
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}

@@ -238,6 +238,8 @@ class CausalLM(L.LightningModule):
         loss = self._gathered_mean_loss()
         self.log("val/loss", loss, prog_bar=True, rank_zero_only=False, sync_dist=False)
         self.log("val/ppl", torch.exp(loss.clamp(max=30.0)), sync_dist=False)
+        if not self.trainer.sanity_checking:
+            rank_zero_info(f"step {self.trainer.global_step}: val/loss {float(loss):.4f}")
 
     def _gathered_mean_loss(self) -> torch.Tensor:
         assert self._val_loss_sum is not None and self._val_token_count is not None

@@ -68,6 +68,9 @@ class WandbLogger(_LightningWandbLogger):
         if offline and log_model:
             raise ValueError("log_model=True needs an online run; set offline=False (and a W&B API key).")
         os.makedirs(save_dir, exist_ok=True)
+        # LightningCLI passes every wandb.init keyword it knows, as None; wandb warns about some that are
+        # deprecated even when unset.
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         super().__init__(
             name=name,
             save_dir=save_dir,

@@ -1,0 +1,171 @@
+"""The `lit-accel` command end to end on CPU: fit, --print_config, fragments, resume, export, crash safety."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_accel.cli import LitAccelCLI, main
+from lit_accel.data import TextDataModule
+from lit_accel.models import CausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli_cache")
+
+
+def _config(tmp: Path, cache: Path, name: str, max_steps: int = 8, extra_callbacks: list | None = None) -> Path:
+    cfg = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": max_steps,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 2,
+            "val_check_interval": 4,
+            "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": 0,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp / f"logs_{name}")},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(tmp / f"ckpt_{name}"),
+                        "every_n_train_steps": 4,
+                        "save_last": True,
+                        "save_top_k": -1,
+                    },
+                },
+                *(extra_callbacks or []),
+            ],
+        },
+        "model": {"model": "llama-tiny", "warmup_steps": 2, "learning_rate": 1e-3},
+        "data": {
+            "corpus": "stdlib",
+            "max_corpus_bytes": 400_000,
+            "bpe_vocab_size": 512,
+            "bpe_train_bytes": 200_000,
+            "seq_len": 32,
+            "batch_size": 4,
+            "max_val_sequences": 8,
+            "cache_dir": str(cache),
+        },
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(log_dir: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for metrics in sorted(log_dir.rglob("metrics.csv")):
+        for row in csv.DictReader(metrics.open()):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+def test_resume_from_last_reproduces_the_uninterrupted_losses(tmp_path: Path, cache: Path) -> None:
+    main(["fit", "--config", str(_config(tmp_path, cache, "full"))])
+    crash = [{"class_path": "_helpers.CrashAtStep", "init_args": {"step": 5}}]
+    with pytest.raises(RuntimeError, match="simulated crash at step 5"):
+        main(["fit", "--config", str(_config(tmp_path, cache, "resumed", extra_callbacks=crash))])
+    assert (tmp_path / "ckpt_resumed" / "last.ckpt").is_file()
+    # Resume from step 4 (the last checkpoint before the crash): the rest of the run equals the uninterrupted one.
+    main(["fit", "--config", str(_config(tmp_path, cache, "resumed")), "--ckpt_path", "last"])
+    full, resumed = _losses(tmp_path / "logs_full"), _losses(tmp_path / "logs_resumed")
+    assert sorted(full) == list(range(8))
+    assert set(range(4, 8)) <= set(resumed)
+    for step in range(8):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_print_config_and_fragment_append(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture) -> None:
+    fragment = tmp_path / "fragment.yaml"
+    fragment.write_text("trainer:\n  callbacks+:\n    - class_path: lit_accel.callbacks.Throughput\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(_config(tmp_path, cache, "p")), "--config", str(fragment), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    paths = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+    assert paths == ["lightning.pytorch.callbacks.ModelCheckpoint", "lit_accel.callbacks.Throughput"]
+    assert printed["model"]["model"] == "llama-tiny"
+
+
+def test_export_lightning_checkpoint_to_hf(tmp_path: Path, cache: Path) -> None:
+    cli = LitAccelCLI(args=["--config", str(_config(tmp_path, cache, "exp", max_steps=4))], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt = tmp_path / "ckpt_exp" / "last.ckpt"
+    out = tmp_path / "hf"
+    main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    x = torch.randint(0, 512, (2, 16))
+    cli.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, cli.model(x).logits, rtol=0, atol=0)
+    tok = AutoTokenizer.from_pretrained(out)  # the run's tokenizer travels with the model
+    assert len(tok) == cli.datamodule.vocab_size
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    with pytest.raises(ValueError, match="does not exist"):
+        main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match="not a DeepSpeed checkpoint"):
+        main(["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o3")])
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable"):
+        main(["export", "--ckpt", str(tmp_path / "junk.ckpt"), "--out", str(tmp_path / "o4")])
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    from fsspec.implementations.local import LocalFileOpener
+
+    data = TextDataModule(
+        corpus="stdlib",
+        max_corpus_bytes=400_000,
+        bpe_vocab_size=512,
+        bpe_train_bytes=200_000,
+        seq_len=32,
+        batch_size=4,
+        cache_dir=str(cache),
+    )
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True, save_top_k=1)
+    calls = {"n": 0}
+    original = LocalFileOpener.write
+
+    def flaky_write(self, data):  # the second checkpoint's write dies half-way, as a full disk or a kill would
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            original(self, data[: len(data) // 2])
+            raise OSError("No space left on device (simulated)")
+        return original(self, data)
+
+    monkeypatch.setattr(LocalFileOpener, "write", flaky_write)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    with pytest.raises(OSError, match="simulated"):
+        trainer.fit(CausalLM("llama-tiny", warmup_steps=1), datamodule=data)
+    monkeypatch.setattr(LocalFileOpener, "write", original)
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2  # the checkpoint from before the failed save, intact and loadable
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".ckpt" and "step=4" in p.name]
