@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 __all__ = ["PEAK_FLOPS", "Throughput", "device_peak_flops", "model_flops_per_token"]
 
@@ -65,6 +65,7 @@ class Throughput(L.Callback):
         flops_per_token: Training FLOPs per token; ``None`` computes it from the model's shapes (6N plus the
             attention term at the batch's sequence length).
         log_every_n_steps: Logging interval in optimizer steps; ``None`` uses the trainer's.
+        verbose: Also print one line per logging interval (rank zero), for runs without a dashboard.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class Throughput(L.Callback):
         peak_flops: float | None = None,
         flops_per_token: float | None = None,
         log_every_n_steps: int | None = None,
+        verbose: bool = False,
     ) -> None:
         super().__init__()
         if peak_flops is not None and peak_flops <= 0:
@@ -83,6 +85,7 @@ class Throughput(L.Callback):
         self.peak_flops = peak_flops
         self.flops_per_token = flops_per_token
         self.log_every_n_steps = log_every_n_steps
+        self.verbose = verbose
         self._t0: float | None = None
         self._tokens = 0
         self._steps = 0
@@ -149,6 +152,9 @@ class Throughput(L.Callback):
             # Straight to the loggers: Lightning's own cadence would drop values computed between its log steps.
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+            if self.verbose:
+                line = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items())
+                rank_zero_info(f"step {trainer.global_step}: {line}")
         self._restart(pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
