@@ -103,7 +103,17 @@ class _StepTimer(L.Callback):
             self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
 
 
-def lightning_loop(preset: str, batch: int, seq_len: int, warmup: int, iters: int, repeats: int) -> Measurement:
+def lightning_loop(
+    preset: str,
+    batch: int,
+    seq_len: int,
+    warmup: int,
+    iters: int,
+    repeats: int,
+    callbacks: list[L.Callback] | None = None,
+    name: str = "lit_accel CausalLM (Lightning)",
+) -> Measurement:
+    """Times ``CausalLM`` in a real ``Trainer`` (bf16-mixed), with optional extra callbacks."""
     module = CausalLM(preset, warmup_steps=10)
     timer = _StepTimer(warmup, iters, repeats)
     steps = warmup + iters * repeats
@@ -119,11 +129,11 @@ def lightning_loop(preset: str, batch: int, seq_len: int, warmup: int, iters: in
         num_sanity_val_steps=0,
         limit_val_batches=0,
         log_every_n_steps=10,
-        callbacks=[timer],
+        callbacks=[timer, *(callbacks or [])],
     )
     ds = RandomTokens(batch * (steps + 1), seq_len, module.config.vocab_size)
     trainer.fit(module, train_dataloaders=loader(ds, batch))
-    result = Measurement("lit_accel CausalLM (Lightning)")
+    result = Measurement(name)
     result.times_ms = [s.elapsed_time(e) / iters for s, e in timer.events]
     result.peak_gib = timer.peak_gib
     del trainer, module

@@ -135,7 +135,12 @@ class CausalLM(L.LightningModule):
         if self.source.pretrained_dir is not None and not _on_meta(model):
             load_full_state_dict(model, _read_hf_weights(self.source.pretrained_dir))
         if self._hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.x renamed gradient_checkpointing_enable (the old name warns); support both.
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         self.model = model
 
@@ -235,11 +240,12 @@ class CausalLM(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # Token-weighted mean over all ranks: a plain mean of per-batch means would weight a short last batch
         # as much as a full one.
-        loss = self._gathered_mean_loss()
-        self.log("val/loss", loss, prog_bar=True, rank_zero_only=False, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss.clamp(max=30.0)), sync_dist=False)
+        # Already reduced over ranks, so logged as plain floats (identical on every rank).
+        loss = float(self._gathered_mean_loss())
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", math.exp(min(loss, 30.0)))
         if not self.trainer.sanity_checking:
-            rank_zero_info(f"step {self.trainer.global_step}: val/loss {float(loss):.4f}")
+            rank_zero_info(f"step {self.trainer.global_step}: val/loss {loss:.4f}")
 
     def _gathered_mean_loss(self) -> torch.Tensor:
         assert self._val_loss_sum is not None and self._val_token_count is not None
@@ -251,9 +257,9 @@ class CausalLM(L.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     def on_test_epoch_end(self) -> None:
-        loss = self._gathered_mean_loss()
+        loss = float(self._gathered_mean_loss())
         self.log("test/loss", loss)
-        self.log("test/ppl", torch.exp(loss.clamp(max=30.0)))
+        self.log("test/ppl", math.exp(min(loss, 30.0)))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

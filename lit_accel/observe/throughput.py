@@ -158,8 +158,8 @@ class Throughput(L.Callback):
         self._restart(pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Validation time is not training time: restart the interval after it.
-        if trainer.training:
+        # Validation inside fit is not training time: restart the interval after it.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._restart(pl_module)
 
     def state_dict(self) -> dict[str, Any]:

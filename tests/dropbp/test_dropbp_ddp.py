@@ -1,0 +1,35 @@
+"""DropBP under DDP: 2 CPU processes over gloo drop the same sublayers and keep identical parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_ddp_two_ranks_drop_the_same_sublayers(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(WORKER), str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
+    assert r0["find_unused_parameters"] is True and r0["global_step"] == 6
+    # Same masks on both ranks, and some sublayers really were dropped (unused parameters in those steps).
+    assert r0["masks"] == r1["masks"] and len(r0["masks"]) == 6
+    assert any(any(m) for m in r0["masks"])
+    assert max(r0["none_grads"]) > 0 and r0["none_grads"] == r1["none_grads"]
+    # Sensitivities averaged over ranks, hence the same allocation everywhere.
+    assert r0["sensitivities"] is not None and r0["sensitivities"] == r1["sensitivities"]
+    assert r0["rates"] == r1["rates"]
+    assert r0["param_hashes"] == r1["param_hashes"]
+    assert torch.distributed.is_available()
