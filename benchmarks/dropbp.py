@@ -78,18 +78,15 @@ def speed(args: argparse.Namespace) -> None:
     )
 
 
-def _fits(preset: str, seq: int, rates: list[float] | None, steps: int = 3) -> tuple[bool, float]:
-    module = CausalLM(preset, config_overrides={"max_position_embeddings": max(seq, 2048)})
-    module.configure_model()
-    model = module.model.cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ctrl = apply_dropbp(model) if rates is not None else None
-    g = torch.Generator().manual_seed(0)
-    ok, peak = True, 0.0
+def _train_steps(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, seq: int, ctrl: Any, rates: list[float] | None, steps: int = 3
+) -> float | None:
+    """Peak GiB of ``steps`` batch-1 training steps at ``seq`` tokens (fresh drop masks each), or None on OOM."""
+    g = torch.Generator().manual_seed(seq)
     try:
         torch.cuda.reset_peak_memory_stats()
         for _ in range(steps):
-            if ctrl is not None:
+            if ctrl is not None and rates is not None:
                 ctrl.set_mask(draw_mask(rates, g))
             x = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -97,36 +94,48 @@ def _fits(preset: str, seq: int, rates: list[float] | None, steps: int = 3) -> t
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            del loss, x
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        return torch.cuda.max_memory_allocated() / 2**30
     except torch.OutOfMemoryError:
-        ok = False
+        opt.zero_grad(set_to_none=True)
+        return None
     finally:
-        if ctrl is not None:
-            ctrl.remove()
-        del model, module, opt
         _free()
-    return ok, peak
 
 
 def seqlen(args: argparse.Namespace) -> None:
     rows: list[list[Any]] = []
-    n_sub = 2 * CausalLM(args.preset).config.num_hidden_layers
-    for name, rates in [("dense", None), ("DropBP 0.5 uniform", uniform_drop_rates(n_sub, 0.5))]:
-        best, best_peak = 0, 0.0
-        for seq in args.seq_lens:
-            ok, peak = _fits(args.preset, seq, rates)
-            print(name, seq, ok, f"{peak:.1f} GiB", flush=True)
-            if not ok:
+    for name, target, lengths in [
+        ("dense", None, args.dense_seq_lens),
+        ("DropBP 0.5 uniform", 0.5, args.drop_seq_lens),
+    ]:
+        module = CausalLM(args.preset, config_overrides={"max_position_embeddings": max(lengths)})
+        with torch.device("cuda"):
+            module.configure_model()
+        model = module.model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        ctrl = apply_dropbp(model) if target is not None else None
+        rates = uniform_drop_rates(ctrl.num_sublayers, target) if ctrl is not None and target is not None else None
+        best, best_peak, failed = 0, 0.0, None
+        for seq in lengths:
+            peak = _train_steps(model, opt, seq, ctrl, rates)
+            print(name, seq, "OOM" if peak is None else f"{peak:.1f} GiB", flush=True)
+            if peak is None:
+                failed = seq
                 break
             best, best_peak = seq, peak
-        rows.append([args.preset, name, best, best_peak])
+        rows.append([args.preset, name, best, best_peak, failed or f"> {lengths[-1]} not tried"])
+        if ctrl is not None:
+            ctrl.remove()
+        del model, module, opt
+        _free()
     write_results(
         "DropBP: longest batch-1 sequence that trains (3 steps, fresh drop masks each) on one GPU",
-        ["model", "variant", "longest seq that fit", "its peak GiB"],
+        ["model", "variant", "longest seq that fit", "its peak GiB", "first that ran out of memory"],
         rows,
         args.results,
-        notes=f"tried {args.seq_lens} in order; bf16 autocast, fused AdamW, no activation checkpointing.",
+        notes="bf16 autocast, fp32 weights, fused AdamW, no activation checkpointing; same GPU for both.",
     )
 
 
@@ -224,7 +233,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    parser.add_argument("--seq_lens", type=int, nargs="+", default=[8192, 16384, 24576, 32768, 49152, 65536])
+    parser.add_argument("--dense_seq_lens", type=int, nargs="+", default=[16384, 20480, 24576])
+    parser.add_argument("--drop_seq_lens", type=int, nargs="+", default=[24576, 32768, 40960, 49152])
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,16 @@ class CausalLM(L.LightningModule):
             # Before clipping, so the logged value shows spikes that clipping then hides from the update.
             norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
             self.log("train/grad_norm", norm, on_step=True)
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if getattr(self.trainer.strategy, "deepspeed_engine", None) is None:
+            # Lightning zeroes gradients inside the next step's closure, after the forward pass: the old
+            # gradients (4 bytes per parameter) would sit through the activation peak. Freeing them here, as a
+            # hand-written loop does, lowers peak memory by that much.
+            optimizer.zero_grad(set_to_none=True)
 
     def _should_log_now(self) -> bool:
         trainer: Any = self.trainer
