@@ -43,6 +43,9 @@ def speed(args: argparse.Namespace) -> None:
     variants: list[tuple[str, DropBP]] = [
         (f"DropBP {t} uniform", DropBP(target=t, sensitivity="uniform")) for t in args.targets
     ]
+    variants.append(
+        ("DropBP 0.5 uniform, independent", DropBP(target=0.5, sensitivity="uniform", sampling="independent"))
+    )
     # auto: the sensitivity measurement runs at step 2, inside the warm-up, so the windows time steady state.
     variants.append(
         ("DropBP 0.5 auto", DropBP(target=0.5, sensitivity="auto", sensitivity_at=2, before_measurement="dense"))

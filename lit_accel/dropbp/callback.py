@@ -86,6 +86,11 @@ class DropBPSettings:
     before_measurement: Literal["uniform", "dense"] = "uniform"
     """Rates until the measurement (``sensitivity="auto"``): ``"uniform"`` drops every sublayer at ``target``
     (as the reference code does), ``"dense"`` drops nothing."""
+    sampling: Literal["systematic", "independent"] = "systematic"
+    """How masks are drawn from the rates; both drop sublayer ``i`` with probability ``rate_i``.
+    ``"systematic"`` fixes how many sublayers drop each step, so step time and peak memory stay steady;
+    ``"independent"`` is the paper's per-sublayer Bernoulli draw (the count varies, and the peak memory of a
+    run follows its unluckiest step). See :func:`~lit_accel.dropbp.functional.draw_mask`."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -121,6 +126,8 @@ class DropBPSettings:
             raise bad("log_every_n_steps", "an int >= 1 or None")
         if self.before_measurement not in ("uniform", "dense"):
             raise bad("before_measurement", "'uniform' or 'dense'")
+        if self.sampling not in ("systematic", "independent"):
+            raise bad("sampling", "'systematic' or 'independent'")
         if isinstance(self.patterns, Mapping):
             try:
                 self.patterns = StructurePatterns(**self.patterns)
@@ -227,6 +234,7 @@ class DropBP(L.Callback):
         patterns: StructurePatterns | dict[str, Any] | None = None,
         log_every_n_steps: int | None = None,
         before_measurement: Literal["uniform", "dense"] = "uniform",
+        sampling: Literal["systematic", "independent"] = "systematic",
     ) -> None:
         super().__init__()
         self.settings = DropBPSettings(
@@ -239,6 +247,7 @@ class DropBP(L.Callback):
             patterns=patterns,  # type: ignore[arg-type]  # a dict is converted in __post_init__
             log_every_n_steps=log_every_n_steps,
             before_measurement=before_measurement,
+            sampling=sampling,
         )
         self.controller: DropBPController | None = None
         self.generator = torch.Generator().manual_seed(seed)
@@ -376,7 +385,7 @@ class DropBP(L.Callback):
         if s.decide_every == "step" and self.mask is not None and self._decided_step == step:
             self.controller.set_mask(self.mask)  # a later micro-batch of the same optimizer step
             return
-        self.mask = draw_mask(self.rates, self.generator)
+        self.mask = draw_mask(self.rates, self.generator, self.settings.sampling)
         self._decided_step = step
         self.controller.set_mask(self.mask)
         self._log_decision(trainer)

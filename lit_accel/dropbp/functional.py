@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -201,30 +201,59 @@ def apply_dropbp(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def draw_mask(rates: Sequence[float], generator: torch.Generator) -> tuple[bool, ...]:
-    """Draws which sublayers drop: ``u_i < rate_i`` with ``u = torch.rand(len(rates), generator=generator)``.
+def draw_mask(
+    rates: Sequence[float],
+    generator: torch.Generator,
+    sampling: Literal["systematic", "independent"] = "systematic",
+) -> tuple[bool, ...]:
+    """Draws which sublayers drop this step; sublayer ``i`` drops with probability ``rates[i]`` either way.
 
-    Exactly one ``torch.rand`` call per draw, whatever the rates, so the generator advances the same way on
-    every rank and in a resumed run. If every sublayer would drop, the one with the lowest rate (the lowest
-    index among equals) is kept, so that some sublayer still trains.
+    ``"independent"`` is the paper's draw: ``u_i < rate_i`` with ``u = torch.rand(n)``. The number of dropped
+    sublayers then varies from step to step (binomially), and so do step time and activation memory; the peak
+    memory of a run is set by its unluckiest step. ``"systematic"`` keeps every sublayer's marginal drop
+    probability exactly ``rate_i`` but fixes how many drop (``floor`` or ``ceil`` of ``sum(rates)``): the
+    sublayers are shuffled, their rates laid end to end on ``[0, sum(rates))``, and the ones whose segment holds
+    a point of ``u + k`` (one uniform ``u``, integer ``k``) drop. Rates must be at most 1 for that (DropBP caps
+    them at 0.9).
+
+    Each draw consumes the same amount of the generator whatever the rates, so it advances identically on every
+    rank and in a resumed run. If every sublayer would drop, the one with the lowest rate (the lowest index
+    among equals) is kept, so that some sublayer still trains.
 
     Args:
         rates: Drop rate of each sublayer, in ``[0, 1]``.
         generator: A CPU generator seeded identically on every rank.
+        sampling: ``"systematic"`` (fixed count per step) or ``"independent"`` (the paper's Bernoulli draws).
 
     Returns:
         One bool per sublayer, True = dropped.
 
     Example:
-        >>> draw_mask([0.0, 1.0, 1.0], torch.Generator().manual_seed(0))
+        >>> draw_mask([0.0, 1.0, 1.0], torch.Generator().manual_seed(0), sampling="independent")
         (False, True, True)
+        >>> sum(draw_mask([0.5] * 10, torch.Generator().manual_seed(1)))
+        5
         >>> draw_mask([1.0, 1.0], torch.Generator().manual_seed(0))
         (False, True)
     """
-    u = torch.rand(len(rates), generator=generator, dtype=torch.float64)
-    mask = [bool(u[i] < rate) for i, rate in enumerate(rates)]
+    n = len(rates)
+    if sampling == "independent":
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        mask = [bool(u[i] < rate) for i, rate in enumerate(rates)]
+    elif sampling == "systematic":
+        order = torch.randperm(n, generator=generator).tolist()
+        offset = float(torch.rand((), generator=generator, dtype=torch.float64))
+        mask = [False] * n
+        start = 0.0
+        for i in order:
+            end = start + float(rates[i])
+            # Segment [start, end) holds a point offset + k exactly when the count of points below moves.
+            mask[i] = math.floor(end - offset) > math.floor(start - offset)
+            start = end
+    else:
+        raise ValueError(f"sampling={sampling!r} is not allowed; use 'systematic' or 'independent'.")
     if mask and all(mask):
-        keep = min(range(len(rates)), key=lambda i: (rates[i], i))
+        keep = min(range(n), key=lambda i: (rates[i], i))
         mask[keep] = False
     return tuple(mask)
 

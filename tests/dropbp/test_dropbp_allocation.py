@@ -25,35 +25,55 @@ from lit_accel.models.structure import get_structure
 # ------------------------------------------------------------------------------------------------------------ drawing
 
 
-def test_draw_mask_is_a_function_of_the_generator_state() -> None:
+@pytest.mark.parametrize("sampling", ["systematic", "independent"])
+def test_draw_mask_is_a_function_of_the_generator_state(sampling: str) -> None:
     rates = [0.2, 0.5, 0.7, 0.1]
     a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    seq_a = [draw_mask(rates, a) for _ in range(50)]
-    seq_b = [draw_mask(rates, b) for _ in range(50)]
+    seq_a = [draw_mask(rates, a, sampling) for _ in range(50)]
+    seq_b = [draw_mask(rates, b, sampling) for _ in range(50)]
     assert seq_a == seq_b
-    assert len(set(seq_a)) > 5
-    # One torch.rand(n) per draw, whatever the rates: the state after k draws does not depend on them.
+    assert len(set(seq_a)) > 3
+    # The generator advances the same way whatever the rates: the state after k draws does not depend on them.
     c = torch.Generator().manual_seed(3)
     for _ in range(50):
-        draw_mask([0.0] * 4, c)
+        draw_mask([0.0] * 4, c, sampling)
     assert torch.equal(c.get_state(), a.get_state())
-    # u < rate, with u the generator's next torch.rand(n).
+
+
+def test_independent_draw_is_u_below_rate() -> None:
+    rates = [0.2, 0.5, 0.7, 0.1]
     d = torch.Generator().manual_seed(5)
     u = torch.rand(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    assert draw_mask(rates, d) == tuple(bool(x < r) for x, r in zip(u, rates))
+    assert draw_mask(rates, d, "independent") == tuple(bool(x < r) for x, r in zip(u, rates))
 
 
-def test_draw_mask_frequencies_and_all_dropped_fallback() -> None:
+def test_systematic_draw_fixes_the_count_and_keeps_the_marginals() -> None:
+    g = torch.Generator().manual_seed(0)
+    rates = [0.1, 0.5, 0.9, 0.3, 0.45, 0.0, 0.9, 0.25]  # sum 3.4: 3 or 4 drop every step
+    masks = torch.tensor([draw_mask(rates, g, "systematic") for _ in range(6000)], dtype=torch.float64)
+    counts = masks.sum(1)
+    assert set(counts.tolist()) == {3.0, 4.0}
+    assert counts.mean().item() == pytest.approx(3.4, abs=0.03)
+    torch.testing.assert_close(masks.mean(0), torch.tensor(rates, dtype=torch.float64), atol=0.025, rtol=0)
+    # Independent draws spread the count much wider for the same marginals.
+    ind = torch.tensor([draw_mask(rates, g, "independent") for _ in range(2000)], dtype=torch.float64).sum(1)
+    assert ind.std() > 2 * counts.std()
+    with pytest.raises(ValueError, match="sampling='poisson' is not allowed"):
+        draw_mask(rates, g, "poisson")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sampling", ["systematic", "independent"])
+def test_draw_mask_frequencies_and_all_dropped_fallback(sampling: str) -> None:
     rates = [0.1, 0.5, 0.9, 0.3]
     g = torch.Generator().manual_seed(0)
-    masks = torch.tensor([draw_mask(rates, g) for _ in range(4000)], dtype=torch.float64)
+    masks = torch.tensor([draw_mask(rates, g, sampling) for _ in range(4000)], dtype=torch.float64)
     torch.testing.assert_close(masks.mean(0), torch.tensor(rates, dtype=torch.float64), atol=0.03, rtol=0)
     assert not bool(masks.all(1).any()), "a step never drops every sublayer"
     # Everything would drop: the lowest rate is kept, the lowest index among equals.
-    assert draw_mask([1.0, 1.0, 1.0], g) == (False, True, True)
+    assert draw_mask([1.0, 1.0, 1.0], g, sampling) == (False, True, True)
     always = torch.Generator().manual_seed(0)
     for _ in range(20):
-        assert draw_mask([1.0, 1.0, 1.0, 1.0, 1.0], always) == (False, True, True, True, True)
+        assert draw_mask([1.0, 1.0, 1.0, 1.0, 1.0], always, sampling) == (False, True, True, True, True)
     assert draw_mask([0.0, 0.0], g) == (False, False)
     assert draw_mask([], g) == ()
 

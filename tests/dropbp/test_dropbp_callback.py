@@ -86,7 +86,7 @@ def test_auto_mode_measures_allocates_and_drops_the_target_fraction() -> None:
     # realised fraction of backward FLOPs averages the allocation's expectation.
     realised = [dropped_fraction(m, flops) for m, s in zip(rec.masks, rec.steps) if s > 3]
     assert statistics.mean(realised) == pytest.approx(expected, abs=0.07)
-    assert len(set(rec.masks)) > 10
+    assert len(set(rec.masks)) > 5  # systematic sampling fixes the count, so fewer distinct masks
     keys = logger.keys()
     for key in ("dropbp/target", "dropbp/dropped_backward_flops_fraction", "dropbp/num_dropped"):
         assert key in keys

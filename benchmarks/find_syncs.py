@@ -1,0 +1,75 @@
+"""Lists host-device synchronisations in steady-state ``CausalLM`` training steps (a GPU diagnostic).
+
+A sync stalls the CPU until the GPU drains its queue, so the next step's launches start late: every one found
+in the per-step path is time the raw loop does not lose.
+
+    python benchmarks/find_syncs.py --preset llama-125m --batch 4 --seq_len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import traceback
+import warnings
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lit_accel.models import CausalLM
+
+
+class _Watch(L.Callback):
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.sites: collections.Counter[str] = collections.Counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, idx: int) -> None:
+        if idx == self.start:
+            torch.cuda.set_sync_debug_mode("warn")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="llama-125m")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args()
+    watch = _Watch(start=5)
+
+    def show(message: warnings.WarningMessage | str, category: type, filename: str, lineno: int, *rest: object) -> None:
+        if "synchroniz" in str(message):
+            stack = [f for f in traceback.extract_stack()[:-2] if "warnings.py" not in f.filename]
+            site = " <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in stack[-4:][::-1])
+            watch.sites[site] += 1
+
+    warnings.showwarning = show  # type: ignore[assignment]
+    warnings.simplefilter("always")
+    module = CausalLM(args.preset, warmup_steps=5)
+    data = torch.randint(0, module.config.vocab_size, (args.batch * (args.steps + 1), args.seq_len))
+    loader = DataLoader([{"input_ids": x} for x in data], batch_size=args.batch, pin_memory=True)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=10,
+        callbacks=[watch],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    torch.cuda.set_sync_debug_mode("default")
+    steps = args.steps - watch.start
+    print(f"synchronisations in {steps} steady-state steps (site: count):")
+    for site, count in watch.sites.most_common(20):
+        print(f"  {count:4d}  {site}")
+
+
+if __name__ == "__main__":
+    main()
