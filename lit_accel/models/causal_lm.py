@@ -26,6 +26,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -66,7 +67,7 @@ class CausalLM(L.LightningModule):
         weight_decay: AdamW weight decay on matrices; norms and biases are not decayed.
         betas: AdamW betas.
         eps: AdamW epsilon.
-        fused_optimizer: Use the fused AdamW kernel; ``None`` means "on CUDA".
+        fused_optimizer: Use the fused AdamW kernel; ``None`` means "when the parameters are on CUDA".
         gradient_checkpointing: Recompute each decoder block's activations in the backward pass.
         attn_implementation: Hugging Face attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
     """
@@ -187,7 +188,9 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids = batch["input_ids"]
         loss = self(input_ids, labels=batch.get("labels", input_ids)).loss
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=input_ids.shape[0])
+        # Not on the progress bar every step: Lightning turns progress-bar values into Python numbers each step,
+        # which syncs the device; on_train_batch_end shows it at logging steps instead.
+        self.log("train/loss", loss.detach(), on_step=True, batch_size=input_ids.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -195,6 +198,7 @@ class CausalLM(L.LightningModule):
             return
         loss = outputs["loss"].detach() if isinstance(outputs, dict) else None
         if loss is not None:
+            self.log("loss", loss, prog_bar=True, logger=False, on_step=True)
             # Checked only at logging steps: reading the loss on the host syncs the device.
             if not bool(torch.isfinite(loss).all()):
                 warnings.warn(
@@ -230,6 +234,22 @@ class CausalLM(L.LightningModule):
             # gradients (4 bytes per parameter) would sit through the activation peak. Freeing them here, as a
             # hand-written loop does, lowers peak memory by that much.
             optimizer.zero_grad(set_to_none=True)
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, because with fp16 a fused
+        # step unscales internally. bf16 and fp32 have no loss scale, so the gradients are already true values
+        # and clipping them here is exact.
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)  # DeepSpeed clips inside its engine
+        if not gradient_clip_val or deepspeed or str(self.trainer.precision) == "16-mixed":
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def _should_log_now(self) -> bool:
         trainer: Any = self.trainer
@@ -290,9 +310,13 @@ class CausalLM(L.LightningModule):
         fused = hp.fused_optimizer
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
         if fused is None:
-            fused = on_cuda and getattr(self.trainer.strategy, "deepspeed_engine", None) is None
-        if fused and not on_cuda:
-            raise ValueError("fused_optimizer=True needs every parameter on a CUDA device; use None or False.")
+            fused = on_cuda
+        if fused and str(self.trainer.precision) == "16-mixed" and self.trainer.gradient_clip_val:
+            # fp16's GradScaler: a fused optimizer unscales inside its step, after clipping would have run.
+            raise ValueError(
+                "fused_optimizer=True cannot be combined with precision='16-mixed' and gradient clipping; use"
+                " fused_optimizer=False (or None), or bf16-mixed."
+            )
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         if total <= 0 or total >= 10**12:

@@ -171,3 +171,34 @@ def test_setup_rejects_data_that_does_not_fit_the_model() -> None:
     trainer.datamodule = SimpleNamespace(seq_len=128, vocab_size=4000, eos_token_id=7)
     module.setup("fit")
     assert module.config.eos_token_id == 7
+
+
+def test_gradient_clipping_works_with_the_fused_optimizer_in_bf16_mixed(tmp_path) -> None:
+    # Lightning's mixed-precision plugin refuses to clip for fused optimizers; bf16 needs no unscaling, so
+    # CausalLM clips itself. The fused AdamW kernel runs on CPU too, so this is checked here.
+    module = CausalLM("llama-tiny", warmup_steps=1, learning_rate=1e-3, fused_optimizer=True)
+    norms: list[float] = []
+
+    class _Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            def pre_step(opt, args, kwargs) -> None:
+                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+            trainer.optimizers[0].register_step_pre_hook(pre_step)
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        precision="bf16-mixed",
+        gradient_clip_val=0.05,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_Spy()],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=_random_batches(3, 2, 16, 4096))
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert len(norms) == 3 and all(n <= 0.05 * (1 + 1e-3) for n in norms), norms
