@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--raw", action="store_true", help="a hand-written loop instead of the Trainer")
     args = parser.parse_args()
     watch = _Watch(start=5)
 
@@ -50,6 +51,24 @@ def main() -> None:
     module = CausalLM(args.preset, warmup_steps=5)
     data = torch.randint(0, module.config.vocab_size, (args.batch * (args.steps + 1), args.seq_len))
     loader = DataLoader([{"input_ids": x} for x in data], batch_size=args.batch, pin_memory=True)
+    if args.raw:
+        # The same model and batches in a hand-written loop, for comparison.
+        module.configure_model()
+        model = module.model.cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        for i, batch in enumerate(loader):
+            if i == watch.start:
+                torch.cuda.set_sync_debug_mode("warn")
+            x = batch["input_ids"].cuda(non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i + 1 == args.steps:
+                break
+        _report(watch, args.steps)
+        return
     trainer = L.Trainer(
         accelerator="gpu",
         devices=1,
@@ -64,8 +83,12 @@ def main() -> None:
         callbacks=[watch],
     )
     trainer.fit(module, train_dataloaders=loader)
+    _report(watch, args.steps)
+
+
+def _report(watch: _Watch, total_steps: int) -> None:
     torch.cuda.set_sync_debug_mode("default")
-    steps = args.steps - watch.start
+    steps = total_steps - watch.start
     print(f"synchronisations in {steps} steady-state steps (site: count):")
     for site, count in watch.sites.most_common(20):
         print(f"  {count:4d}  {site}")
