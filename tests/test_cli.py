@@ -169,3 +169,33 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, cach
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 2  # the checkpoint from before the failed save, intact and loadable
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".ckpt" and "step=4" in p.name]
+
+
+def test_a_fresh_run_never_overwrites_existing_checkpoints(tmp_path: Path, cache: Path) -> None:
+    config = str(_config(tmp_path, cache, "twice", max_steps=4))
+    main(["fit", "--config", config])
+    ckpt_dir = tmp_path / "ckpt_twice"
+    before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    main(["fit", "--config", config])  # the same config again, not resuming
+    after = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    assert all(after[name] == data for name, data in before.items())  # every earlier file is untouched
+    assert "last-v1.ckpt" in after  # the new run's files are versioned next to them
+
+
+def test_wandb_offline_run_gets_the_resolved_config(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = _config(tmp_path, cache, "wb", max_steps=2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["logger"] = {
+        "class_path": "lit_accel.observe.WandbLogger",
+        "init_args": {"project": "t", "save_dir": str(tmp_path / "wb")},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(path)])
+    saved = list((tmp_path / "wb").glob("config-*.yaml"))
+    assert len(saved) == 1
+    run_files = list((tmp_path / "wb" / "wandb").glob("offline-run-*/files/lit_accel_config.yaml"))
+    assert len(run_files) == 1
+    resolved = yaml.safe_load(run_files[0].read_text())
+    assert resolved["model"]["model"] == "llama-tiny" and resolved["data"]["seq_len"] == 32
