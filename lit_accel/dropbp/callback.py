@@ -137,6 +137,14 @@ class DropBPSettings:
             raise bad("patterns", "a StructurePatterns, a dict of its fields, or None")
 
 
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _find_model(pl_module: L.LightningModule) -> nn.Module:
     inner = getattr(pl_module, "model", None)
     return inner if isinstance(inner, nn.Module) else pl_module
@@ -181,7 +189,9 @@ class DropBP(L.Callback):
     Choosing ``sensitivity_at``: for pre-training, after the loss has left its initial plateau (the default,
     10% of the run, as the paper); for fine-tuning a pretrained model the gradients are informative from the
     start, so measure at the first steps (``sensitivity_at=0``). The measurement costs ``L + 1``
-    forward/backward passes per batch (``L`` = 2 x blocks) and peak memory of one training step; it reruns
+    forward/backward passes per batch (``L`` = 2 x blocks); each pass holds one full set of trainable-parameter
+    gradients at its end (on top of any accumulated ``.grad``; under ZeRO-3 these are unpartitioned, so leave
+    room for one fp32/bf16 copy of the trainable parameters, or use ``sensitivity="uniform"``); it reruns
     ``training_step`` (with logging muted) so it needs automatic optimisation. Its wall time is logged as
     ``dropbp/sensitivity_seconds``.
 
@@ -272,6 +282,7 @@ class DropBP(L.Callback):
         self._num_sublayers: int | None = None
         self._flops_cache: dict[int, list[float]] = {}
         self._seq_len: int | None = None
+        self._trainable: tuple[bool, ...] | None = None
         self._log_fraction_sum = 0.0
         self._log_count = 0
 
@@ -342,6 +353,7 @@ class DropBP(L.Callback):
             self.controller.remove()
         self.controller = apply_dropbp(model, self.settings.patterns)
         self._num_sublayers = self.controller.num_sublayers
+        self._trainable = self.controller.trainable
         self._flops_cache.clear()
         s = self.settings
         total = float(trainer.estimated_stepping_batches)
@@ -385,7 +397,7 @@ class DropBP(L.Callback):
         if s.decide_every == "step" and self.mask is not None and self._decided_step == step:
             self.controller.set_mask(self.mask)  # a later micro-batch of the same optimizer step
             return
-        self.mask = draw_mask(self.rates, self.generator, self.settings.sampling)
+        self.mask = draw_mask(self.rates, self.generator, self.settings.sampling, self._trainable)
         self._decided_step = step
         self.controller.set_mask(self.mask)
         self._log_decision(trainer)
@@ -418,6 +430,9 @@ class DropBP(L.Callback):
         assert self._sens_sum is not None
         mean = torch.tensor(self._sens_sum, dtype=torch.float64, device=pl_module.device) / self._sens_batches
         self.sensitivities = all_reduce_mean(mean).cpu().tolist()
+        # Attention's FLOPs grow with the sequence length: every rank must allocate from the same length, or
+        # ranks with shorter batches would draw different masks.
+        self._seq_len = _max_over_ranks(self._seq_len or 0, pl_module.device) or None
         self.allocation_flops = list(self._flops(self._seq_len))
         self.allocated_rates = allocate_drop_rates(
             self.sensitivities, self.allocation_flops, self.settings.target, step=_RATE_STEP, cap=MAX_TARGET
@@ -516,6 +531,13 @@ class DropBP(L.Callback):
         if self.controller is not None:
             self.controller.remove()
             self.controller = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning's exception path skips teardown: leave no hooks behind (a retry in the same process would
+        # keep dropping silently), and turn autograd back on in case the exception left a dropped sublayer's
+        # no-grad region open (forward hooks do not run for KeyboardInterrupt).
+        self.teardown(trainer, pl_module, "fit")
+        torch.set_grad_enabled(True)
 
     def state_dict(self) -> dict[str, Any]:
         return {

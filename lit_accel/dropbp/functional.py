@@ -121,6 +121,18 @@ class DropBPController:
         self._handles.append(module.register_forward_hook(post_hook, always_call=True))
 
     @property
+    def trainable(self) -> tuple[bool, ...]:
+        """Per sublayer: whether it (its pre-norm or its module) holds a parameter that requires grad now.
+
+        With LoRA on some projections only, or a partly frozen model, sublayers without trainable parameters
+        exist; dropping every sublayer that has some would leave the loss without a graph.
+        """
+        return tuple(
+            any(p.requires_grad for m in (sub.norm, sub.module) if m is not None for p in m.parameters())
+            for sub in self.sublayers
+        )
+
+    @property
     def num_sublayers(self) -> int:
         """Number of residual sublayers (twice the number of blocks)."""
         return len(self.sublayers)
@@ -205,6 +217,7 @@ def draw_mask(
     rates: Sequence[float],
     generator: torch.Generator,
     sampling: Literal["systematic", "independent"] = "systematic",
+    trainable: Sequence[bool] | None = None,
 ) -> tuple[bool, ...]:
     """Draws which sublayers drop this step; sublayer ``i`` drops with probability ``rates[i]`` either way.
 
@@ -217,13 +230,16 @@ def draw_mask(
     them at 0.9).
 
     Each draw consumes the same amount of the generator whatever the rates, so it advances identically on every
-    rank and in a resumed run. If every sublayer would drop, the one with the lowest rate (the lowest index
-    among equals) is kept, so that some sublayer still trains.
+    rank and in a resumed run. If every sublayer would drop (every ``trainable`` one, when given), the one with
+    the lowest rate among them (the lowest index among equals) is kept, so that some parameter still gets a
+    gradient. That fallback can only trigger when ``sum(rates) > n - 1`` (at the 0.9 cap: models of four blocks
+    or fewer), and then it lowers the kept sublayer's realised rate below ``rates[i]``.
 
     Args:
         rates: Drop rate of each sublayer, in ``[0, 1]``.
         generator: A CPU generator seeded identically on every rank.
         sampling: ``"systematic"`` (fixed count per step) or ``"independent"`` (the paper's Bernoulli draws).
+        trainable: Per sublayer, whether it holds trainable parameters (default: all do).
 
     Returns:
         One bool per sublayer, True = dropped.
@@ -252,8 +268,9 @@ def draw_mask(
             start = end
     else:
         raise ValueError(f"sampling={sampling!r} is not allowed; use 'systematic' or 'independent'.")
-    if mask and all(mask):
-        keep = min(range(n), key=lambda i: (rates[i], i))
+    candidates = [i for i in range(n) if trainable is None or trainable[i]]
+    if candidates and all(mask[i] for i in candidates):
+        keep = min(candidates, key=lambda i: (rates[i], i))
         mask[keep] = False
     return tuple(mask)
 

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -134,8 +135,15 @@ class CausalLM(L.LightningModule):
         partitioned = any(is_partitioned(p) for p in model.parameters())
         if partitioned and self.source.pretrained_dir is None:
             zero3_initialize_weights(model)
-        if self.source.pretrained_dir is not None and not _on_meta(model):
-            load_full_state_dict(model, _read_hf_weights(self.source.pretrained_dir))
+        if self.source.pretrained_dir is not None:
+            if _on_meta(model):
+                warnings.warn(
+                    f"model={self.source.pretrained_dir!r} was built on the meta device, so its weights were not"
+                    " loaded; load them after materialising the model (e.g. load_full_state_dict).",
+                    stacklevel=2,
+                )
+            else:
+                load_full_state_dict(model, _read_hf_weights(self.source.pretrained_dir))
         if self._hp.gradient_checkpointing:
             # transformers >= 5.x renamed gradient_checkpointing_enable (the old name warns); support both.
             enable = getattr(model, "activation_checkpointing_enable", None)
@@ -178,7 +186,14 @@ class CausalLM(L.LightningModule):
         # ship it with the model.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         tok_dir = getattr(datamodule, "tokenizer_dir", None)
-        checkpoint["lit_accel"] = {"tokenizer_dir": os.path.abspath(tok_dir) if tok_dir else None}
+        checkpoint.setdefault("lit_accel", {}).update(
+            {
+                "tokenizer_dir": os.path.abspath(tok_dir) if tok_dir else None,
+                # The config as trained (eos id from the tokenizer, overrides): export rebuilds from it, without
+                # needing the original model directory.
+                "config": self.config.to_dict(),
+            }
+        )
 
     # ------------------------------------------------------------------ steps
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -222,7 +237,8 @@ class CausalLM(L.LightningModule):
                 self.log("train/grad_norm", float(norm), on_step=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._should_log_now() or getattr(self.trainer.strategy, "deepspeed_engine", None) is not None:
+        # global_step is incremented after this hook: step k is written to the loggers when (k + 1) % n == 0.
+        if not self._should_log_now(offset=1) or getattr(self.trainer.strategy, "deepspeed_engine", None):
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
@@ -269,9 +285,10 @@ class CausalLM(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
-    def _should_log_now(self) -> bool:
+    def _should_log_now(self, offset: int = 0) -> bool:
         trainer: Any = self.trainer
-        return trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
+        n = trainer.log_every_n_steps
+        return n > 0 and (trainer.global_step + offset) % n == 0
 
     def on_validation_epoch_start(self) -> None:
         self._val_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -280,7 +297,8 @@ class CausalLM(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids = batch["input_ids"]
         loss = self(input_ids, labels=batch.get("labels", input_ids)).loss
-        tokens = input_ids[:, 1:].numel()
+        labels = batch.get("labels", input_ids)
+        tokens = int((labels[:, 1:] != -100).sum()) if "labels" in batch else input_ids[:, 1:].numel()
         assert self._val_loss_sum is not None and self._val_token_count is not None
         self._val_loss_sum += loss.detach().double() * tokens
         self._val_token_count += tokens
@@ -319,7 +337,9 @@ class CausalLM(L.LightningModule):
             if not param.requires_grad:
                 continue
             # Norm gains and biases are 1-D; decaying them toward zero only hurts (as in GPT-2/LLaMA recipes).
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            # Under ZeRO-3 a parameter's data is an empty shard: its real shape is ds_shape.
+            ndim = len(getattr(param, "ds_shape", param.shape))
+            (decay if ndim >= 2 else no_decay).append(param)
         groups = [
             {"params": decay, "weight_decay": hp.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -327,13 +347,14 @@ class CausalLM(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         fused = hp.fused_optimizer
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        fp16_clipping = str(self.trainer.precision) == "16-mixed" and bool(self.trainer.gradient_clip_val)
         if fused is None:
-            fused = on_cuda
-        if fused and str(self.trainer.precision) == "16-mixed" and self.trainer.gradient_clip_val:
+            fused = on_cuda and not fp16_clipping
+        if fused and fp16_clipping:
             # fp16's GradScaler: a fused optimizer unscales inside its step, after clipping would have run.
             raise ValueError(
                 "fused_optimizer=True cannot be combined with precision='16-mixed' and gradient clipping; use"
-                " fused_optimizer=False (or None), or bf16-mixed."
+                " fused_optimizer=False (None picks it for you), or bf16-mixed."
             )
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
@@ -384,9 +405,10 @@ def save_hf_directory(
         model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
         if out.exists():
-            backup = out.with_name(out.name + ".replaced")
-            shutil.rmtree(backup, ignore_errors=True)
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            backup.rmdir()
             out.rename(backup)
             tmp.rename(out)
             shutil.rmtree(backup, ignore_errors=True)
@@ -403,7 +425,15 @@ def _read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(directory)
-    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        # Sharded checkpoints: read exactly the shards the index names (a directory may also hold, e.g., a
+        # consolidated copy of the same weights).
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        files = sorted(path.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
     if files:
         for f in files:

@@ -102,8 +102,11 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
                         missing.append(key)
                     continue
                 src = state[key]
-                if tuple(src.shape) != tuple(tensor.shape) and not is_partitioned(tensor):
-                    mismatched.append(f"{key}: checkpoint {tuple(src.shape)} vs model {tuple(tensor.shape)}")
+                # Every rank checks against the full shape (ds_shape under ZeRO-3), so a mismatch raises on all
+                # ranks alike instead of failing on rank 0 and leaving the others waiting in the next gather.
+                shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+                if tuple(src.shape) != shape:
+                    mismatched.append(f"{key}: checkpoint {tuple(src.shape)} vs model {shape}")
                     continue
                 if rank == 0 or not is_partitioned(tensor):
                     tensor.copy_(src.to(device=tensor.device, dtype=tensor.dtype))

@@ -86,6 +86,10 @@ class Throughput(L.Callback):
         self.flops_per_token = flops_per_token
         self.log_every_n_steps = log_every_n_steps
         self.verbose = verbose
+        self.resolved_peak_flops: float | None = None
+        """The peak FLOP/s in use (the argument, or looked up at the start of each fit)."""
+        self.resolved_flops_per_token: float | None = None
+        """The FLOPs per token in use (the argument, or computed from the model at the first batch of a fit)."""
         self._t0: float | None = None
         self._tokens = 0
         self._steps = 0
@@ -106,8 +110,10 @@ class Throughput(L.Callback):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.peak_flops is None:
-            self.peak_flops = device_peak_flops(pl_module.device, str(trainer.precision))
+        # Derived values are recomputed every fit (never restored): the device, precision or sequence length
+        # may differ from the run that wrote a checkpoint.
+        self.resolved_peak_flops = self.peak_flops or device_peak_flops(pl_module.device, str(trainer.precision))
+        self.resolved_flops_per_token = self.flops_per_token
         self._last_step = trainer.global_step
         self._restart(pl_module)
 
@@ -116,9 +122,9 @@ class Throughput(L.Callback):
     ) -> None:
         ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
         self._tokens += int(ids.numel())
-        if self.flops_per_token is None:
+        if self.resolved_flops_per_token is None and not self._warned:
             try:
-                self.flops_per_token = model_flops_per_token(pl_module, int(ids.shape[-1]))
+                self.resolved_flops_per_token = model_flops_per_token(pl_module, int(ids.shape[-1]))
             except (ValueError, AttributeError) as err:
                 if not self._warned:
                     rank_zero_warn(f"Throughput: no FLOPs per token for this model ({err}); pass flops_per_token.")
@@ -139,11 +145,11 @@ class Throughput(L.Callback):
             "throughput/tokens_per_sec": tokens_per_sec_device * world,
             "throughput/tokens_per_sec_per_device": tokens_per_sec_device,
         }
-        if self.flops_per_token is not None:
-            achieved = tokens_per_sec_device * self.flops_per_token
+        if self.resolved_flops_per_token is not None:
+            achieved = tokens_per_sec_device * self.resolved_flops_per_token
             metrics["throughput/tflops_per_device"] = achieved / 1e12
-            if self.peak_flops:
-                metrics["throughput/mfu"] = achieved / self.peak_flops
+            if self.resolved_peak_flops:
+                metrics["throughput/mfu"] = achieved / self.resolved_peak_flops
         if pl_module.device.type == "cuda":
             metrics["throughput/peak_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             metrics["throughput/peak_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
@@ -161,10 +167,3 @@ class Throughput(L.Callback):
         # Validation inside fit is not training time: restart the interval after it.
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._restart(pl_module)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"peak_flops": self.peak_flops, "flops_per_token": self.flops_per_token}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.peak_flops = state_dict.get("peak_flops", self.peak_flops)
-        self.flops_per_token = state_dict.get("flops_per_token", self.flops_per_token)

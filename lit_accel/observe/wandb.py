@@ -58,8 +58,12 @@ class WandbLogger(_LightningWandbLogger):
         **kwargs: Any,
     ) -> None:
         mode = os.environ.get("WANDB_MODE", "").lower()
-        if offline is None:
-            if mode in ("offline", "dryrun", "disabled"):
+        if mode == "disabled":
+            # Lightning would turn offline=True into WANDB_MODE=dryrun and write run files: honour "disabled".
+            kwargs["mode"] = "disabled"
+            offline = False
+        elif offline is None:
+            if mode in ("offline", "dryrun"):
                 offline = True
             elif mode == "online":
                 offline = False

@@ -226,3 +226,14 @@ def test_sensitivity_is_reproducible_with_dropout() -> None:
     b = measure_sensitivity(controller, lambda: model(input_ids=ids, labels=ids).loss, params, seed=7)
     assert torch.equal(a, b)
     assert bool((a > 0).all())
+
+
+@pytest.mark.parametrize("sampling", ["systematic", "independent"])
+def test_fallback_keeps_a_trainable_sublayer(sampling: str) -> None:
+    # Only sublayers 0 and 2 hold trainable parameters (e.g. LoRA on attention only): a step must never drop both.
+    rates = [0.9, 0.0, 0.9, 0.0]
+    trainable = [True, False, True, False]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        mask = draw_mask(rates, g, sampling, trainable)
+        assert not (mask[0] and mask[2])

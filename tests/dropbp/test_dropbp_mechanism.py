@@ -175,3 +175,22 @@ def test_lora_adapters_of_dropped_sublayers_get_no_gradient() -> None:
         else:
             assert g is not None and got[name] is not None, name
             torch.testing.assert_close(got[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_attention_only_trainable_model_never_loses_its_graph() -> None:
+    # As with PEFT's default LLaMA LoRA (q_proj, v_proj only): MLP sublayers hold no trainable parameter, so the
+    # all-dropped fallback must keep an attention sublayer, or backward() would fail for lack of a graph.
+    from peft import LoraConfig, get_peft_model
+
+    from lit_accel.dropbp import apply_dropbp, draw_mask
+
+    model = get_peft_model(tiny_llama(layers=2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    controller = apply_dropbp(model)
+    assert controller.trainable == (True, False, True, False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (2, 16))
+    for _ in range(40):
+        controller.set_mask(draw_mask([0.9] * 4, g, "independent", controller.trainable))
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()  # raises "does not require grad" if every trainable sublayer dropped
+    controller.remove()

@@ -202,3 +202,38 @@ def test_gradient_clipping_works_with_the_fused_optimizer_in_bf16_mixed(tmp_path
     trainer.fit(module, train_dataloaders=_random_batches(3, 2, 16, 4096))
     assert trainer.optimizers[0].defaults["fused"] is True
     assert len(norms) == 3 and all(n <= 0.05 * (1 + 1e-3) for n in norms), norms
+
+
+def test_logged_grad_norm_is_the_norm_of_that_step(tmp_path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    true_norms: dict[int, float] = {}
+
+    class _Norms(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            true_norms[trainer.global_step] = float(torch.nn.utils.get_total_norm(grads))
+
+    module = CausalLM("llama-tiny", warmup_steps=1)
+    logger = CSVLogger(tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=9,
+        logger=logger,
+        log_every_n_steps=3,
+        callbacks=[_Norms()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=_random_batches(9, 2, 16, 4096))
+    logger.save()
+    text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    rows = [r for r in csv.DictReader(text) if r.get("train/grad_norm")]
+    assert len(rows) == 3
+    for row in rows:
+        step = int(row["step"])
+        assert float(row["train/grad_norm"]) == pytest.approx(true_norms[step], rel=1e-5), (step, true_norms)

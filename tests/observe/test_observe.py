@@ -34,7 +34,7 @@ def test_throughput_logs_tokens_mfu_and_uses_model_flops(tmp_path) -> None:
     m = cb.last_metrics
     assert m["throughput/tokens_per_sec"] > 0 and m["throughput/step_time_ms"] > 0
     expected = model_flops_per_token(module, 32)
-    assert cb.flops_per_token == pytest.approx(expected)
+    assert cb.resolved_flops_per_token == pytest.approx(expected) and cb.flops_per_token is None
     # tokens/s x FLOPs/token over the peak is the MFU, by definition.
     assert m["throughput/mfu"] == pytest.approx(m["throughput/tokens_per_sec_per_device"] * expected / 1e12)
     # 6N is the dominant term; the attention term adds a little on top.
