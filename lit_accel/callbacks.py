@@ -7,6 +7,8 @@ Example:
 """
 
 from lit_accel.dropbp.callback import DropBP
+from lit_accel.lowrank.factorize_callback import LowRankFactorization
+from lit_accel.lowrank.lora_callback import LoRA
 from lit_accel.observe.throughput import Throughput
 
-__all__ = ["DropBP", "Throughput"]
+__all__ = ["DropBP", "LoRA", "LowRankFactorization", "Throughput"]

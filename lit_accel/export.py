@@ -1,7 +1,12 @@
 """``lit-accel export``: turn a Lightning or DeepSpeed checkpoint into a Hugging Face model directory.
 
+A checkpoint of a run with the ``LoRA`` callback (adapter-only or full) is exported as the merged plain model by
+default, or as a PEFT adapter with ``--peft-adapter``; the LoRA settings come from the checkpoint and an adapter-only
+checkpoint rebuilds its base from ``hyper_parameters["model"]`` (the pretrained directory the run fine-tuned).
+
 Example:
     $ lit-accel export --ckpt runs/quickstart/checkpoints/last.ckpt --out exported/quickstart
+    $ lit-accel export --ckpt runs/lora/checkpoints/last.ckpt --out exported/lora-adapter --peft-adapter
     >>> from lit_accel.export import export_checkpoint
     >>> export_checkpoint("last.ckpt", "exported/model")  # doctest: +SKIP
 """
@@ -17,7 +22,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["export_checkpoint", "load_lightning_checkpoint", "main"]
+__all__ = ["export_checkpoint", "load_lightning_checkpoint", "lora_settings_from_checkpoint", "main"]
+
+
+def lora_settings_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``LoRA`` callback's record in a checkpoint (settings, adapted layer names, adapter_only), or None.
+
+    Read from ``checkpoint["lit_accel"]["lora"]``, else from the callback's state in ``checkpoint["callbacks"]``.
+    """
+    record = (checkpoint.get("lit_accel") or {}).get("lora")
+    if isinstance(record, dict):
+        return record
+    for key, value in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith("LoRA") and isinstance(value, dict) and "settings" in value:
+            adapter_only = not any(".base_layer." in k for k in checkpoint.get("state_dict", {}))
+            return {**value, "adapter_only": adapter_only}
+    return None
 
 
 def load_lightning_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
@@ -57,6 +77,7 @@ def export_checkpoint(
     out: str | os.PathLike[str],
     overwrite: bool = False,
     tokenizer: str | None = None,
+    peft_adapter: bool = False,
 ) -> Path:
     """Writes the model of a ``CausalLM`` checkpoint as a Hugging Face directory.
 
@@ -65,6 +86,8 @@ def export_checkpoint(
         out: The output directory; must not exist or be empty unless ``overwrite``.
         overwrite: Replace an existing non-empty output directory.
         tokenizer: A tokenizer directory to copy in; by default the one the run trained with, if still on disk.
+        peft_adapter: For a LoRA run, write a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+            instead of the merged model.
 
     Returns:
         The output directory.
@@ -89,6 +112,11 @@ def export_checkpoint(
     module.configure_model()
     assert module.model is not None
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    lora = lora_settings_from_checkpoint(checkpoint)
+    if lora is None and peft_adapter:
+        raise ValueError(f"--peft-adapter: --ckpt {str(ckpt)!r} is not from a run with the LoRA callback.")
+    if lora is not None:
+        return _export_lora(module, hparams, state, lora, out_path, overwrite, tokenizer, checkpoint, peft_adapter)
     load_full_state_dict(module.model, state)
     tok_dir = tokenizer or (checkpoint.get("lit_accel") or {}).get("tokenizer_dir")
     tok = None
@@ -97,6 +125,71 @@ def export_checkpoint(
     elif tokenizer:
         raise ValueError(f"--tokenizer {tokenizer!r} is not a directory.")
     return save_hf_directory(module.model, module.model.state_dict(), out_path, tokenizer=tok, overwrite=overwrite)
+
+
+def _export_lora(
+    module: Any,
+    hparams: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    lora: dict[str, Any],
+    out_path: Path,
+    overwrite: bool,
+    tokenizer: str | None,
+    checkpoint: dict[str, Any],
+    peft_adapter: bool,
+) -> Path:
+    import re
+
+    from lit_accel.lowrank.lora import apply_lora, merged_state_dict, save_peft_adapter
+    from lit_accel.models.causal_lm import save_hf_directory
+    from lit_accel.models.params import load_full_state_dict
+    from lit_accel.models.structure import StructurePatterns
+
+    settings = dict(lora["settings"])
+    layers = list(lora.get("layers") or [])
+    if lora.get("adapter_only") and module.source.pretrained_dir is None:
+        raise ValueError(
+            "the checkpoint holds only LoRA adapters, but its model hyper-parameter"
+            f" {hparams.get('model')!r} is not a pretrained directory to rebuild the base from."
+        )
+    patterns = settings.get("patterns")
+    apply_lora(
+        module.model,
+        # The exact layers adapted in training (as anchored names), else the recorded targets.
+        targets=["^" + re.escape(n) + "$" for n in layers] if layers else settings["targets"],
+        r=settings["r"],
+        alpha=settings["alpha"],
+        dropout=settings["dropout"],
+        init=settings["init"],
+        use_rslora=settings["use_rslora"],
+        base_dtype=settings.get("base_dtype"),
+        patterns=StructurePatterns(**patterns) if patterns else None,
+    )
+    if lora.get("adapter_only"):
+        result = module.model.load_state_dict(state, strict=False)
+        lora_keys = {k for k in module.model.state_dict() if k.endswith((".lora_A", ".lora_B"))}
+        missing = sorted(lora_keys & set(result.missing_keys))
+        if result.unexpected_keys or missing:
+            raise ValueError(
+                "the LoRA checkpoint does not fit the rebuilt model: "
+                f"unexpected keys {result.unexpected_keys[:8]}, missing adapter keys {missing[:8]}"
+            )
+    else:
+        load_full_state_dict(module.model, state)
+    if peft_adapter:
+        base = module.source.pretrained_dir
+        return save_peft_adapter(module.model, out_path, base_model_name_or_path=base, overwrite=overwrite)
+    tok_dir = tokenizer or (checkpoint.get("lit_accel") or {}).get("tokenizer_dir") or module.source.pretrained_dir
+    tok = None
+    if tok_dir and Path(tok_dir).is_dir() and (Path(tok_dir) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    elif tokenizer:
+        raise ValueError(f"--tokenizer {tokenizer!r} is not a tokenizer directory.")
+    return save_hf_directory(
+        module.model, merged_state_dict(module.model), out_path, tokenizer=tok, overwrite=overwrite
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,6 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory to include (default: the run's)")
+    parser.add_argument(
+        "--peft-adapter",
+        action="store_true",
+        help="for a LoRA run: write a PEFT adapter instead of the merged model (the default)",
+    )
     args = parser.parse_args(argv)
-    path = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
+    path = export_checkpoint(
+        args.ckpt, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, peft_adapter=args.peft_adapter
+    )
     print(f"exported {args.ckpt} -> {path}")

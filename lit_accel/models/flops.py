@@ -31,6 +31,10 @@ def _matmul_flops(linears: dict[str, nn.Module] | list[nn.Module]) -> float:
     modules = linears.values() if isinstance(linears, dict) else linears
     total = 0
     for module in modules:
+        per_token = getattr(module, "flops_per_token", None)
+        if callable(per_token):  # e.g. a factorised projection: 2 r (in + out), not 2 in out
+            total += int(per_token())
+            continue
         fin, fout = linear_in_out_features(module)
         total += 2 * fin * fout
     return float(total)

@@ -57,7 +57,8 @@ def _is_plain_linear(module: nn.Module) -> bool:
 def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a linear layer as far as ``lit_accel`` is concerned.
 
-    That is an ``nn.Linear`` (or subclass), a transformers GPT-2 ``Conv1D``, or a wrapper that follows the
+    That is an ``nn.Linear`` (or subclass), a transformers GPT-2 ``Conv1D``, a factorised projection (a module
+    with ``is_factorized_linear = True``, ``in_features`` and ``out_features``), or a wrapper that follows the
     ``peft`` convention of holding the original linear at ``.base_layer`` (LoRA and similar adapters). Wrappers
     count as one linear under their original name; their inner adapter linears are not listed separately.
 
@@ -68,6 +69,9 @@ def is_linear(module: nn.Module) -> bool:
         True for a linear layer or a ``base_layer`` wrapper of one.
     """
     if _is_plain_linear(module):
+        return True
+    # A factorised projection (lit_accel.lowrank.factorize.LowRankLinear) stands where a linear stood.
+    if getattr(module, "is_factorized_linear", False):
         return True
     base = getattr(module, "base_layer", None)
     return isinstance(base, nn.Module) and is_linear(base)

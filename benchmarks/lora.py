@@ -1,0 +1,145 @@
+"""LoRA training step on the GPU: ours (Triton kernel and plain-PyTorch path) against PEFT and the floor.
+
+The floor is the same frozen bf16 base with the backward through the activations and no adapters at all
+(what any adapter method must at least pay). Same model, batch and optimizer settings for all, one process.
+
+    python benchmarks/lora.py --results $OUT/RESULTS.md          # llama-1b, 8 x 2048, r 16 on all linears
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Measurement, measure, write_results
+
+import lit_accel.lowrank.lora as lora_module
+from lit_accel.kernels.lora import lora_linear
+from lit_accel.lowrank import apply_lora
+from lit_accel.models import CausalLM
+
+
+def _base(preset: str) -> torch.nn.Module:
+    module = CausalLM(preset)
+    with torch.device("cuda"):
+        module.configure_model()
+    model = module.model.to(torch.bfloat16)
+    model.requires_grad_(False)
+    return model
+
+
+def _step_fn(model: torch.nn.Module, batch: int, seq: int) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda", generator=g) for _ in range(4)]
+    state = {"i": 0}
+
+    def step() -> None:
+        x = xs[state["i"] % len(xs)]
+        state["i"] += 1
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _run(name: str, build: Callable[[], torch.nn.Module], args: argparse.Namespace) -> Measurement:
+    model = build()
+    result = measure(
+        name, _step_fn(model, args.batch, args.seq_len), warmup=args.warmup, iters=args.iters, repeats=args.repeats
+    )
+    result.extra["trainable_M"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    print(name, f"{result.median_ms:.1f} ms", f"{result.peak_gib:.1f} GiB", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="llama-1b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    args = parser.parse_args()
+    r, alpha = args.r, 2 * args.r
+
+    def floor() -> torch.nn.Module:
+        model = _base(args.preset)
+        model.enable_input_require_grads()  # backward through every layer's activations, no weight gradients
+        return model
+
+    def peft() -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(_base(args.preset), LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"))
+
+    def ours() -> torch.nn.Module:
+        model = _base(args.preset)
+        apply_lora(model, targets="all-linear", r=r, alpha=alpha)
+        return model
+
+    results: list[Measurement] = [_run("floor: frozen base, no adapters", floor, args)]
+    results.append(_run("PEFT LoRA", peft, args))
+    results.append(_run("lit_accel LoRA (default CUDA path)", ours, args))
+    original: Any = lora_module.lora_linear
+    lora_module.lora_linear = functools.partial(lora_linear, use_kernel=False)  # type: ignore[assignment]
+    try:
+        results.append(_run("lit_accel LoRA (PyTorch path)", ours, args))
+    finally:
+        lora_module.lora_linear = original
+    base = results[0]
+    rows = [
+        [
+            args.preset,
+            f"{args.batch}x{args.seq_len}",
+            m.name,
+            m.median_ms,
+            m.spread_ms,
+            m.median_ms / base.median_ms,
+            m.peak_gib,
+            m.peak_gib / base.peak_gib,
+            m.extra.get("trainable_M", 0.0),
+        ]
+        for m in results
+    ]
+    write_results(
+        f"LoRA training step: ours vs PEFT vs the frozen-base floor (r {r}, alpha {alpha}, all linears)",
+        [
+            "model",
+            "batch",
+            "variant",
+            "median ms/step",
+            "spread ms",
+            "time vs floor",
+            "peak GiB",
+            "memory vs floor",
+            "trainable M",
+        ],
+        rows,
+        args.results,
+        notes="bf16 base weights, fp32 adapters (PEFT's default; ours too), bf16 autocast, fused AdamW on the"
+        f" adapters; {args.repeats} windows of {args.iters} steps after {args.warmup} warm-up steps.",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Low-rank techniques: LoRA adapters (PEFT-compatible) and SVD factorisation of linear layers.
+
+``lora`` / ``factorize`` hold the algorithms (usable without Lightning); ``lora_callback`` /
+``factorize_callback`` the Lightning callbacks. The fused LoRA matmul lives in :mod:`lit_accel.kernels.lora`.
+
+Example:
+    >>> import lightning as L
+    >>> from lit_accel.lowrank import LoRA
+    >>> trainer = L.Trainer(callbacks=[LoRA(targets="all-linear", r=16, alpha=32)])  # doctest: +SKIP
+"""
+
+from lit_accel.lowrank.factorize import (
+    FACTORIZATION_FILE,
+    FactorizationReport,
+    LowRankLinear,
+    apply_factorization,
+    factorization_ranks,
+    factorize_linear,
+    format_report,
+    load_factorized,
+    merge_factorization,
+    rebuild_factorization,
+    save_factorized,
+    save_merged,
+)
+from lit_accel.lowrank.factorize_callback import FactorizationSettings, LowRankFactorization
+from lit_accel.lowrank.lora import (
+    LORA_INITS,
+    LoRALinear,
+    apply_lora,
+    load_peft_adapter,
+    lora_layers,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    read_peft_adapter,
+    remove_lora,
+    save_peft_adapter,
+    unmerge_lora,
+)
+from lit_accel.lowrank.lora_callback import LoRA, LoRASettings
+
+__all__ = [
+    "FACTORIZATION_FILE",
+    "LORA_INITS",
+    "FactorizationReport",
+    "FactorizationSettings",
+    "LoRA",
+    "LoRALinear",
+    "LoRASettings",
+    "LowRankFactorization",
+    "LowRankLinear",
+    "apply_factorization",
+    "apply_lora",
+    "factorization_ranks",
+    "factorize_linear",
+    "format_report",
+    "load_factorized",
+    "load_peft_adapter",
+    "lora_layers",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_factorization",
+    "merge_lora",
+    "read_peft_adapter",
+    "rebuild_factorization",
+    "remove_lora",
+    "save_factorized",
+    "save_merged",
+    "save_peft_adapter",
+    "unmerge_lora",
+]

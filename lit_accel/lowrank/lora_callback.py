@@ -1,0 +1,380 @@
+"""``LoRA``: a Lightning callback that fine-tunes low-rank adapters instead of the whole model.
+
+The callback only decides *when*; the algorithm is in :mod:`lit_accel.lowrank.lora`. Timeline of a fit:
+
+1. ``setup``: registers :func:`~lit_accel.lowrank.lora.apply_lora` to run right after ``configure_model`` builds
+   the model (before Lightning builds the optimizer, before DDP/DeepSpeed wrap or shard it), so the optimizer only
+   sees the adapters (``CausalLM.configure_optimizers`` takes ``requires_grad`` parameters). A model that already
+   exists (built in ``__init__``) is adapted at once. With ``adapter_only_checkpoints`` it sets
+   ``pl_module.strict_loading = False`` so a checkpoint holding only the adapters loads over the rebuilt base.
+2. ``on_fit_start``: logs ``lora/trainable_params``, ``lora/total_params``, ``lora/trainable_fraction``.
+3. ``on_save_checkpoint``: drops the frozen base weights from the checkpoint (adapters only) and records the LoRA
+   settings under ``checkpoint["lit_accel"]["lora"]`` (and in the callback's state), which ``lit-accel export`` reads.
+4. ``on_train_end``: writes ``export_dir/adapter`` (PEFT adapter) and/or ``export_dir/merged`` (plain HF model).
+
+Example:
+    >>> import lightning as L
+    >>> from lit_accel.lowrank.lora_callback import LoRA
+    >>> trainer = L.Trainer(callbacks=[LoRA(targets="all-linear", r=16, alpha=32)])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lit_accel.lowrank.lora import (
+    LORA_INITS,
+    apply_lora,
+    lora_layers,
+    merged_state_dict,
+    parse_dtype,
+    save_peft_adapter,
+)
+from lit_accel.models.structure import StructurePatterns
+from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
+
+__all__ = ["EXPORTS", "LoRA", "LoRASettings"]
+
+EXPORTS = ("adapter", "merged", "both")
+"""What ``LoRA(export_dir=...)`` writes at the end of training."""
+
+
+@dataclass
+class LoRASettings:
+    """Validated settings of :class:`LoRA` (see its docstring for how to choose them).
+
+    Example:
+        >>> LoRASettings(r=16, alpha=32).r
+        16
+    """
+
+    targets: str | list[str] = "all-linear"
+    """Which linears get adapters: ``attention``, ``mlp``, ``all-linear``, role names (``q``, ``k``, ``v``, ``o``,
+    ``gate``, ``up``, ``down``, GPT-2 ``qkv``), module-name suffixes (``q_proj``) or regular expressions."""
+    r: int = 8
+    """Rank of every adapter, ``>= 1`` and ``<= min(in, out)`` of each adapted linear."""
+    alpha: float = 16
+    """Adapter scale numerator: ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``); ``> 0``."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input, in ``[0, 1)``."""
+    init: str = "gaussian"
+    """``gaussian`` (PEFT's default: A kaiming-uniform, B zero) or ``pissa`` (principal singular vectors)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling ``alpha / sqrt(r)``."""
+    base_dtype: str | None = None
+    """Store the frozen base weights of adapted linears in this dtype (``bfloat16`` saves memory with
+    ``bf16-mixed``); None leaves them as built."""
+    adapter_only_checkpoints: bool = True
+    """Checkpoints hold only the adapters (the base is rebuilt from the model source on resume and export)."""
+    export_dir: str | None = None
+    """If set, write ``<export_dir>/adapter`` and/or ``<export_dir>/merged`` when training ends."""
+    export: str = "adapter"
+    """``adapter`` (PEFT adapter), ``merged`` (plain Hugging Face model with the adapters folded in) or ``both``."""
+    overwrite: bool = False
+    """Replace non-empty export directories (otherwise the fit refuses to start)."""
+    patterns: StructurePatterns | None = None
+    """Module-name patterns for a model that is not a supported Hugging Face architecture."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"LoRA {name}={getattr(self, name)!r} is not allowed; {name} must be {allowed}")
+
+        if isinstance(self.targets, (list, tuple)):
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                raise bad("targets", f"a preset {TARGET_PRESETS}, a pattern, or a non-empty list of them")
+            self.targets = list(self.targets)
+        elif not isinstance(self.targets, str) or not self.targets:
+            raise bad("targets", f"a preset {TARGET_PRESETS}, a pattern, or a non-empty list of them")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise bad("r", "an int >= 1")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise bad("alpha", "a number > 0")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise bad("dropout", "a number in [0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "in [0, 1)")
+        if self.init not in LORA_INITS:
+            raise bad("init", f"one of {LORA_INITS}")
+        if not isinstance(self.use_rslora, bool):
+            raise bad("use_rslora", "a bool")
+        try:
+            parse_dtype(self.base_dtype)
+        except ValueError:
+            raise bad("base_dtype", "bfloat16, float16, float32 or None") from None
+        if isinstance(self.base_dtype, torch.dtype):
+            self.base_dtype = str(self.base_dtype).removeprefix("torch.")
+        if self.export not in EXPORTS:
+            raise bad("export", f"one of {EXPORTS}")
+        if self.export_dir is not None and not isinstance(self.export_dir, (str, os.PathLike)):
+            raise bad("export_dir", "a directory path or None")
+        if self.export_dir is not None:
+            self.export_dir = os.fspath(self.export_dir)
+        if isinstance(self.patterns, Mapping):
+            try:
+                self.patterns = StructurePatterns(**self.patterns)
+            except TypeError as err:
+                raise ValueError(f"LoRA patterns={self.patterns!r} is not a valid StructurePatterns: {err}") from None
+        if self.patterns is not None and not isinstance(self.patterns, StructurePatterns):
+            raise bad("patterns", "a StructurePatterns, a dict of its fields, or None")
+
+    def apply_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~lit_accel.lowrank.lora.apply_lora`."""
+        return dict(
+            targets=self.targets,
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            init=self.init,
+            use_rslora=self.use_rslora,
+            base_dtype=self.base_dtype,
+            patterns=self.patterns,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python settings, as recorded in checkpoints."""
+        out = dataclasses.asdict(self)
+        out["patterns"] = dataclasses.asdict(self.patterns) if self.patterns is not None else None
+        return out
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def _export_paths(export_dir: str, export: str) -> list[tuple[str, Path]]:
+    kinds = ["adapter", "merged"] if export == "both" else [export]
+    return [(kind, Path(export_dir) / kind) for kind in kinds]
+
+
+class LoRA(L.Callback):
+    """Trains low-rank adapters on a frozen model (LoRA, optionally PiSSA-initialised or rank-stabilised).
+
+    The adapters are added to the selected linears right after ``configure_model`` builds the model, so the
+    optimizer (built later) holds only them; every base parameter is frozen. Outputs and gradients equal PEFT's
+    for the same weights. The forward uses the fused Triton LoRA kernel on CUDA and PyTorch elsewhere.
+
+    Choosing settings: ``r`` 8-64 on ``all-linear`` is the usual fine-tuning range; ``alpha = 2 r`` keeps the
+    update's scale; ``use_rslora`` for large ranks; ``init="pissa"`` converges faster by training the principal
+    subspace. ``base_dtype="bfloat16"`` with ``precision="bf16-mixed"`` stores the frozen base in bf16 (the adapters
+    stay fp32 so the optimizer updates fp32 values) and saves 2 bytes per base parameter. Do not use
+    ``precision="bf16-true"``: it would cast the adapters to bf16 too.
+
+    Checkpoints: with ``adapter_only_checkpoints`` (default) a checkpoint holds only the adapters (and any other
+    trainable parameter) plus the settings; resuming rebuilds the base from the model source (a ``CausalLM``
+    loading a pretrained directory) and loads the adapters over it. A ``CausalLM`` built from scratch (a preset,
+    no pretrained weights) cannot rebuild its base, so its checkpoints keep the base (with a warning). Under
+    DeepSpeed the engine writes the checkpoint itself and it is kept whole.
+
+    Distributed: DDP averages the adapters' gradients like any others (every rank starts from rank 0's values,
+    which DDP broadcasts). Under DeepSpeed ZeRO-3 the export gathers the partitioned parameters on every rank
+    and rank 0 writes, so the adapter is never saved empty.
+
+    Logged once at the start of fit: ``lora/trainable_params``, ``lora/total_params``, ``lora/trainable_fraction``.
+
+    Args:
+        targets: Linears to adapt (presets ``attention``, ``mlp``, ``all-linear``; roles; suffixes; regexes).
+        r: Adapter rank.
+        alpha: Scaling numerator.
+        dropout: Adapter input dropout in ``[0, 1)``.
+        init: ``gaussian`` or ``pissa``.
+        use_rslora: Rank-stabilised scaling.
+        base_dtype: Storage dtype of the frozen base weights of adapted linears (``bfloat16``) or None.
+        adapter_only_checkpoints: Keep only the adapters in checkpoints.
+        export_dir: Directory for the end-of-training export (None: no export).
+        export: ``adapter``, ``merged`` or ``both``.
+        overwrite: Replace non-empty export directories.
+        patterns: :class:`~lit_accel.models.structure.StructurePatterns` (or a dict) for other transformers.
+
+    Raises:
+        ValueError: At construction for a bad argument (the message names it, the value and what is allowed); at
+            set-up for targets matching nothing (listing the model's linears) or ``r`` larger than a matched
+            linear allows (naming it and its shape).
+        FileExistsError: At set-up, when an export directory is not empty and ``overwrite`` is False.
+
+    Example:
+        >>> LoRA(r=16, alpha=32, targets="attention").settings.targets
+        'attention'
+    """
+
+    def __init__(
+        self,
+        targets: str | list[str] = "all-linear",
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        init: Literal["gaussian", "pissa"] = "gaussian",
+        use_rslora: bool = False,
+        base_dtype: str | None = None,
+        adapter_only_checkpoints: bool = True,
+        export_dir: str | None = None,
+        export: Literal["adapter", "merged", "both"] = "adapter",
+        overwrite: bool = False,
+        patterns: StructurePatterns | dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.settings = LoRASettings(
+            targets=targets,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            init=init,
+            use_rslora=use_rslora,
+            base_dtype=base_dtype,
+            adapter_only_checkpoints=adapter_only_checkpoints,
+            export_dir=export_dir,
+            export=export,
+            overwrite=overwrite,
+            patterns=patterns,  # type: ignore[arg-type]  # a dict is converted in __post_init__
+        )
+        self.layer_names: list[str] = []
+        self._warned_full_checkpoint = False
+        self._pending_rng: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _apply(self, model: nn.Module) -> None:
+        layers = apply_lora(model, **self.settings.apply_kwargs())
+        self.layer_names = list(layers)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        s = self.settings
+        # Checked on every rank (a shared file system): a rank that raised alone would leave the others waiting.
+        if s.export_dir is not None and stage == "fit" and not s.overwrite:
+            for _, path in _export_paths(s.export_dir, s.export):
+                if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                    raise FileExistsError(
+                        f"LoRA export_dir: {str(path)!r} exists and is not empty; choose another export_dir or pass"
+                        " overwrite=True"
+                    )
+        if s.adapter_only_checkpoints:
+            pl_module.strict_loading = False
+        run_after_configure_model(pl_module, self._apply, tag="lora")
+        if any(True for _ in pl_module.parameters()):
+            # The model already exists (built in __init__): adapt it now, still before the optimizer is built.
+            self._apply(find_hf_model(pl_module))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = find_hf_model(pl_module)
+        layers = lora_layers(model)
+        if not layers:
+            raise RuntimeError(
+                "LoRA: the model has no LoRA layers at the start of fit; the callback applies them after"
+                " configure_model (or in setup if the model already exists). Does the LightningModule build its"
+                " model elsewhere?"
+            )
+        self.layer_names = list(layers)
+        trainable = sum(_numel(p) for p in pl_module.parameters() if p.requires_grad)
+        total = sum(_numel(p) for p in pl_module.parameters())
+        metrics = {
+            "lora/trainable_params": float(trainable),
+            "lora/total_params": float(total),
+            "lora/trainable_fraction": trainable / max(total, 1),
+        }
+        rank_zero_info(
+            f"LoRA: {len(layers)} layers adapted (r={self.settings.r}, alpha={self.settings.alpha:g}); trainable"
+            f" {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
+        )
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _base_is_rebuildable(self, pl_module: L.LightningModule) -> bool:
+        source = getattr(pl_module, "source", None)
+        return source is None or getattr(source, "pretrained_dir", None) is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"settings": self.settings.to_dict(), "layers": list(self.layer_names)}
+        if self.settings.dropout > 0:
+            # Adapter dropout draws from the global generator; saving it makes a resumed run draw the same masks.
+            state["rng"] = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                state["rng"]["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("settings") or {}
+        mine = self.settings.to_dict()
+        changed = {
+            k: (saved[k], mine[k]) for k in ("r", "targets", "init", "use_rslora") if k in saved and saved[k] != mine[k]
+        }
+        if changed:
+            rank_zero_warn(
+                f"LoRA: resuming with settings that differ from the checkpoint's (checkpoint, now): {changed}"
+            )
+        # The generator is set now, so a new epoch's data-loader iterator (created after this, as in the run that
+        # was not interrupted) draws its seed from the same state; a resume in the middle of an epoch has no such
+        # draw in the uninterrupted run, so there the state is set again at the first batch.
+        self._pending_rng = state_dict.get("rng")
+        self._set_rng(self._pending_rng)
+
+    @staticmethod
+    def _set_rng(rng: dict[str, torch.Tensor] | None) -> None:
+        if rng:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        rng, self._pending_rng = self._pending_rng, None
+        if rng and idx > 0:
+            self._set_rng(rng)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        adapter_only = self.settings.adapter_only_checkpoints
+        if adapter_only and not self._base_is_rebuildable(pl_module):
+            adapter_only = False
+            if not self._warned_full_checkpoint:
+                self._warned_full_checkpoint = True
+                rank_zero_warn(
+                    "LoRA adapter_only_checkpoints: the model was built from scratch (no pretrained directory), so its"
+                    " base weights cannot be rebuilt on resume; checkpoints keep the full model."
+                )
+        record = {**self.state_dict(), "adapter_only": adapter_only}
+        checkpoint.setdefault("lit_accel", {})["lora"] = record
+        state = checkpoint.get("state_dict")
+        if not adapter_only or not isinstance(state, dict) or not state:
+            return
+        keep = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+        for key in list(state):
+            if key not in keep:
+                del state[key]
+
+    # ------------------------------------------------------------------ export
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        s = self.settings
+        if s.export_dir is None:
+            return
+        model = find_hf_model(pl_module)
+        for kind, path in _export_paths(s.export_dir, s.export):
+            if kind == "adapter":
+                source = getattr(pl_module, "source", None)
+                base = getattr(source, "pretrained_dir", None)
+                save_peft_adapter(model, path, base_model_name_or_path=base, overwrite=s.overwrite)
+            else:
+                _save_merged(trainer, model, path, overwrite=s.overwrite)
+            rank_zero_info(f"LoRA: wrote the {kind} model to {path}")
+
+
+def _save_merged(trainer: L.Trainer, model: nn.Module, path: Path, overwrite: bool) -> None:
+    from lit_accel.models.causal_lm import save_hf_directory
+
+    state = merged_state_dict(model)  # gathers on every rank under ZeRO-3
+    if not trainer.is_global_zero:
+        return
+    tok = None
+    tok_dir = getattr(getattr(trainer, "datamodule", None), "tokenizer_dir", None)
+    if tok_dir and Path(tok_dir).is_dir():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    save_hf_directory(model, state, path, tokenizer=tok, overwrite=overwrite)  # type: ignore[arg-type]

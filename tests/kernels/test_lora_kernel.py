@@ -1,0 +1,419 @@
+"""Fused LoRA linear: the reference against PEFT, the Triton kernel against the reference.
+
+The Triton kernel runs on CPU only under ``TRITON_INTERPRET=1``, and that variable must be set before triton is
+first imported (torch/lightning import it early), so when this process was not started with it, one test runs
+this file's interpreter cases in a child pytest with the variable set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_accel.kernels import LoRALinearFunction, kernel_available, lora_linear, lora_linear_reference
+from lit_accel.kernels.lora import _fused
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _make(
+    m: int,
+    in_f: int,
+    out_f: int,
+    r: int,
+    *,
+    bias: bool = True,
+    layout: str = "out_in",
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    lead: tuple[int, ...] = (),
+) -> dict[str, torch.Tensor | None]:
+    """Random LoRA inputs; B is random (not PEFT's zero init) so the adapter path is actually tested."""
+    w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
+    if layout == "in_out":
+        w = w.t().contiguous()
+    return {
+        "x": torch.randn(*lead, m, in_f, device=device, dtype=dtype, requires_grad=True),
+        "weight": w,
+        "bias": torch.randn(out_f, device=device, dtype=dtype) if bias else None,
+        "lora_a": (torch.randn(r, in_f, device=device) / in_f**0.5).requires_grad_(),
+        "lora_b": (torch.randn(out_f, r, device=device) / r**0.5).requires_grad_(),
+    }
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+def _grads(y: torch.Tensor, t: dict[str, torch.Tensor | None], g: torch.Tensor) -> list[torch.Tensor]:
+    inputs = [t["x"], t["lora_a"], t["lora_b"]]
+    return list(torch.autograd.grad(y, inputs, g))  # type: ignore[arg-type]
+
+
+def _manual(t: dict[str, torch.Tensor | None], s: float, layout: str, xd: torch.Tensor | None = None) -> torch.Tensor:
+    x, w, b, a, bb = t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"]
+    assert x is not None and w is not None and a is not None and bb is not None
+    w_oi = w if layout == "out_in" else w.t()
+    y = x @ w_oi.t() + ((xd if xd is not None else x) @ a.t()) @ bb.t() * s
+    return y + b if b is not None else y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference vs hand-written formula and vs PEFT
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_matches_formula(layout: str, bias: bool) -> None:
+    t = _make(7, 24, 40, 4, bias=bias, layout=layout, lead=(3,))
+    y = lora_linear_reference(**t, scaling=1.5, weight_layout=layout)  # type: ignore[arg-type]
+    ym = _manual(t, 1.5, layout)
+    torch.testing.assert_close(y, ym, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(_grads(y, t, g), _grads(ym, t, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _peft_layer(t: dict[str, torch.Tensor | None], r: int, alpha: float, p: float, layout: str) -> torch.nn.Module:
+    peft = pytest.importorskip("peft")
+    from transformers.pytorch_utils import Conv1D
+
+    w, b = t["weight"], t["bias"]
+    assert w is not None
+    if layout == "out_in":
+        base: torch.nn.Module = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    else:
+        assert b is not None, "transformers' Conv1D always has a bias"
+        base = Conv1D(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        base.weight.copy_(w)
+        if b is not None:
+            base.bias.copy_(b)
+    holder = torch.nn.Sequential()
+    holder.add_module("proj", base)
+    cfg = peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], fan_in_fan_out=layout == "in_out"
+    )
+    model = peft.get_peft_model(holder, cfg)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(t["lora_a"])
+        layer.lora_B["default"].weight.copy_(t["lora_b"])
+    return layer
+
+
+@pytest.mark.parametrize(
+    ("layout", "bias", "p"),
+    [
+        ("out_in", True, 0.0),
+        ("out_in", False, 0.0),
+        ("out_in", True, 0.25),
+        ("in_out", True, 0.0),
+        ("in_out", True, 0.3),
+    ],
+)
+def test_reference_equals_peft_bitwise(layout: str, bias: bool, p: float) -> None:
+    r, alpha = 4, 8.0
+    t = _make(9, 32, 48, r, bias=bias, layout=layout, lead=(2,))
+    layer = _peft_layer(t, r, alpha, p, layout)
+    layer.train()
+    x = t["x"]
+    assert x is not None
+    torch.manual_seed(123)
+    y_peft = layer(x)
+    g = torch.randn_like(y_peft)
+    gx_peft, ga_peft, gb_peft = torch.autograd.grad(
+        y_peft, [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight], g
+    )
+    torch.manual_seed(123)
+    y = lora_linear(**t, scaling=alpha / r, dropout_p=p, training=True, weight_layout=layout)  # type: ignore[arg-type]
+    gx, ga, gb = _grads(y, t, g)
+    for ours, theirs in ((y, y_peft), (gx, gx_peft), (ga, ga_peft), (gb, gb_peft)):
+        assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+
+
+def test_reference_dropout_semantics() -> None:
+    t = _make(16, 32, 32, 4)
+    x = t["x"]
+    assert x is not None
+    # Inactive dropout draws nothing from the RNG, as PEFT's nn.Identity / eval-mode nn.Dropout.
+    for p, training in ((0.0, True), (0.5, False)):
+        torch.manual_seed(5)
+        y = lora_linear_reference(**t, scaling=2.0, dropout_p=p, training=training)  # type: ignore[arg-type]
+        after = torch.rand(1)
+        torch.manual_seed(5)
+        assert torch.equal(after, torch.rand(1))
+        torch.testing.assert_close(y, _manual(t, 2.0, "out_in"))
+    # Active dropout is exactly one F.dropout call on x.
+    torch.manual_seed(5)
+    y = lora_linear_reference(**t, scaling=2.0, dropout_p=0.5, training=True)  # type: ignore[arg-type]
+    torch.manual_seed(5)
+    xd = F.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(y, _manual(t, 2.0, "out_in", xd=xd), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_mixed_dtypes_follow_peft() -> None:
+    # bf16 base with fp32 adapters: PEFT computes the adapter in fp32 and casts the sum back to bf16.
+    t = _make(8, 32, 16, 4, dtype=torch.bfloat16)
+    y = lora_linear_reference(**t, scaling=2.0)  # type: ignore[arg-type]
+    assert y.dtype == torch.bfloat16
+    x, w, b, a, bb = (t[k] for k in ("x", "weight", "bias", "lora_a", "lora_b"))
+    assert x is not None and w is not None and a is not None and bb is not None
+    expect = (F.linear(x, w, b) + F.linear(F.linear(x.float(), a), bb) * 2.0).to(torch.bfloat16)
+    assert torch.equal(y, expect)
+    # Under autocast, F.linear casts the adapters to the autocast dtype too.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y2 = lora_linear(**{**t, "x": x.float(), "weight": w.float()}, scaling=2.0)  # type: ignore[arg-type]
+    assert y2.dtype == torch.bfloat16
+
+
+def test_cpu_dispatch_uses_reference() -> None:
+    t = _make(5, 16, 16, 2)
+    assert not kernel_available(**t)  # type: ignore[arg-type]  # CPU: reference by default, interpreter or not
+    y = lora_linear(**t, scaling=1.0, use_kernel=False)  # type: ignore[arg-type]
+    torch.testing.assert_close(y, lora_linear_reference(**t, scaling=1.0))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"lora_a": torch.zeros(4, 17)}, "lora_a"),
+        ({"lora_a": torch.zeros(4)}, "lora_a"),
+        ({"lora_b": torch.zeros(32, 3)}, "lora_b"),
+        ({"lora_b": torch.zeros(31, 4)}, "lora_b"),
+        ({"bias": torch.zeros(7)}, "bias"),
+        ({"x": torch.zeros(3, 15)}, "in_features"),
+        ({"weight": torch.zeros(32)}, "weight"),
+        ({"weight_layout": "oi"}, "weight_layout"),
+        ({"dropout_p": 1.0}, "dropout_p"),
+        ({"dropout_p": -0.1}, "dropout_p"),
+        ({"scaling": float("nan")}, "scaling"),
+    ],
+)
+def test_bad_input_raises(change: dict[str, object], match: str) -> None:
+    args: dict[str, object] = {
+        "x": torch.zeros(3, 16),
+        "weight": torch.zeros(32, 16),
+        "bias": None,
+        "lora_a": torch.zeros(4, 16),
+        "lora_b": torch.zeros(32, 4),
+        "scaling": 1.0,
+    }
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        lora_linear(**args)  # type: ignore[arg-type]
+
+
+def test_use_kernel_true_unsupported_raises() -> None:
+    from lit_accel.kernels.lora import _kernel_unsupported_reason
+
+    # in_features=24 is not a multiple of 16 (and, without the interpreter, x is not on CUDA).
+    with pytest.raises(ValueError, match=r"use_kernel=True"):
+        lora_linear(
+            torch.zeros(3, 24), torch.zeros(32, 24), None, torch.zeros(4, 24), torch.zeros(32, 4), 1.0, use_kernel=True
+        )
+    os.environ["TRITON_INTERPRET"], saved = "1", os.environ.get("TRITON_INTERPRET")
+    try:  # the remaining checks, as if on a supported device
+        dims = _kernel_unsupported_reason(torch.zeros(3, 24), torch.zeros(32, 24), None, torch.zeros(4, 24), 24, 32)
+        rank = _kernel_unsupported_reason(torch.zeros(3, 16), torch.zeros(16, 16), None, torch.zeros(200, 16), 16, 16)
+        w = torch.zeros(16, 16, requires_grad=True)
+        frozen = _kernel_unsupported_reason(torch.zeros(3, 16), w, None, torch.zeros(4, 16), 16, 16)
+        dtype = _kernel_unsupported_reason(
+            torch.zeros(3, 16), torch.zeros(16, 16, dtype=torch.float64), None, torch.zeros(4, 16), 16, 16
+        )
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    assert dims is not None and "multiples of 16" in dims
+    assert rank is not None and "r=200" in rank
+    assert frozen is not None and "frozen" in frozen
+    assert dtype is not None and "dtype" in dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused path: the cuBLAS-composed backend (plain torch, runs on CPU as is) and the Triton kernel (interpreter)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_fused(
+    m: int,
+    in_f: int,
+    out_f: int,
+    r: int,
+    layout: str,
+    bias: bool,
+    p: float,
+    lead: tuple[int, ...] = (),
+    backend: str = "triton",
+) -> None:
+    """One backend of the fused path against the fp32 formula, given the same keep-mask."""
+    s = 1.75
+    t = _make(m, in_f, out_f, r, bias=bias, layout=layout, lead=lead)
+    x = t["x"]
+    assert x is not None
+    torch.manual_seed(7)
+    y = _fused(**t, scaling=s, dropout_p=p, training=True, weight_layout=layout, backend=backend)  # type: ignore[arg-type]
+    xd = None
+    if p > 0:
+        # The kernel path draws one bool keep-mask with bernoulli_ on the flattened x.
+        torch.manual_seed(7)
+        keep = torch.empty(x.reshape(-1, in_f).shape, dtype=torch.bool).bernoulli_(1.0 - p)
+        xd = x * keep.view(x.shape) / (1.0 - p)
+    ref = _manual(t, s, layout, xd=xd)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    for name, a, b in zip(("dx", "dA", "dB"), _grads(y, t, g), _grads(ref, t, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda e, n=name: f"{n}: {e}")  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("m", "in_f", "out_f", "r"), [(1, 16, 16, 1), (33, 48, 16, 8), (7, 16, 48, 4)])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cublas_backend_matches_reference(m: int, in_f: int, out_f: int, r: int, layout: str, p: float) -> None:
+    _check_fused(m, in_f, out_f, r, layout, bias=m != 1, p=p, lead=(2,), backend="cublas")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernel under the CPU interpreter
+# ---------------------------------------------------------------------------------------------------------------
+
+if not INTERPRET:
+
+    @pytest.mark.skipif(sys.platform != "linux", reason="triton is Linux-only")
+    def test_triton_interpreter_cases_in_subprocess() -> None:
+        pytest.importorskip("triton")
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(Path(__file__)),
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "interp",
+        ]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+else:
+
+    @pytest.mark.parametrize(
+        ("m", "in_f", "out_f", "r"),
+        [(1, 16, 16, 1), (7, 48, 16, 4), (33, 16, 48, 8), (33, 48, 48, 4), (7, 48, 48, 1)],
+    )
+    @pytest.mark.parametrize("layout", ["out_in", "in_out"])
+    def test_interp_kernel_matches_reference(m: int, in_f: int, out_f: int, r: int, layout: str) -> None:
+        _check_fused(m, in_f, out_f, r, layout, bias=m != 1, p=0.0)
+
+    @pytest.mark.parametrize(("m", "layout", "bias"), [(33, "out_in", True), (7, "in_out", False)])
+    def test_interp_kernel_dropout(m: int, layout: str, bias: bool) -> None:
+        _check_fused(m, 48, 16, 4, layout, bias=bias, p=0.3)
+
+    def test_interp_kernel_batch_dims_and_rank_padding() -> None:
+        # 3-D input, r=20 pads to a 32-wide rank block.
+        _check_fused(5, 32, 16, 20, "out_in", bias=True, p=0.0, lead=(3,))
+
+    def test_interp_kernel_only_adapters_need_grad() -> None:
+        # x without grad (first layer): no dX kernel, dA still needs u = dY B.
+        t = _make(9, 16, 32, 4)
+        x = t["x"]
+        assert x is not None
+        t["x"] = x.detach()
+        y = lora_linear(**t, scaling=2.0, use_kernel=True)  # type: ignore[arg-type]
+        ref = lora_linear_reference(**t, scaling=2.0)  # type: ignore[arg-type]
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, [t["lora_a"], t["lora_b"]], g)  # type: ignore[list-item]
+        exp = torch.autograd.grad(ref, [t["lora_a"], t["lora_b"]], g)  # type: ignore[list-item]
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    def test_interp_kernel_half_precision_adapter_grads_keep_param_dtype() -> None:
+        # fp16, not bf16: triton 3.9's CPU interpreter returns garbage from tl.dot on bf16 operands (its numpy
+        # back end has no bf16), so bf16 is covered by the GPU tests only.
+        t = _make(17, 32, 16, 4, dtype=torch.float16)
+        y = lora_linear(**t, scaling=2.0, use_kernel=True)  # type: ignore[arg-type]
+        assert y.dtype == torch.float16
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, [t["x"], t["lora_a"], t["lora_b"]], g)  # type: ignore[list-item]
+        assert got[0].dtype == torch.float16
+        assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32  # the adapters' own dtype
+        t32 = {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t.items()}
+        ref = _manual(t32, 2.0, "out_in")
+        exp = torch.autograd.grad(ref, [t32["x"], t32["lora_a"], t32["lora_b"]], g.float())  # type: ignore[list-item]
+        assert _rel(y, ref) < 2e-3
+        for a, b in zip(got, exp):
+            assert _rel(a, b) < 2e-3
+
+    def test_interp_function_apply_direct() -> None:
+        t = _make(6, 16, 16, 2)
+        x, w, a, b = t["x"], t["weight"], t["lora_a"], t["lora_b"]
+        y = LoRALinearFunction.apply(x, w, None, a, b, 0.5, None, 0.0, "out_in", "triton")
+        torch.testing.assert_close(y, lora_linear_reference(x, w, None, a, b, 0.5), rtol=1e-4, atol=1e-4)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: real shapes, bf16
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("in_f", "out_f"), [(2048, 2048), (2048, 5632), (5632, 2048)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+def test_gpu_kernel_bf16_real_shapes(in_f: int, out_f: int, p: float, backend: str) -> None:
+    m, r, s = 8 * 2048, 16, 2.0
+    t = _make(m, in_f, out_f, r, dtype=torch.bfloat16, device="cuda")
+    assert kernel_available(**t)  # type: ignore[arg-type]
+    torch.manual_seed(3)
+    y = _fused(**t, scaling=s, dropout_p=p, training=True, weight_layout="out_in", backend=backend)  # type: ignore[arg-type]
+    g = torch.randn_like(y)
+    got = _grads(y, t, g)
+    # Reference in fp32 on upcast inputs, with the same keep-mask the kernel path drew.
+    x, w, b, a, bb = (t[k] for k in ("x", "weight", "bias", "lora_a", "lora_b"))
+    assert x is not None and w is not None and b is not None and a is not None and bb is not None
+    x32 = x.detach().float().requires_grad_()
+    a32, b32 = a.detach().clone().requires_grad_(), bb.detach().clone().requires_grad_()
+    xd = x32
+    if p > 0:
+        torch.manual_seed(3)
+        keep = torch.empty(x.shape, dtype=torch.bool, device="cuda").bernoulli_(1.0 - p)
+        xd = x32 * keep / (1.0 - p)
+    # torch's default keeps TF32 off for fp32 matmuls, so this is a true fp32 reference.
+    ref = x32 @ w.float().t() + b.float() + (xd @ a32.t()) @ b32.t() * s
+    exp = torch.autograd.grad(ref, [x32, a32, b32], g.float())
+    assert _rel(y, ref) < 1e-2
+    for name, got_g, exp_g in zip(("dx", "dA", "dB"), got, exp):
+        assert _rel(got_g, exp_g) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_and_dispatch() -> None:
+    t = _make(4096, 2048, 256, 16, device="cuda")  # fp32 params, fp32 x
+    assert not kernel_available(**t)  # type: ignore[arg-type]  # fp32 without autocast: reference
+    with pytest.raises(ValueError, match="dtype"):
+        lora_linear(**t, scaling=1.0, use_kernel=True)  # type: ignore[arg-type]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert kernel_available(**t)  # type: ignore[arg-type]
+        y = lora_linear(**t, scaling=1.0)  # type: ignore[arg-type]
+        ref = lora_linear_reference(**t, scaling=1.0)  # type: ignore[arg-type]
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert _rel(y, ref) < 1e-2
