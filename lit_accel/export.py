@@ -106,13 +106,21 @@ def export_checkpoint(
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "model" not in hparams:
         raise ValueError(f"--ckpt {str(ckpt)!r} has no CausalLM hyper-parameters; was it written by lit_accel?")
-    # LightningCLI adds bookkeeping entries (e.g. `_instantiator`, `_class_path`) to the saved hyper-parameters.
-    accepted = inspect.signature(CausalLM.__init__).parameters
-    module = CausalLM(**{k: v for k, v in hparams.items() if k in accepted})
+    lora = lora_settings_from_checkpoint(checkpoint)
+    saved_config = (checkpoint.get("lit_accel") or {}).get("config")
+    if saved_config is not None and lora is None:
+        # The config as trained (tokenizer's eos id, overrides): every weight is in the checkpoint, so the original
+        # model directory is not needed (it may have moved) and is not read.
+        module = CausalLM(model=saved_config)
+    else:
+        # LightningCLI adds bookkeeping entries (e.g. `_instantiator`, `_class_path`) to the saved hyper-parameters.
+        accepted = inspect.signature(CausalLM.__init__).parameters
+        module = CausalLM(**{k: v for k, v in hparams.items() if k in accepted})
     module.configure_model()
     assert module.model is not None
+    if saved_config is not None and saved_config.get("eos_token_id") is not None:
+        module.model.config.eos_token_id = saved_config["eos_token_id"]
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    lora = lora_settings_from_checkpoint(checkpoint)
     if lora is None and peft_adapter:
         raise ValueError(f"--peft-adapter: --ckpt {str(ckpt)!r} is not from a run with the LoRA callback.")
     if lora is not None:

@@ -199,3 +199,34 @@ def test_wandb_offline_run_gets_the_resolved_config(tmp_path: Path, cache: Path,
     assert len(run_files) == 1
     resolved = yaml.safe_load(run_files[0].read_text())
     assert resolved["model"]["model"] == "llama-tiny" and resolved["data"]["seq_len"] == 32
+
+
+def test_export_needs_neither_the_original_model_directory_nor_its_eos_default(tmp_path: Path) -> None:
+    import shutil
+
+    base = CausalLM("llama-tiny")
+    base.configure_model()
+    src = base.save_hf(tmp_path / "src")
+    module = CausalLM(str(src), warmup_steps=1)
+    module.source.config.eos_token_id = 7  # as CausalLM.setup does with the data's tokenizer
+    data = [{"input_ids": torch.randint(0, 4096, (16,))} for _ in range(4)]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    shutil.rmtree(src)  # the pretrained directory is gone by export time
+    out = main(["export", "--ckpt", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "hf")])
+    assert out is None
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.eos_token_id == 7
+    x = torch.randint(0, 4096, (2, 12))
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, module(x).logits, rtol=0, atol=0)
