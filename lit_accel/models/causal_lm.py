@@ -246,19 +246,6 @@ class CausalLM(L.LightningModule):
             norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
             self.log("train/grad_norm", norm, on_step=True)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # A copy from pageable host memory blocks the host until the GPU has drained its queue, so every step
-        # would start with an idle GPU; pinned memory makes the copy truly asynchronous. The data module pins
-        # already (no cost then); batches from other loaders are pinned here.
-        if device.type == "cuda" and isinstance(batch, dict):
-            return {
-                k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
-                if isinstance(v, torch.Tensor) and v.device.type == "cpu"
-                else v
-                for k, v in batch.items()
-            }
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
     ) -> None:
