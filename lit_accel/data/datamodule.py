@@ -32,6 +32,7 @@ from lit_accel.data.tokenizer import (
     load_tokenizer,
     train_bpe_tokenizer,
 )
+from lit_accel.resume import complete_epoch_end_loop_state
 
 __all__ = ["DEFAULT_BPE_TRAIN_BYTES", "ResumableSampler", "ShardedSequentialSampler", "TextDataModule"]
 
@@ -437,9 +438,19 @@ class TextDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remember the resume position; the next :meth:`train_dataloader` skips the batches already seen."""
+        """Remember the resume position; the next :meth:`train_dataloader` skips the batches already seen.
+
+        Lightning calls this before it restores its loops; if the checkpoint was saved at the end of an epoch
+        (``on_train_epoch_end``), the loop state is first made to start the next epoch cleanly, which Lightning
+        gets wrong for ``max_steps`` training (see :func:`lit_accel.resume.complete_epoch_end_loop_state`).
+        """
         if "epoch" in state_dict and "batches_done" in state_dict:
             self._resume_state = {k: int(v) for k, v in state_dict.items()}
+        # The whole checkpoint is not passed to data-module hooks; the connector holds it until the loops load it.
+        connector = getattr(self.trainer, "_checkpoint_connector", None)
+        checkpoint = getattr(connector, "_loaded_checkpoint", None)
+        if isinstance(checkpoint, dict):
+            complete_epoch_end_loop_state(checkpoint)
 
     # -------------------------------------------------------------------------------------------- properties
     @property

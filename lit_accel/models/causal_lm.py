@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from lit_accel.models.params import full_state_dict, is_partitioned, load_full_state_dict, zero3_initialize_weights
 from lit_accel.models.presets import ModelSource, resolve_model_source
+from lit_accel.resume import complete_epoch_end_loop_state
 
 __all__ = ["CausalLM", "warmup_cosine"]
 
@@ -180,6 +181,12 @@ class CausalLM(L.LightningModule):
         eos = getattr(datamodule, "eos_token_id", None)
         if eos is not None and self.source.pretrained_dir is None:
             self.source.config.eos_token_id = eos
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores its loops after this hook; a checkpoint written at an epoch end would otherwise make a
+        # max_steps run re-enter the finished epoch (see lit_accel.resume). The data module does the same for other
+        # LightningModules; applying it twice is a no-op.
+        complete_epoch_end_loop_state(checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The tokenizer lives in the data cache, not in the weights: remember where, so `lit-accel export` can
