@@ -10,5 +10,6 @@ from lit_accel.dropbp.callback import DropBP
 from lit_accel.lowrank.factorize_callback import LowRankFactorization
 from lit_accel.lowrank.lora_callback import LoRA
 from lit_accel.observe.throughput import Throughput
+from lit_accel.sparsity.callback import SemiStructuredSparsity
 
-__all__ = ["DropBP", "LoRA", "LowRankFactorization", "Throughput"]
+__all__ = ["DropBP", "LoRA", "LowRankFactorization", "SemiStructuredSparsity", "Throughput"]

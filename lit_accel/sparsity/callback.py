@@ -1,0 +1,422 @@
+"""``SemiStructuredSparsity``: 2:4 sparse training of decoder linears (Hu et al., 2024, "Accelerating Transformer
+Pre-training with 2:4 Sparsity"; code huyz2023/2by4-pretrain).
+
+The callback only decides *when*; the algorithm is in :mod:`lit_accel.sparsity.functional`. Timeline of a fit:
+
+1. ``setup``: arranges for the target linears to become :class:`~lit_accel.sparsity.functional.SparseLinear`
+   right after ``configure_model`` (before the optimizer exists; the parameters are the same objects). A layer
+   whose shape cannot take the mask stays a plain dense linear, with a warning naming it, its shape and why.
+2. ``on_fit_start``: resolves the phase boundaries from the run's length, puts restored masks back.
+3. Every training batch: dense warm-up (no mask) -> sparse (mask refreshed every ``mask_refresh_every``
+   optimizer steps from the current weights) -> dense fine-tune (no mask, the full weights as the paper).
+4. Before every optimizer step of the sparse phase: masked decay on the pruned weights' gradients.
+5. ``on_train_end``: optional export of a plain Hugging Face model (pruned weights written as zeros while the
+   run ends sparse) and the masks.
+
+Example:
+    >>> import lightning as L
+    >>> cb = SemiStructuredSparsity(targets="mlp", dense_warmup_steps=100, dense_finetune_fraction=0.1)
+    >>> trainer = L.Trainer(max_steps=1000, callbacks=[cb])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lit_accel.models.params import full_state_dict, gathered
+from lit_accel.models.surgery import find_hf_model, match_linears, replace_module, run_after_configure_model
+from lit_accel.sparsity.functional import (
+    SparseLinear,
+    check_24_shape,
+    flip_rate,
+    masked_decay_,
+    rowwise_24_mask,
+)
+
+__all__ = ["MASKS_FILE", "PHASES", "SemiStructuredSparsity", "SemiStructuredSparsitySettings"]
+
+PHASES: tuple[str, ...] = ("dense_warmup", "sparse", "dense_finetune")
+"""The phases in order; ``sparsity24/phase`` logs the index."""
+
+MASKS_FILE = "sparsity24_masks.pt"
+"""Name of the masks file written next to the exported model: ``{layer name: bool mask}``."""
+
+Phase = Literal["dense_warmup", "sparse", "dense_finetune"]
+
+
+@dataclass
+class SemiStructuredSparsitySettings:
+    """Validated settings of :class:`SemiStructuredSparsity`.
+
+    Example:
+        >>> SemiStructuredSparsitySettings(mask_refresh_every=10).mask_refresh_every
+        10
+    """
+
+    targets: str | list[str] = "mlp"
+    """Which decoder linears become 2:4 sparse: a preset (``"mlp"``, ``"attention"``, ``"all-linear"``), a regex,
+    or a list of roles / names / patterns (see :func:`~lit_accel.models.surgery.match_linears`)."""
+    dense_warmup_steps: int = 0
+    """Optimizer steps trained dense before the first mask."""
+    mask_refresh_every: int = 40
+    """Optimizer steps between mask refreshes in the sparse phase (the paper's 40)."""
+    masked_decay: float = 2e-4
+    """Coefficient of ``grad += masked_decay * W * (1 - M)`` before each sparse-phase optimizer step (the
+    reference code's ``alpha=2e-4``); 0 turns it off."""
+    dense_finetune_fraction: float = 0.0
+    """Fraction of the run's optimizer steps, at its end, trained dense again, in ``[0, 1)``."""
+    transposable: bool = True
+    """Transposable masks (2:4 in ``W`` and ``W^T``, both dims multiples of 4) or row-wise ones (input dim only)."""
+    export_dir: str | None = None
+    """Directory for the plain Hugging Face model and :data:`MASKS_FILE` at the end of fit; None: no export."""
+    overwrite: bool = False
+    """Whether the export may replace a non-empty ``export_dir``."""
+    log_every_n_steps: int | None = None
+    """Interval of ``sparsity24/phase`` and ``sparsity24/density``; None uses the trainer's. Flip rates are
+    logged at every refresh."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(
+                f"SemiStructuredSparsity {name}={getattr(self, name)!r} is not allowed; {name} must be {allowed}"
+            )
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        t = self.targets
+        if not (isinstance(t, str) and t) and not (
+            isinstance(t, Sequence) and not isinstance(t, str) and t and all(isinstance(x, str) for x in t)
+        ):
+            raise bad("targets", "a non-empty string (preset or regex) or a non-empty list of strings")
+        if not isinstance(t, str):
+            self.targets = list(t)
+        if not is_int(self.dense_warmup_steps) or self.dense_warmup_steps < 0:
+            raise bad("dense_warmup_steps", "an int >= 0")
+        if not is_int(self.mask_refresh_every) or self.mask_refresh_every < 1:
+            raise bad("mask_refresh_every", "an int >= 1")
+        d = self.masked_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            raise bad("masked_decay", "a finite float >= 0")
+        self.masked_decay = float(d)
+        f = self.dense_finetune_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+            raise bad("dense_finetune_fraction", "a float in [0, 1)")
+        self.dense_finetune_fraction = float(f)
+        if not isinstance(self.transposable, bool):
+            raise bad("transposable", "True or False")
+        if self.export_dir is not None and not isinstance(self.export_dir, (str, Path)):
+            raise bad("export_dir", "a path or None")
+        if not isinstance(self.overwrite, bool):
+            raise bad("overwrite", "True or False")
+        n = self.log_every_n_steps
+        if n is not None and (not is_int(n) or n < 1):
+            raise bad("log_every_n_steps", "an int >= 1 or None")
+
+
+class SemiStructuredSparsity(L.Callback):
+    """Trains the target linears with 2:4 semi-structured sparse weights, between a dense warm-up and a dense
+    fine-tune.
+
+    In the sparse phase each target linear computes ``y = x (W*M)^T + b`` and ``dX = dY (W*M)``; its weight
+    gradient stays dense (``dW = dY^T x``) so pruned weights keep learning, and masked decay
+    (``grad += masked_decay * W * (1 - M)``) pulls them towards zero. Every ``mask_refresh_every`` steps the
+    mask is recomputed from the current weights: per 4x4 block the best of the 90 transposable patterns
+    (``transposable=True``; the Triton kernel on CUDA), or the 2 largest of every 4 along the input dim.
+
+    Masks are computed from the weights, which are identical on every rank under DDP, so every rank gets the
+    same masks without communication. They live in non-persistent buffers (model ``state_dict`` keys do not
+    change, so model checkpoints load into a plain model) and in this callback's state, so a resumed run
+    continues with the same masks, phase and refresh schedule. DeepSpeed is refused at setup: its gradients
+    are not in ``param.grad`` where masked decay adds to them, and that path is not yet tested.
+
+    A target layer that cannot take the mask (a dim not a multiple of 4, or not an ``nn.Linear``) stays dense,
+    with a warning naming the layer, its shape and the reason.
+
+    Logged (to every logger, from rank 0): ``sparsity24/phase`` (index into :data:`PHASES`),
+    ``sparsity24/density`` (kept fraction of the target layers' weights in the forward), at each refresh
+    ``sparsity24/flip_rate`` (mean over layers) and ``sparsity24/flip_rate/<layer>``, plus, with a
+    :class:`~lightning.pytorch.loggers.WandbLogger`, a W&B table and bar chart of the per-layer flip rates.
+
+    Args:
+        targets: Which linears: a preset, a regex, or a list of roles / names / patterns.
+        dense_warmup_steps: Optimizer steps trained dense first.
+        mask_refresh_every: Optimizer steps between mask refreshes, >= 1.
+        masked_decay: Masked decay coefficient, >= 0.
+        dense_finetune_fraction: Fraction of the run, at the end, trained dense, in ``[0, 1)``.
+        transposable: Transposable (True) or row-wise (False) masks.
+        export_dir: Where to write the plain HF model and the masks at the end of fit; None: nowhere.
+        overwrite: Whether the export may replace a non-empty directory.
+        log_every_n_steps: Interval of the per-step scalars; None uses the trainer's.
+
+    Raises:
+        ValueError: At construction, for an argument outside what is allowed (the message names it, its value
+            and what is allowed); at setup, under DeepSpeed or when ``targets`` matches no linear; at the start
+            of fit, for a ``dense_finetune_fraction`` > 0 in a run of unknown length.
+
+    Example:
+        >>> cb = SemiStructuredSparsity(dense_warmup_steps=10, mask_refresh_every=20)
+        >>> cb.settings.masked_decay
+        0.0002
+    """
+
+    def __init__(
+        self,
+        targets: str | list[str] = "mlp",
+        dense_warmup_steps: int = 0,
+        mask_refresh_every: int = 40,
+        masked_decay: float = 2e-4,
+        dense_finetune_fraction: float = 0.0,
+        transposable: bool = True,
+        export_dir: str | None = None,
+        overwrite: bool = False,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.settings = SemiStructuredSparsitySettings(
+            targets=targets,
+            dense_warmup_steps=dense_warmup_steps,
+            mask_refresh_every=mask_refresh_every,
+            masked_decay=masked_decay,
+            dense_finetune_fraction=dense_finetune_fraction,
+            transposable=transposable,
+            export_dir=export_dir,
+            overwrite=overwrite,
+            log_every_n_steps=log_every_n_steps,
+        )
+        self.layers: dict[str, SparseLinear] = {}
+        """Qualified name -> sparse layer, in forward order."""
+        self.skipped: dict[str, str] = {}
+        """Target layers left dense: qualified name -> reason."""
+        self.masks: dict[str, torch.Tensor] = {}
+        """The current masks (bool, the weight's shape), by layer name; empty before the first refresh."""
+        self.phase: Phase = "dense_warmup"
+        """The phase of the current optimizer step."""
+        self.sparse_end_step: int | None = None
+        """First optimizer step of the dense fine-tune (resolved at the start of fit)."""
+        self.last_refresh_step = -1
+        """Optimizer step of the last mask refresh (-1: none yet)."""
+        self.refreshes = 0
+        """Number of mask refreshes so far."""
+        self.last_flip_rates: dict[str, float] = {}
+        """Per-layer flip rate of the last refresh (absent for a layer's first mask)."""
+
+    # ------------------------------------------------------------------ surgery
+    def _apply(self, model: nn.Module) -> None:
+        chosen = match_linears(model, self.settings.targets)
+        for name, module in chosen.items():
+            if isinstance(module, SparseLinear):
+                self.layers[name] = module  # already converted: the surgery is idempotent
+                continue
+            shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
+            if type(module) is not nn.Linear:
+                reason = f"it is a {type(module).__name__}, not an nn.Linear"
+            else:
+                reason = check_24_shape(module.weight, transposable=self.settings.transposable) or ""
+            if reason:
+                if name not in self.skipped:
+                    rank_zero_warn(
+                        f"SemiStructuredSparsity: layer {name!r} (weight shape {shape}) stays dense: {reason}."
+                    )
+                self.skipped[name] = reason
+                continue
+            assert isinstance(module, nn.Linear)
+            new = SparseLinear.from_linear(module)
+            replace_module(model, name, new)
+            self.layers[name] = new
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            raise ValueError(
+                "SemiStructuredSparsity does not support DeepSpeed yet: masked decay adds to param.grad, which "
+                "DeepSpeed does not use; train with DDP or a single device."
+            )
+        run_after_configure_model(pl_module, self._apply, tag="sparsity24")
+        if any(True for _ in pl_module.parameters()):
+            # The model already exists (built in __init__): convert it now, still before the optimizer is built.
+            self._apply(find_hf_model(pl_module))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        s = self.settings
+        if not self.layers:
+            reasons = "; ".join(f"{n}: {r}" for n, r in self.skipped.items())
+            rank_zero_warn(f"SemiStructuredSparsity: no layer can be made sparse; training dense ({reasons}).")
+        total = float(trainer.estimated_stepping_batches)
+        if s.dense_finetune_fraction == 0.0:
+            self.sparse_end_step = None  # sparse until the end, however long the run
+        elif math.isinf(total):
+            raise ValueError(
+                f"SemiStructuredSparsity dense_finetune_fraction={s.dense_finetune_fraction} is a fraction of the "
+                "run, but the run has no finite length; set trainer max_steps."
+            )
+        else:
+            self.sparse_end_step = round(total * (1.0 - s.dense_finetune_fraction))
+            if self.sparse_end_step <= s.dense_warmup_steps:
+                rank_zero_warn(
+                    f"SemiStructuredSparsity: dense_warmup_steps={s.dense_warmup_steps} reaches the dense fine-tune "
+                    f"(step {self.sparse_end_step} of {int(total)}): there is no sparse phase."
+                )
+        # Restored masks (from a checkpoint) go back into their layers, on the weights' device, before the first step.
+        self.masks = {n: m.to(self.layers[n].weight.device) for n, m in self.masks.items() if n in self.layers}
+        rank_zero_info(
+            f"SemiStructuredSparsity: {len(self.layers)} layers 2:4 "
+            f"({'transposable' if s.transposable else 'row-wise'}), {len(self.skipped)} left dense; dense warm-up "
+            f"{s.dense_warmup_steps} steps, dense fine-tune from step {self.sparse_end_step}"
+        )
+
+    # ------------------------------------------------------------------ schedule
+    def phase_at(self, step: int) -> Phase:
+        """The phase of optimizer step ``step``."""
+        if step < self.settings.dense_warmup_steps:
+            return "dense_warmup"
+        if self.sparse_end_step is not None and step >= self.sparse_end_step:
+            return "dense_finetune"
+        return "sparse"
+
+    def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The mask of ``weight`` under the settings (transposable or row-wise)."""
+        if self.settings.transposable:
+            # Imported here: lit_accel.kernels.sparse24 imports lit_accel.sparsity.functional, whose package
+            # imports this module; a top-level import would be circular when the kernel module is imported first.
+            from lit_accel.kernels.sparse24 import transposable_24_mask
+
+            return transposable_24_mask(weight)
+        return rowwise_24_mask(weight)
+
+    @torch.no_grad()
+    def refresh_masks(self) -> dict[str, float]:
+        """Recomputes every layer's mask from its current weight; returns the per-layer flip rates."""
+        flips: dict[str, float] = {}
+        for name, layer in self.layers.items():
+            with gathered([layer.weight]):  # type: ignore[list-item]  # a Parameter, typed Tensor by nn.Linear
+                new = self.compute_mask(layer.weight)
+            old = self.masks.get(name)
+            if old is not None:
+                flips[name] = flip_rate(old, new)
+            self.masks[name] = new
+        return flips
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        step = trainer.global_step
+        previous = self.phase
+        self.phase = self.phase_at(step)
+        s = self.settings
+        flips: dict[str, float] | None = None
+        if self.phase == "sparse" and self.last_refresh_step != step:
+            # Refresh at the phase start and then every k steps; the step guard keeps gradient-accumulation
+            # micro-batches of one optimizer step on one mask.
+            due = (step - s.dense_warmup_steps) % s.mask_refresh_every == 0
+            if due or not self.masks:
+                flips = self.refresh_masks()
+                self.last_refresh_step = step
+                self.refreshes += 1
+                self.last_flip_rates = flips
+        for name, layer in self.layers.items():
+            layer.set_mask(self.masks[name] if self.phase == "sparse" else None)
+        if self.phase != previous:
+            rank_zero_info(f"SemiStructuredSparsity: step {step}, phase {self.phase}")
+        self._log(trainer, step, flips)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.phase != "sparse" or self.settings.masked_decay == 0.0:
+            return
+        for name, layer in self.layers.items():
+            grad = layer.weight.grad
+            if grad is not None:
+                masked_decay_(grad, layer.weight, self.masks[name], self.settings.masked_decay)
+
+    # ------------------------------------------------------------------ logging
+    def density(self) -> float:
+        """Kept fraction of the converted layers' weights in the current forward (1.0 when dense; layers left dense
+        are not counted)."""
+        kept = total = 0
+        for layer in self.layers.values():
+            n = layer.weight.numel()
+            total += n
+            kept += int(layer.mask.sum()) if layer.mask is not None else n
+        return kept / total if total else 1.0
+
+    def _log(self, trainer: L.Trainer, step: int, flips: dict[str, float] | None) -> None:
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        every = int(self.settings.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50)
+        metrics: dict[str, float] = {}
+        if step % every == 0 or flips is not None:
+            metrics["sparsity24/phase"] = float(PHASES.index(self.phase))
+            metrics["sparsity24/density"] = self.density()
+        if flips:
+            metrics["sparsity24/flip_rate"] = sum(flips.values()) / len(flips)
+            metrics.update({f"sparsity24/flip_rate/{n}": v for n, v in flips.items()})
+        if not metrics:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if flips and isinstance(logger, WandbLogger):
+                try:
+                    import wandb
+
+                    table = wandb.Table(columns=["layer", "flip_rate"], data=[[n, v] for n, v in flips.items()])
+                    chart = wandb.plot.bar(table, "layer", "flip_rate", title="2:4 mask flip rate per layer")
+                    logger.experiment.log(
+                        {
+                            "sparsity24/flip_rates": table,
+                            "sparsity24/flip_rate_chart": chart,
+                            "trainer/global_step": step,
+                        }
+                    )
+                except Exception as err:  # a chart must never stop training
+                    rank_zero_warn(f"SemiStructuredSparsity: could not log the W&B flip-rate chart ({err!r}).")
+
+    # ------------------------------------------------------------------ export, state
+    def export(self, trainer: L.Trainer, model: nn.Module, out: Path) -> None:
+        """Writes ``model`` as a plain HF model (pruned weights as zeros while a mask is in use) and the masks."""
+        from lit_accel.models.causal_lm import save_hf_directory
+
+        state = full_state_dict(model)  # gathers on every rank under ZeRO-3
+        if not trainer.is_global_zero:
+            return
+        masks: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            if layer.mask is not None:
+                mask = layer.mask.to("cpu")
+                key = f"{name}.weight"
+                state[key] = state[key] * mask.to(state[key].dtype)
+                masks[name] = mask
+        save_hf_directory(model, state, out, tokenizer=None, overwrite=self.settings.overwrite)  # type: ignore[arg-type]
+        torch.save(masks, out / MASKS_FILE)
+        rank_zero_info(f"SemiStructuredSparsity: wrote the model and {len(masks)} masks to {out}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.settings.export_dir is not None:
+            self.export(trainer, find_hf_model(pl_module), Path(self.settings.export_dir))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "settings": asdict(self.settings),
+            "masks": {n: m.detach().to("cpu") for n, m in self.masks.items()},
+            "phase": self.phase,
+            "last_refresh_step": self.last_refresh_step,
+            "refreshes": self.refreshes,
+            "last_flip_rates": dict(self.last_flip_rates),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.masks = {n: m.bool() for n, m in state_dict.get("masks", {}).items()}
+        phase = state_dict.get("phase", "dense_warmup")
+        self.phase = phase if phase in PHASES else "dense_warmup"
+        self.last_refresh_step = int(state_dict.get("last_refresh_step", -1))
+        self.refreshes = int(state_dict.get("refreshes", 0))
+        self.last_flip_rates = dict(state_dict.get("last_flip_rates", {}))
