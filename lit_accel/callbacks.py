@@ -10,6 +10,7 @@ from lit_accel.dropbp.callback import DropBP
 from lit_accel.lowrank.factorize_callback import LowRankFactorization
 from lit_accel.lowrank.lora_callback import LoRA
 from lit_accel.observe.throughput import Throughput
+from lit_accel.pruning.callback import StructuredPruning
 from lit_accel.sparsity.callback import SemiStructuredSparsity
 
-__all__ = ["DropBP", "LoRA", "LowRankFactorization", "SemiStructuredSparsity", "Throughput"]
+__all__ = ["DropBP", "LoRA", "LowRankFactorization", "SemiStructuredSparsity", "StructuredPruning", "Throughput"]

@@ -1,0 +1,266 @@
+"""``StructuredPruning``: the Lightning callback that learns Sheared-LLaMA masks during a fit.
+
+The algorithm lives in :mod:`lit_accel.pruning.masks`, :mod:`~lit_accel.pruning.apply`,
+:mod:`~lit_accel.pruning.targets` and :mod:`~lit_accel.pruning.export`; the callback only decides *when*:
+
+1. ``setup``: registers, via :func:`~lit_accel.models.surgery.run_after_configure_model`, the creation of the
+   :class:`L0Masks` and the :class:`Lagrangian` right after ``configure_model`` builds the model. They are added to
+   the LightningModule as the submodule ``pruning`` (so they are in its ``state_dict``, hence in every checkpoint,
+   and DDP averages their gradients), and the mask hooks are put on the model. ``configure_optimizers`` is wrapped
+   so that they get their own parameter groups (``mask_lr`` and ``lambda_lr``, no weight decay) instead of the
+   model's; they follow the model's LambdaLR multiplier (warm-up, decay), one schedule for every group;
+   ``training_step`` is wrapped so that the Lagrangian penalty is added to the loss.
+2. Every training step: the masks are sampled once per forward from a generator seeded with ``(seed,
+   global_step)``, the same on every rank and again after a resume; the penalty uses the target ramped over
+   ``lagrangian_warmup_steps``; ``pruning/...`` metrics are logged.
+3. Validation runs under the deterministic masks (the target architecture).
+4. ``on_train_end``: with ``export_dir``, writes the physically pruned model (:func:`export_pruned`) there.
+
+Example:
+    >>> import lightning as L
+    >>> from lit_accel.pruning.callback import StructuredPruning
+    >>> cb = StructuredPruning(num_layers=12, num_kv_heads=4, intermediate_size=2048, hidden_size=1024)
+    >>> trainer = L.Trainer(max_steps=1000, callbacks=[cb])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from lit_accel.models.surgery import find_hf_model, run_after_configure_model
+from lit_accel.pruning.apply import MaskHooks, apply_masks
+from lit_accel.pruning.export import export_pruned
+from lit_accel.pruning.masks import L0Masks
+from lit_accel.pruning.targets import Lagrangian, PruningTarget, constraint_loss
+
+__all__ = ["StructuredPruning"]
+
+_TAG = "structured_pruning"
+
+
+class StructuredPruning(L.Callback):
+    """Learns hard-concrete masks towards a target architecture while the model trains (Sheared-LLaMA).
+
+    The LightningModule must hold a Hugging Face LLaMA, Mistral or Qwen2 model (``pl_module.model``, as
+    :class:`~lit_accel.models.CausalLM` does) and return the loss tensor from ``training_step``.
+
+    Args:
+        num_layers: Decoder blocks to keep (explicit-dims target); None keeps all.
+        num_kv_heads: KV heads to keep per layer, with their query heads; None keeps all.
+        intermediate_size: MLP channels to keep per layer; None keeps all.
+        hidden_size: Hidden dims to keep; None keeps all.
+        param_ratio: Instead of dims, the fraction of parameters to keep, in (0, 1).
+        lagrangian_warmup_steps: Steps over which the target sparsity ramps linearly from 0.
+        mask_lr: Peak learning rate of the masks' ``log_alpha`` (scaled by the model's schedule).
+        lambda_lr: Peak learning rate of the Lagrange multipliers (scaled likewise; they ascend, see
+            :class:`~lit_accel.pruning.targets.Lagrangian`).
+        seed: Seed of the mask samples (combined with the global step).
+        export_dir: If set, the pruned model is written there (``save_pretrained``) when training ends.
+
+    Raises:
+        ValueError: At construction, for a bad target or a non-positive rate (the message names the argument);
+            at set-up, for a model that is not LLaMA-family or a target larger than the model.
+
+    Example:
+        >>> StructuredPruning(param_ratio=0.5).target
+        PruningTarget(num_layers=None, num_kv_heads=None, intermediate_size=None, hidden_size=None, param_ratio=0.5)
+    """
+
+    def __init__(
+        self,
+        num_layers: int | None = None,
+        num_kv_heads: int | None = None,
+        intermediate_size: int | None = None,
+        hidden_size: int | None = None,
+        param_ratio: float | None = None,
+        lagrangian_warmup_steps: int = 0,
+        mask_lr: float = 0.1,
+        lambda_lr: float = 0.1,
+        seed: int = 0,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.target = PruningTarget(
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            hidden_size=hidden_size,
+            param_ratio=param_ratio,
+        )
+        if not isinstance(lagrangian_warmup_steps, int) or lagrangian_warmup_steps < 0:
+            raise ValueError(
+                f"StructuredPruning: lagrangian_warmup_steps must be an int >= 0, got {lagrangian_warmup_steps!r}"
+            )
+        for name, value in (("mask_lr", mask_lr), ("lambda_lr", lambda_lr)):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"StructuredPruning: {name} must be a number > 0, got {value!r}")
+        self.lagrangian_warmup_steps = lagrangian_warmup_steps
+        self.mask_lr = float(mask_lr)
+        self.lambda_lr = float(lambda_lr)
+        self.seed = int(seed)
+        self.export_dir = export_dir
+        self.hooks: MaskHooks | None = None
+        self._pl_module: L.LightningModule | None = None
+
+    @property
+    def masks(self) -> L0Masks:
+        """The masks (after set-up)."""
+        module = self._pruning_module()
+        masks = module["masks"]
+        assert isinstance(masks, L0Masks)
+        return masks
+
+    @property
+    def lagrangian(self) -> Lagrangian:
+        """The Lagrange multipliers (after set-up)."""
+        lagrangian = self._pruning_module()["lagrangian"]
+        assert isinstance(lagrangian, Lagrangian)
+        return lagrangian
+
+    def _pruning_module(self) -> nn.ModuleDict:
+        module = getattr(self._pl_module, "pruning", None)
+        if not isinstance(module, nn.ModuleDict):
+            raise RuntimeError("StructuredPruning: the masks do not exist yet; they are built when the fit sets up")
+        return module
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            stage_no = (strategy.config or {}).get("zero_optimization", {}).get("stage", 0)
+            if stage_no == 3:
+                # The masks would be created inside ZeRO-3's partitioning context and the hooks read full weights.
+                raise ValueError(
+                    "StructuredPruning does not support DeepSpeed ZeRO stage 3 (strategy zero_optimization.stage=3); "
+                    "use DDP or DeepSpeed stage 1 or 2"
+                )
+        self._pl_module = pl_module
+        run_after_configure_model(pl_module, self._attach, _TAG)
+        self._wrap(pl_module)
+
+    def _attach(self, model: nn.Module) -> None:
+        pl_module = self._pl_module
+        assert pl_module is not None
+        # Idempotent: configure_model may run again (fit then validate) on a model that already has its masks.
+        if isinstance(getattr(pl_module, "pruning", None), nn.ModuleDict):
+            return
+        masks = L0Masks(model)
+        masks.set_keep(self.target.keep(masks.shape))
+        device = next(model.parameters()).device
+        pruning = nn.ModuleDict({"masks": masks, "lagrangian": Lagrangian(self.target)}).to(device)
+        pl_module.add_module("pruning", pruning)
+        self.hooks = apply_masks(model, masks)
+
+    def _wrap(self, pl_module: L.LightningModule) -> None:
+        if pl_module.__dict__.get("_lit_accel_pruning_wrapped"):
+            return
+        pl_module.__dict__["_lit_accel_pruning_wrapped"] = True
+        configure_optimizers: Callable[[], Any] = pl_module.configure_optimizers
+        training_step: Callable[..., Any] = pl_module.training_step
+
+        def wrapped_configure_optimizers() -> Any:
+            pruning_params = list(self._pruning_module().parameters())
+            # Hidden from the module's own grouping (weight decay, schedule), then given groups of their own.
+            for p in pruning_params:
+                p.requires_grad_(False)
+            try:
+                result = configure_optimizers()
+            finally:
+                for p in pruning_params:
+                    p.requires_grad_(True)
+            optimizer = _first_optimizer(result)
+            for params, lr in ((self.masks.parameters(), self.mask_lr), (self.lagrangian.parameters(), self.lambda_lr)):
+                optimizer.add_param_group({"params": list(params), "lr": lr, "initial_lr": lr, "weight_decay": 0.0})
+            for scheduler in _schedulers(result):
+                _extend_scheduler(scheduler, [self.mask_lr, self.lambda_lr])
+            return result
+
+        def wrapped_training_step(*args: Any, **kwargs: Any) -> Any:
+            assert self.hooks is not None
+            trainer = pl_module.trainer
+            device = self.masks.hidden.log_alpha.device
+            # Seeded by step: every rank draws the same masks, and a resumed run draws what it would have drawn.
+            self.hooks.generator = torch.Generator(device=device).manual_seed(
+                self.seed * 1_000_003 + trainer.global_step
+            )
+            out = training_step(*args, **kwargs)
+            penalty, metrics = constraint_loss(
+                self.masks, self.target, self.lagrangian, trainer.global_step, self.lagrangian_warmup_steps
+            )
+            pl_module.log_dict({f"pruning/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
+            if isinstance(out, dict):
+                return {**out, "loss": out["loss"] + penalty}
+            return out + penalty
+
+        pl_module.configure_optimizers = wrapped_configure_optimizers  # type: ignore[method-assign]
+        pl_module.training_step = wrapped_training_step  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ end
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.export_dir is not None:
+            self._export(pl_module)
+
+    @rank_zero_only
+    def _export(self, pl_module: L.LightningModule) -> None:
+        model = find_hf_model(pl_module)
+        assert self.export_dir is not None
+        small = export_pruned(model, self.masks)  # type: ignore[arg-type]
+        small.save_pretrained(Path(self.export_dir))
+
+
+def _schedulers(result: Any) -> list[Any]:
+    """Every LR scheduler in a ``configure_optimizers`` result."""
+    found: list[Any] = []
+    if isinstance(result, dict):
+        sched = result.get("lr_scheduler")
+        if isinstance(sched, dict):
+            sched = sched.get("scheduler")
+        if sched is not None:
+            found.append(sched)
+    elif isinstance(result, (list, tuple)) and len(result) == 2 and isinstance(result[1], (list, tuple)):
+        for sched in result[1]:
+            found.append(sched.get("scheduler") if isinstance(sched, dict) else sched)
+    return found
+
+
+def _extend_scheduler(scheduler: Any, lrs: list[float]) -> None:
+    """Make a LambdaLR-style scheduler cover the new groups, with group 0's multiplier (as Sheared-LLaMA does).
+
+    Raises:
+        ValueError: The scheduler is not LambdaLR-like (it has no ``lr_lambdas``); torch schedulers require one
+            value per parameter group and others cannot be extended safely.
+    """
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    base_lrs = getattr(scheduler, "base_lrs", None)
+    if not isinstance(lambdas, list) or not isinstance(base_lrs, list) or not lambdas:
+        raise ValueError(
+            f"StructuredPruning: the LR scheduler {type(scheduler).__name__} cannot be extended to the mask and "
+            "multiplier parameter groups; use torch.optim.lr_scheduler.LambdaLR (as CausalLM does) or no scheduler"
+        )
+    lambdas.extend([lambdas[0]] * len(lrs))
+    base_lrs.extend(lrs)
+    last = getattr(scheduler, "_last_lr", None)
+    if isinstance(last, list):
+        last.extend(lrs)
+
+
+def _first_optimizer(result: Any) -> torch.optim.Optimizer:
+    """The optimizer in whatever ``configure_optimizers`` returned (optimizer, dict, list or tuple)."""
+    if isinstance(result, torch.optim.Optimizer):
+        return result
+    if isinstance(result, dict) and isinstance(result.get("optimizer"), torch.optim.Optimizer):
+        return result["optimizer"]
+    if isinstance(result, (list, tuple)) and result:
+        return _first_optimizer(result[0])
+    raise ValueError(
+        f"StructuredPruning: configure_optimizers returned {type(result).__name__}; it must return an optimizer, a "
+        "dict with 'optimizer', or a list/tuple whose first item is one"
+    )
