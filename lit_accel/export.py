@@ -120,7 +120,19 @@ def export_checkpoint(
     assert module.model is not None
     if saved_config is not None and saved_config.get("eos_token_id") is not None:
         module.model.config.eos_token_id = saved_config["eos_token_id"]
+    if any(k.startswith("pruning.") for k in checkpoint["state_dict"]):
+        raise ValueError(
+            f"--ckpt {str(ckpt)!r} is from a StructuredPruning run: exporting it as is would drop the learned masks."
+            " Use StructuredPruning(export_dir=...) or lit_accel.pruning.export_pruned on the trained module."
+        )
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    sparse = (checkpoint.get("lit_accel") or {}).get("sparsity24")
+    if sparse and sparse.get("phase") == "sparse":
+        # A 2:4 run keeps training the dense weight; the model it evaluates is W * M, so that is what is written.
+        for name, mask in sparse.get("masks", {}).items():
+            key = f"{name}.weight"
+            if key in state:
+                state[key] = state[key] * mask.to(state[key].dtype)
     if lora is None and peft_adapter:
         raise ValueError(f"--peft-adapter: --ckpt {str(ckpt)!r} is not from a run with the LoRA callback.")
     if lora is not None:

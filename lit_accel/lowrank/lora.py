@@ -344,10 +344,13 @@ def apply_lora(
                 f"{name} is factorised by LowRankFactorization; LoRA and SVD factorisation cannot be applied to the"
                 " same layer. Exclude it from one of the two `targets` (e.g. factorise 'attention', adapt 'mlp')."
             )
-        if not isinstance(module, (nn.Linear, Conv1D)):
+        if type(module) not in (nn.Linear, Conv1D):
+            # A subclass (e.g. a 2:4 SparseLinear) computes something else in its forward; LoRALinear reads the base
+            # weight directly, so wrapping it would silently drop that behaviour (the 2:4 mask, say).
             raise ValueError(
-                f"{name} is a {type(module).__name__} (an adapter wrapper from another library?); apply_lora adapts"
-                " plain nn.Linear / Conv1D layers only"
+                f"{name} is a {type(module).__name__}, not a plain nn.Linear / Conv1D; apply_lora adapts plain linears"
+                " only (a 2:4 sparse layer's mask or another library's wrapper would be bypassed). Exclude it from"
+                " `targets`."
             )
         fin, fout = linear_in_out_features(module)
         if r > min(fin, fout):

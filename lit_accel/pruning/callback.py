@@ -46,6 +46,9 @@ __all__ = ["StructuredPruning"]
 _TAG = "structured_pruning"
 
 
+_MODULE_SWAPPERS = ("LoRA", "LowRankFactorization", "SemiStructuredSparsity")
+
+
 class StructuredPruning(L.Callback):
     """Learns hard-concrete masks towards a target architecture while the model trains (Sheared-LLaMA).
 
@@ -142,6 +145,16 @@ class StructuredPruning(L.Callback):
                     "StructuredPruning does not support DeepSpeed ZeRO stage 3 (strategy zero_optimization.stage=3); "
                     "use DDP or DeepSpeed stage 1 or 2"
                 )
+        # The head and channel masks hook o_proj / down_proj; a callback that replaces those modules would
+        # silently drop the masks (and the Lagrangian would prune units the model never learned to lose).
+        callbacks: list[Any] = getattr(trainer, "callbacks", [])
+        swappers = [type(cb).__name__ for cb in callbacks if type(cb).__name__ in _MODULE_SWAPPERS]
+        if swappers:
+            raise ValueError(
+                f"StructuredPruning cannot be combined with {', '.join(swappers)} in one run: those replace the linear "
+                "layers its masks are attached to. Prune first (export_dir), then fine-tune the exported model with "
+                "them in a second run."
+            )
         self._pl_module = pl_module
         run_after_configure_model(pl_module, self._attach, _TAG)
         self._wrap(pl_module)

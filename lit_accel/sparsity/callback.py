@@ -243,6 +243,7 @@ class SemiStructuredSparsity(L.Callback):
                 "DeepSpeed does not use; train with DDP or a single device."
             )
         run_after_configure_model(pl_module, self._apply, tag="sparsity24")
+        _restore_masks_on_load(pl_module, self)
         if any(True for _ in pl_module.parameters()):
             # The model already exists (built in __init__): convert it now, still before the optimizer is built.
             self._apply(find_hf_model(pl_module))
@@ -267,8 +268,10 @@ class SemiStructuredSparsity(L.Callback):
                     f"SemiStructuredSparsity: dense_warmup_steps={s.dense_warmup_steps} reaches the dense fine-tune "
                     f"(step {self.sparse_end_step} of {int(total)}): there is no sparse phase."
                 )
-        # Restored masks (from a checkpoint) go back into their layers, on the weights' device, before the first step.
+        # Restored masks (from a checkpoint) go back into their layers, on the weights' device, before the first step
+        # and before the sanity-check validation of a resumed run.
         self.masks = {n: m.to(self.layers[n].weight.device) for n, m in self.masks.items() if n in self.layers}
+        self._set_layer_masks()
         rank_zero_info(
             f"SemiStructuredSparsity: {len(self.layers)} layers 2:4 "
             f"({'transposable' if s.transposable else 'row-wise'}), {len(self.skipped)} left dense; dense warm-up "
@@ -399,6 +402,27 @@ class SemiStructuredSparsity(L.Callback):
         torch.save(masks, out / MASKS_FILE)
         rank_zero_info(f"SemiStructuredSparsity: wrote the model and {len(masks)} masks to {out}")
 
+    def _set_layer_masks(self) -> None:
+        """Puts the current masks into the layers when the phase is sparse (else runs them dense)."""
+        for name, layer in self.layers.items():
+            mask = self.masks.get(name) if self.phase == "sparse" else None
+            layer.set_mask(None if mask is None else mask.to(layer.weight.device))
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.validate / test from a checkpoint never run a training batch: the masks come from the checkpoint.
+        self._set_layer_masks()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._set_layer_masks()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Callback state is restored only when fitting; validate/test read the masks from here (the module's
+        # on_load_checkpoint, wrapped in setup).
+        checkpoint.setdefault("lit_accel", {})["sparsity24"] = {
+            "phase": self.phase,
+            "masks": {n: m.detach().to("cpu") for n, m in self.masks.items()},
+        }
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.settings.export_dir is not None:
             self.export(trainer, find_hf_model(pl_module), Path(self.settings.export_dir))
@@ -420,3 +444,24 @@ class SemiStructuredSparsity(L.Callback):
         self.last_refresh_step = int(state_dict.get("last_refresh_step", -1))
         self.refreshes = int(state_dict.get("refreshes", 0))
         self.last_flip_rates = dict(state_dict.get("last_flip_rates", {}))
+
+
+def _restore_masks_on_load(pl_module: L.LightningModule, callback: SemiStructuredSparsity) -> None:
+    """Wraps ``pl_module.on_load_checkpoint`` (called for fit, validate, test and predict alike) to take the masks and
+    phase saved in the checkpoint; the callback in use is looked up at call time, so a later callback instance wins."""
+    pl_module.__dict__["_lit_accel_sparsity24_callback"] = callback
+    if pl_module.__dict__.get("_lit_accel_sparsity24_load_wrapped"):
+        return
+    original = pl_module.on_load_checkpoint
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        original(checkpoint)
+        saved = (checkpoint.get("lit_accel") or {}).get("sparsity24")
+        cb: SemiStructuredSparsity = pl_module.__dict__["_lit_accel_sparsity24_callback"]
+        if saved:
+            cb.masks = {n: m.bool() for n, m in saved.get("masks", {}).items()}
+            phase = saved.get("phase", "dense_warmup")
+            cb.phase = phase if phase in PHASES else "dense_warmup"
+
+    pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+    pl_module.__dict__["_lit_accel_sparsity24_load_wrapped"] = True

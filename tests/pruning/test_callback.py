@@ -105,3 +105,26 @@ def test_bad_arguments() -> None:
     cb = StructuredPruning(num_kv_heads=5)
     with pytest.raises(ValueError, match=r"num_kv_heads=5 must be an int in \[1, 2\]"):
         make_trainer(1, [cb]).fit(module(), train_dataloaders=loader())
+
+
+@pytest.mark.parametrize("other", ["LoRA", "LowRankFactorization", "SemiStructuredSparsity"])
+def test_refuses_callbacks_that_replace_the_masked_layers(other: str) -> None:
+    import lightning as L
+
+    import lit_accel.callbacks as cbs
+    from lit_accel.callbacks import StructuredPruning
+    from lit_accel.models import CausalLM
+
+    kwargs = {"LowRankFactorization": {"rank": 4}}.get(other, {})
+    pruning = StructuredPruning(hidden_size=64)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning, getattr(cbs, other)(**kwargs)],
+    )
+    with pytest.raises(ValueError, match=f"StructuredPruning cannot be combined with {other}"):
+        pruning.setup(trainer, CausalLM("llama-tiny"), "fit")

@@ -222,3 +222,45 @@ def test_targets_matching_nothing_raises() -> None:
     cb = SemiStructuredSparsity(targets="no_such_layer")
     with pytest.raises(ValueError, match="matches no linear"):
         trainer(max_steps=1, callbacks=[cb]).fit(module(), loader(n=4))
+
+
+def test_validate_from_a_checkpoint_uses_the_saved_masks(tmp_path: Path) -> None:
+    # Callback state is not restored by trainer.validate; the masks must come from the checkpoint all the same.
+    cb = SemiStructuredSparsity(targets="mlp", dense_warmup_steps=1, mask_refresh_every=2, dense_finetune_fraction=0.0)
+    m = module()
+    t = trainer(max_steps=4, callbacks=[cb])
+    t.fit(m, loader())
+    ckpt = tmp_path / "sparse.ckpt"
+    t.save_checkpoint(ckpt)
+    val = loader(n=4)
+    sparse_loss = trainer(limit_val_batches=None).validate(m, val, verbose=False)[0]["val/loss"]
+
+    fresh = module()
+    got = trainer(limit_val_batches=None, callbacks=[SemiStructuredSparsity(targets="mlp", dense_warmup_steps=1)])
+    loss = got.validate(fresh, val, ckpt_path=str(ckpt), verbose=False)[0]["val/loss"]
+    assert loss == pytest.approx(sparse_loss, rel=1e-6)
+    layers = [x for x in fresh.modules() if isinstance(x, SparseLinear)]
+    assert layers and all(layer.mask is not None for layer in layers)
+    # ... and it is not the dense model's loss (the dense weight keeps its pruned entries during sparse training).
+    for layer in layers:
+        layer.set_mask(None)
+    dense_loss = trainer(limit_val_batches=None).validate(fresh, val, verbose=False)[0]["val/loss"]
+    assert abs(dense_loss - sparse_loss) > 1e-4
+
+
+def test_lit_accel_export_writes_the_masked_weights(tmp_path: Path) -> None:
+    from lit_accel.cli import main
+
+    cb = SemiStructuredSparsity(targets="mlp", dense_warmup_steps=1, mask_refresh_every=2, dense_finetune_fraction=0.0)
+    m = module()
+    t = trainer(max_steps=4, callbacks=[cb])
+    t.fit(m, loader())
+    t.save_checkpoint(tmp_path / "sparse.ckpt")
+    main(["export", "--ckpt", str(tmp_path / "sparse.ckpt"), "--out", str(tmp_path / "hf")])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    x = torch.randint(0, VOCAB, (2, 12))
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, m(x).logits, rtol=1e-5, atol=1e-5)
+    w = hf.model.layers[0].mlp.up_proj.weight
+    assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2  # 2:4 in the written weights
