@@ -358,8 +358,14 @@ def apply_lora(
                 f"r={r} is larger than linear {name} allows: its shape is in={fin}, out={fout}, so r must be <="
                 f" {min(fin, fout)}; lower r or leave this layer out of targets"
             )
+    # Factorised projections (LowRankFactorization) stay trainable: their factors are new weights that must train to
+    # recover the truncation error, whichever of the two callbacks ran first.
+    factor_params = {
+        id(p) for m in model.modules() if getattr(m, "is_factorized_linear", False) for p in m.parameters()
+    }
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in factor_params:
+            p.requires_grad_(False)
     out: dict[str, LoRALinear] = {}
     for name, module in selected.items():
         if isinstance(module, LoRALinear):

@@ -301,6 +301,18 @@ class LoRA(L.Callback):
                 state["rng"]["cuda"] = torch.cuda.get_rng_state()
         return state
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # strict_loading is off so adapter-only checkpoints load over the rebuilt base; that must not let a resume
+        # with other targets or ranks start from freshly initialised adapters without a word.
+        saved = checkpoint.get("state_dict", {})
+        missing = [k for k in pl_module.state_dict() if (".lora_A" in k or ".lora_B" in k) and k not in saved]
+        if missing and any(".lora_" in k for k in saved):
+            shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
+            raise ValueError(
+                f"LoRA: the checkpoint has no adapter weights for {shown}; resume with the LoRA targets and r the run"
+                " was trained with (see the checkpoint's lit_accel.lora record)."
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("settings") or {}
         mine = self.settings.to_dict()

@@ -501,3 +501,18 @@ def test_lora_refuses_a_factorized_layer() -> None:
     with pytest.raises(ValueError, match="factorised by LowRankFactorization; LoRA and SVD factorisation cannot"):
         apply_lora(model, targets="all-linear", r=2)
     apply_lora(model, targets="mlp", r=2)  # other layers combine fine
+
+
+def test_lora_after_factorisation_keeps_the_factors_trainable() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_accel.lowrank import LowRankLinear, apply_factorization, apply_lora
+
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128)
+    )
+    apply_factorization(model, targets="attention", rank=4)
+    apply_lora(model, targets="mlp", r=2)
+    factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
+    assert factors and all(p.requires_grad for p in factors)
+    assert not model.model.embed_tokens.weight.requires_grad

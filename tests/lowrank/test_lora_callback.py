@@ -259,3 +259,12 @@ def test_composes_with_dropbp(base_dir: Path) -> None:
     lm = module(base_dir)
     trainer(max_steps=4, callbacks=[LoRA(r=2, alpha=4), dropbp, rec]).fit(lm, loader(n=16))
     assert any(any(m) for m in rec.masks) and max(rec.none) > 0
+
+
+def test_resume_with_other_targets_is_an_error_not_fresh_adapters(base_dir: Path, tmp_path: Path) -> None:
+    t = trainer(max_steps=2, callbacks=[LoRA(targets="attention", r=4)])
+    t.fit(module(base_dir), loader())
+    t.save_checkpoint(tmp_path / "attn.ckpt")
+    resumed = trainer(max_steps=3, callbacks=[LoRA(targets="all-linear", r=4)])
+    with pytest.raises(ValueError, match="the checkpoint has no adapter weights for .*mlp"):
+        resumed.fit(module(base_dir), loader(), ckpt_path=str(tmp_path / "attn.ckpt"))
