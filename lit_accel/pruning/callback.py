@@ -155,6 +155,11 @@ class StructuredPruning(L.Callback):
                 "layers its masks are attached to. Prune first (export_dir), then fine-tune the exported model with "
                 "them in a second run."
             )
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "StructuredPruning adds its Lagrangian penalty to the loss training_step returns, which manual "
+                "optimization never backpropagates; use automatic optimization."
+            )
         self._pl_module = pl_module
         run_after_configure_model(pl_module, self._attach, _TAG)
         self._wrap(pl_module)
@@ -200,15 +205,19 @@ class StructuredPruning(L.Callback):
             assert self.hooks is not None
             trainer = pl_module.trainer
             device = self.masks.hidden.log_alpha.device
-            # Seeded by step: every rank draws the same masks, and a resumed run draws what it would have drawn.
+            # Seeded by step and micro-batch: every rank draws the same masks, gradient-accumulation micro-batches
+            # draw fresh ones, and a resumed run draws what it would have drawn.
+            batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
             self.hooks.generator = torch.Generator(device=device).manual_seed(
-                self.seed * 1_000_003 + trainer.global_step
+                self.seed * 1_000_003 + trainer.global_step * 10_007 + int(batch_idx)
             )
             out = training_step(*args, **kwargs)
             penalty, metrics = constraint_loss(
                 self.masks, self.target, self.lagrangian, trainer.global_step, self.lagrangian_warmup_steps
             )
             pl_module.log_dict({f"pruning/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
+            if out is None:  # the step skipped this batch
+                return None
             if isinstance(out, dict):
                 return {**out, "loss": out["loss"] + penalty}
             return out + penalty
@@ -260,9 +269,15 @@ def _extend_scheduler(scheduler: Any, lrs: list[float]) -> None:
         )
     lambdas.extend([lambdas[0]] * len(lrs))
     base_lrs.extend(lrs)
+    # The scheduler already applied its step-0 multiplier to the existing groups; the new ones start at the same
+    # point of the schedule (e.g. 0 at the start of a warm-up), not at their peak rate.
+    factor = float(lambdas[0](int(getattr(scheduler, "last_epoch", 0))))
+    groups = scheduler.optimizer.param_groups[-len(lrs) :]
+    for group, lr in zip(groups, lrs):
+        group["lr"] = lr * factor
     last = getattr(scheduler, "_last_lr", None)
     if isinstance(last, list):
-        last.extend(lrs)
+        last.extend(lr * factor for lr in lrs)
 
 
 def _first_optimizer(result: Any) -> torch.optim.Optimizer:

@@ -128,3 +128,33 @@ def test_refuses_callbacks_that_replace_the_masked_layers(other: str) -> None:
     )
     with pytest.raises(ValueError, match=f"StructuredPruning cannot be combined with {other}"):
         pruning.setup(trainer, CausalLM("llama-tiny"), "fit")
+
+
+def test_mask_and_multiplier_groups_follow_the_schedule_from_step_0() -> None:
+    import lightning as L
+
+    from lit_accel.callbacks import StructuredPruning
+    from lit_accel.models import CausalLM, warmup_cosine
+
+    seen: list[list[float]] = []
+
+    class _LR(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            seen.append([g["lr"] for g in optimizer.param_groups])
+
+    pruning = StructuredPruning(hidden_size=64, mask_lr=0.5, lambda_lr=0.2)
+    module = CausalLM("llama-tiny", learning_rate=1e-3, warmup_steps=10)
+    data = [{"input_ids": torch.randint(0, 4096, (16,))} for _ in range(4)]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning, _LR()],
+    )
+    trainer.fit(module, DataLoader(data, batch_size=2))
+    factor = warmup_cosine(0, 10, 2, 0.1)
+    assert seen[0][-2:] == pytest.approx([0.5 * factor, 0.2 * factor])
+    assert seen[0][0] == pytest.approx(1e-3 * factor)
