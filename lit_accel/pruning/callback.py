@@ -35,6 +35,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from lit_accel.models.causal_lm import save_hf_directory
 from lit_accel.models.surgery import find_hf_model, run_after_configure_model
 from lit_accel.pruning.apply import MaskHooks, apply_masks
 from lit_accel.pruning.export import export_pruned
@@ -155,6 +156,10 @@ class StructuredPruning(L.Callback):
                 "layers its masks are attached to. Prune first (export_dir), then fine-tune the exported model with "
                 "them in a second run."
             )
+        if self.export_dir is not None and Path(self.export_dir).is_dir() and any(Path(self.export_dir).iterdir()):
+            raise ValueError(
+                f"StructuredPruning export_dir={self.export_dir!r} exists and is not empty; choose a new directory."
+            )
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "StructuredPruning adds its Lagrangian penalty to the loss training_step returns, which manual "
@@ -167,8 +172,16 @@ class StructuredPruning(L.Callback):
     def _attach(self, model: nn.Module) -> None:
         pl_module = self._pl_module
         assert pl_module is not None
-        # Idempotent: configure_model may run again (fit then validate) on a model that already has its masks.
+        # Idempotent: configure_model may run again (fit then validate) on a model that already has its masks; a
+        # new StructuredPruning instance adopts them if it asks for the same target.
         if isinstance(getattr(pl_module, "pruning", None), nn.ModuleDict):
+            built_for = pl_module.__dict__.get("_lit_accel_pruning_target")
+            if built_for is not None and built_for != repr(self.target):
+                raise ValueError(
+                    f"StructuredPruning: this module already holds masks for target {built_for}; a new callback asks "
+                    f"for {self.target!r}. Start from a fresh module (or the exported model) to change the target."
+                )
+            self.hooks = pl_module.__dict__.get("_lit_accel_pruning_hooks")
             return
         masks = L0Masks(model)
         masks.set_keep(self.target.keep(masks.shape))
@@ -176,8 +189,13 @@ class StructuredPruning(L.Callback):
         pruning = nn.ModuleDict({"masks": masks, "lagrangian": Lagrangian(self.target)}).to(device)
         pl_module.add_module("pruning", pruning)
         self.hooks = apply_masks(model, masks)
+        pl_module.__dict__["_lit_accel_pruning_hooks"] = self.hooks
+        pl_module.__dict__["_lit_accel_pruning_target"] = repr(self.target)
 
     def _wrap(self, pl_module: L.LightningModule) -> None:
+        # The wrappers look the callback up at call time: a later StructuredPruning instance (a second Trainer on
+        # the same module) is the one whose settings apply.
+        pl_module.__dict__["_lit_accel_pruning_callback"] = self
         if pl_module.__dict__.get("_lit_accel_pruning_wrapped"):
             return
         pl_module.__dict__["_lit_accel_pruning_wrapped"] = True
@@ -185,7 +203,8 @@ class StructuredPruning(L.Callback):
         training_step: Callable[..., Any] = pl_module.training_step
 
         def wrapped_configure_optimizers() -> Any:
-            pruning_params = list(self._pruning_module().parameters())
+            cb: StructuredPruning = pl_module.__dict__["_lit_accel_pruning_callback"]
+            pruning_params = list(cb._pruning_module().parameters())
             # Hidden from the module's own grouping (weight decay, schedule), then given groups of their own.
             for p in pruning_params:
                 p.requires_grad_(False)
@@ -195,25 +214,26 @@ class StructuredPruning(L.Callback):
                 for p in pruning_params:
                     p.requires_grad_(True)
             optimizer = _first_optimizer(result)
-            for params, lr in ((self.masks.parameters(), self.mask_lr), (self.lagrangian.parameters(), self.lambda_lr)):
+            for params, lr in ((cb.masks.parameters(), cb.mask_lr), (cb.lagrangian.parameters(), cb.lambda_lr)):
                 optimizer.add_param_group({"params": list(params), "lr": lr, "initial_lr": lr, "weight_decay": 0.0})
             for scheduler in _schedulers(result):
-                _extend_scheduler(scheduler, [self.mask_lr, self.lambda_lr])
+                _extend_scheduler(scheduler, [cb.mask_lr, cb.lambda_lr])
             return result
 
         def wrapped_training_step(*args: Any, **kwargs: Any) -> Any:
-            assert self.hooks is not None
+            cb: StructuredPruning = pl_module.__dict__["_lit_accel_pruning_callback"]
+            assert cb.hooks is not None
             trainer = pl_module.trainer
-            device = self.masks.hidden.log_alpha.device
+            device = cb.masks.hidden.log_alpha.device
             # Seeded by step and micro-batch: every rank draws the same masks, gradient-accumulation micro-batches
             # draw fresh ones, and a resumed run draws what it would have drawn.
             batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
-            self.hooks.generator = torch.Generator(device=device).manual_seed(
-                self.seed * 1_000_003 + trainer.global_step * 10_007 + int(batch_idx)
+            cb.hooks.generator = torch.Generator(device=device).manual_seed(
+                cb.seed * 1_000_003 + trainer.global_step * 10_007 + int(batch_idx)
             )
             out = training_step(*args, **kwargs)
             penalty, metrics = constraint_loss(
-                self.masks, self.target, self.lagrangian, trainer.global_step, self.lagrangian_warmup_steps
+                cb.masks, cb.target, cb.lagrangian, trainer.global_step, cb.lagrangian_warmup_steps
             )
             pl_module.log_dict({f"pruning/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
             if out is None:  # the step skipped this batch
@@ -235,7 +255,8 @@ class StructuredPruning(L.Callback):
         model = find_hf_model(pl_module)
         assert self.export_dir is not None
         small = export_pruned(model, self.masks)  # type: ignore[arg-type]
-        small.save_pretrained(Path(self.export_dir))
+        # Atomic, and never over an existing non-empty directory (set-up already refused one).
+        save_hf_directory(small, small.state_dict(), Path(self.export_dir), tokenizer=None, overwrite=False)
 
 
 def _schedulers(result: Any) -> list[Any]:

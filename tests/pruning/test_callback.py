@@ -158,3 +158,37 @@ def test_mask_and_multiplier_groups_follow_the_schedule_from_step_0() -> None:
     factor = warmup_cosine(0, 10, 2, 0.1)
     assert seen[0][-2:] == pytest.approx([0.5 * factor, 0.2 * factor])
     assert seen[0][0] == pytest.approx(1e-3 * factor)
+
+
+def test_a_second_callback_instance_on_the_same_module(tmp_path: Path) -> None:
+    import lightning as L
+
+    from lit_accel.callbacks import StructuredPruning
+    from lit_accel.models import CausalLM
+
+    data = DataLoader([{"input_ids": torch.randint(0, 4096, (16,))} for _ in range(4)], batch_size=2)
+    kw: dict[str, Any] = dict(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = CausalLM("llama-tiny", warmup_steps=1)
+    L.Trainer(callbacks=[StructuredPruning(hidden_size=64)], **kw).fit(module, data)
+    # Same target: the new instance adopts the masks and its own settings apply (its hooks exist).
+    again = StructuredPruning(hidden_size=64, mask_lr=0.3)
+    L.Trainer(callbacks=[again], **{**kw, "max_steps": 2}).fit(module, data)
+    assert again.hooks is not None
+    # Another target on the same module is refused, not silently ignored.
+    with pytest.raises(ValueError, match="already holds masks for target"):
+        L.Trainer(callbacks=[StructuredPruning(hidden_size=32)], **kw).fit(module, data)
+    # export_dir that already holds files is refused at set-up.
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        L.Trainer(callbacks=[StructuredPruning(hidden_size=64, export_dir=str(tmp_path / "x"))], **kw).fit(
+            CausalLM("llama-tiny"), data
+        )
+    assert (tmp_path / "x" / "f").read_text() == "mine"
