@@ -189,9 +189,8 @@ class DropBP(L.Callback):
     Choosing ``sensitivity_at``: for pre-training, after the loss has left its initial plateau (the default,
     10% of the run, as the paper); for fine-tuning a pretrained model the gradients are informative from the
     start, so measure at the first steps (``sensitivity_at=0``). The measurement costs ``L + 1``
-    forward/backward passes per batch (``L`` = 2 x blocks); each pass holds one full set of trainable-parameter
-    gradients at its end (on top of any accumulated ``.grad``; under ZeRO-3 these are unpartitioned, so leave
-    room for one fp32/bf16 copy of the trainable parameters, or use ``sensitivity="uniform"``); it reruns
+    forward/backward passes per batch (``L`` = 2 x blocks); each gradient is reduced to its norm as soon as it is
+    computed, so the passes hold no extra set of gradients; it reruns
     ``training_step`` (with logging muted) so it needs automatic optimisation. Its wall time is logged as
     ``dropbp/sensitivity_seconds``.
 

@@ -406,13 +406,24 @@ def grad_norms(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tens
     zero = torch.zeros((), dtype=torch.float64, device=loss.device)
     if not params or not loss.requires_grad:
         return zero.expand(len(params)).clone()
-    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-    return torch.stack(
-        [
-            zero if g is None else torch.linalg.vector_norm(g.detach(), dtype=torch.float64).to(zero.device)
-            for g in grads
-        ]
-    )
+    norms = [zero] * len(params)
+    handles = []
+    for index, param in enumerate(params):
+
+        def record(grad: torch.Tensor, index: int = index) -> torch.Tensor:
+            # Keep the norm, hand autograd a zero-stride zero: each parameter's full gradient lives only while its
+            # hook runs, so the measurement never holds a whole set of gradients (large under ZeRO-3, where they
+            # would be unpartitioned).
+            norms[index] = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).to(zero.device)
+            return grad.new_zeros(()).expand_as(grad)
+
+        handles.append(param.register_hook(record))
+    try:
+        torch.autograd.grad(loss, list(params), allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(norms)
 
 
 def measure_sensitivity(
