@@ -6,6 +6,7 @@ Example:
     >>> trainer = L.Trainer(callbacks=[DropBP(target=0.5), Throughput()])  # doctest: +SKIP
 """
 
+from lit_accel.data.domains import DynamicBatchLoading
 from lit_accel.dropbp.callback import DropBP
 from lit_accel.lowrank.factorize_callback import LowRankFactorization
 from lit_accel.lowrank.lora_callback import LoRA
@@ -13,4 +14,12 @@ from lit_accel.observe.throughput import Throughput
 from lit_accel.pruning.callback import StructuredPruning
 from lit_accel.sparsity.callback import SemiStructuredSparsity
 
-__all__ = ["DropBP", "LoRA", "LowRankFactorization", "SemiStructuredSparsity", "StructuredPruning", "Throughput"]
+__all__ = [
+    "DropBP",
+    "DynamicBatchLoading",
+    "LoRA",
+    "LowRankFactorization",
+    "SemiStructuredSparsity",
+    "StructuredPruning",
+    "Throughput",
+]

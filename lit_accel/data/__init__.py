@@ -24,6 +24,12 @@ from lit_accel.data.datamodule import (
     ShardedSequentialSampler,
     TextDataModule,
 )
+from lit_accel.data.domains import (
+    DomainBatchSampler,
+    DynamicBatchLoading,
+    MultiDomainDataModule,
+    update_domain_weights,
+)
 from lit_accel.data.shards import PackedTokenDataset, TokenShards, build_shards, split_runs
 from lit_accel.data.tokenizer import EOS_TOKEN, load_tokenizer, token_dtype, train_bpe_tokenizer
 
@@ -33,6 +39,9 @@ __all__ = [
     "STDLIB",
     "TEXT_SUFFIXES",
     "CorpusInfo",
+    "DomainBatchSampler",
+    "DynamicBatchLoading",
+    "MultiDomainDataModule",
     "PackedTokenDataset",
     "ResumableSampler",
     "ShardedSequentialSampler",
@@ -47,4 +56,5 @@ __all__ = [
     "stdlib_corpus_files",
     "token_dtype",
     "train_bpe_tokenizer",
+    "update_domain_weights",
 ]

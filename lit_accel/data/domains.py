@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -268,7 +267,7 @@ class DomainBatchSampler(DistributedSampler):
             raise ValueError(f"batch_size={batch_size} and steps_per_epoch={steps_per_epoch} must be >= 1.")
         if any(n < world_size for n in sizes):
             raise ValueError(f"every domain needs at least world_size={world_size} sequences; sizes={list(sizes)}.")
-        super().__init__(range(steps_per_epoch), num_replicas=world_size, rank=rank, shuffle=False, seed=seed)
+        super().__init__(range(steps_per_epoch), num_replicas=world_size, rank=rank, shuffle=False, seed=seed)  # type: ignore[arg-type]
         self.sizes = [int(n) for n in sizes]
         self.batch_size = batch_size
         self.schedule = schedule
@@ -532,7 +531,7 @@ class MultiDomainDataModule(TextDataModule):
     # ------------------------------------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         """Batches mixed by the current weights; deterministic, rank-disjoint and resumable."""
-        self._require_setup("train_dataloader()")
+        train = self._require_setup("train_dataloader()")
         world_size, rank = self._world()
         sampler = DomainBatchSampler(
             [len(t) for t in self._train_sets],
@@ -555,7 +554,7 @@ class MultiDomainDataModule(TextDataModule):
             sampler.resume(saved["epoch"], saved["batches_done"])
         self._sampler = sampler
         return _ResumableDataLoader(
-            self._train,
+            train,
             batch_size=None,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -600,7 +599,9 @@ class MultiDomainDataModule(TextDataModule):
             The new weights.
         """
         if self.reference_losses is None:
-            raise ValueError("update() needs reference_losses; pass them to MultiDomainDataModule(reference_losses=...).")
+            raise ValueError(
+                "update() needs reference_losses; pass them to MultiDomainDataModule(reference_losses=...)."
+            )
         if set(per_domain_val_losses) != set(self.names):
             raise ValueError(
                 f"per_domain_val_losses keys {sorted(per_domain_val_losses)} must be the domains {sorted(self.names)}."
@@ -615,12 +616,7 @@ class MultiDomainDataModule(TextDataModule):
             self.clip_excess,
         )
         from_step = max(int(step), self._sampler.next_step if self._sampler is not None else 0)
-        while self.schedule and self.schedule[-1][0] >= from_step and len(self.schedule) > 1:
-            self.schedule.pop()
-        if self.schedule[-1][0] >= from_step:
-            self.schedule[-1] = (from_step, new)
-        else:
-            self.schedule.append((from_step, new))
+        self.schedule[:] = [e for e in self.schedule if e[0] < from_step] + [(from_step, new)]  # in place: shared
         return dict(zip(self.names, new))
 
     # ------------------------------------------------------------------------------------------------- state
@@ -717,10 +713,3 @@ class DynamicBatchLoading(L.Callback):
         metrics = {f"data/weight/{n}": w for n, w in weights.items()}
         metrics.update({f"data/val_loss/{n}": v for n, v in losses.items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = self._dm(trainer)
-        pl_module.log_dict({f"data/weight/{n}": w for n, w in dm.weights.items()}, on_step=True, on_epoch=False)
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
