@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +31,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "multigpu" in item.keywords and n_gpu < 2:
             item.add_marker(skip_multi)
+
+
+@pytest.fixture
+def run_in_triton_interpreter() -> Callable[[str, float], None]:
+    """Runs the ``interp`` tests of a test file in a child pytest with ``TRITON_INTERPRET=1``.
+
+    The interpreter setting is read when triton is first imported, which torch and lightning do before any test
+    module loads, so setting the variable inside this process has no effect.
+    """
+
+    def run(test_file: str, timeout: float = 600) -> None:
+        pytest.importorskip("triton")
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-x", "-p", "no:cacheprovider", "-k", "interp"]
+        root = Path(__file__).resolve().parents[1]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+    return run

@@ -46,6 +46,7 @@ from lit_accel.dropbp.functional import (
     uniform_drop_rates,
 )
 from lit_accel.models.structure import StructurePatterns
+from lit_accel.models.surgery import find_hf_model
 
 __all__ = ["MAX_TARGET", "DropBP", "DropBPSettings"]
 
@@ -143,11 +144,6 @@ def _max_over_ranks(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
-
-
-def _find_model(pl_module: L.LightningModule) -> nn.Module:
-    inner = getattr(pl_module, "model", None)
-    return inner if isinstance(inner, nn.Module) else pl_module
 
 
 def _seq_len(batch: Any) -> int | None:
@@ -347,7 +343,7 @@ class DropBP(L.Callback):
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = _find_model(pl_module)
+        model = find_hf_model(pl_module)
         if self.controller is not None:
             self.controller.remove()
         self.controller = apply_dropbp(model, self.settings.patterns)

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lit_accel.models.params import full_state_dict, gathered, load_full_state_dict
+from lit_accel.models.params import full_state_dict, gathered, is_rank_zero, load_full_state_dict
 from lit_accel.models.structure import StructurePatterns, get_structure, linear_in_out_features
 from lit_accel.models.surgery import match_linears, replace_module
 
@@ -290,12 +290,6 @@ def _dist_world() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
-
-
-def _is_rank_zero() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True
 
 
 def _broadcast_int(value: int) -> int:
@@ -828,7 +822,7 @@ def save_merged(
         The directory.
     """
     state = full_state_dict(model)
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return Path(directory)
     return _save_dir(model, merged_state_dict(model, state), directory, tokenizer, overwrite)
 
@@ -853,7 +847,7 @@ def save_factorized(
         The directory.
     """
     state = full_state_dict(model)
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return Path(directory)
     return _save_dir(model, state, directory, _ExtraFiles(factorization_ranks(model), tokenizer), overwrite)
 

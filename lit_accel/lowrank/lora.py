@@ -51,7 +51,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lit_accel.kernels.lora import lora_linear
-from lit_accel.models.params import gathered, is_partitioned
+from lit_accel.models.params import gathered, is_partitioned, is_rank_zero
 from lit_accel.models.structure import StructurePatterns, linear_in_out_features
 from lit_accel.models.surgery import match_linears, replace_module
 
@@ -520,11 +520,6 @@ def _num(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _is_rank_zero() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _check_out_dir(directory: Path, overwrite: bool) -> None:
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
         raise FileExistsError(
@@ -601,7 +596,7 @@ def save_peft_adapter(
             b = torch.cat([b, -layer.lora_B0.float().cpu()], dim=1)
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return out
     r, alpha = settings.r, settings.alpha
     if pissa:

@@ -32,7 +32,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from lit_accel.models.params import full_state_dict, is_partitioned, load_full_state_dict, zero3_initialize_weights
+from lit_accel.models.params import (
+    full_state_dict,
+    is_partitioned,
+    is_rank_zero,
+    load_full_state_dict,
+    zero3_initialize_weights,
+)
 from lit_accel.models.presets import ModelSource, resolve_model_source
 from lit_accel.resume import complete_epoch_end_loop_state
 
@@ -380,7 +386,7 @@ class CausalLM(L.LightningModule):
         assert self.model is not None, "the model is not built yet: call configure_model() first"
         state = full_state_dict(self.model)
         out = Path(directory)
-        if not _is_rank_zero():
+        if not is_rank_zero():
             return out
         return save_hf_directory(self.model, state, out, tokenizer=tokenizer, overwrite=overwrite)
 
@@ -443,11 +449,3 @@ def _read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
 
 def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
-
-
-def _is_rank_zero() -> bool:
-    return (
-        not torch.distributed.is_available()
-        or not torch.distributed.is_initialized()
-        or (torch.distributed.get_rank() == 0)
-    )

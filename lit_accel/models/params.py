@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["full_state_dict", "gathered", "is_partitioned", "load_full_state_dict", "zero3_initialize_weights"]
+__all__ = [
+    "full_state_dict",
+    "gathered",
+    "is_partitioned",
+    "is_rank_zero",
+    "load_full_state_dict",
+    "zero3_initialize_weights",
+]
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -53,6 +60,11 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+def is_rank_zero() -> bool:
+    """True on global rank 0, and in a process with no initialised process group."""
+    return _rank() == 0
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ this file's interpreter cases in a child pytest with the variable set.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -296,23 +296,8 @@ def test_cublas_backend_matches_reference(m: int, in_f: int, out_f: int, r: int,
 if not INTERPRET:
 
     @pytest.mark.skipif(sys.platform != "linux", reason="triton is Linux-only")
-    def test_triton_interpreter_cases_in_subprocess() -> None:
-        pytest.importorskip("triton")
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(Path(__file__)),
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            "interp",
-        ]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    def test_triton_interpreter_cases_in_subprocess(run_in_triton_interpreter: Callable[[str, float], None]) -> None:
+        run_in_triton_interpreter(str(Path(__file__)), 600)
 
 else:
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,23 +150,8 @@ def test_use_kernel_true_without_interpreter_raises() -> None:
 if not INTERPRET:
 
     @pytest.mark.skipif(sys.platform != "linux", reason="triton is Linux-only")
-    def test_triton_interpreter_cases_in_subprocess() -> None:
-        pytest.importorskip("triton")
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(Path(__file__)),
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            "interp",
-        ]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    def test_triton_interpreter_cases_in_subprocess(run_in_triton_interpreter: Callable[[str, float], None]) -> None:
+        run_in_triton_interpreter(str(Path(__file__)), 300)
 
 else:
 
