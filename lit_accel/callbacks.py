@@ -8,6 +8,7 @@ Example:
 
 from lit_accel.data.domains import DynamicBatchLoading
 from lit_accel.dropbp.callback import DropBP
+from lit_accel.kernels.callback import FusedKernels
 from lit_accel.lowrank.factorize_callback import LowRankFactorization
 from lit_accel.lowrank.lora_callback import LoRA
 from lit_accel.observe.throughput import Throughput
@@ -17,6 +18,7 @@ from lit_accel.sparsity.callback import SemiStructuredSparsity
 __all__ = [
     "DropBP",
     "DynamicBatchLoading",
+    "FusedKernels",
     "LoRA",
     "LowRankFactorization",
     "SemiStructuredSparsity",

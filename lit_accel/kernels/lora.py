@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
+from lit_accel.kernels._triton import interpret as _interpret
+from lit_accel.kernels._triton import tl, triton
 
 __all__ = ["LoRALinearFunction", "kernel_available", "lora_linear", "lora_linear_reference"]
 
@@ -50,20 +53,6 @@ _MAX_RANK = 128
 # 16-element multiples keep every row start 32-byte aligned in bf16/fp16, so loads vectorise.
 _DIM_MULTIPLE = 16
 _GPU_DTYPES = (torch.bfloat16, torch.float16)
-
-try:  # triton is a Linux-only dependency; everything here works without it on the reference path.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    _HAS_TRITON = False
-
-
-def _interpret() -> bool:
-    # Must have been set before triton was first imported: tl.zeros, tl.cdiv, ... are themselves jitted
-    # functions whose mode (compiled or interpreted) is fixed at that import.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,10 +20,11 @@ rounding may pick the other one of them (equal kept magnitude either way).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
+from lit_accel.kernels._triton import interpret as _interpret
+from lit_accel.kernels._triton import tl, triton
 from lit_accel.sparsity.functional import (
     NUM_TRANSPOSABLE_PATTERNS,
     check_24_shape,
@@ -35,19 +36,6 @@ __all__ = ["transposable_24_mask", "transposable_24_mask_reference", "transposab
 
 _PADDED = 128  # tl.arange and tl.dot need a power of two >= 16: 90 patterns pad to 128
 _BLOCKS = 32  # 4x4 blocks per program: a [32, 16] x [16, 128] dot, a comfortable tile for any GPU
-
-try:  # triton is a Linux-only dependency; everything here works without it on the reference path.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    _HAS_TRITON = False
-
-
-def _interpret() -> bool:
-    # Must have been set before triton was first imported (see lit_accel.kernels.lora).
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 if _HAS_TRITON:

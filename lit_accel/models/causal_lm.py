@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -78,6 +79,9 @@ class CausalLM(L.LightningModule):
         fused_optimizer: Use the fused AdamW kernel; ``None`` means "when the parameters are on CUDA".
         gradient_checkpointing: Recompute each decoder block's activations in the backward pass.
         attn_implementation: Hugging Face attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+        kernels: Patch the model with ``lit_accel``'s Triton kernels (RMSNorm, SwiGLU, RoPE, fused LM head +
+            loss; see :func:`lit_accel.kernels.apply_kernels`). ``None`` means "when the trainer runs on CUDA";
+            ``True`` patches on any device (CPU calls run the kernels' PyTorch references, Hugging Face's formulas).
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class CausalLM(L.LightningModule):
         fused_optimizer: bool | None = None,
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
+        kernels: bool | None = None,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -159,7 +164,32 @@ class CausalLM(L.LightningModule):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        if self._use_kernels():
+            self._apply_kernels(model)
         self.model = model
+
+    def _use_kernels(self) -> bool:
+        wanted = getattr(self._hp, "kernels", None)
+        if wanted is not None:
+            return bool(wanted)
+        if self._trainer is not None:
+            return isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return torch.cuda.is_available()
+
+    def _apply_kernels(self, model: nn.Module) -> None:
+        from lit_accel.kernels.apply import KERNEL_ARCHS, apply_kernels
+
+        if getattr(model.config, "model_type", None) not in KERNEL_ARCHS and getattr(self._hp, "kernels", None) is None:
+            return  # the default quietly keeps Hugging Face's code for architectures without kernels
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = apply_kernels(model)
+        if getattr(self._hp, "kernels", None):
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        rank_zero_info(
+            f"CausalLM kernels: {report.counts()}" + (f"; not applied: {report.skipped}" if report.skipped else "")
+        )
 
     def setup(self, stage: str) -> None:
         """Checks the data against the model (sequence length, vocabulary) before any step runs."""

@@ -1,0 +1,437 @@
+"""Patch a Hugging Face LLaMA-family model in place so its hot path runs on ``lit_accel``'s Triton kernels.
+
+:func:`apply_kernels` swaps, per module instance (the class and every other model are untouched):
+
+- each ``*RMSNorm`` (the pre-norms and the final norm) for :func:`lit_accel.kernels.rms_norm`;
+- each MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` for :func:`lit_accel.kernels.swiglu` (the three projections are
+  still called as modules, so LoRA, 2:4 or factorised linears and their hooks keep working);
+- the rotary embedding of q and k for :func:`lit_accel.kernels.apply_rope`;
+- in training mode with ``labels``, the LM head and loss for :func:`lit_accel.kernels.fused_linear_cross_entropy`,
+  so the (tokens x vocabulary) logits are never materialised: such a forward returns ``logits=None``. In eval mode
+  (validation, generation) the model returns logits and HF's loss as before.
+
+Every patched forward dispatches per call: the Triton kernel for CUDA tensors it supports, the plain-PyTorch
+reference (HF's own formula) otherwise, warning once per module when a CUDA call falls back. Module hooks (DropBP,
+pruning masks) still fire because the modules are still called through ``__call__``. :func:`remove_kernels` undoes
+everything. The rotary patch replaces ``apply_rotary_pos_emb`` in the architecture's ``modeling_*`` module with a
+dispatcher that calls the kernel only inside the forward of an attention module patched here; other models of the
+same architecture in the process keep HF's function.
+
+Example:
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    >>> report = apply_kernels(model)
+    >>> report.counts()
+    {'rms_norm': 5, 'swiglu': 2, 'rope': 2, 'linear_cross_entropy': 1}
+    >>> remove_kernels(model).counts()
+    {'rms_norm': 5, 'swiglu': 2, 'rope': 2, 'linear_cross_entropy': 1}
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_accel.models.structure import get_structure
+
+__all__ = ["KERNEL_ARCHS", "KERNEL_NAMES", "KernelReport", "apply_kernels", "kernels_applied", "remove_kernels"]
+
+KERNEL_NAMES: tuple[str, ...] = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
+"""The kernels :func:`apply_kernels` can switch on, by the name its keyword arguments use."""
+
+KERNEL_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2")
+"""``config.model_type`` values whose modules :func:`apply_kernels` knows how to patch."""
+
+_MARK = "_lit_accel_kernel"  # instance attribute naming the kernel a module's forward was patched with
+_SILU_ACTS = ("silu", "swish")
+
+
+@dataclass
+class KernelReport:
+    """What :func:`apply_kernels` (or :func:`remove_kernels`) did.
+
+    Example:
+        >>> KernelReport(patched={"rms_norm": ["model.norm"]}).counts()
+        {'rms_norm': 1}
+    """
+
+    patched: dict[str, list[str]] = field(default_factory=dict)
+    """Kernel name -> qualified names of the modules patched (or restored) for it."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Kernel name -> why it was not applied anywhere (e.g. the MLP activation is not SiLU)."""
+
+    def counts(self) -> dict[str, int]:
+        """Number of modules per kernel."""
+        return {name: len(mods) for name, mods in self.patched.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-call dispatch helpers
+# --------------------------------------------------------------------------------------------------------------
+
+_warned: set[tuple[int, str]] = set()
+
+
+def _warn_fallback(module: nn.Module, kernel: str, reason: str) -> None:
+    key = (id(module), kernel)
+    if key in _warned:
+        return
+    _warned.add(key)
+    name = getattr(module, "_lit_accel_name", type(module).__name__)
+    warnings.warn(
+        f"lit_accel kernels: {name} runs the PyTorch reference instead of the {kernel} Triton kernel: {reason}",
+        stacklevel=3,
+    )
+
+
+def _kernel_device(t: torch.Tensor) -> bool:
+    # Under TRITON_INTERPRET=1 the kernels also take CPU tensors (that is how CI tests them end to end).
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _op(name: str) -> Any:
+    # importlib, not `from lit_accel.kernels import rms_norm`: the package re-exports functions of those names.
+    return importlib.import_module(f"lit_accel.kernels.{name}")
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    if t.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def _rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    op = _op("rms_norm")
+
+    weight = self.weight
+    eps = float(self.variance_epsilon)
+    if _kernel_device(hidden_states):
+        # Under autocast every consumer of a pre-norm is a linear that casts to the autocast dtype anyway, so
+        # writing that dtype directly halves the store of an fp32 residual stream without changing what the
+        # linears see (HF rounds x_hat to the input dtype, multiplies by the fp32 weight, autocast rounds again).
+        out_dtype = _autocast_dtype(hidden_states)
+        reason = op.rms_norm_fallback_reason(hidden_states, weight, out_dtype)
+        if reason is not None:
+            _warn_fallback(self, "rms_norm", reason)
+            return op.rms_norm_reference(hidden_states, weight, eps)
+        return op.rms_norm(hidden_states, weight, eps, out_dtype=out_dtype)
+    return op.rms_norm_reference(hidden_states, weight, eps)
+
+
+def _swiglu_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    op = _op("swiglu")
+
+    gate = self.gate_proj(x)
+    up = self.up_proj(x)
+    if _kernel_device(gate):
+        reason = op.swiglu_fallback_reason(gate, up)
+        if reason is None:
+            return self.down_proj(op.swiglu(gate, up))
+        _warn_fallback(self, "swiglu", reason)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+# The rotary dispatcher is installed once per modeling module; a thread-local depth counter says whether the
+# current call comes from inside an attention forward that apply_kernels patched.
+_rope_state = threading.local()
+_rope_originals: dict[str, Callable[..., Any]] = {}
+
+
+def _rope_active() -> bool:
+    return getattr(_rope_state, "depth", 0) > 0
+
+
+def _make_rope_dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
+    def apply_rotary_pos_emb(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        position_ids: Any = None,
+        unsqueeze_dim: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not _rope_active() or not _kernel_device(q):
+            if position_ids is None:
+                return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)  # type: ignore[no-any-return]
+            return original(q, k, cos, sin, position_ids, unsqueeze_dim)  # type: ignore[no-any-return]
+        op = _op("rope")
+
+        # HF's result is fp32 under bf16-mixed (bf16 q times fp32 cos); attention casts it to the autocast dtype
+        # anyway, so the kernel writes that dtype directly (same values: fp32 math, one rounding).
+        out_dtype = _autocast_dtype(q)
+        reason = op.rope_fallback_reason(q, k, cos, sin, unsqueeze_dim, out_dtype)
+        if reason is not None:
+            _warn_fallback(_rope_state.module, "rope", reason)
+            return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)  # type: ignore[no-any-return]
+        return op.apply_rope(q, k, cos, sin, unsqueeze_dim, out_dtype=out_dtype)  # type: ignore[no-any-return]
+
+    apply_rotary_pos_emb._lit_accel_original = original  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
+
+
+def _install_rope_dispatcher(modeling: types.ModuleType) -> None:
+    current = getattr(modeling, "apply_rotary_pos_emb")  # noqa: B009  (mypy: a module attribute)
+    if getattr(current, "_lit_accel_original", None) is None:
+        _rope_originals[modeling.__name__] = current
+        setattr(modeling, "apply_rotary_pos_emb", _make_rope_dispatcher(current))  # noqa: B010
+
+
+def _attention_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    _rope_state.depth = getattr(_rope_state, "depth", 0) + 1
+    previous = getattr(_rope_state, "module", None)
+    _rope_state.module = self
+    try:
+        return self.__dict__["_lit_accel_inner_forward"](*args, **kwargs)
+    finally:
+        _rope_state.depth -= 1
+        _rope_state.module = previous
+
+
+def _shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    # HF's ForCausalLMLoss: pad one ignored label at the end, then drop the first, so token t predicts label t+1.
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _causal_lm_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    inner = self.__dict__["_lit_accel_inner_forward"]
+    labels = kwargs.get("labels")
+    logits_to_keep = kwargs.get("logits_to_keep", 0)
+    head = self.lm_head
+    use_fused = (
+        self.training
+        and labels is not None
+        # Only input_ids may come by position (every *ForCausalLM takes it first); anything else keeps HF's path.
+        and len(args) <= 1
+        and not (args and "input_ids" in kwargs)
+        and isinstance(logits_to_keep, int)
+        and logits_to_keep == 0
+    )
+    if not use_fused:
+        return inner(*args, **kwargs)
+    if type(head) is not nn.Linear or _is_partitioned(head.weight):
+        # The head changed after apply_kernels (e.g. LoRA or factorisation on lm_head, or ZeRO-3 partitioning):
+        # its own forward must run, or the fused loss would silently skip the adapter.
+        _warn_fallback(self, "linear_cross_entropy", f"lm_head is now a {type(head).__name__} or partitioned")
+        return inner(*args, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    op = _op("linear_cross_entropy")
+
+    kwargs = dict(kwargs)
+    if args:
+        kwargs["input_ids"] = args[0]
+    kwargs.pop("labels")
+    kwargs.pop("logits_to_keep", None)
+    num_items = kwargs.get("num_items_in_batch")
+    outputs = self.model(**kwargs)
+    hidden = outputs.last_hidden_state
+    assert labels is not None
+    targets = _shifted_labels(labels).to(hidden.device)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    if _kernel_device(hidden):
+        reason = op.fused_linear_cross_entropy_fallback_reason(flat_hidden, head.weight, flat_targets, head.bias)
+        if reason is None:
+            loss = op.fused_linear_cross_entropy(
+                flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
+            )
+        else:
+            _warn_fallback(self, "linear_cross_entropy", reason)
+            loss = op.linear_cross_entropy_reference(
+                flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
+            )
+    else:
+        loss = op.linear_cross_entropy_reference(
+            flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
+        )
+    return CausalLMOutputWithPast(
+        loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding and patching modules
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _find_causal_lm(model: nn.Module) -> tuple[str, nn.Module] | None:
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("ForCausalLM") and hasattr(module, "lm_head") and hasattr(module, "model"):
+            return name, module
+    return None
+
+
+def _patch(module: nn.Module, name: str, kernel: str, forward: Callable[..., Any]) -> bool:
+    if module.__dict__.get(_MARK) == kernel:
+        return False
+    # A forward another tool set on the instance (rather than the class) is kept: wrapping forwards call it, and
+    # remove_kernels puts it back.
+    module.__dict__["_lit_accel_previous_forward"] = module.__dict__.get("forward")
+    module.__dict__["_lit_accel_inner_forward"] = module.forward
+    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    module.__dict__[_MARK] = kernel
+    module.__dict__["_lit_accel_name"] = name
+    return True
+
+
+def _is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def apply_kernels(
+    model: nn.Module,
+    *,
+    rms_norm: bool = True,
+    swiglu: bool = True,
+    rope: bool = True,
+    linear_cross_entropy: bool = True,
+    strict: bool = False,
+) -> KernelReport:
+    """Patch ``model``'s modules in place to use the Triton kernels (see the module docstring).
+
+    Idempotent: modules already patched are left alone. Safe on CPU: every patched forward runs HF's formula
+    (the kernels' references) on CPU tensors.
+
+    Args:
+        model: A Hugging Face LLaMA, Mistral or Qwen2 model (``*ForCausalLM`` or the base ``*Model``), possibly
+            wrapped (PEFT, a LightningModule's ``.model``).
+        rms_norm: Patch every RMSNorm.
+        swiglu: Patch every MLP whose activation is SiLU.
+        rope: Patch the rotary embedding of every attention module.
+        linear_cross_entropy: Patch the ``*ForCausalLM`` forward so training steps with labels use the fused
+            LM head + loss (not applied when ``lm_head`` is not a plain ``nn.Linear``, e.g. adapted by LoRA, or is
+            partitioned by DeepSpeed ZeRO-3: then HF's head and loss run, with a warning).
+        strict: Raise instead of warning when the architecture or a requested kernel cannot be applied.
+
+    Returns:
+        A :class:`KernelReport` of the modules patched and the kernels skipped with their reason.
+
+    Raises:
+        ValueError: ``strict`` and the architecture is not one of :data:`KERNEL_ARCHS`, or a requested kernel
+            cannot be applied.
+    """
+    requested = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "linear_cross_entropy": linear_cross_entropy}
+    for key, value in requested.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"apply_kernels: {key} must be True or False; got {value!r}")
+    report = KernelReport()
+
+    def skip(kernel: str, reason: str) -> None:
+        if strict:
+            raise ValueError(f"apply_kernels: cannot apply {kernel}: {reason}")
+        report.skipped[kernel] = reason
+        warnings.warn(f"lit_accel kernels: {kernel} not applied: {reason}", stacklevel=3)
+
+    config = getattr(model, "config", None)
+    found = _find_causal_lm(model)
+    if config is None and found is not None:
+        config = getattr(found[1], "config", None)
+    if config is None:
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if config is not None:
+                break
+    arch = getattr(config, "model_type", None)
+    if arch not in KERNEL_ARCHS:
+        reason = f"config.model_type={arch!r} is not supported; supported: {', '.join(KERNEL_ARCHS)}"
+        for kernel, wanted in requested.items():
+            if wanted:
+                skip(kernel, reason)
+        return report
+
+    structure = get_structure(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    modeling = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+
+    if rms_norm:
+        norms = [sub.norm for sub in structure.sublayers() if sub.norm is not None]
+        if structure.final_norm_name is not None:
+            norms.append(model.get_submodule(structure.final_norm_name))
+        done = report.patched.setdefault("rms_norm", [])
+        for norm in norms:
+            if not (hasattr(norm, "variance_epsilon") and isinstance(getattr(norm, "weight", None), torch.Tensor)):
+                skip("rms_norm", f"{names[id(norm)]} ({type(norm).__name__}) is not an RMSNorm with weight and eps")
+                continue
+            _patch(norm, names[id(norm)], "rms_norm", _rms_norm_forward)
+            done.append(names[id(norm)])
+
+    if swiglu:
+        act = getattr(config, "hidden_act", None)
+        if act not in _SILU_ACTS:
+            skip("swiglu", f"config.hidden_act={act!r}; the SwiGLU kernel needs one of {_SILU_ACTS}")
+        else:
+            done = report.patched.setdefault("swiglu", [])
+            for block in structure.blocks:
+                mlp = block.mlp.module
+                if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                    skip("swiglu", f"{block.mlp.name} has no gate_proj/up_proj/down_proj/act_fn")
+                    continue
+                _patch(mlp, block.mlp.name, "swiglu", _swiglu_mlp_forward)
+                done.append(block.mlp.name)
+
+    if rope:
+        if not hasattr(modeling, "apply_rotary_pos_emb"):
+            skip("rope", f"{modeling.__name__} has no apply_rotary_pos_emb")
+        else:
+            _install_rope_dispatcher(modeling)
+            done = report.patched.setdefault("rope", [])
+            for block in structure.blocks:
+                _patch(block.attention.module, block.attention.name, "rope", _attention_forward)
+                done.append(block.attention.name)
+
+    if linear_cross_entropy:
+        if found is None:
+            skip("linear_cross_entropy", f"{type(model).__name__} holds no *ForCausalLM with an lm_head")
+        else:
+            name, lm = found
+            head = lm.lm_head
+            if type(head) is not nn.Linear:
+                skip("linear_cross_entropy", f"lm_head is a {type(head).__name__}, not a plain nn.Linear")
+            elif _is_partitioned(head.weight):
+                skip("linear_cross_entropy", "lm_head.weight is partitioned by DeepSpeed ZeRO-3")
+            else:
+                _patch(lm, name or type(lm).__name__, "linear_cross_entropy", _causal_lm_forward)
+                report.patched.setdefault("linear_cross_entropy", []).append(name or type(lm).__name__)
+    return report
+
+
+def remove_kernels(model: nn.Module) -> KernelReport:
+    """Undo :func:`apply_kernels` on ``model``: every patched module runs its class's forward again.
+
+    The rotary dispatcher stays installed in the ``modeling_*`` module; with no patched attention module it
+    calls HF's function, so behaviour is HF's.
+    """
+    report = KernelReport()
+    for name, module in model.named_modules():
+        kernel = module.__dict__.pop(_MARK, None)
+        if kernel is None:
+            continue
+        previous = module.__dict__.pop("_lit_accel_previous_forward", None)
+        module.__dict__.pop("forward", None)
+        if previous is not None:
+            module.forward = previous  # type: ignore[method-assign]
+        for key in ("_lit_accel_name", "_lit_accel_inner_forward"):
+            module.__dict__.pop(key, None)
+        report.patched.setdefault(kernel, []).append(name)
+    return report
+
+
+def kernels_applied(model: nn.Module) -> dict[str, int]:
+    """Kernel name -> number of modules of ``model`` currently patched with it."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        kernel = module.__dict__.get(_MARK)
+        if kernel is not None:
+            counts[kernel] = counts.get(kernel, 0) + 1
+    return counts

@@ -1,0 +1,338 @@
+"""SwiGLU gating ``silu(gate) * up``, the activation of LLaMA's MLP, as one Triton pass forward and backward.
+
+Hugging Face's ``LlamaMLP.forward`` is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with ``act_fn = SiLU``.
+Three layers, as every op in :mod:`lit_accel.kernels`:
+
+* :func:`swiglu_reference` - plain PyTorch, exactly HF's ``F.silu(gate) * up`` (used by the tests and as the
+  CPU fallback).
+* :class:`SwiGLUFunction` - the ``torch.autograd.Function`` over the two Triton kernels below.
+* :func:`swiglu` - the entry point: the kernel when :func:`swiglu_kernel_available` says so, else the reference.
+  :func:`swiglu_fallback_reason` says in words why an input takes the reference, for a one-time warning.
+
+Numerics. The kernels load both inputs, compute in fp32 and round once to the output dtype. HF's composition
+rounds twice in bf16 (``silu(gate)`` is rounded to bf16 before the product), so on bf16 inputs the kernel is
+slightly *more* accurate than HF; the two agree to about one bf16 ulp.
+
+Memory. Autograd saves only ``gate`` and ``up`` (the linears' outputs, which the graph keeps alive for the
+projections' weight gradients anyway when they are the same tensors); the backward recomputes ``sigmoid(gate)``
+instead of keeping ``silu(gate)``. HF's composition saves ``silu(gate)`` as well (the product's backward needs it),
+so the kernel keeps one activation-sized ``[tokens, intermediate]`` tensor less per MLP for the whole step. The
+backward writes two fresh gradient tensors (not in place into the saved inputs, which would make a second backward
+with ``retain_graph=True`` silently wrong).
+
+Kernel design. Memory-bound and elementwise: each program handles ``BLOCK`` columns of one row, so any row stride
+is read directly (e.g. ``gate``/``up`` as the two halves of a fused ``gate_up`` projection's output, without a
+copy); the last dimension must be unit-stride.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
+from lit_accel.kernels._triton import interpret as _interpret
+from lit_accel.kernels._triton import tl, triton
+
+__all__ = [
+    "SwiGLUFunction",
+    "swiglu",
+    "swiglu_fallback_reason",
+    "swiglu_kernel_available",
+    "swiglu_reference",
+    "swiglu_unsupported_reason",
+]
+
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# 1024 columns x 4 warps: 8 contiguous elements per thread, i.e. 16-byte vector loads in bf16; the tail of a row
+# whose width is not a multiple of 1024 wastes at most one partly masked block per row.
+_BLOCK = 1024
+_NUM_WARPS = 4
+# The CPU interpreter runs one numpy step per program: a small block makes test shapes span several column
+# blocks (edge masks exercised) without slowing it down much.
+_INTERP_BLOCK = 64
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument checks and dispatch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_args(gate: Any, up: Any) -> None:
+    for name, t in (("gate", gate), ("up", up)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got gate {tuple(gate.shape)} and up {tuple(up.shape)}")
+    if gate.device != up.device:
+        raise ValueError(f"gate and up must be on the same device, got {gate.device} and {up.device}")
+
+
+def _unsupported_reason(gate: torch.Tensor, up: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these (already checked) inputs, or None when it can."""
+    if not _HAS_TRITON:
+        return "triton is not installed"
+    if gate.is_cuda:
+        allowed: tuple[torch.dtype, ...] = _GPU_DTYPES
+    elif _interpret() and gate.device.type == "cpu":
+        # The CPU interpreter emulates in numpy, which has no bf16; fp32 is what the tests cover.
+        allowed = (torch.float32,)
+    else:
+        return f"tensors are on {gate.device}; the kernel needs CUDA (or TRITON_INTERPRET=1 with CPU fp32 tensors)"
+    for name, t in (("gate", gate), ("up", up)):
+        if t.dtype not in allowed:
+            return f"{name} dtype {t.dtype} is not supported (allowed: {', '.join(map(str, allowed))})"
+    if gate.dim() == 0:
+        return "inputs are 0-dimensional"
+    if gate.numel() == 0:
+        return "inputs are empty"
+    return None
+
+
+def swiglu_fallback_reason(gate: torch.Tensor, up: torch.Tensor) -> str | None:
+    """Why :func:`swiglu` would take the PyTorch reference for these inputs, or None when it uses the kernel.
+
+    Args:
+        gate: Gate projection output ``[..., intermediate]``.
+        up: Up projection output, same shape.
+
+    Returns:
+        A short sentence for a warning, or None.
+
+    Raises:
+        TypeError: If an input is not a floating-point tensor.
+        ValueError: If the shapes or devices differ.
+
+    Example:
+        >>> swiglu_fallback_reason(torch.randn(2, 8), torch.randn(2, 8)) is not None  # CPU: the reference
+        True
+    """
+    _check_args(gate, up)
+    return _unsupported_reason(gate, up)
+
+
+# The name the integration layer (lit_accel.kernels.apply) looks up.
+swiglu_unsupported_reason = swiglu_fallback_reason
+
+
+def swiglu_kernel_available(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether :func:`swiglu` would run the Triton kernel on these inputs.
+
+    True on CUDA for fp16/bf16/fp32 inputs of the same shape (mixed dtypes allowed), and on CPU fp32 inputs
+    under ``TRITON_INTERPRET=1`` (tests).
+
+    Args:
+        gate: Gate projection output ``[..., intermediate]``.
+        up: Up projection output, same shape.
+
+    Returns:
+        True when the kernel would be used.
+
+    Example:
+        >>> swiglu_kernel_available(torch.randn(2, 8), torch.randn(2, 8))
+        False
+    """
+    return swiglu_fallback_reason(gate, up) is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in plain PyTorch, operation for operation as HF's ``LlamaMLP`` computes it.
+
+    Args:
+        gate: Gate projection output ``[..., intermediate]``.
+        up: Up projection output, same shape.
+
+    Returns:
+        ``silu(gate) * up`` in the promotion of the two dtypes.
+
+    Example:
+        >>> g, u = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([3.0, 2.0, 1.0])
+        >>> swiglu_reference(g, u)
+        tensor([ 0.0000,  1.4621, -0.2384])
+    """
+    return F.silu(gate) * up
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _swiglu_fwd_body(
+    g_ptr,
+    u_ptr,
+    o_ptr,
+    N,
+    stride_g,
+    stride_u,
+    stride_o,
+    BLOCK: tl.constexpr,
+):
+    # int64 row offsets: rows x row stride passes 2**31 elements at realistic token counts x widths.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0).to(tl.float32)
+    # silu(g) = g * sigmoid(g); sigmoid via exp of -g saturates cleanly to 0 / 1 in fp32 for large |g|.
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    out = g * sig * u
+    tl.store(o_ptr + row * stride_o + cols, out.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+def _swiglu_bwd_body(
+    dy_ptr,
+    g_ptr,
+    u_ptr,
+    dg_ptr,
+    du_ptr,
+    N,
+    stride_dy,
+    stride_g,
+    stride_u,
+    stride_dg,
+    stride_du,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    dy = tl.load(dy_ptr + row * stride_dy + cols, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0).to(tl.float32)
+    # Recomputing sigmoid costs one exp per element in a memory-bound kernel: free, and it saves storing silu(g).
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    silu = g * sig
+    # d silu / dg = sig * (1 + g * (1 - sig)) = sig + silu * (1 - sig)
+    dg = dy * u * (sig + silu * (1.0 - sig))
+    du = dy * silu
+    tl.store(dg_ptr + row * stride_dg + cols, dg.to(dg_ptr.dtype.element_ty), mask=ok)
+    tl.store(du_ptr + row * stride_du + cols, du.to(du_ptr.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    # Built at first use so that importing this module never needs triton (CPU-only installs use the reference).
+    return triton.jit(_swiglu_fwd_body), triton.jit(_swiglu_bwd_body)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D ``[rows, N]`` view with unit column stride, copying only when no such view exists."""
+    n = t.shape[-1]
+    if t.stride(-1) == 1:
+        try:
+            return t.view(-1, n)
+        except RuntimeError:  # leading dims not mergeable into one row stride
+            pass
+    return t.reshape(-1, n).contiguous()
+
+
+def _launch_args() -> tuple[int, dict[str, int]]:
+    if _interpret():
+        return _INTERP_BLOCK, {"BLOCK": _INTERP_BLOCK}
+    return _BLOCK, {"BLOCK": _BLOCK, "num_warps": _NUM_WARPS}
+
+
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    g2, u2 = _rows(gate), _rows(up)
+    m, n = g2.shape
+    out = torch.empty(gate.shape, dtype=out_dtype, device=gate.device)
+    o2 = out.view(m, n)
+    block, meta = _launch_args()
+    fwd, _ = _kernels()
+    fwd[(m, triton.cdiv(n, block))](g2, u2, o2, n, g2.stride(0), u2.stride(0), o2.stride(0), **meta)
+    return out
+
+
+def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
+    m, n = g2.shape
+    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    dg2, du2 = dg.view(m, n), du.view(m, n)
+    block, meta = _launch_args()
+    _, bwd = _kernels()
+    bwd[(m, triton.cdiv(n, block))](
+        d2, g2, u2, dg2, du2, n, d2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), **meta
+    )
+    return dg, du
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """Autograd function ``silu(gate) * up`` over the Triton kernels; saves only ``gate`` and ``up``.
+
+    ``apply(gate, up)``: same shape, unit-stride last dimension preferred (other layouts are copied once), on
+    CUDA (or CPU fp32 under ``TRITON_INTERPRET=1``). The output has the promoted dtype; the gradients have
+    their input's dtype. Use :func:`swiglu` unless the inputs are known to be supported.
+
+    Example:
+        >>> # on CUDA, or on CPU fp32 under TRITON_INTERPRET=1
+        >>> g = torch.randn(4, 40, requires_grad=True)  # doctest: +SKIP
+        >>> torch.allclose(SwiGLUFunction.apply(g, g.detach()), swiglu_reference(g, g), atol=1e-6)  # doctest: +SKIP
+        True
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return _swiglu_fwd(gate, up, torch.promote_types(gate.dtype, up.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        need_g, need_u = ctx.needs_input_grad[:2]
+        if not (need_g or need_u):
+            return None, None
+        dg, du = _swiglu_bwd(dy, gate, up)
+        return (dg if need_g else None), (du if need_u else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
+    """SwiGLU gating ``silu(gate) * up`` (HF ``LlamaMLP``'s ``act_fn(gate_proj(x)) * up_proj(x)``).
+
+    Args:
+        gate: Gate projection output ``[..., intermediate]`` (fp16, bf16 or fp32).
+        up: Up projection output, same shape (any float dtype; typically both bf16 under autocast).
+        use_kernel: None: the Triton kernel when :func:`swiglu_kernel_available`, else the reference; True:
+            require the kernel (ValueError saying why when it cannot run); False: the reference.
+
+    Returns:
+        ``silu(gate) * up`` with ``gate``'s shape in ``torch.promote_types(gate.dtype, up.dtype)``. The kernel
+        computes in fp32 and rounds once; its backward recomputes ``sigmoid(gate)`` from the saved inputs.
+
+    Raises:
+        TypeError: If an input is not a floating-point tensor.
+        ValueError: If the shapes or devices differ, or ``use_kernel=True`` where the kernel cannot run.
+
+    Example:
+        >>> g = torch.randn(2, 3, 11, requires_grad=True)
+        >>> u = torch.randn(2, 3, 11, requires_grad=True)
+        >>> y = swiglu(g, u)  # CPU: the reference
+        >>> torch.allclose(y, torch.nn.functional.silu(g) * u)
+        True
+    """
+    _check_args(gate, up)
+    if use_kernel is False:
+        return swiglu_reference(gate, up)
+    reason = _unsupported_reason(gate, up)
+    if reason is not None:
+        if use_kernel:
+            raise ValueError(f"swiglu(use_kernel=True) cannot use the Triton kernel: {reason}")
+        return swiglu_reference(gate, up)
+    out: torch.Tensor = SwiGLUFunction.apply(gate, up)
+    return out

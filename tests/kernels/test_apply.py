@@ -1,0 +1,365 @@
+"""``apply_kernels`` / ``FusedKernels``: patched models compute what Hugging Face computes, alone and composed.
+
+On CPU the patched forwards run the kernels' PyTorch references; the ``interp`` tests run the whole patched model
+through the Triton kernels under ``TRITON_INTERPRET=1`` (in a child pytest) against the unpatched model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lit_accel.callbacks import FusedKernels
+from lit_accel.kernels import apply_kernels, kernels_applied, remove_kernels
+from lit_accel.models import CausalLM
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _llama(tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=80,
+        tie_word_embeddings=tied,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # fresh RMSNorm weights are all ones, which would hide a weight applied wrongly
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _qwen2() -> Qwen2ForCausalLM:
+    cfg = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=80,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+def _batch(vocab: int = 80, b: int = 2, t: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab, (b, t))
+    labels = ids.clone()
+    labels[0, :3] = -100  # ignored tokens (e.g. a prompt) must stay ignored after the shift
+    return ids, labels
+
+
+def _loss_and_grads(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+def _assert_same(model: nn.Module, patched: nn.Module, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    ids, labels = _batch(model.config.vocab_size)
+    model.train()
+    patched.train()
+    loss_ref, grads_ref = _loss_and_grads(model, ids, labels)
+    loss, grads = _loss_and_grads(patched, ids, labels)
+    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=atol)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=rtol * 10, atol=atol * 10, msg=name)
+    # Evaluation keeps Hugging Face's head: logits are returned and equal.
+    model.eval()
+    patched.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels)
+        got = patched(input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_patched_llama_matches_hf_loss_gradients_and_eval_logits(tied: bool) -> None:
+    model = _llama(tied=tied)
+    patched = copy.deepcopy(model)
+    report = apply_kernels(patched)
+    assert report.counts() == {"rms_norm": 5, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
+    assert report.skipped == {}
+    _assert_same(model, patched)
+
+
+def test_training_forward_with_labels_returns_no_logits_and_without_labels_returns_logits() -> None:
+    model = _llama()
+    apply_kernels(model)
+    ids, labels = _batch()
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None and out.loss.ndim == 0
+    assert model(ids, labels=labels).logits is None  # input_ids by position takes the fused path too
+    out = model(input_ids=ids)
+    assert out.logits.shape == (2, 12, 80) and out.loss is None
+
+
+def test_qwen2_is_patched_and_matches() -> None:
+    model = _qwen2()
+    patched = copy.deepcopy(model)
+    assert apply_kernels(patched).counts()["rope"] == 2
+    _assert_same(model, patched)
+
+
+def test_idempotent_and_removable() -> None:
+    model = _llama()
+    apply_kernels(model)
+    apply_kernels(model)
+    assert kernels_applied(model) == {"rms_norm": 5, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
+    remove_kernels(model)
+    assert kernels_applied(model) == {}
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    ids, labels = _batch()
+    assert model.train()(input_ids=ids, labels=labels).logits is not None
+
+
+def test_kernels_can_be_chosen_one_by_one() -> None:
+    model = _llama()
+    report = apply_kernels(model, rms_norm=False, linear_cross_entropy=False)
+    assert report.counts() == {"swiglu": 2, "rope": 2}
+    with pytest.raises(TypeError, match="rope must be True or False"):
+        apply_kernels(model, rope="yes")  # type: ignore[arg-type]
+
+
+def test_rope_dispatcher_leaves_unpatched_models_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lit_accel.kernels.rope as rope_mod
+
+    calls = []
+    original = rope_mod.apply_rope_reference
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rope_mod, "apply_rope_reference", spy)
+    patched, other = _llama(), _llama(seed=1)
+    apply_kernels(patched)
+    ids, _ = _batch()
+    with torch.no_grad():
+        other(input_ids=ids)
+    # CPU calls take HF's own function whether patched or not; only the flag decides, checked below.
+    import lit_accel.kernels.apply as apply_mod
+
+    assert not apply_mod._rope_active()
+    seen = []
+    real = apply_mod._rope_active
+    monkeypatch.setattr(apply_mod, "_rope_active", lambda: seen.append(real()) or real())
+    with torch.no_grad():
+        other(input_ids=ids)
+    assert seen and not any(seen)
+    seen.clear()
+    with torch.no_grad():
+        patched(input_ids=ids)
+    assert seen and all(seen)
+
+
+def test_unsupported_architecture_warns_or_raises() -> None:
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+    with pytest.warns(UserWarning, match="model_type='gpt2' is not supported"):
+        report = apply_kernels(gpt2)
+    assert report.counts() == {}
+    with pytest.raises(ValueError, match="cannot apply rms_norm: config.model_type='gpt2'"):
+        apply_kernels(gpt2, strict=True)
+
+
+def test_non_silu_mlp_skips_swiglu_with_reason() -> None:
+    model = _llama()
+    model.config.hidden_act = "gelu"
+    with pytest.warns(UserWarning, match="hidden_act='gelu'"):
+        report = apply_kernels(model)
+    assert "swiglu" in report.skipped and "swiglu" not in report.patched
+    with pytest.raises(ValueError, match="swiglu"):
+        apply_kernels(_llama_with_act("gelu"), strict=True)
+
+
+def _llama_with_act(act: str) -> LlamaForCausalLM:
+    model = _llama()
+    model.config.hidden_act = act
+    return model
+
+
+def test_head_replaced_after_patching_falls_back_to_its_own_forward() -> None:
+    from lit_accel.lowrank.lora import LoRALinear  # noqa: F401  (only to show what replaces heads in practice)
+
+    model = _llama()
+    reference = copy.deepcopy(model)
+    apply_kernels(model)
+
+    class Scaled(nn.Module):
+        def __init__(self, inner: nn.Linear) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2.0 * self.inner(x)
+
+    model.lm_head = Scaled(model.lm_head)
+    reference.lm_head = Scaled(reference.lm_head)
+    ids, labels = _batch()
+    with pytest.warns(UserWarning, match="lm_head is now a Scaled"):
+        loss = model.train()(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(loss, reference.train()(input_ids=ids, labels=labels).loss)
+
+
+def test_composes_with_lora() -> None:
+    from lit_accel.lowrank import apply_lora
+
+    model = _llama()
+    patched = copy.deepcopy(model)
+    apply_kernels(patched)  # kernels first, adapters after (the order CausalLM + the LoRA callback give)
+    for m in (model, patched):
+        torch.manual_seed(3)
+        apply_lora(m, "all-linear", r=4, alpha=8)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)  # B = 0 at init would make the adapters invisible
+    _assert_same(model, patched)
+
+
+def test_composes_with_pruning_masks() -> None:
+    from lit_accel.pruning.apply import apply_masks
+    from lit_accel.pruning.masks import L0Masks
+
+    model = _llama()
+    patched = copy.deepcopy(model)
+    apply_kernels(patched)
+    masks = L0Masks(model, keep={"layers": 2, "heads": 1, "intermediate": 50, "hidden": 40}).eval()
+    with apply_masks(model, masks), apply_masks(patched, masks):
+        _assert_same(model, patched)
+
+
+def test_composes_with_dropbp() -> None:
+    from lit_accel.dropbp.functional import apply_dropbp
+
+    model = _llama()
+    patched = copy.deepcopy(model)
+    apply_kernels(patched)
+    controllers = [apply_dropbp(m) for m in (model, patched)]
+    mask = torch.tensor([True, False, False, True])
+    for c in controllers:
+        c.set_mask(mask)
+    ids, labels = _batch()
+    loss_ref, grads_ref = _loss_and_grads(model.train(), ids, labels)
+    loss, grads = _loss_and_grads(patched.train(), ids, labels)
+    torch.testing.assert_close(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CausalLM default and the callback
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_causal_lm_kernels_default_off_on_cpu_and_explicit_on() -> None:
+    module = CausalLM("llama-tiny")
+    module.configure_model()
+    assert kernels_applied(module.model) == {}
+    module = CausalLM("llama-tiny", kernels=True)
+    module.configure_model()
+    assert kernels_applied(module.model)["rms_norm"] > 0
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, vocab: int) -> None:
+        self.data = torch.randint(0, vocab, (16, 16))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.data[i]}
+
+
+def test_fused_kernels_callback_in_a_trainer(tmp_path: Path) -> None:
+    module = CausalLM("llama-tiny", learning_rate=1e-2, warmup_steps=0)
+    callback = FusedKernels()
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        callbacks=[callback],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        limit_val_batches=0,
+    )
+    vocab = module.config.vocab_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(_Tokens(vocab), batch_size=4))
+    assert kernels_applied(module.model)["linear_cross_entropy"] == 1
+    assert trainer.callback_metrics["kernels/rms_norm"] > 0
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("key", ["rms_norm", "swiglu", "rope", "linear_cross_entropy", "strict"])
+def test_fused_kernels_rejects_non_bool(key: str) -> None:
+    with pytest.raises(ValueError, match=f"{key} must be true or false"):
+        FusedKernels(**{key: "no"})  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole patched model through the Triton kernels (CPU interpreter)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_triton_interpreter_cases_in_subprocess(run_in_triton_interpreter: Callable[[str, float], None]) -> None:
+    if INTERPRET:
+        pytest.skip("already under the interpreter")
+    run_in_triton_interpreter(str(Path(__file__)), 600)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
+def test_interp_patched_model_through_triton_matches_hf() -> None:
+    model = _llama()
+    patched = copy.deepcopy(model)
+    apply_kernels(patched, strict=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lit_accel kernels")  # a fallback to the reference would warn
+        _assert_same(model, patched, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["llama-tiny", "llama-20m"])
+def test_gpu_patched_model_matches_hf_under_bf16_autocast(preset: str) -> None:
+    module = CausalLM(preset, kernels=False)
+    module.configure_model()
+    model = module.model.cuda()
+    patched = copy.deepcopy(model)
+    apply_kernels(patched, strict=True)
+    ids = torch.randint(0, model.config.vocab_size, (4, 256), device="cuda")
+    losses, grads = [], []
+    for m in (model, patched):
+        m.train().zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach().float())
+        grads.append({n: p.grad.float() for n, p in m.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-3, atol=2e-3)
+    for name, ref in grads[0].items():
+        rel = (grads[1][name] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert rel < 3e-2, f"{name}: relative gradient error {rel:.3g}"
