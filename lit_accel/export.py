@@ -135,6 +135,17 @@ def export_checkpoint(
                 state[key] = state[key] * mask.to(state[key].dtype)
     if lora is None and peft_adapter:
         raise ValueError(f"--peft-adapter: --ckpt {str(ckpt)!r} is not from a run with the LoRA callback.")
+    ranks = _factorization_ranks(checkpoint)
+    if ranks:
+        if lora is not None:
+            raise ValueError(
+                f"--ckpt {str(ckpt)!r} is from a run with both LoRA and LowRankFactorization; exporting that pair is"
+                " not supported. Export in the run instead: LoRA(export_dir=..., export='merged')."
+            )
+        # A LowRankFactorization run: the rebuilt model gets the trained factorised structure before loading.
+        from lit_accel.lowrank.factorize import rebuild_factorization
+
+        rebuild_factorization(module.model, ranks)
     if lora is not None:
         return _export_lora(module, hparams, state, lora, out_path, overwrite, tokenizer, checkpoint, peft_adapter)
     load_full_state_dict(module.model, state)
@@ -144,7 +155,22 @@ def export_checkpoint(
         tok = AutoTokenizer.from_pretrained(tok_dir)
     elif tokenizer:
         raise ValueError(f"--tokenizer {tokenizer!r} is not a directory.")
+    if ranks:
+        from lit_accel.lowrank.factorize import save_merged
+
+        # Written dense (factors multiplied out) so plain from_pretrained loads it with no config change.
+        return save_merged(module.model, out_path, tokenizer=tok, overwrite=overwrite)
     return save_hf_directory(module.model, module.model.state_dict(), out_path, tokenizer=tok, overwrite=overwrite)
+
+
+def _factorization_ranks(checkpoint: dict[str, Any]) -> dict[str, int] | None:
+    """Layer name -> rank of a LowRankFactorization run, from the checkpoint (None for other runs)."""
+    ranks = ((checkpoint.get("lit_accel") or {}).get("factorization") or {}).get("ranks")
+    if ranks is None:
+        for key, value in (checkpoint.get("callbacks") or {}).items():
+            if str(key).startswith("LowRankFactorization") and isinstance(value, dict):
+                ranks = value.get("ranks")
+    return {str(k): int(v) for k, v in ranks.items()} if ranks else None
 
 
 def _export_lora(

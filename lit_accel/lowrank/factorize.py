@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,6 +329,29 @@ def _params_of(module: nn.Module) -> list[nn.Parameter]:
 
 
 @contextlib.contextmanager
+def _zero_init_paused() -> Iterator[None]:
+    """Suspends an active ``deepspeed.zero.Init`` (its module and tensor-constructor patches) for the block.
+
+    The callback factorises inside ``configure_model``, which Lightning runs inside ``zero.Init`` under ZeRO-3.
+    DeepSpeed (0.19) takes a module built with ``device="meta"`` there for ``torch.nn.utils.skip_init`` and patches
+    ``_apply`` of every module class until that module's ``to_empty`` is called, which a placeholder's never is:
+    from then on every ``.to()`` / ``.cuda()`` in the process would partition the module it moves (a plain
+    Hugging Face model loaded after training, say). Nothing is imported: without DeepSpeed loaded, no ``Init`` is
+    active.
+    """
+    pp: Any = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    context = getattr(pp, "top_level_context", None)
+    if context is None or not getattr(context, "patched", False):
+        yield
+        return
+    pp.shutdown_init_context()
+    try:
+        yield
+    finally:
+        pp.restore_init_context()
+
+
+@contextlib.contextmanager
 def _dense_placeholders(model: nn.Module) -> Iterator[dict[str, LowRankLinear]]:
     """Temporarily swaps every :class:`LowRankLinear` for a meta-device ``nn.Linear`` of the same shape.
 
@@ -337,8 +361,12 @@ def _dense_placeholders(model: nn.Module) -> Iterator[dict[str, LowRankLinear]]:
     no memory. Yields name -> the factorised layer that the placeholder stands for.
     """
     found = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    for name, layer in found.items():
-        placeholder = nn.Linear(layer.in_features, layer.out_features, bias=layer.up.bias is not None, device="meta")
+    with _zero_init_paused():
+        placeholders = {
+            name: nn.Linear(layer.in_features, layer.out_features, bias=layer.up.bias is not None, device="meta")
+            for name, layer in found.items()
+        }
+    for name, placeholder in placeholders.items():
         replace_module(model, name, placeholder)
     try:
         yield found

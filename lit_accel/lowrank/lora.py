@@ -315,7 +315,7 @@ def apply_lora(
             (A, B from the top-``r`` singular vectors; the base keeps ``W - scaling * B @ A``).
         use_rslora: ``scaling = alpha / sqrt(r)`` instead of ``alpha / r``.
         base_dtype: Cast the frozen base weights of the adapted linears to this dtype (e.g. ``"bfloat16"``);
-            None leaves them as they are.
+            None leaves them as they are. Ignored for ZeRO-3 partitioned weights, whose dtype DeepSpeed sets.
         patterns: Module-name patterns for a model that is not a supported architecture.
 
     Returns:
@@ -377,7 +377,9 @@ def apply_lora(
             _init_pissa(layer)
         else:
             _init_gaussian(layer)
-        if dtype is not None:
+        if dtype is not None and not any(is_partitioned(p) for p in module.parameters()):
+            # Under ZeRO-3 DeepSpeed owns the storage dtype (zero.Init's, its bf16/fp16 config): `.to` would only
+            # convert the empty local tensors and leave the partitions in another dtype.
             module.to(dtype)
         replace_module(model, name, layer)
         out[name] = layer

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -173,7 +174,9 @@ class LoRA(L.Callback):
     trainable parameter) plus the settings; resuming rebuilds the base from the model source (a ``CausalLM``
     loading a pretrained directory) and loads the adapters over it. A ``CausalLM`` built from scratch (a preset,
     no pretrained weights) cannot rebuild its base, so its checkpoints keep the base (with a warning). Under
-    DeepSpeed the engine writes the checkpoint itself and it is kept whole.
+    DeepSpeed the engine writes the checkpoint itself: the callback sets the strategy's
+    ``exclude_frozen_parameters`` so that its module states (and ``lit-accel export``'s consolidated state) hold
+    only the adapters too, and the engine loads them non-strictly over the rebuilt base.
 
     Distributed: DDP averages the adapters' gradients like any others (every rank starts from rank 0's values,
     which DDP broadcasts). Under DeepSpeed ZeRO-3 the export gathers the partitioned parameters on every rank
@@ -257,6 +260,10 @@ class LoRA(L.Callback):
                     )
         if s.adapter_only_checkpoints:
             pl_module.strict_loading = False
+            if isinstance(trainer.strategy, DeepSpeedStrategy) and self._base_is_rebuildable(pl_module):
+                # DeepSpeed writes its own checkpoint (Lightning drops checkpoint["state_dict"]), so on_save_checkpoint
+                # cannot thin it; the engine leaves frozen parameters out when asked to.
+                trainer.strategy.exclude_frozen_parameters = True
         run_after_configure_model(pl_module, self._apply, tag="lora")
         if any(True for _ in pl_module.parameters()):
             # The model already exists (built in __init__): adapt it now, still before the optimizer is built.

@@ -516,3 +516,18 @@ def test_lora_after_factorisation_keeps_the_factors_trainable() -> None:
     factors = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
     assert factors and all(p.requires_grad for p in factors)
     assert not model.model.embed_tokens.weight.requires_grad
+
+
+def test_lit_accel_export_of_a_factorization_checkpoint(tmp_path: Path) -> None:
+    """`lit-accel export` rebuilds the factorised structure from the checkpoint, then writes it merged (dense)."""
+    from lit_accel.export import export_checkpoint
+
+    module = _module()
+    trainer = _trainer(tmp_path, 3, [LowRankFactorization(["q", "o"], rank=8)])
+    trainer.fit(module, _loader())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    out = export_checkpoint(tmp_path / "last.ckpt", tmp_path / "hf")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert module.model is not None
+    ids = torch.randint(0, 4096, (1, 16))
+    torch.testing.assert_close(_logits(plain, ids), _logits(module.model.eval(), ids), atol=1e-4, rtol=1e-4)
