@@ -44,7 +44,10 @@ from lit_accel.sparsity.functional import (
     rowwise_24_mask,
 )
 
-__all__ = ["MASKS_FILE", "PHASES", "SemiStructuredSparsity", "SemiStructuredSparsitySettings"]
+__all__ = ["KERNEL_CHOICES", "MASKS_FILE", "PHASES", "SemiStructuredSparsity", "SemiStructuredSparsitySettings"]
+
+KERNEL_CHOICES: tuple[str, ...] = ("auto", "cusparselt", "masked")
+"""Values of the ``kernel`` setting."""
 
 PHASES: tuple[str, ...] = ("dense_warmup", "sparse", "dense_finetune")
 """The phases in order; ``sparsity24/phase`` logs the index."""
@@ -85,6 +88,23 @@ class SemiStructuredSparsitySettings:
     log_every_n_steps: int | None = None
     """Interval of ``sparsity24/phase`` and ``sparsity24/density``; None uses the trainer's. Flip rates are
     logged at every refresh."""
+    kernel: str = "masked"
+    """How the sparse layers compute: ``"masked"`` (the default: the masked dense path everywhere; on an H100 at
+    llama-1b shapes cuSPARSELt's host cost of about 1 ms per call made each sparse layer slower in wall time,
+    0.39-0.45x dense, although its GPU time was 1.18-1.28x faster; see benchmarks/RESULTS.md), ``"auto"`` (on a CUDA
+    GPU with bf16/fp16 compute, time dense against the 2:4 sparse tensor cores (cuSPARSELt) once per distinct layer
+    shape at the start of the sparse phase, GPU time and wall time with cuSPARSELt's host overhead (see
+    :attr:`~lit_accel.kernels.sparse24_gemm.LayerTiming.speedup`), and use cuSPARSELt where it is at least
+    ``min_speedup`` times faster; elsewhere the masked dense path; on an H100 at llama-1b shapes the host overhead
+    should make it choose the masked path) or ``"cusparselt"`` (every layer that can take it, without timing). Layers that
+    cannot take cuSPARSELt (fp32 compute, a dim not a multiple of 16, row-wise masks) stay on the masked dense path
+    with a warning naming the layer and the reason."""
+    min_speedup: float = 1.0
+    """With ``kernel="auto"``: the measured speedup (dense over sparse time of forward + input gradient +
+    per-step refresh) a layer shape needs to run on cuSPARSELt."""
+    benchmark_tokens: int | None = None
+    """With ``kernel="auto"``: the token count (rows of the layers' input) to time at; None reads it from the
+    first sparse batch (``input_ids``: batch x sequence), else 8192."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -123,6 +143,15 @@ class SemiStructuredSparsitySettings:
         n = self.log_every_n_steps
         if n is not None and (not is_int(n) or n < 1):
             raise bad("log_every_n_steps", "an int >= 1 or None")
+        if self.kernel not in KERNEL_CHOICES:
+            raise bad("kernel", f"one of {KERNEL_CHOICES}")
+        ms = self.min_speedup
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms <= 0:
+            raise bad("min_speedup", "a finite float > 0")
+        self.min_speedup = float(ms)
+        bt = self.benchmark_tokens
+        if bt is not None and (not is_int(bt) or bt < 1):
+            raise bad("benchmark_tokens", "an int >= 1 or None")
 
 
 class SemiStructuredSparsity(L.Callback):
@@ -159,6 +188,10 @@ class SemiStructuredSparsity(L.Callback):
         export_dir: Where to write the plain HF model and the masks at the end of fit; None: nowhere.
         overwrite: Whether the export may replace a non-empty directory.
         log_every_n_steps: Interval of the per-step scalars; None uses the trainer's.
+        kernel: ``"auto"``, ``"cusparselt"`` or ``"masked"``: how the sparse layers compute (see
+            :class:`SemiStructuredSparsitySettings`).
+        min_speedup: With ``kernel="auto"``, the measured speedup a layer shape needs to run on cuSPARSELt.
+        benchmark_tokens: With ``kernel="auto"``, the token count to time at (None: from the first sparse batch).
 
     Raises:
         ValueError: At construction, for an argument outside what is allowed (the message names it, its value
@@ -182,6 +215,9 @@ class SemiStructuredSparsity(L.Callback):
         export_dir: str | None = None,
         overwrite: bool = False,
         log_every_n_steps: int | None = None,
+        kernel: str = "masked",
+        min_speedup: float = 1.0,
+        benchmark_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.settings = SemiStructuredSparsitySettings(
@@ -194,6 +230,9 @@ class SemiStructuredSparsity(L.Callback):
             export_dir=export_dir,
             overwrite=overwrite,
             log_every_n_steps=log_every_n_steps,
+            kernel=kernel,
+            min_speedup=min_speedup,
+            benchmark_tokens=benchmark_tokens,
         )
         self.layers: dict[str, SparseLinear] = {}
         """Qualified name -> sparse layer, in forward order."""
@@ -211,6 +250,14 @@ class SemiStructuredSparsity(L.Callback):
         """Number of mask refreshes so far."""
         self.last_flip_rates: dict[str, float] = {}
         """Per-layer flip rate of the last refresh (absent for a layer's first mask)."""
+        self.kernels: dict[str, str] = {}
+        """Per sparse layer, the backend chosen at the start of the sparse phase (``"cusparselt"`` or ``"masked"``);
+        empty before."""
+        self.kernel_reasons: dict[str, str] = {}
+        """Per layer on the masked path although cuSPARSELt was asked for (``kernel`` auto or cusparselt): why."""
+        self._last_batch_step = -1
+        self.kernel_timings: dict[tuple[int, int], Any] = {}
+        """With ``kernel="auto"``: the :class:`~lit_accel.kernels.sparse24_gemm.LayerTiming` per weight shape."""
 
     # ------------------------------------------------------------------ surgery
     def _apply(self, model: nn.Module) -> None:
@@ -327,9 +374,96 @@ class SemiStructuredSparsity(L.Callback):
                 self.last_flip_rates = flips
         for name, layer in self.layers.items():
             layer.set_mask(self.masks[name] if self.phase == "sparse" else None)
+        if step != self._last_batch_step and any(k == "cusparselt" for k in self.kernels.values()):
+            # The optimizer step hook already marks the packed operands stale; this covers optimizers that bypass it.
+            from lit_accel.kernels.sparse24_gemm import mark_weights_updated
+
+            mark_weights_updated()
+        self._last_batch_step = step
+        if self.phase == "sparse" and not self.kernels and self.layers:
+            self.choose_kernels(trainer, batch)
         if self.phase != previous:
             rank_zero_info(f"SemiStructuredSparsity: step {step}, phase {self.phase}")
         self._log(trainer, step, flips)
+
+    # ------------------------------------------------------------------ kernels
+    def choose_kernels(self, trainer: L.Trainer, batch: Any = None) -> dict[str, str]:
+        """Decides, once per fit at the start of the sparse phase, which layers run on cuSPARSELt (see the
+        ``kernel`` setting), sets them, logs the reasons for the others, and returns ``{layer: kernel}``.
+
+        Under ``kernel="auto"`` rank 0 times each distinct weight shape and broadcasts the result, so all ranks
+        choose alike.
+        """
+        from lit_accel.kernels.sparse24_gemm import check_gemm_shape, compare_layer, cusparselt_unsupported_reason
+
+        s = self.settings
+        dtype = _compute_dtype(trainer)
+        reasons: dict[str, str] = {}
+        candidates: list[str] = []
+        for name, layer in self.layers.items():
+            layer.sparse_name = name
+            if s.kernel == "masked":
+                continue
+            shape = _shape2(layer)
+            reason = (
+                cusparselt_unsupported_reason(layer.weight.device, dtype)
+                or (None if s.transposable else "row-wise masks (transposable=False) leave W^T dense-patterned")
+                or check_gemm_shape(shape[0], shape[1])
+            )
+            if reason is None:
+                candidates.append(name)
+            else:
+                reasons[name] = f"weight shape {shape}: {reason}"
+        if s.kernel == "auto" and candidates:
+            tokens = s.benchmark_tokens or _tokens_in(batch) or 8192
+            shapes = sorted({_shape2(self.layers[n]) for n in candidates})
+            speedups: dict[tuple[int, int], float] = {}
+            if trainer.is_global_zero:
+                for shape in shapes:
+                    try:
+                        timing = compare_layer(
+                            shape[0], shape[1], tokens, dtype, self.layers[candidates[0]].weight.device
+                        )
+                        self.kernel_timings[shape] = timing
+                        speedups[shape] = timing.speedup
+                    except Exception as err:  # a failed timing must leave the layer correct, on the masked path
+                        speedups[shape] = float("nan")
+                        rank_zero_warn(f"SemiStructuredSparsity: timing cuSPARSELt at {shape} failed ({err!r}).")
+            speedups = trainer.strategy.broadcast(speedups, src=0)
+            kept: list[str] = []
+            for name in candidates:
+                shape = _shape2(self.layers[name])
+                ratio = speedups.get(shape, float("nan"))
+                if math.isfinite(ratio) and ratio >= s.min_speedup:
+                    kept.append(name)
+                else:
+                    reasons[name] = (
+                        f"weight shape {shape}: cuSPARSELt measured {ratio:.2f}x dense (forward + input gradient + "
+                        f"refresh, {tokens} tokens), below min_speedup={s.min_speedup}"
+                    )
+            candidates = kept
+            metrics = {f"sparsity24/kernel_speedup/{a}x{b}": v for (a, b), v in speedups.items()}
+            if trainer.is_global_zero and metrics:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+        self.kernels = {}
+        for name, layer in self.layers.items():
+            kernel = "cusparselt" if name in candidates else "masked"
+            layer.set_kernel(kernel)
+            self.kernels[name] = kernel
+        self.kernel_reasons = reasons
+        if reasons:
+            lines = "\n".join(f"  {n}: {r}" for n, r in reasons.items())
+            message = f"SemiStructuredSparsity: {len(reasons)} layer(s) stay on the masked dense path:\n{lines}"
+            if s.kernel == "cusparselt" or any("dtype" in r for r in reasons.values()):
+                rank_zero_warn(message)
+            else:
+                rank_zero_info(message)
+        rank_zero_info(
+            f"SemiStructuredSparsity: kernel={s.kernel}: {len(candidates)} of {len(self.layers)} sparse layers on "
+            "cuSPARSELt"
+        )
+        return dict(self.kernels)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -444,6 +578,37 @@ class SemiStructuredSparsity(L.Callback):
         self.last_refresh_step = int(state_dict.get("last_refresh_step", -1))
         self.refreshes = int(state_dict.get("refreshes", 0))
         self.last_flip_rates = dict(state_dict.get("last_flip_rates", {}))
+
+
+def _shape2(layer: nn.Module) -> tuple[int, int]:
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def _compute_dtype(trainer: L.Trainer) -> torch.dtype:
+    """The dtype the layers compute in under the trainer's precision plugin."""
+    precision = str(getattr(trainer, "precision", "32-true"))
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def _tokens_in(batch: Any) -> int | None:
+    """Rows the decoder linears see for ``batch``: ``input_ids`` (or the first integer tensor) batch x sequence."""
+    if isinstance(batch, dict):
+        tensor = batch.get("input_ids")
+        if tensor is None:
+            tensor = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(batch, (list, tuple)) and batch:
+        tensor = batch[0]
+    else:
+        tensor = batch
+    if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and not tensor.is_floating_point():
+        return int(tensor.shape[0] * tensor.shape[1])
+    return None
 
 
 def _restore_masks_on_load(pl_module: L.LightningModule, callback: SemiStructuredSparsity) -> None:

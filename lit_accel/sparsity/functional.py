@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "KERNELS",
     "NUM_TRANSPOSABLE_PATTERNS",
     "MaskedLinearFunction",
     "SparseLinear",
@@ -236,8 +237,18 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return result
 
 
+KERNELS: tuple[str, ...] = ("masked", "cusparselt")
+"""Backends of :class:`SparseLinear` while a mask is set: the masked dense path (any device and dtype) or the 2:4
+sparse tensor cores through cuSPARSELt (:mod:`lit_accel.kernels.sparse24_gemm`; CUDA, bf16/fp16, transposable
+masks, dims multiples of 16; elsewhere it falls back to the masked dense path with a warning)."""
+
+
 class SparseLinear(nn.Linear):
     """An ``nn.Linear`` whose forward uses ``W * mask`` while a mask is set (:func:`masked_linear`), else ``W``.
+
+    ``kernel`` picks how the masked product runs: ``"masked"`` (dense matmuls on ``W * mask``, the reference) or
+    ``"cusparselt"`` (2:4 sparse tensor cores for the forward and the input gradient, same numerics up to
+    summation order; see :data:`KERNELS`). Set it with :meth:`set_kernel`.
 
     ``state_dict`` keys are those of ``nn.Linear`` (``weight`` is the dense weight, ``bias``): the mask is a
     non-persistent buffer, so a checkpoint of the model loads into a plain model and an HF ``save_pretrained``
@@ -251,10 +262,19 @@ class SparseLinear(nn.Linear):
     """
 
     mask: torch.Tensor | None
+    kernel: str
+    sparse_name: str
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs: Any) -> None:
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.register_buffer("mask", None, persistent=False)
+        self._init_sparse_state()
+
+    def _init_sparse_state(self) -> None:
+        self.kernel = "masked"
+        self.sparse_name = ""
+        # Per-layer cache of the cuSPARSELt path (packed operands for the current mask); not in the state_dict.
+        self._kernel_cache: dict[str, Any] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SparseLinear:
@@ -265,7 +285,20 @@ class SparseLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.register_buffer("mask", None, persistent=False)
+        new._init_sparse_state()
         return new
+
+    def set_kernel(self, kernel: str) -> None:
+        """Chooses the backend of the masked product: ``"masked"`` or ``"cusparselt"`` (see :data:`KERNELS`).
+
+        Raises:
+            ValueError: For any other value.
+        """
+        if kernel not in KERNELS:
+            raise ValueError(f"SparseLinear kernel={kernel!r} is not allowed; kernel must be one of {KERNELS}")
+        if kernel != self.kernel:
+            self._kernel_cache.clear()
+        self.kernel = kernel
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Sets the mask (bool, the weight's shape) or removes it (``None``: dense forward).
@@ -280,10 +313,16 @@ class SparseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             return F.linear(x, self.weight, self.bias)
+        if self.kernel == "cusparselt":
+            # Imported here: lit_accel.kernels.sparse24_gemm imports this module.
+            from lit_accel.kernels.sparse24_gemm import sparse24_linear
+
+            return sparse24_linear(x, self.weight, self.bias, self.mask, self._kernel_cache, self.sparse_name)
         return masked_linear(x, self.weight, self.bias, self.mask)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", sparse={self.mask is not None}"
+        kernel = f", kernel={self.kernel}" if self.kernel != "masked" else ""
+        return super().extra_repr() + f", sparse={self.mask is not None}{kernel}"
 
 
 @torch.no_grad()
