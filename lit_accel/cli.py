@@ -1,4 +1,10 @@
-"""The ``lit-accel`` command: LightningCLI for ``CausalLM`` + ``TextDataModule``, plus ``export``.
+"""The ``lit-accel`` command: LightningCLI for ``CausalLM`` + a data module, plus ``export``.
+
+The data module is ``TextDataModule`` unless the config names another subclass of it: ``data:`` with
+``TextDataModule``'s arguments (``corpus``, ``seq_len``, ...) works as it always did, and
+``data: {class_path: lit_accel.data.MultiDomainDataModule, init_args: {domains: ...}}`` picks the multi-domain
+module (dynamic batch loading). ``lit-accel export`` of a StructuredPruning checkpoint writes the physically pruned
+model (:func:`lit_accel.pruning.export.export_pruned_checkpoint`).
 
 Examples:
     $ lit-accel fit --config configs/quickstart.yaml
@@ -6,6 +12,7 @@ Examples:
     $ lit-accel fit --config configs/quickstart.yaml --print_config
     $ lit-accel fit --config configs/quickstart.yaml --ckpt_path last      # resume
     $ lit-accel export --ckpt runs/quickstart/checkpoints/last.ckpt --out exported/quickstart
+    $ lit-accel fit --config recipes/prune_continue/prune.yaml    # data: a MultiDomainDataModule
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Any
 
 import lightning as L
 import yaml
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lit_accel.data import TextDataModule
 from lit_accel.models import CausalLM
@@ -42,13 +49,21 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
+                if getattr(run, "disabled", False):  # WANDB_MODE=disabled: a no-op run, whose dir does not exist
+                    continue
                 run.config.update(yaml.safe_load(text), allow_val_change=True)
                 with open(os.path.join(run.dir, "lit_accel_config.yaml"), "w") as f:
                     f.write(text)
 
 
 class LitAccelCLI(LightningCLI):
-    """LightningCLI with lit_accel's model and data defaults; callbacks come from ``--config`` fragments."""
+    """LightningCLI with lit_accel's model and data defaults; callbacks come from ``--config`` fragments.
+
+    The data module is in subclass mode with ``TextDataModule`` as the default class, so a config may give
+    ``data:`` as ``TextDataModule``'s arguments directly or as ``class_path`` + ``init_args`` of any subclass
+    (``lit_accel.data.MultiDomainDataModule``). The resolved config (``--print_config``, the saved copy) always has
+    the ``class_path`` form.
+    """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
@@ -64,7 +79,20 @@ class LitAccelCLI(LightningCLI):
             },
         )
         kwargs.setdefault("seed_everything_default", 1234)
-        super().__init__(CausalLM, TextDataModule, args=args, run=run, auto_configure_optimizers=False, **kwargs)
+        super().__init__(
+            CausalLM,
+            TextDataModule,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+            subclass_mode_data=True,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # With the class as default, `data:` given as plain init arguments (every config written before subclass
+        # mode) is read as TextDataModule's; a `class_path` picks another subclass.
+        parser.set_defaults({"data": {"class_path": "lit_accel.data.TextDataModule"}})
 
 
 def main(argv: list[str] | None = None) -> None:

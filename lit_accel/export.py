@@ -121,10 +121,12 @@ def export_checkpoint(
     if saved_config is not None and saved_config.get("eos_token_id") is not None:
         module.model.config.eos_token_id = saved_config["eos_token_id"]
     if any(k.startswith("pruning.") for k in checkpoint["state_dict"]):
-        raise ValueError(
-            f"--ckpt {str(ckpt)!r} is from a StructuredPruning run: exporting it as is would drop the learned masks."
-            " Use StructuredPruning(export_dir=...) or lit_accel.pruning.export_pruned on the trained module."
-        )
+        # A StructuredPruning run: the model to hand back is the physically smaller one its masks describe.
+        if peft_adapter:
+            raise ValueError(f"--peft-adapter: --ckpt {str(ckpt)!r} is from a StructuredPruning run, not a LoRA run.")
+        from lit_accel.pruning.export import export_pruned_checkpoint
+
+        return export_pruned_checkpoint(ckpt, out, overwrite=overwrite, tokenizer=tokenizer)
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     sparse = (checkpoint.get("lit_accel") or {}).get("sparsity24")
     if sparse and sparse.get("phase") == "sparse":

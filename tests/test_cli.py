@@ -198,7 +198,10 @@ def test_wandb_offline_run_gets_the_resolved_config(tmp_path: Path, cache: Path,
     run_files = list((tmp_path / "wb" / "wandb").glob("offline-run-*/files/lit_accel_config.yaml"))
     assert len(run_files) == 1
     resolved = yaml.safe_load(run_files[0].read_text())
-    assert resolved["model"]["model"] == "llama-tiny" and resolved["data"]["seq_len"] == 32
+    assert resolved["model"]["model"] == "llama-tiny"
+    # The data module is in subclass mode: the resolved config names its class.
+    assert resolved["data"]["class_path"] == "lit_accel.data.TextDataModule"
+    assert resolved["data"]["init_args"]["seq_len"] == 32
 
 
 def test_export_needs_neither_the_original_model_directory_nor_its_eos_default(tmp_path: Path) -> None:
@@ -230,3 +233,35 @@ def test_export_needs_neither_the_original_model_directory_nor_its_eos_default(t
     module.eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, module(x).logits, rtol=0, atol=0)
+
+
+def test_data_is_text_datamodule_by_default_or_any_subclass_by_class_path(tmp_path: Path, cache: Path) -> None:
+    from lit_accel.data import MultiDomainDataModule
+
+    plain = _config(tmp_path, cache, "plain")
+    cli = LitAccelCLI(args=["--config", str(plain), "--data.batch_size", "3"], run=False)
+    assert type(cli.datamodule) is TextDataModule and cli.datamodule.batch_size == 3
+    cfg = yaml.safe_load(plain.read_text())
+    cfg["data"] = {
+        "class_path": "lit_accel.data.MultiDomainDataModule",
+        "init_args": {"domains": {"json": "stdlib:json", "rest": "stdlib:*"}, "reference_losses": "initial"},
+    }
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(yaml.safe_dump(cfg))
+    cli = LitAccelCLI(args=["--config", str(multi), "--data.seq_len", "16"], run=False)
+    assert isinstance(cli.datamodule, MultiDomainDataModule)
+    assert cli.datamodule.names == ["json", "rest"] and cli.datamodule.seq_len == 16
+    assert cli.datamodule.measure_reference
+
+
+def test_wandb_disabled_run_needs_no_run_directory(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # a no-op run: its dir does not exist, so nothing is written there
+    path = _config(tmp_path, cache, "wbd", max_steps=1)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["logger"] = {
+        "class_path": "lit_accel.observe.WandbLogger",
+        "init_args": {"project": "t", "save_dir": str(tmp_path / "wbd")},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(path)])
+    assert len(list((tmp_path / "wbd").glob("config-*.yaml"))) == 1

@@ -40,7 +40,9 @@ def test_config_builds(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     strategy = raw.get("trainer", {}).get("strategy", "auto")
     assert strategy == "auto" or strategy in StrategyRegistry or strategy in ("ddp", "fsdp", "deepspeed")
     cli = LitAccelCLI(args=["--config", str(path), *CPU], run=False)
-    assert cli.model.config.vocab_size >= raw["data"]["bpe_vocab_size"]
+    # `data:` is TextDataModule's arguments, or class_path + init_args of a subclass (MultiDomainDataModule).
+    data = raw["data"].get("init_args", raw["data"])
+    assert cli.model.config.vocab_size >= data["bpe_vocab_size"]
     assert cli.datamodule.seq_len <= cli.model.config.max_position_embeddings
     assert not _every_key_has_a_comment(path)
 

@@ -28,6 +28,7 @@ from lit_accel.data.domains import (
     DomainBatchSampler,
     DynamicBatchLoading,
     MultiDomainDataModule,
+    reference_losses_from_checkpoint,
     update_domain_weights,
 )
 from lit_accel.data.shards import PackedTokenDataset, TokenShards, build_shards, split_runs
@@ -52,6 +53,7 @@ __all__ = [
     "is_saved_dataset",
     "load_documents",
     "load_tokenizer",
+    "reference_losses_from_checkpoint",
     "split_runs",
     "stdlib_corpus_files",
     "token_dtype",

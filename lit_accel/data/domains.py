@@ -14,19 +14,36 @@ Every training batch draws its ``batch_size`` domains i.i.d. from the current we
 Updates (:func:`update_domain_weights`) are applied by the :class:`DynamicBatchLoading` callback every
 ``update_every`` optimizer steps, from losses it measures itself on each domain's validation split.
 
+**Reference losses** (``MultiDomainDataModule(reference_losses=...)``), the per-domain losses the update compares
+against, come from one of:
+
+* a dict ``{domain: loss}`` given in the config: the paper's choice, the losses of a reference model (for pruning:
+  what a model of the target size reaches, e.g. predicted by a scaling law or measured on a model trained from
+  scratch at that size);
+* ``"initial"``: :class:`DynamicBatchLoading` measures each domain's validation loss of the model as it is when
+  training starts, before the first step. For a pruning run these are the *source* model's losses (the masks are
+  switched off while measuring, through ``StructuredPruning.bypass``), so the weights shift towards the domains
+  that pruning has hurt the most. They are saved in checkpoints (a resumed run keeps them) and logged as
+  ``data/reference_loss/<domain>``;
+* the path of a checkpoint of a run that had them (either way): :func:`reference_losses_from_checkpoint` reads them,
+  e.g. to continue pre-training a pruned model against the source model's losses.
+
 Example:
     >>> from lit_accel.data import MultiDomainDataModule, DynamicBatchLoading
     >>> dm = MultiDomainDataModule(
     ...     {"text": "stdlib:email,html,xml", "net": "stdlib:asyncio,http,urllib", "rest": "stdlib:*"},
     ...     reference_losses={"text": 2.0, "net": 2.1, "rest": 2.3}, update_every=50)
+    >>> dm = MultiDomainDataModule({"net": "stdlib:asyncio,http", "rest": "stdlib:*"}, reference_losses="initial")
     >>> trainer = L.Trainer(callbacks=[DynamicBatchLoading()])  # doctest: +SKIP
     >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,6 +53,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lit_accel.data.corpus import STDLIB, corpus_fingerprint, load_documents, stdlib_corpus_files, validate_corpus
@@ -49,11 +67,54 @@ from lit_accel.data.datamodule import (
 from lit_accel.data.shards import SHARD_FORMAT_VERSION, PackedTokenDataset, TokenShards, build_shards
 from lit_accel.data.tokenizer import bpe_training_texts, hash_tokenizer_dir, load_tokenizer, train_bpe_tokenizer
 
-__all__ = ["DomainBatchSampler", "DynamicBatchLoading", "MultiDomainDataModule", "update_domain_weights"]
+__all__ = [
+    "INITIAL",
+    "DomainBatchSampler",
+    "DynamicBatchLoading",
+    "MultiDomainDataModule",
+    "reference_losses_from_checkpoint",
+    "update_domain_weights",
+]
 
 _STDLIB_PREFIX = "stdlib:"
 _REST = "*"
 _TOKENIZER_FORMAT_VERSION = 1
+INITIAL = "initial"
+"""``reference_losses="initial"``: measure them on the model when training starts (see the module docstring)."""
+
+
+def reference_losses_from_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, float]:
+    """The reference losses saved in a checkpoint by a :class:`MultiDomainDataModule` (given or measured).
+
+    Args:
+        ckpt: A Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder. It is read memory-mapped, so the
+            weights are not loaded.
+
+    Raises:
+        ValueError: The path does not exist, is not a checkpoint, or holds no reference losses.
+
+    Example:
+        >>> reference_losses_from_checkpoint("runs/prune/checkpoints/last.ckpt")  # doctest: +SKIP
+        {'tests': 2.31, 'net': 2.87, 'gui': 2.65, 'rest': 2.74}
+    """
+    path = Path(ckpt)
+    files = sorted(path.glob("*/mp_rank_*_model_states.pt")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise ValueError(
+            f"reference_losses={str(ckpt)!r} is neither 'initial' nor an existing checkpoint (a Lightning .ckpt "
+            "file or a DeepSpeed checkpoint folder of a run with a MultiDomainDataModule)."
+        )
+    try:
+        checkpoint = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises several unrelated types for a file that is not a checkpoint
+        raise ValueError(f"reference_losses={str(ckpt)!r} is not a readable checkpoint: {err}") from err
+    for value in checkpoint.values() if isinstance(checkpoint, dict) else ():
+        if isinstance(value, dict) and "schedule" in value and isinstance(value.get("reference_losses"), dict):
+            return {str(k): float(v) for k, v in value["reference_losses"].items()}
+    raise ValueError(
+        f"reference_losses={str(ckpt)!r}: the checkpoint holds no reference losses (no MultiDomainDataModule state "
+        "with 'reference_losses'; with reference_losses='initial' they exist once training has started)."
+    )
 
 
 def update_domain_weights(
@@ -347,7 +408,10 @@ class MultiDomainDataModule(TextDataModule):
         domains: ``{name: spec}``; a spec (or a list of specs, concatenated) is a corpus for
             :func:`~lit_accel.data.load_documents`, ``"stdlib:<pkg>[,<pkg>...]"`` (top-level standard-library
             packages/modules) or ``"stdlib:*"`` (the top-level packages/modules no other ``stdlib:`` spec names).
-        reference_losses: ``{name: loss}`` for every domain; None: :meth:`update` is not allowed (fixed weights).
+        reference_losses: ``{name: loss}`` for every domain; ``"initial"``: :class:`DynamicBatchLoading` measures
+            them on the model when training starts (for pruning, the source model); the path of a checkpoint that
+            holds them (:func:`reference_losses_from_checkpoint`); None: :meth:`update` is not allowed (fixed
+            weights). See the module docstring.
         update_every: optimizer steps between updates (>= 1).
         eta: update step size (> 0).
         smoothing: weight of the uniform distribution mixed in after each update, in [0, 1].
@@ -362,7 +426,7 @@ class MultiDomainDataModule(TextDataModule):
     def __init__(
         self,
         domains: dict[str, str | list[str]],
-        reference_losses: dict[str, float] | None = None,
+        reference_losses: dict[str, float] | str | None = None,
         update_every: int = 50,
         eta: float = 1.0,
         smoothing: float = 1e-4,
@@ -406,17 +470,25 @@ class MultiDomainDataModule(TextDataModule):
             raise ValueError(f"eta={eta} must be > 0.")
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"smoothing={smoothing} must be in [0, 1].")
+        self.measure_reference = reference_losses == INITIAL
+        """Whether :class:`DynamicBatchLoading` measures the reference losses when training starts."""
+        if isinstance(reference_losses, (str, os.PathLike)):
+            reference_losses = None if self.measure_reference else reference_losses_from_checkpoint(reference_losses)
         if reference_losses is not None and set(reference_losses) != set(self.names):
             raise ValueError(
                 f"reference_losses keys {sorted(reference_losses)} must be exactly the domains {sorted(self.names)}."
             )
+        if reference_losses is not None and not all(math.isfinite(float(v)) for v in reference_losses.values()):
+            raise ValueError(f"reference_losses={dict(reference_losses)} must be finite numbers.")
         if initial_weights is not None:
             if set(initial_weights) != set(self.names):
                 raise ValueError(
                     f"initial_weights keys {sorted(initial_weights)} must be exactly the domains {sorted(self.names)}."
                 )
             _check_weights([float(initial_weights[n]) for n in self.names], "initial_weights")
-        self.reference_losses = None if reference_losses is None else {k: float(v) for k, v in reference_losses.items()}
+        self.reference_losses: dict[str, float] | None = (
+            None if reference_losses is None else {k: float(v) for k, v in reference_losses.items()}
+        )
         self.update_every = update_every
         self.eta = eta
         self.smoothing = smoothing
@@ -600,7 +672,8 @@ class MultiDomainDataModule(TextDataModule):
         """
         if self.reference_losses is None:
             raise ValueError(
-                "update() needs reference_losses; pass them to MultiDomainDataModule(reference_losses=...)."
+                "update() needs reference_losses; pass them to MultiDomainDataModule(reference_losses=...) (with "
+                "reference_losses='initial', DynamicBatchLoading measures them when training starts)."
             )
         if set(per_domain_val_losses) != set(self.names):
             raise ValueError(
@@ -620,19 +693,33 @@ class MultiDomainDataModule(TextDataModule):
         return dict(zip(self.names, new))
 
     # ------------------------------------------------------------------------------------------------- state
+    def set_reference_losses(self, losses: dict[str, float]) -> None:
+        """Set the reference losses (:class:`DynamicBatchLoading` does, with ``reference_losses="initial"``)."""
+        if set(losses) != set(self.names) or not all(math.isfinite(float(v)) for v in losses.values()):
+            raise ValueError(f"reference losses {losses} must be finite numbers for exactly the domains {self.names}.")
+        self.reference_losses = {n: float(losses[n]) for n in self.names}
+
     def state_dict(self) -> dict[str, Any]:
-        """The resume position (as :class:`TextDataModule`) plus ``"schedule"``: the weights and their steps."""
+        """The resume position (as :class:`TextDataModule`), ``"schedule"`` (the weights and their steps) and
+        ``"reference_losses"`` (None until known)."""
         state = super().state_dict()
         state["schedule"] = [[s, list(w)] for s, w in self.schedule]
+        state["reference_losses"] = None if self.reference_losses is None else dict(self.reference_losses)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the resume position and the weight schedule."""
+        """Restore the resume position, the weight schedule and measured (``"initial"``) reference losses.
+
+        Reference losses given to the constructor win over the checkpoint's: a config may change them on resume.
+        """
         state = dict(state_dict)
         schedule = state.pop("schedule", None)
+        references = state.pop("reference_losses", None)
         super().load_state_dict(state)
         if schedule:
             self.schedule[:] = [(int(s), [float(x) for x in w]) for s, w in schedule]
+        if references is not None and self.measure_reference:
+            self.set_reference_losses(references)
 
     # -------------------------------------------------------------------------------------------- properties
     @property
@@ -665,6 +752,11 @@ class DynamicBatchLoading(L.Callback):
     ``data/val_loss/<domain>``. Runs on every rank (the reductions need them all); parameters must be readable
     as-is (not ZeRO-3 partitioned).
 
+    With ``MultiDomainDataModule(reference_losses="initial")`` the reference losses are measured the same way when
+    training starts (``on_train_start``, unless a resumed checkpoint holds them), with every callback that has a
+    ``bypass(pl_module)`` context manager entered: such a callback (``StructuredPruning``) then leaves the model
+    as the source model. They are logged as ``data/reference_loss/<domain>``.
+
     Example:
         >>> trainer = L.Trainer(callbacks=[DynamicBatchLoading()])  # doctest: +SKIP
     """
@@ -678,8 +770,28 @@ class DynamicBatchLoading(L.Callback):
         return dm
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._dm(trainer).reference_losses is None:
-            raise ValueError("DynamicBatchLoading needs MultiDomainDataModule(reference_losses=...).")
+        dm = self._dm(trainer)
+        if dm.reference_losses is None and not dm.measure_reference:
+            raise ValueError(
+                "DynamicBatchLoading needs MultiDomainDataModule(reference_losses=...): a dict, 'initial' (measured "
+                "when training starts) or a checkpoint path."
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = self._dm(trainer)
+        if dm.reference_losses is not None or not dm.measure_reference:
+            return
+        with contextlib.ExitStack() as stack:
+            for cb in trainer.callbacks:  # type: ignore[attr-defined]
+                bypass = getattr(cb, "bypass", None)
+                if callable(bypass):
+                    stack.enter_context(bypass(pl_module))
+            losses = self.domain_losses(trainer, pl_module)
+        dm.set_reference_losses(losses)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        rank_zero_info(f"lit_accel: reference losses (the model as training starts): {shown}")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"data/reference_loss/{n}": v for n, v in losses.items()}, step=trainer.global_step)
 
     @torch.no_grad()
     def domain_losses(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

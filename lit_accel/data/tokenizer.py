@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -154,8 +155,27 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
     return tok
 
 
+_TOKENIZER_FILE_PATTERNS = (
+    "tokenizer*.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges*.txt",
+    "*.model",
+    "*.tiktoken",
+)
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return not name.startswith(".") and any(fnmatch.fnmatch(name, p) for p in _TOKENIZER_FILE_PATTERNS)
+
+
 def hash_tokenizer_dir(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 over the names and contents of the files in a tokenizer directory (sorted).
+    """Hex SHA-256 over the names and contents of the tokenizer files in a directory (sorted).
+
+    Only files that define the tokenization count (``tokenizer.json``, ``tokenizer_config.json``, vocabularies,
+    merges, sentencepiece models, special-token maps): a model directory used as the tokenizer would otherwise get a
+    new hash, and the corpus a new tokenization, every time its weights change.
 
     Example:
         >>> len(hash_tokenizer_dir("/tmp"))  # doctest: +SKIP
@@ -163,7 +183,8 @@ def hash_tokenizer_dir(path: str | os.PathLike[str]) -> str:
     """
     h = hashlib.sha256()
     root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_tokenizer_file(p.name))
+    for f in files:
         h.update(f.relative_to(root).as_posix().encode() + b"\0")
         h.update(f.read_bytes())
         h.update(b"\0")

@@ -3,8 +3,11 @@
 - :mod:`~lit_accel.pruning.masks`: hard-concrete gates and :class:`L0Masks` (layers, KV groups, MLP channels,
   hidden dims), with the exact expected parameter count.
 - :mod:`~lit_accel.pruning.apply`: :func:`apply_masks` runs a Hugging Face model under the masks through hooks.
-- :mod:`~lit_accel.pruning.targets`: :class:`PruningTarget`, the Lagrangian constraint and its multipliers.
-- :mod:`~lit_accel.pruning.export`: :func:`export_pruned` removes the masked units and folds the gates in.
+- :mod:`~lit_accel.pruning.targets`: :class:`PruningTarget` (dims, a preset or a ratio), the Lagrangian constraint and
+  its multipliers.
+- :mod:`~lit_accel.pruning.export`: :func:`export_pruned` removes the masked units and folds the gates in;
+  :func:`export_pruned_checkpoint` does it from a checkpoint (``lit-accel export``).
+- :mod:`~lit_accel.pruning.report`: per-layer expected / kept / target sizes and their W&B charts.
 - :mod:`~lit_accel.pruning.callback`: :class:`StructuredPruning`, the Lightning callback that runs it all in a fit.
 
 Example:
@@ -26,11 +29,21 @@ Example:
 
 from lit_accel.pruning.apply import MaskHooks, apply_masks, masked_rms_norm
 from lit_accel.pruning.callback import StructuredPruning
-from lit_accel.pruning.export import export_pruned
+from lit_accel.pruning.export import export_pruned, export_pruned_checkpoint, is_pruning_checkpoint
 from lit_accel.pruning.masks import HardConcrete, L0Masks, PrunableShape, count_params
-from lit_accel.pruning.targets import Lagrangian, PruningTarget, constraint_loss, lagrangian_loss, ramped_target
+from lit_accel.pruning.report import architecture_report, log_architecture_charts
+from lit_accel.pruning.targets import (
+    TARGET_PRESETS,
+    Lagrangian,
+    PruningTarget,
+    constraint_loss,
+    lagrangian_loss,
+    preset_dims,
+    ramped_target,
+)
 
 __all__ = [
+    "TARGET_PRESETS",
     "HardConcrete",
     "L0Masks",
     "Lagrangian",
@@ -39,10 +52,15 @@ __all__ = [
     "PruningTarget",
     "StructuredPruning",
     "apply_masks",
+    "architecture_report",
     "constraint_loss",
     "count_params",
     "export_pruned",
+    "export_pruned_checkpoint",
+    "is_pruning_checkpoint",
     "lagrangian_loss",
+    "log_architecture_charts",
     "masked_rms_norm",
+    "preset_dims",
     "ramped_target",
 ]

@@ -28,7 +28,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -74,12 +75,15 @@ class MaskHooks:
 
     Attributes:
         zs: The masks drawn for the latest forward (group name -> tensor), or None before the first.
+        active: While False (see :meth:`bypassed`) every hook passes its input through: the model computes as the
+            unmasked model.
     """
 
     def __init__(self, model: nn.Module, masks: L0Masks) -> None:
         self.masks = masks
         self.zs: dict[str, torch.Tensor] | None = None
         self.generator: torch.Generator | None = None
+        self.active = True
         self._handles: list[RemovableHandle] = []
         structure = get_structure(model)
         shape = masks.shape
@@ -110,13 +114,33 @@ class MaskHooks:
             raise RuntimeError("MaskHooks: a submodule ran before the model's forward drew the masks")
         return self.zs
 
-    def _draw(self, module: nn.Module, args: Any) -> None:
-        self.zs = self.masks(self.generator)
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """A context in which the hooks do nothing (the model computes unmasked), e.g. to measure the source model.
 
-    def _scale_hidden(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        Example:
+            >>> with hooks.bypassed():  # doctest: +SKIP
+            ...     source_logits = model(ids).logits
+        """
+        before = self.active
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = before
+
+    def _draw(self, module: nn.Module, args: Any) -> None:
+        if self.active:
+            self.zs = self.masks(self.generator)
+
+    def _scale_hidden(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.active:
+            return None
         return output * self._z()["hidden"].to(output.dtype)
 
-    def _norm(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    def _norm(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.active:
+            return None
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         weight = getattr(module, "weight", None)
         if not isinstance(eps, float) or not isinstance(weight, torch.Tensor):
@@ -125,6 +149,8 @@ class MaskHooks:
 
     def _sublayer_output(self, group: str, index: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if not self.active:
+                return None
             z = self._z()
             first = output[0] if isinstance(output, tuple) else output
             scaled = first * (z[group][index] * z["hidden"]).to(first.dtype)
@@ -136,6 +162,8 @@ class MaskHooks:
         shape = self.masks.shape
 
         def hook(module: nn.Module, args: Any) -> Any:
+            if not self.active:
+                return None
             x = args[0]
             gate = self._z()["heads"][index].to(x.dtype)
             # [..., num_heads * head_dim] -> [..., kv_heads, group_size * head_dim]: one gate per KV group.
@@ -146,6 +174,8 @@ class MaskHooks:
 
     def _intermediate(self, index: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any) -> Any:
+            if not self.active:
+                return None
             x = args[0]
             return (x * self._z()["intermediate"][index].to(x.dtype), *args[1:])
 

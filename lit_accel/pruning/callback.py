@@ -13,24 +13,38 @@ The algorithm lives in :mod:`lit_accel.pruning.masks`, :mod:`~lit_accel.pruning.
 2. Every training step: the masks are sampled once per forward from a generator seeded with ``(seed,
    global_step)``, the same on every rank and again after a resume; the penalty uses the target ramped over
    ``lagrangian_warmup_steps``; ``pruning/...`` metrics are logged.
-3. Validation runs under the deterministic masks (the target architecture).
+3. Validation runs under the deterministic masks (the target architecture). At the end of every validation (and
+   every ``chart_every_n_steps`` steps if set), rank zero logs the expected, kept and target size of every layer
+   (:func:`~lit_accel.pruning.report.architecture_report`) to each ``WandbLogger`` as the table
+   ``pruning/architecture`` and the line charts ``pruning/chart/{blocks,kv_heads,intermediate,hidden}``; other
+   loggers get only the scalar ``pruning/kept_params``.
 4. ``on_train_end``: with ``export_dir``, writes the physically pruned model (:func:`export_pruned`) there.
+5. Checkpoints record the target and the units kept per group (``checkpoint["lit_accel"]["pruning"]``), so that
+   ``lit-accel export`` (:func:`~lit_accel.pruning.export.export_pruned_checkpoint`) can export the pruned model
+   from any checkpoint of the run.
+
+:meth:`StructuredPruning.bypass` switches the masks off for a while (the model computes as the source model);
+:class:`~lit_accel.data.DynamicBatchLoading` uses it to measure reference losses on the source model.
 
 Example:
     >>> import lightning as L
     >>> from lit_accel.pruning.callback import StructuredPruning
     >>> cb = StructuredPruning(num_layers=12, num_kv_heads=4, intermediate_size=2048, hidden_size=1024)
+    >>> cb = StructuredPruning(preset="llama-1b-half")  # or a preset's shape
     >>> trainer = L.Trainer(max_steps=1000, callbacks=[cb])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
@@ -39,7 +53,8 @@ from lit_accel.models.causal_lm import save_hf_directory
 from lit_accel.models.surgery import find_hf_model, run_after_configure_model
 from lit_accel.pruning.apply import MaskHooks, apply_masks
 from lit_accel.pruning.export import export_pruned
-from lit_accel.pruning.masks import L0Masks
+from lit_accel.pruning.masks import L0Masks, count_params
+from lit_accel.pruning.report import architecture_report, log_architecture_charts
 from lit_accel.pruning.targets import Lagrangian, PruningTarget, constraint_loss
 
 __all__ = ["StructuredPruning"]
@@ -62,20 +77,25 @@ class StructuredPruning(L.Callback):
         intermediate_size: MLP channels to keep per layer; None keeps all.
         hidden_size: Hidden dims to keep; None keeps all.
         param_ratio: Instead of dims, the fraction of parameters to keep, in (0, 1).
+        preset: Instead of dims, a preset name whose shape is the target (see
+            :class:`~lit_accel.pruning.targets.PruningTarget`; e.g. ``llama-1b-half``, ``llama-125m``).
         lagrangian_warmup_steps: Steps over which the target sparsity ramps linearly from 0.
         mask_lr: Peak learning rate of the masks' ``log_alpha`` (scaled by the model's schedule).
         lambda_lr: Peak learning rate of the Lagrange multipliers (scaled likewise; they ascend, see
             :class:`~lit_accel.pruning.targets.Lagrangian`).
         seed: Seed of the mask samples (combined with the global step).
         export_dir: If set, the pruned model is written there (``save_pretrained``) when training ends.
+        chart_every_n_steps: Also log the per-layer architecture charts every this many optimizer steps (they are
+            always logged at the end of each validation); None: only at validation.
 
     Raises:
         ValueError: At construction, for a bad target or a non-positive rate (the message names the argument);
             at set-up, for a model that is not LLaMA-family or a target larger than the model.
 
     Example:
-        >>> StructuredPruning(param_ratio=0.5).target
-        PruningTarget(num_layers=None, num_kv_heads=None, intermediate_size=None, hidden_size=None, param_ratio=0.5)
+        >>> StructuredPruning(param_ratio=0.5).target  # doctest: +NORMALIZE_WHITESPACE
+        PruningTarget(num_layers=None, num_kv_heads=None, intermediate_size=None, hidden_size=None, param_ratio=0.5,
+                      preset=None)
     """
 
     def __init__(
@@ -85,11 +105,13 @@ class StructuredPruning(L.Callback):
         intermediate_size: int | None = None,
         hidden_size: int | None = None,
         param_ratio: float | None = None,
+        preset: str | None = None,
         lagrangian_warmup_steps: int = 0,
         mask_lr: float = 0.1,
         lambda_lr: float = 0.1,
         seed: int = 0,
         export_dir: str | None = None,
+        chart_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         self.target = PruningTarget(
@@ -98,6 +120,7 @@ class StructuredPruning(L.Callback):
             intermediate_size=intermediate_size,
             hidden_size=hidden_size,
             param_ratio=param_ratio,
+            preset=preset,
         )
         if not isinstance(lagrangian_warmup_steps, int) or lagrangian_warmup_steps < 0:
             raise ValueError(
@@ -106,6 +129,14 @@ class StructuredPruning(L.Callback):
         for name, value in (("mask_lr", mask_lr), ("lambda_lr", lambda_lr)):
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"StructuredPruning: {name} must be a number > 0, got {value!r}")
+        if chart_every_n_steps is not None and (
+            isinstance(chart_every_n_steps, bool) or not isinstance(chart_every_n_steps, int) or chart_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"StructuredPruning: chart_every_n_steps must be an int >= 1 or None, got {chart_every_n_steps!r}"
+            )
+        self.chart_every_n_steps = chart_every_n_steps
+        self._charted_step = -1
         self.lagrangian_warmup_steps = lagrangian_warmup_steps
         self.mask_lr = float(mask_lr)
         self.lambda_lr = float(lambda_lr)
@@ -128,6 +159,20 @@ class StructuredPruning(L.Callback):
         lagrangian = self._pruning_module()["lagrangian"]
         assert isinstance(lagrangian, Lagrangian)
         return lagrangian
+
+    @contextlib.contextmanager
+    def bypass(self, pl_module: L.LightningModule | None = None) -> Iterator[None]:
+        """A context in which the masks are off: the model computes as the unpruned source model.
+
+        Used by :class:`~lit_accel.data.DynamicBatchLoading` to measure reference losses on the source model at the
+        start of pruning. A no-op before the masks exist.
+        """
+        hooks = self.hooks
+        if hooks is None:
+            yield
+            return
+        with hooks.bypassed():
+            yield
 
     def _pruning_module(self) -> nn.ModuleDict:
         module = getattr(self._pl_module, "pruning", None)
@@ -244,6 +289,44 @@ class StructuredPruning(L.Callback):
 
         pl_module.configure_optimizers = wrapped_configure_optimizers  # type: ignore[method-assign]
         pl_module.training_step = wrapped_training_step  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ charts
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = self.chart_every_n_steps
+        step = trainer.global_step
+        if n is not None and step > 0 and step % n == 0 and step != self._charted_step:
+            self._charted_step = step  # with gradient accumulation several batches end at one global step
+            self._log_architecture(trainer, pl_module, on_step=True)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log_architecture(trainer, pl_module, on_step=False)
+
+    def _log_architecture(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
+        """Log the kept parameter count (every logger) and, on rank zero, the architecture charts (W&B only)."""
+        if not isinstance(getattr(self._pl_module, "pruning", None), nn.ModuleDict):
+            return
+        masks = self.masks
+        with torch.no_grad():
+            kept = {k: (v != 0).float() for k, v in masks.deterministic().items()}
+            kept_params = float(count_params(masks.shape, kept))
+        pl_module.log("pruning/kept_params", kept_params, on_step=on_step, on_epoch=not on_step)
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb_loggers and trainer.is_global_zero:
+            report = architecture_report(masks, self.target)
+            for logger in wandb_loggers:
+                log_architecture_charts(logger.experiment, report, trainer.global_step)
+
+    # ------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # What `lit-accel export` needs to rebuild the deterministic masks from the checkpoint's state_dict.
+        if isinstance(getattr(pl_module, "pruning", None), nn.ModuleDict):
+            checkpoint.setdefault("lit_accel", {})["pruning"] = {
+                "target": asdict(self.target),
+                "keep": dict(self.masks.keep),
+            }
 
     # ------------------------------------------------------------------ end
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

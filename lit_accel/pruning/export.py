@@ -23,6 +23,10 @@ weight is sliced without the gate. Untied, the gate goes into the final norm's w
 The export needs the same number of KV heads and intermediate channels in every kept block (a Hugging Face config
 has one of each); :meth:`L0Masks.deterministic` always gives that, as the paper's target architecture is uniform.
 
+:func:`export_pruned_checkpoint` does the same from a checkpoint of a
+:class:`~lit_accel.pruning.callback.StructuredPruning` run (``lit-accel export --ckpt CKPT --out DIR`` calls it for
+such a checkpoint), then reloads the directory with plain ``from_pretrained`` and checks its logits.
+
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -36,7 +40,11 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import copy
+import inspect
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,7 +54,7 @@ from lit_accel.models.params import is_partitioned
 from lit_accel.models.structure import Block, ModelStructure, get_structure
 from lit_accel.pruning.masks import MASK_GROUPS, L0Masks
 
-__all__ = ["export_pruned"]
+__all__ = ["export_pruned", "export_pruned_checkpoint", "is_pruning_checkpoint", "main"]
 
 
 def _nonzero(z: torch.Tensor) -> torch.Tensor:
@@ -231,3 +239,176 @@ def _fill(
             cast(down_w),
             None if down_b is None else cast(f32(down_b)[hid] * layer_mlp * zh),
         )
+
+
+# --------------------------------------------------------------------------------------------- from a checkpoint
+def is_pruning_checkpoint(ckpt: str | os.PathLike[str]) -> bool:
+    """Whether ``ckpt`` (a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder) is from a StructuredPruning run.
+
+    Reads the checkpoint memory-mapped (tensors are not loaded), so it is cheap even for a large model. Anything
+    unreadable is reported as False (the ordinary exporter then explains what is wrong with it).
+    """
+    path = Path(ckpt)
+    try:
+        if path.is_dir():
+            files = sorted(path.glob("*/mp_rank_*_model_states.pt"))
+            if not files:
+                return False
+            checkpoint = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        elif path.is_file():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        else:
+            return False
+    except Exception:  # not a zip-format torch file, or no checkpoint at all
+        return False
+    if not isinstance(checkpoint, dict):
+        return False
+    if isinstance((checkpoint.get("lit_accel") or {}).get("pruning"), dict):
+        return True
+    state = checkpoint.get("state_dict") or checkpoint.get("module") or {}
+    return isinstance(state, dict) and any("pruning.masks." in str(k) for k in state)
+
+
+def export_pruned_checkpoint(
+    ckpt: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    overwrite: bool = False,
+    tokenizer: str | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write the physically pruned model of a StructuredPruning checkpoint as a plain Hugging Face directory.
+
+    The model is rebuilt from the config saved in the checkpoint (the source model directory is not needed), its
+    weights and the masks' ``log_alpha`` are loaded from the ``state_dict``, the deterministic masks are those of the
+    target recorded by the callback, and :func:`export_pruned` removes the masked units. ``lit-accel export --ckpt
+    CKPT --out DIR`` calls this for a pruning checkpoint.
+
+    Args:
+        ckpt: A Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder of a StructuredPruning run.
+        out: The output directory; must not exist or be empty unless ``overwrite``.
+        overwrite: Replace an existing non-empty output directory.
+        tokenizer: A tokenizer directory to copy in; by default the one the run trained with, if still on disk.
+        verify: Reload the written directory with ``AutoModelForCausalLM.from_pretrained`` and check that its
+            logits equal the masked model's at evaluation (a few random tokens).
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ValueError: The checkpoint has no masks or no target record, or a tokenizer path that is not a directory.
+        FileExistsError: ``out`` is not empty and ``overwrite`` is False.
+        RuntimeError: ``verify`` found logits that differ from the masked model's.
+    """
+    from lightning.pytorch.utilities import rank_zero_info
+    from transformers import AutoTokenizer
+
+    from lit_accel.export import load_lightning_checkpoint
+    from lit_accel.models.causal_lm import CausalLM, save_hf_directory
+    from lit_accel.models.params import load_full_state_dict
+
+    out_path = Path(out)
+    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"--out {str(out_path)!r} exists and is not empty; choose a new path or pass --overwrite."
+        )
+    checkpoint = load_lightning_checkpoint(ckpt)
+    extra = checkpoint.get("lit_accel") or {}
+    state = checkpoint["state_dict"]
+    prefix = "pruning.masks."
+    mask_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not mask_state:
+        raise ValueError(
+            f"--ckpt {str(ckpt)!r} holds no pruning masks ({prefix}*): it is not from a StructuredPruning run"
+        )
+    record = extra.get("pruning")
+    if not isinstance(record, dict) or "keep" not in record:
+        raise ValueError(
+            f"--ckpt {str(ckpt)!r} has masks but no record of the pruning target (checkpoint['lit_accel']['pruning'], "
+            "written by StructuredPruning.on_save_checkpoint); export from the trained module with "
+            "StructuredPruning(export_dir=...) or lit_accel.pruning.export_pruned instead"
+        )
+    saved_config = extra.get("config")
+    if saved_config is not None:
+        module = CausalLM(model=saved_config)
+    else:
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        accepted = inspect.signature(CausalLM.__init__).parameters
+        module = CausalLM(**{k: v for k, v in hparams.items() if k in accepted})
+    module.configure_model()
+    model = module.model
+    assert model is not None
+    if saved_config is not None and saved_config.get("eos_token_id") is not None:
+        model.config.eos_token_id = saved_config["eos_token_id"]
+    load_full_state_dict(model, {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+    masks = L0Masks(model)
+    masks.load_state_dict(mask_state)
+    masks.set_keep({k: int(v) for k, v in record["keep"].items()})
+    masks.eval()
+    small = export_pruned(model, masks)
+    tok_dir = tokenizer or extra.get("tokenizer_dir")
+    tok = None
+    if tok_dir and Path(tok_dir).is_dir():
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    elif tokenizer:
+        raise ValueError(f"--tokenizer {tokenizer!r} is not a directory.")
+    save_hf_directory(small, small.state_dict(), out_path, tokenizer=tok, overwrite=overwrite)
+    n_full = sum(p.numel() for p in model.parameters())
+    n_small = sum(p.numel() for p in small.parameters())
+    c = small.config
+    rank_zero_info(
+        f"lit_accel: pruned model {n_small:,} parameters ({n_small / n_full:.1%} of {n_full:,}): "
+        f"layers {c.num_hidden_layers}, heads {c.num_attention_heads} (KV {c.num_key_value_heads}), "
+        f"intermediate {c.intermediate_size}, hidden {c.hidden_size}"
+    )
+    if verify:
+        err = _check_reloaded(out_path, model, masks)
+        rank_zero_info(f"lit_accel: from_pretrained({str(out_path)!r}) loads it; max logit difference {err:.2e}")
+    return out_path
+
+
+@torch.no_grad()
+def _check_reloaded(out: Path, model: PreTrainedModel, masks: L0Masks) -> float:
+    """Reload ``out`` with plain ``from_pretrained`` and compare its logits with the masked model's (relative)."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_accel.pruning.apply import apply_masks
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    try:
+        with apply_masks(model, masks):
+            expected = model(input_ids=ids).logits.float()
+    finally:
+        model.train(was_training)
+    got = reloaded(input_ids=ids).logits.float()
+    err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1.0))
+    if not err < 1e-3:
+        raise RuntimeError(
+            f"export check failed: the model reloaded from {str(out)!r} gives logits that differ from the masked "
+            f"model's by {err:.2e} (relative); please report this with the checkpoint's config"
+        )
+    return err
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lit-accel export`` for a StructuredPruning checkpoint (the CLI dispatches here)."""
+    parser = argparse.ArgumentParser(
+        prog="lit-accel export",
+        description="Write the physically pruned Hugging Face model of a StructuredPruning checkpoint.",
+    )
+    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file or DeepSpeed checkpoint folder")
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory to include (default: the run's)")
+    parser.add_argument("--peft-adapter", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-verify", action="store_true", help="skip the from_pretrained reload and logit check")
+    args = parser.parse_args(argv)
+    if args.peft_adapter:
+        raise ValueError(f"--peft-adapter: --ckpt {args.ckpt!r} is from a StructuredPruning run, which has no adapter.")
+    path = export_pruned_checkpoint(
+        args.ckpt, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, verify=not args.no_verify
+    )
+    print(f"exported pruned {args.ckpt} -> {path}")

@@ -200,6 +200,9 @@ class PrunableShape:
     """Whether o_proj has a bias."""
     mlp_bias: bool
     """Whether gate/up/down have biases."""
+    arch: str = ""
+    """The architecture (``ModelStructure.arch``: ``"llama"``, ``"mistral"``, ``"qwen2"``); LLaMA configs need
+    ``hidden_size`` to be a multiple of ``num_attention_heads``."""
 
     @property
     def kv_group_size(self) -> int:
@@ -240,6 +243,7 @@ class PrunableShape:
             attention_bias=has_bias("q", "attention"),
             o_bias=has_bias("o", "attention"),
             mlp_bias=has_bias("up", "mlp"),
+            arch=structure.arch,
         )
 
 
@@ -367,7 +371,9 @@ class L0Masks(nn.Module):
         ``log_alpha`` values, so that an exported model only loses entire decoder blocks; within kept blocks each
         gate takes its own deterministic value. Heads and intermediate channels keep the same count in every
         layer because a Hugging Face config has one ``num_key_value_heads`` and one ``intermediate_size``.
-        Counts come from ``keep``; a group without one keeps the rounded mean expected L0 (at least 1).
+        Counts come from ``keep``; a group without one keeps the rounded mean expected L0 (at least 1). For LLaMA,
+        whose config needs ``hidden_size`` to be a multiple of ``num_attention_heads``, a hidden count that comes
+        from the expected L0 (not from ``keep``) is rounded to the nearest such multiple.
         """
         layers = self.keep.get("layers")
         if layers is None:
@@ -378,12 +384,18 @@ class L0Masks(nn.Module):
             order = torch.sort(score, descending=True, stable=True).indices
             kept = torch.zeros(self.shape.num_layers, dtype=torch.bool, device=score.device)
             kept[order[:layers]] = True
+        heads = self._keep("heads", self.heads)
+        hidden = self._keep("hidden", self.hidden)
+        if self.shape.arch == "llama" and "hidden" not in self.keep:
+            q_heads = heads * self.shape.kv_group_size
+            rounded = round(hidden / q_heads) * q_heads
+            hidden = max(q_heads, rounded - q_heads if rounded > self.shape.hidden_size else rounded)
         return {
             "head_layer": self.head_layer.deterministic(self.shape.num_layers) * kept,
             "mlp": self.mlp.deterministic(self.shape.num_layers) * kept,
-            "heads": self.heads.deterministic(self._keep("heads", self.heads)),
+            "heads": self.heads.deterministic(heads),
             "intermediate": self.intermediate.deterministic(self._keep("intermediate", self.intermediate)),
-            "hidden": self.hidden.deterministic(self._keep("hidden", self.hidden)),
+            "hidden": self.hidden.deterministic(hidden),
         }
 
     def _keep(self, key: str, gate: HardConcrete) -> int:

@@ -1,5 +1,9 @@
 """Target architectures and the Lagrangian constraint that pushes :class:`L0Masks` towards them.
 
+A target is explicit dims, a preset name (a shape of :data:`TARGET_PRESETS` or of
+:data:`lit_accel.models.presets.PRESETS`), or a fraction of the parameters. A preset must be reachable from the
+model: pruning keeps the head size and the number of query heads per KV head, and never grows a dimension.
+
 Sheared-LLaMA adds ``lambda1 * (s - t) + lambda2 * (s - t)^2`` to the language-model loss for each mask group,
 where ``s`` is the group's expected sparsity (``1 - expected kept / full``), ``t`` the target sparsity, ramped
 linearly from 0 over ``warmup_steps``. The masks minimise the total loss; the multipliers *maximise* it (a
@@ -26,24 +30,92 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from lit_accel.models.presets import PRESETS
 from lit_accel.pruning.masks import MASK_GROUPS, L0Masks, PrunableShape, count_params
 
-__all__ = ["Lagrangian", "PruningTarget", "constraint_loss", "lagrangian_loss", "ramped_target"]
+__all__ = [
+    "TARGET_PRESETS",
+    "Lagrangian",
+    "PruningTarget",
+    "constraint_loss",
+    "lagrangian_loss",
+    "preset_dims",
+    "ramped_target",
+]
+
+TARGET_PRESETS: dict[str, dict[str, int]] = {
+    # 48.5% of llama-1b's 1.100B parameters (533.7M): 18 of 22 blocks, hidden 1536 (24 query heads of 64 over 3 KV
+    # heads, the group size 8 of llama-1b), MLP 4096. The Sheared-LLaMA proportions (keep most layers, cut widths).
+    "llama-1b-half": dict(
+        num_hidden_layers=18,
+        hidden_size=1536,
+        num_attention_heads=24,
+        num_key_value_heads=3,
+        intermediate_size=4096,
+    ),
+    # 49.0% of llama-20m's 18.9M parameters (the quickstart model): 6 of 8 blocks, hidden 288, 3 query heads of 64
+    # over 1 KV head (llama-20m's group size 3), MLP 704.
+    "llama-20m-half": dict(
+        num_hidden_layers=6,
+        hidden_size=288,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=64,
+        intermediate_size=704,
+    ),
+}
+"""Target shapes for pruning, beside the model presets of :mod:`lit_accel.models.presets`: ``name ->
+num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads, intermediate_size`` (the head size is
+``hidden_size / num_attention_heads`` unless a ``head_dim`` is given)."""
+
+
+def preset_dims(name: str) -> dict[str, int]:
+    """The target dims of a preset: ``num_layers, num_heads, num_kv_heads, head_dim, intermediate_size, hidden_size``.
+
+    ``name`` is looked up in :data:`TARGET_PRESETS`, then in :data:`lit_accel.models.presets.PRESETS`.
+
+    Raises:
+        ValueError: An unknown name; the message lists the allowed ones.
+
+    Example:
+        >>> preset_dims("llama-1b-half")["num_kv_heads"], preset_dims("llama-tiny")["hidden_size"]
+        (3, 128)
+    """
+    cfg: dict[str, Any] | None = TARGET_PRESETS.get(name) or PRESETS.get(name)
+    if cfg is None:
+        allowed = sorted({*TARGET_PRESETS, *PRESETS})
+        raise ValueError(f"PruningTarget: preset={name!r} is not a known preset; allowed presets: {allowed}")
+    heads = int(cfg["num_attention_heads"])
+    return {
+        "num_layers": int(cfg["num_hidden_layers"]),
+        "num_heads": heads,
+        "num_kv_heads": int(cfg.get("num_key_value_heads") or heads),
+        "head_dim": int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        "intermediate_size": int(cfg["intermediate_size"]),
+        "hidden_size": int(cfg["hidden_size"]),
+    }
 
 
 @dataclass
 class PruningTarget:
-    """The architecture to prune to: explicit dims, or a fraction of the parameters (not both).
+    """The architecture to prune to: explicit dims, a preset name, or a fraction of the parameters (one of them).
+
+    A preset's shape must be reachable from the model (checked by :meth:`keep`): its head size and its query heads
+    per KV head equal the model's (pruning removes whole KV groups, see :mod:`~lit_accel.pruning.masks`), and no
+    dimension is larger than the model's. Its vocabulary size is ignored (the vocabulary is never pruned).
 
     Example:
         >>> PruningTarget(num_layers=24, num_kv_heads=16, intermediate_size=5504, hidden_size=2048).groups()
         ('head_layer', 'mlp', 'heads', 'intermediate', 'hidden')
         >>> PruningTarget(param_ratio=0.5).groups()
         ('params',)
+        >>> PruningTarget(preset="llama-1b-half").dims()["hidden_size"]
+        1536
     """
 
     num_layers: int | None = None
@@ -56,10 +128,20 @@ class PruningTarget:
     """Residual-stream dims to keep; None keeps all."""
     param_ratio: float | None = None
     """Fraction of the model's parameters to keep, in (0, 1); excludes the explicit dims."""
+    preset: str | None = None
+    """A preset name (:data:`TARGET_PRESETS` or :data:`lit_accel.models.presets.PRESETS`) whose shape is the target;
+    excludes the explicit dims and ``param_ratio``."""
 
     def __post_init__(self) -> None:
         dims = (self.num_layers, self.num_kv_heads, self.intermediate_size, self.hidden_size)
-        if self.param_ratio is not None:
+        if self.preset is not None:
+            if self.param_ratio is not None or any(d is not None for d in dims):
+                raise ValueError(
+                    f"PruningTarget: preset={self.preset!r} cannot be combined with param_ratio={self.param_ratio} or "
+                    f"explicit dims (num_layers, num_kv_heads, intermediate_size, hidden_size)={dims}; give one"
+                )
+            preset_dims(self.preset)  # an unknown name fails here, at construction
+        elif self.param_ratio is not None:
             if any(d is not None for d in dims):
                 raise ValueError(
                     f"PruningTarget: param_ratio={self.param_ratio} cannot be combined with explicit dims "
@@ -68,7 +150,21 @@ class PruningTarget:
             if not 0.0 < self.param_ratio < 1.0:
                 raise ValueError(f"PruningTarget: param_ratio must be in (0, 1), got {self.param_ratio}")
         elif all(d is None for d in dims):
-            raise ValueError("PruningTarget: give explicit dims (num_layers, num_kv_heads, ...) or a param_ratio")
+            raise ValueError(
+                "PruningTarget: give explicit dims (num_layers, num_kv_heads, ...), a preset or a param_ratio"
+            )
+
+    def dims(self) -> dict[str, int | None]:
+        """The explicit dims of the target (from the preset when there is one); all None for a ratio target."""
+        if self.preset is not None:
+            d = preset_dims(self.preset)
+            return {k: d[k] for k in ("num_layers", "num_kv_heads", "intermediate_size", "hidden_size")}
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "intermediate_size": self.intermediate_size,
+            "hidden_size": self.hidden_size,
+        }
 
     def groups(self) -> tuple[str, ...]:
         """The constraint groups: every mask group for explicit dims, ``("params",)`` for a ratio."""
@@ -78,24 +174,49 @@ class PruningTarget:
         """Units each deterministic mask group keeps (for :class:`L0Masks`); empty for a ratio target.
 
         Raises:
-            ValueError: A dim is not an int in ``[1, full size]`` of the model; the message names it.
+            ValueError: A dim is not an int in ``[1, full size]`` of the model (a target larger than the model); a
+                preset whose heads cannot be reached from the model's; for LLaMA, a hidden size that is not a
+                multiple of the kept query heads (transformers refuses to load such a config). The message names
+                the argument and what is allowed.
         """
         if self.param_ratio is not None:
             return {}
+        dims = self.dims()
+        where = f"preset={self.preset!r}: " if self.preset is not None else ""
+        if self.preset is not None:
+            p = preset_dims(self.preset)
+            if p["head_dim"] != shape.head_dim or p["num_heads"] != p["num_kv_heads"] * shape.kv_group_size:
+                raise ValueError(
+                    f"PruningTarget: preset={self.preset!r} has {p['num_heads']} query heads of size {p['head_dim']} "
+                    f"over {p['num_kv_heads']} KV heads; pruning this model keeps its head size {shape.head_dim} and "
+                    f"its {shape.kv_group_size} query heads per KV head (it removes whole KV groups), so a preset "
+                    f"must have head size {shape.head_dim} and num_attention_heads = {shape.kv_group_size} x "
+                    "num_key_value_heads; use explicit dims or another preset"
+                )
         given = {
-            "layers": ("num_layers", self.num_layers, shape.num_layers),
-            "heads": ("num_kv_heads", self.num_kv_heads, shape.num_kv_heads),
-            "intermediate": ("intermediate_size", self.intermediate_size, shape.intermediate_size),
-            "hidden": ("hidden_size", self.hidden_size, shape.hidden_size),
+            "layers": ("num_layers", dims["num_layers"], shape.num_layers),
+            "heads": ("num_kv_heads", dims["num_kv_heads"], shape.num_kv_heads),
+            "intermediate": ("intermediate_size", dims["intermediate_size"], shape.intermediate_size),
+            "hidden": ("hidden_size", dims["hidden_size"], shape.hidden_size),
         }
         out = {}
         for key, (arg, value, full) in given.items():
             if value is None:
                 out[key] = full
-            elif not isinstance(value, int) or not 1 <= value <= full:
-                raise ValueError(f"PruningTarget: {arg}={value!r} must be an int in [1, {full}] for this model")
+            elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= full:
+                raise ValueError(
+                    f"PruningTarget: {where}{arg}={value!r} must be an int in [1, {full}] for this model "
+                    "(a target cannot be larger than the model)"
+                )
             else:
                 out[key] = value
+        heads = out["heads"] * shape.kv_group_size
+        if shape.arch == "llama" and out["hidden"] % heads:
+            raise ValueError(
+                f"PruningTarget: {where}hidden_size={out['hidden']} with num_kv_heads={out['heads']} "
+                f"({heads} query heads); a LLaMA config needs hidden_size to be a multiple of num_attention_heads "
+                f"(transformers refuses to load it otherwise): use a multiple of {heads}"
+            )
         return out
 
     def sparsities(self, shape: PrunableShape) -> dict[str, float]:

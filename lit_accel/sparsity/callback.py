@@ -96,9 +96,9 @@ class SemiStructuredSparsitySettings:
     shape at the start of the sparse phase, GPU time and wall time with cuSPARSELt's host overhead (see
     :attr:`~lit_accel.kernels.sparse24_gemm.LayerTiming.speedup`), and use cuSPARSELt where it is at least
     ``min_speedup`` times faster; elsewhere the masked dense path; on an H100 at llama-1b shapes the host overhead
-    should make it choose the masked path) or ``"cusparselt"`` (every layer that can take it, without timing). Layers that
-    cannot take cuSPARSELt (fp32 compute, a dim not a multiple of 16, row-wise masks) stay on the masked dense path
-    with a warning naming the layer and the reason."""
+    should make it choose the masked path) or ``"cusparselt"`` (every layer that can take it, without timing).
+    Layers that cannot take cuSPARSELt (fp32 compute, a dim not a multiple of 16, row-wise masks) stay on the masked
+    dense path with a warning naming the layer and the reason."""
     min_speedup: float = 1.0
     """With ``kernel="auto"``: the measured speedup (dense over sparse time of forward + input gradient +
     per-step refresh) a layer shape needs to run on cuSPARSELt."""

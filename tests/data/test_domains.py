@@ -178,3 +178,74 @@ def test_callback_updates_weights_in_trainer(cache: Path, tmp_path: Path) -> Non
     assert len(dm.schedule) == 3  # initial + updates at steps 2 and 4
     assert {f"data/weight/{n}" for n in DOMAINS} <= set(trainer.callback_metrics)
     assert {f"data/val_loss/{n}" for n in DOMAINS} <= set(trainer.callback_metrics)
+
+
+@torch.no_grad()
+def _domain_losses(model: Any, dm: MultiDomainDataModule) -> dict[str, float]:
+    out = {}
+    for name, loader in dm.domain_val_dataloaders().items():
+        total, count = 0.0, 0
+        for batch in loader:
+            ids = batch["input_ids"]
+            total += float(model(ids, labels=ids).loss) * len(ids)
+            count += len(ids)
+        out[name] = total / count
+    return out
+
+
+def test_initial_reference_losses_are_measured_on_the_source_model_and_saved(cache: Path, tmp_path: Path) -> None:
+    from lit_accel.data.domains import reference_losses_from_checkpoint
+    from lit_accel.models import CausalLM
+    from lit_accel.pruning import StructuredPruning
+
+    dm = _dm(cache, reference_losses="initial")
+    dm.setup("fit")
+    assert dm.measure_reference and dm.reference_losses is None
+    model = CausalLM("llama-tiny", config_overrides={"vocab_size": dm.vocab_size})
+    model.configure_model()
+    model.eval()
+    source = _domain_losses(model, dm)
+    model.train()
+    # Pruning at set-up masks the model down to its target in evaluation; the references must not see that.
+    pruning = StructuredPruning(num_kv_heads=1, intermediate_size=96, hidden_size=64)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        callbacks=[pruning, DynamicBatchLoading()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert dm.reference_losses == pytest.approx(source, rel=1e-5)
+    with torch.no_grad():
+        model.eval()
+        masked = _domain_losses(model, dm)  # the trained, masked model: not what was measured
+    assert masked != pytest.approx(source, rel=1e-3)
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert reference_losses_from_checkpoint(ckpt) == pytest.approx(source, rel=1e-5)
+    # Continue-stage style: the references of another run, by checkpoint path.
+    assert _dm(cache, reference_losses=str(ckpt)).reference_losses == pytest.approx(source, rel=1e-5)
+    # A resumed "initial" run keeps the saved references instead of measuring the current model.
+    resumed = _dm(cache, reference_losses="initial")
+    resumed.load_state_dict(torch.load(ckpt, weights_only=False)["MultiDomainDataModule"])
+    assert resumed.reference_losses == pytest.approx(source, rel=1e-5)
+    # Given references win over a checkpoint's.
+    given = _dm(cache, reference_losses={"json": 1.0, "email": 1.0, "rest": 1.0})
+    given.load_state_dict(torch.load(ckpt, weights_only=False)["MultiDomainDataModule"])
+    assert given.reference_losses == {"json": 1.0, "email": 1.0, "rest": 1.0}
+    with pytest.raises(ValueError, match=r"reference_losses='/no/such\.ckpt' is neither 'initial' nor an existing"):
+        _dm(cache, reference_losses="/no/such.ckpt")
+    no_refs = tmp_path / "norefs.ckpt"
+    torch.save({"state_dict": {}, "MultiDomainDataModule": {"schedule": [], "reference_losses": None}}, no_refs)
+    with pytest.raises(ValueError, match="holds no reference losses"):
+        _dm(cache, reference_losses=str(no_refs))
+    with pytest.raises(ValueError, match="DynamicBatchLoading needs MultiDomainDataModule"):
+        L.Trainer(max_steps=1, accelerator="cpu", callbacks=[DynamicBatchLoading()], logger=False).fit(
+            CausalLM("llama-tiny", config_overrides={"vocab_size": dm.vocab_size}),
+            datamodule=_dm(cache, reference_losses=None),
+        )
