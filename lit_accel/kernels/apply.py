@@ -95,6 +95,21 @@ def _warn_fallback(module: nn.Module, kernel: str, reason: str) -> None:
     )
 
 
+_reasons: dict[tuple[Any, ...], str | None] = {}
+
+
+def _cached_reason(key: tuple[Any, ...], compute: Callable[[], str | None]) -> str | None:
+    # Whether a kernel takes an input depends only on dtypes, devices and widths, so the argument checks run once
+    # per combination instead of on every call (each patched forward runs dozens of times per step).
+    if key not in _reasons:
+        _reasons[key] = compute()
+    return _reasons[key]
+
+
+def _sig(*tensors: torch.Tensor | None) -> tuple[Any, ...]:
+    return tuple(None if t is None else (t.dtype, t.device, t.shape[-1], t.dim(), t.numel() == 0) for t in tensors)
+
+
 def _kernel_device(t: torch.Tensor) -> bool:
     # Under TRITON_INTERPRET=1 the kernels also take CPU tensors (that is how CI tests them end to end).
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -121,7 +136,10 @@ def _rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
         # writing that dtype directly halves the store of an fp32 residual stream without changing what the
         # linears see (HF rounds x_hat to the input dtype, multiplies by the fp32 weight, autocast rounds again).
         out_dtype = _autocast_dtype(hidden_states)
-        reason = op.rms_norm_fallback_reason(hidden_states, weight, out_dtype)
+        reason = _cached_reason(
+            ("rms_norm", out_dtype, *_sig(hidden_states, weight)),
+            lambda: op.rms_norm_fallback_reason(hidden_states, weight, out_dtype),
+        )
         if reason is not None:
             _warn_fallback(self, "rms_norm", reason)
             return op.rms_norm_reference(hidden_states, weight, eps)
@@ -135,7 +153,7 @@ def _swiglu_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     gate = self.gate_proj(x)
     up = self.up_proj(x)
     if _kernel_device(gate):
-        reason = op.swiglu_fallback_reason(gate, up)
+        reason = _cached_reason(("swiglu", *_sig(gate, up)), lambda: op.swiglu_fallback_reason(gate, up))
         if reason is None:
             return self.down_proj(op.swiglu(gate, up))
         _warn_fallback(self, "swiglu", reason)
@@ -170,7 +188,11 @@ def _make_rope_dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
         # HF's result is fp32 under bf16-mixed (bf16 q times fp32 cos); attention casts it to the autocast dtype
         # anyway, so the kernel writes that dtype directly (same values: fp32 math, one rounding).
         out_dtype = _autocast_dtype(q)
-        reason = op.rope_fallback_reason(q, k, cos, sin, unsqueeze_dim, out_dtype)
+        grad_cos = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+        reason = _cached_reason(
+            ("rope", unsqueeze_dim, out_dtype, grad_cos, *_sig(q, k, cos, sin)),
+            lambda: op.rope_fallback_reason(q, k, cos, sin, unsqueeze_dim, out_dtype),
+        )
         if reason is not None:
             _warn_fallback(_rope_state.module, "rope", reason)
             return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)  # type: ignore[no-any-return]
@@ -241,7 +263,10 @@ def _causal_lm_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     if _kernel_device(hidden):
-        reason = op.fused_linear_cross_entropy_fallback_reason(flat_hidden, head.weight, flat_targets, head.bias)
+        reason = _cached_reason(
+            ("linear_cross_entropy", _autocast_dtype(flat_hidden), *_sig(flat_hidden, head.weight, head.bias)),
+            lambda: op.fused_linear_cross_entropy_fallback_reason(flat_hidden, head.weight, flat_targets, head.bias),
+        )
         if reason is None:
             loss = op.fused_linear_cross_entropy(
                 flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
