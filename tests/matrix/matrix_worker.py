@@ -1,0 +1,419 @@
+"""Worker of the distributed test matrix: trains every row of ``matrix_common.ROWS`` under one strategy.
+
+Run it as ``matrix_common.worker_command`` says (``worker_env``: the repository and ``tests/`` importable)::
+
+    python matrix_worker.py single OUT BASE
+    python -m torch.distributed.run --standalone --nproc_per_node 2 matrix_worker.py ddp OUT BASE
+
+Under ``torch.distributed.run`` Lightning finds the torchrun environment and launches nothing itself; every Trainer
+after the first reuses the process group. For each row, on every rank, three fits of a fresh module with fresh
+callbacks on the fixed batch:
+
+1. ``full``: ``MAX_STEPS`` optimizer steps, uninterrupted;
+2. ``crash``: the same with Lightning's ``ModelCheckpoint`` writing ``step=RESUME_AT.ckpt``, crashing
+   (``tests/_helpers.py::CrashAtStep``) at the start of step ``RESUME_AT``, after that checkpoint;
+3. ``resume``: ``fit(ckpt_path=step=RESUME_AT.ckpt)`` to ``MAX_STEPS``, so each technique restores through its own
+   checkpoint path (LoRA's adapter-only state dict over the rebuilt base, the factorisation's saved ranks, the 2:4
+   masks and phase, the pruning masks in the module state, DropBP's generator and allocation).
+
+A row that must be refused records the error of the first fit instead (and runs no other). A result is::
+
+    {"status": "ok" | "error", "seconds": float,
+     "error": {"type", "message", "global_step", "traceback"} | None,
+     "full": RUN, "crashed": RUN + {"error"}, "resumed": RUN,
+     "facts": {name: value},            # what the techniques did in the full run; what the checkpoint holds
+     "resume": {"state_max_abs_diff": float, "differing": [state keys]}}
+
+    RUN: {"steps", "batches", "losses", "lm_losses", "probes", "grads_none", "global_step", "state"}
+
+``losses`` are what ``training_step`` returned (StructuredPruning adds its Lagrangian penalty), ``lm_losses`` the
+language-model loss CausalLM logs; both are this rank's (under DDP each rank holds its share of the global batch).
+``batches`` are digests of the token ids of each step; ``probes`` the per-step technique decisions (DropBP's drop
+mask; the 2:4 phase and a digest of the masks); ``grads_none`` how many optimized parameters had no gradient at each
+optimizer step. ``state`` maps every entry of the module's ``state_dict`` and of the technique callbacks'
+``state_dict`` to a digest of its value. Rank 0 gathers every rank's results (``all_gather_object``) and writes
+``OUT/<strategy>.json`` (``matrix_common`` describes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from _helpers import CrashAtStep
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from matrix_common import (
+    DDP_PROCESSES,
+    EPOCH_BATCHES,
+    GLOBAL_BATCH,
+    LEARNING_RATE,
+    MAX_STEPS,
+    RESUME_AT,
+    ROWS,
+    SEQ_LEN,
+    VOCAB,
+    Row,
+)
+from torch.utils.data import DataLoader
+
+from lit_accel.callbacks import (
+    DropBP,
+    FusedKernels,
+    LoRA,
+    LowRankFactorization,
+    SemiStructuredSparsity,
+    StructuredPruning,
+    Throughput,
+)
+from lit_accel.lowrank.lora import lora_layers
+from lit_accel.models import CausalLM
+
+VOLATILE = {"sensitivity_seconds"}
+"""Callback state that measures wall time, left out of the state digests."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Digests
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def digest(value: Any) -> str:
+    """A short digest of a (nested) value, independent of dict key order: tensors by dtype, shape and bytes."""
+    h = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(v, dict):
+            h.update(b"{")
+            for k in sorted(v, key=str):
+                if str(k) in VOLATILE:
+                    continue
+                h.update(repr(k).encode())
+                feed(v[k])
+            h.update(b"}")
+        elif isinstance(v, (list, tuple)):
+            h.update(b"[")
+            for x in v:
+                feed(x)
+            h.update(b"]")
+        else:
+            h.update(repr(v).encode())
+
+    feed(value)
+    return h.hexdigest()[:16]
+
+
+def state_digests(module: L.LightningModule, techniques: list[L.Callback]) -> dict[str, str]:
+    """Digest of every module ``state_dict`` entry and every technique callback ``state_dict`` entry."""
+    out = {f"module/{k}": digest(v) for k, v in module.state_dict().items()}
+    for cb in techniques:
+        for k, v in cb.state_dict().items():
+            if k not in VOLATILE:
+                out[f"callback/{type(cb).__name__}/{k}"] = digest(v)
+    return out
+
+
+def probe(techniques: list[L.Callback]) -> dict[str, Any]:
+    """The per-step decisions of the techniques that make them."""
+    out: dict[str, Any] = {}
+    for cb in techniques:
+        if isinstance(cb, DropBP):
+            out["dropbp_mask"] = list(cb.mask) if cb.mask is not None else None
+        elif isinstance(cb, SemiStructuredSparsity):
+            out["sparse24"] = [cb.phase, digest(cb.masks)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One fit
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class Recorder(L.Callback):
+    """Records per step the losses, the techniques' decisions and how many optimized parameters had no gradient."""
+
+    def __init__(self, techniques: list[L.Callback]) -> None:
+        self.techniques = techniques
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.lm_losses: list[float] = []
+        self.batches: list[str] = []
+        self.probes: list[dict[str, Any]] = []
+        self.grads_none: list[int] = []
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        # Runs after the technique callbacks (given to the Trainer first): their decisions for this step are made.
+        self.steps.append(trainer.global_step)
+        self.batches.append(digest(batch["input_ids"]))
+        self.probes.append(probe(self.techniques))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.grads_none.append(sum(p.grad is None for g in optimizer.param_groups for p in g["params"]))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.lm_losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def fixed_batch_loader(world_size: int, rank: int) -> DataLoader[Any]:
+    """This rank's share of the fixed batch, the same in every step.
+
+    The ``GLOBAL_BATCH`` sequences are split over the ranks (rank ``r`` takes sequences ``r, r + W, ...``), so the
+    ranks' shares together are the single-device batch, and repeated ``EPOCH_BATCHES`` times so that an epoch is
+    longer than the run. Lightning's own ``DistributedSampler`` is turned off (``use_distributed_sampler=False``):
+    for training it always shuffles, so each step would draw another batch, and it cannot resume in the middle of
+    an epoch (a resumed run would start the epoch's order again), which would break every comparison made here.
+    """
+    seqs = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    share = seqs[rank::world_size]
+    items = [{"input_ids": x} for _ in range(EPOCH_BATCHES) for x in share]
+    return DataLoader(items, batch_size=len(share))  # type: ignore[arg-type]
+
+
+class Fit:
+    """One fit of a row (``kind``: ``full``, ``crash`` or ``resume``): its trainer, module, callbacks and records.
+
+    ``full`` trains ``MAX_STEPS`` steps; ``crash`` trains with Lightning's ``ModelCheckpoint`` writing
+    ``ckpt/step=RESUME_AT.ckpt`` and crashes (``CrashAtStep``) at the start of step ``RESUME_AT``, after that
+    checkpoint; ``resume`` is a fresh module and fresh callbacks fitting from it to ``MAX_STEPS``.
+    """
+
+    def __init__(self, row: Row, strategy: str, base_dir: Path, row_dir: Path, kind: str) -> None:
+        L.seed_everything(0, verbose=False)
+        self.techniques: list[L.Callback] = row.make()
+        self.recorder = Recorder(self.techniques)
+        self.module = CausalLM(
+            str(base_dir), learning_rate=LEARNING_RATE, warmup_steps=0, weight_decay=0.0, min_lr_ratio=1.0
+        )
+        self.ckpt_path = row_dir / "ckpt" / f"step={RESUME_AT}.ckpt"
+        crash: list[L.Callback] = []
+        checkpoints: list[L.Callback] = []
+        if kind == "crash":
+            ckpt = ModelCheckpoint(
+                self.ckpt_path.parent, every_n_train_steps=RESUME_AT, save_top_k=-1, filename="{step}"
+            )
+            # First, so that no callback acts on the step that never runs.
+            crash, checkpoints = [CrashAtStep(RESUME_AT)], [ckpt]
+        world = DDP_PROCESSES if strategy == "ddp" else 1
+        self.trainer = L.Trainer(
+            accelerator="cpu",
+            devices=world,
+            strategy=DDPStrategy(timeout=timedelta(seconds=120)) if strategy == "ddp" else "auto",
+            max_steps=MAX_STEPS,
+            callbacks=[*crash, *self.techniques, self.recorder, *checkpoints],
+            logger=False,
+            enable_checkpointing=kind == "crash",
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            default_root_dir=row_dir,
+            use_distributed_sampler=False,  # see fixed_batch_loader
+        )
+        self.error: dict[str, Any] | None = None
+        try:
+            self.trainer.fit(
+                self.module,
+                fixed_batch_loader(world, int(os.environ.get("RANK", "0"))),
+                ckpt_path=str(self.ckpt_path) if kind == "resume" else None,
+            )
+        except Exception as err:
+            self.error = {
+                "type": type(err).__name__,
+                "message": str(err),
+                "global_step": self.trainer.global_step,
+                "traceback": traceback.format_exc()[-4000:],
+            }
+
+    def record(self) -> dict[str, Any]:
+        r = self.recorder
+        return {
+            "steps": r.steps,
+            "batches": r.batches,
+            "losses": r.losses,
+            "lm_losses": r.lm_losses,
+            "probes": r.probes,
+            "grads_none": r.grads_none,
+            "global_step": self.trainer.global_step,
+            "state": state_digests(self.module, self.techniques),
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Facts: proof that each technique acted
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def facts(fit: Fit, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What the techniques did in the uninterrupted run, and what their checkpoint at ``RESUME_AT`` holds."""
+    module, rec = fit.module, fit.recorder
+    assert module.model is not None
+    model = module.model
+    state = module.state_dict()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    out: dict[str, Any] = {
+        "trained": any(not torch.equal(state[n], rec.initial[n]) for n in trainable if n in rec.initial),
+    }
+    lit = ckpt.get("lit_accel", {})
+    for cb in fit.techniques:
+        if isinstance(cb, DropBP):
+            out["dropbp.measured"] = cb.measured
+            out["dropbp.dropped_some_sublayers"] = any(any(p.get("dropbp_mask") or []) for p in rec.probes)
+            out["dropbp.grads_skipped"] = max(rec.grads_none, default=0) > 0
+        elif isinstance(cb, SemiStructuredSparsity):
+            out["sparse24.layers"] = len(cb.layers)
+            out["sparse24.phase"] = cb.phase
+            out["sparse24.refreshes"] = cb.refreshes
+        elif isinstance(cb, StructuredPruning):
+            masks = [k for k in state if k.startswith("pruning.masks.")]
+            out["pruning.masks_in_state_dict"] = bool(masks)
+            out["pruning.masks_moved"] = any(not torch.equal(state[k], rec.initial[k]) for k in masks)
+            out["pruning.checkpoint_record"] = "pruning" in lit and any(
+                k.startswith("pruning.masks.") for k in ckpt["state_dict"]
+            )
+        elif isinstance(cb, LoRA):
+            factors = {
+                id(p) for m in model.modules() if getattr(m, "is_factorized_linear", False) for p in m.parameters()
+            }
+            out["lora.layers"] = len(lora_layers(model))
+            out["lora.other_trainable"] = sum(
+                1
+                for n, p in module.named_parameters()
+                if p.requires_grad and not n.endswith((".lora_A", ".lora_B")) and id(p) not in factors
+            )
+            # Adapter-only checkpoints: the frozen base is left out (rebuilt from the pretrained directory).
+            out["lora.checkpoint_adapter_only"] = bool(lit.get("lora", {}).get("adapter_only")) and set(
+                ckpt["state_dict"]
+            ) == set(trainable)
+        elif isinstance(cb, LowRankFactorization):
+            out["factorize.layers"] = len(cb.ranks)
+            # The factors are new weights: they train, also when LoRA (which freezes the base) is in the run.
+            out["factorize.factors_trainable"] = all(
+                p.requires_grad
+                for m in model.modules()
+                if getattr(m, "is_factorized_linear", False)
+                for p in m.parameters()
+            )
+            out["factorize.checkpoint_ranks"] = lit.get("factorization", {}).get("ranks") == cb.ranks
+        elif isinstance(cb, Throughput):
+            out["throughput.tokens_per_sec_logged"] = cb.last_metrics.get("throughput/tokens_per_sec", 0.0) > 0
+        elif isinstance(cb, FusedKernels):
+            out["kernels.patched"] = cb.report.counts() if cb.report is not None else {}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rows
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    worst = 0.0
+    for k, va in a.items():
+        vb = b.get(k)
+        if vb is None or va.shape != vb.shape:
+            return float("inf")
+        if va.is_floating_point():
+            worst = max(worst, float((va.double() - vb.double()).abs().max()) if va.numel() else 0.0)
+        elif not torch.equal(va, vb):
+            return float("inf")
+    return worst if a.keys() == b.keys() else float("inf")
+
+
+def run_row(row: Row, strategy: str, out_dir: Path, base_dir: Path) -> dict[str, Any]:
+    """The uninterrupted run, then the crashed one, then the resumed one (see the module docstring)."""
+    start = time.perf_counter()
+    row_dir = out_dir / strategy / row.id
+    result: dict[str, Any] = {"status": "ok", "error": None, "facts": {}, "resume": None}
+    result.update(full=None, crashed=None, resumed=None)
+    full = Fit(row, strategy, base_dir, row_dir, "full")
+    if full.error is not None:
+        result.update(status="error", error=full.error)
+        result["seconds"] = time.perf_counter() - start
+        return result
+    result["full"] = full.record()
+    full_state = {k: v.detach().clone() for k, v in full.module.state_dict().items()}
+    crashed = Fit(row, strategy, base_dir, row_dir, "crash")
+    result["crashed"] = {**crashed.record(), "error": crashed.error}
+    if crashed.ckpt_path.is_file():
+        ckpt = torch.load(crashed.ckpt_path, map_location="cpu", weights_only=False)
+        result["facts"] = facts(full, ckpt)
+        del full, crashed
+        resumed = Fit(row, strategy, base_dir, row_dir, "resume")
+        if resumed.error is not None:
+            result.update(status="error", error=resumed.error)
+        else:
+            result["resumed"] = resumed.record()
+            a, b = result["full"]["state"], result["resumed"]["state"]
+            result["resume"] = {
+                "state_max_abs_diff": max_abs_diff(full_state, resumed.module.state_dict()),
+                "differing": sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)),
+            }
+    else:
+        missing = {"type": "", "message": f"the crashed run wrote no {crashed.ckpt_path}", "global_step": -1}
+        result.update(status="error", error=crashed.error or missing)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def main(strategy: str, out_dir: Path, base_dir: Path) -> None:
+    start = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    wanted = os.environ.get("MATRIX_ROWS")  # for debugging: a comma-separated subset of the row ids
+    for row in [r for r in ROWS if wanted is None or r.id in wanted.split(",")]:
+        results[row.id] = run_row(row, strategy, out_dir, base_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            r = results[row.id]
+            print(f"matrix {strategy} {row.id}: {r['status']} in {r['seconds']:.1f} s", flush=True)
+    gathered: list[Any] = [results]
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, results)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    import lightning
+    import transformers
+
+    payload = {
+        "strategy": strategy,
+        "world_size": len(gathered),
+        "seconds": time.perf_counter() - start,
+        "versions": {
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "transformers": transformers.__version__,
+        },
+        "rows": {row_id: [g[row_id] for g in gathered] for row_id in results},
+    }
+    tmp = out_dir / f".{strategy}.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.rename(out_dir / f"{strategy}.json")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    if len(sys.argv) != 4 or sys.argv[1] not in ("single", "ddp"):
+        sys.exit("usage: matrix_worker.py single|ddp OUT_DIR BASE_DIR")
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
