@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lit_accel.data import TextDataModule
 from lit_accel.models import CausalLM
 from lit_accel.observe.wandb import WandbLogger
+from lit_accel.strategies import check_cli_strategy  # importing it registers the lit_deepspeed_* names
 
 __all__ = ["LitAccelCLI", "LoggerSaveConfigCallback", "main"]
 
@@ -88,6 +89,10 @@ class LitAccelCLI(LightningCLI):
             subclass_mode_data=True,
             **kwargs,
         )
+
+    def before_instantiate_classes(self) -> None:
+        # An unknown trainer.strategy name: an error that lists lit_accel's and Lightning's names.
+        check_cli_strategy(self.config, self.subcommand)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # With the class as default, `data:` given as plain init arguments (every config written before subclass

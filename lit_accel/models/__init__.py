@@ -2,7 +2,13 @@
 
 from lit_accel.models.causal_lm import CausalLM, warmup_cosine
 from lit_accel.models.flops import backward_flops, flops_per_token, lm_head_flops, sublayer_flops
-from lit_accel.models.params import full_state_dict, gathered, is_partitioned, load_full_state_dict
+from lit_accel.models.params import (
+    full_parameters,
+    full_state_dict,
+    gathered,
+    is_partitioned,
+    load_full_state_dict,
+)
 from lit_accel.models.presets import PRESETS, ModelSource, preset_config, resolve_model_source
 from lit_accel.models.structure import (
     SUPPORTED_ARCHS,
@@ -28,6 +34,7 @@ __all__ = [
     "Sublayer",
     "backward_flops",
     "flops_per_token",
+    "full_parameters",
     "full_state_dict",
     "gathered",
     "get_structure",

@@ -1,9 +1,15 @@
-"""Reading and writing full parameters whatever the strategy (plain, DDP, DeepSpeed ZeRO-3 partitions).
+"""Reading and writing full parameters whatever the strategy (plain, DDP, DeepSpeed ZeRO-1/2/3).
 
 Under ZeRO-3 every parameter is a flat shard spread over the ranks (``param.ds_id`` exists and ``param.data`` is
 empty); reading it needs a gather, and writing it needs a gather with ``modifier_rank`` so the change is
 re-partitioned from that rank. These helpers do that module by module, so the full model never has to fit on
 one device.
+
+Once a DeepSpeed engine with an optimizer exists (ZeRO 1, 2 or 3, any precision), the optimizer also holds an fp32
+*master* copy of every trainable parameter, partitioned over the ranks, and each step overwrites the parameters
+with it: a write to ``param.data`` alone is undone at the next step. :func:`full_parameters` is the helper for
+callbacks that rewrite weights while training: it gathers, lets one rank modify, broadcasts the result, and writes
+it into the fp32 master copy too (see its docstring); :func:`gathered` only gathers ZeRO-3 partitions.
 
 Example:
     >>> import torch
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "full_parameters",
     "full_state_dict",
     "gathered",
     "is_partitioned",
@@ -60,6 +67,115 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _has_master_copy(param: torch.Tensor) -> bool:
+    """True when a DeepSpeed ZeRO optimizer keeps an fp32 master copy of ``param`` (ZeRO-1/2: ``_hp_mapping``;
+    ZeRO-3: ``_z3_optimizer``, set for the parameters it optimises)."""
+    # ZeRO-1/2 set ``_hp_mapping`` on every rank, None where the rank holds none of the parameter's fragment (that
+    # rank then writes nothing).
+    if not param.requires_grad:
+        return False
+    if is_partitioned(param):
+        return hasattr(param, "_z3_optimizer")
+    return hasattr(param, "_hp_mapping")
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module, modifier_rank: int | None = None) -> Iterator[dict[str, nn.Parameter]]:
+    """Makes every parameter of ``module`` whole for the block and yields them by name; optionally keeps edits.
+
+    Works the same way whatever the strategy:
+
+    * single device: a no-op (the parameters are yielded as they are);
+    * DDP: parameters are already whole; with ``modifier_rank`` set, the values that rank holds at the end of the
+      block are broadcast to every rank, so an edit made on one rank (or a random one drawn per rank) stays
+      identical everywhere;
+    * DeepSpeed ZeRO-1/2: as DDP, and the edited values are also written into the optimizer's partitioned fp32
+      master copy, which the next optimizer step would otherwise copy back over the parameters;
+    * DeepSpeed ZeRO-3: the partitions are gathered for the block (``deepspeed.zero.GatheredParameters``); with
+      ``modifier_rank`` the edited values are re-partitioned from that rank and written into the fp32 master copy
+      (ZeRO-Offload's CPU copy too).
+
+    Only elements whose value changed are written into the master copy: the others keep their full fp32 precision
+    (with bf16 parameters, copying the whole bf16 tensor back would round every weight of the module). Optimizer
+    moments (Adam's ``exp_avg``...) are left as they are.
+
+    Call it on every rank whenever the model may be distributed (ZeRO-3 gathers, and ``modifier_rank`` broadcasts,
+    are collective); edit under ``torch.no_grad()``, in place, on rank ``modifier_rank`` (or identically on every
+    rank). The whole module is gathered at once: for a large model, loop over its submodules.
+
+    Args:
+        module: The module whose parameters (recursively) are made whole.
+        modifier_rank: ``None`` for read-only use (edits are not kept on a partitioned model and not synchronised
+            otherwise); else the global rank whose values every rank keeps at the end of the block.
+
+    Example:
+        >>> layer = torch.nn.Linear(4, 4)
+        >>> with full_parameters(layer, modifier_rank=0) as params, torch.no_grad():
+        ...     _ = params["weight"].zero_()
+        >>> float(layer.weight.detach().abs().sum())
+        0.0
+    """
+    named = dict(module.named_parameters())
+    params = list(named.values())
+    world = _world_size()
+    if modifier_rank is not None and not 0 <= modifier_rank < world:
+        raise ValueError(f"full_parameters: modifier_rank={modifier_rank} is not a rank of this world (size {world}).")
+    with gathered(params, modifier_rank=modifier_rank):
+        masters = [p for p in params if modifier_rank is not None and _has_master_copy(p)]
+        before = {id(p): p.detach().clone() for p in masters}
+        yield named
+        if modifier_rank is None:
+            return
+        with torch.no_grad():
+            if world > 1:
+                for p in params:
+                    torch.distributed.broadcast(p.data, src=modifier_rank)
+            for p in masters:
+                _write_master(p, before[id(p)])
+
+
+def _write_master(param: nn.Parameter, before: torch.Tensor) -> None:
+    """Writes the changed elements of ``param`` (whole, identical on every rank) into DeepSpeed's fp32 master copy.
+
+    Each rank writes only the part of the master copy it holds, so nothing is communicated. ZeRO-3 goes through
+    DeepSpeed's *local* API: its ``safe_set_full_fp32_param`` slices the value at ``rank * partition size``, past
+    the end of a parameter whose size is not a multiple of the world size on the last rank (DeepSpeed 0.19.8).
+    """
+    new = param.data.flatten()
+    old = before.flatten()
+    if is_partitioned(param):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)  # this rank's partition, padded to the partition size
+        if local is None:
+            return
+        group = getattr(param, "ds_process_group", None)
+        rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+        start = local.numel() * rank
+        valid = max(0, min(local.numel(), new.numel() - start))
+        merged = local.detach().clone().flatten()
+        part_new = new[start : start + valid].to(merged.device)
+        part_old = old[start : start + valid].to(merged.device)
+        merged[:valid] = torch.where(part_new != part_old, part_new.to(merged.dtype), merged[:valid])
+        safe_set_local_fp32_param(param, merged)
+        return
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return  # ZeRO-1/2: this rank holds no fragment of this parameter
+    fragment = mapping.get_hp_fragment()  # a view of this rank's fp32 flat partition
+    address = mapping.lp_fragment_address
+    part_new = new.narrow(0, address.start, address.numel).to(fragment.device)
+    part_old = old.narrow(0, address.start, address.numel).to(fragment.device)
+    flat = fragment.data.view(-1)
+    flat.copy_(torch.where(part_new != part_old, part_new.to(flat.dtype), flat))
 
 
 def is_rank_zero() -> bool:
