@@ -273,10 +273,18 @@ class Lagrangian(nn.Module):
 
     def __init__(self, target: PruningTarget) -> None:
         super().__init__()
-        self.lambda_1 = nn.ParameterDict({g: nn.Parameter(torch.zeros(())) for g in target.groups()})
-        self.lambda_2 = nn.ParameterDict({g: nn.Parameter(torch.zeros(())) for g in target.groups()})
+        # Shape (1,), not (): DeepSpeed's engine broadcasts parameters through a byte view, which a 0-dim tensor
+        # cannot take ("self.dim() cannot be 0 to view Float as Byte").
+        self.lambda_1 = nn.ParameterDict({g: nn.Parameter(torch.zeros(1)) for g in target.groups()})
+        self.lambda_2 = nn.ParameterDict({g: nn.Parameter(torch.zeros(1)) for g in target.groups()})
         for p in self.parameters():
             p.register_hook(torch.neg)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints written before the multipliers became (1,) hold 0-dim tensors.
+        for key in [k for k in state_dict if k.startswith(prefix) and state_dict[k].dim() == 0]:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def constraint_loss(
@@ -318,7 +326,7 @@ def constraint_loss(
         else:
             s = 1 - scores[group].sum(-1) / full[group]
         t = ramped_target(final, step, warmup_steps)
-        l1, l2 = lagrangian.lambda_1[group], lagrangian.lambda_2[group]
+        l1, l2 = lagrangian.lambda_1[group].squeeze(0), lagrangian.lambda_2[group].squeeze(0)
         loss = loss + lagrangian_loss(s, t, l1, l2)
         metrics[f"expected_sparsity/{group}"] = float(s.detach().mean())
         metrics[f"target_sparsity/{group}"] = t

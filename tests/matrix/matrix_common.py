@@ -8,7 +8,10 @@ One launch per strategy runs every row (Trainer start-up and process-group set-u
 
 - ``single``: ``python matrix_worker.py single OUT BASE`` (one CPU device);
 - ``ddp``: ``python -m torch.distributed.run --standalone --nproc_per_node 2 matrix_worker.py ddp OUT BASE``
-  (Lightning's DDP over gloo, 2 CPU processes).
+  (Lightning's DDP over gloo, 2 CPU processes);
+- ``deepspeed``: the same launcher with ``matrix_worker.py deepspeed OUT BASE``: ``LitDeepSpeedStrategy`` ZeRO-1,
+  then ZeRO-2, then ZeRO-3 (fp32, DeepSpeed's CPU accelerator over gloo, 2 processes), writing ``zero1.json``,
+  ``zero2.json`` and ``zero3.json`` (keys ``zero1`` ... in the results).
 
 Each writes ``OUT/<strategy>.json``: ``{"strategy", "world_size", "seconds", "versions", "rows": {row id: [result of
 rank 0, result of rank 1, ...]}}``, the per-rank results gathered on rank 0 with ``all_gather_object``; the rows'
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,14 @@ WORKER = HERE / "matrix_worker.py"
 STRATEGIES: tuple[str, ...] = ("single", "ddp")
 """The CPU strategies of the matrix: one device, and DDP over gloo with :data:`DDP_PROCESSES` processes."""
 DDP_PROCESSES = 2
+DEEPSPEED_STAGES: tuple[int, ...] = (1, 2, 3)
+DEEPSPEED_RUNS: tuple[str, ...] = tuple(f"zero{s}" for s in DEEPSPEED_STAGES)
+"""The DeepSpeed columns (``LitDeepSpeedStrategy``, fp32, on the CPU over gloo, :data:`DDP_PROCESSES` processes):
+one launch (``matrix_worker.py deepspeed``) runs them one after the other and writes ``zero1.json`` ...
+``zero3.json``."""
+LAUNCHES: tuple[str, ...] = (*STRATEGIES, "deepspeed")
+"""The worker launches: each strategy of :data:`STRATEGIES`, and one for all of :data:`DEEPSPEED_RUNS`."""
+ALL_RUNS: tuple[str, ...] = (*STRATEGIES, *DEEPSPEED_RUNS)
 
 # The run every row trains: a 2-layer LLaMA (GQA: 4 query heads over 2 KV heads) saved as a pretrained directory,
 # so LoRA's adapter-only checkpoints (which rebuild the base from it) are exercised; one fixed global batch of
@@ -233,6 +244,54 @@ ROWS: tuple[Row, ...] = (
 )
 ROW_BY_ID = {row.id: row for row in ROWS}
 
+# ------------------------------------------------------------------------------------------------------------------
+# What changes under DeepSpeed (the zero1/zero2/zero3 runs)
+# ------------------------------------------------------------------------------------------------------------------
+
+_NO_24 = r"SemiStructuredSparsity does not support DeepSpeed"
+_ZERO3_PRUNING = r"zero_optimization\.stage=3 conflicts with callback StructuredPruning"
+DEEPSPEED_REFUSED: dict[tuple[str, int], str] = {
+    **{(row_id, s): _NO_24 for row_id in ("sparse24", "dropbp+sparse24") for s in DEEPSPEED_STAGES},
+    # LitDeepSpeedStrategy's conflict check (setup_environment) runs before the callbacks' own pair checks.
+    **{(row_id, 3): _ZERO3_PRUNING for row_id in ("pruning", "pruning+lora", "pruning+sparse24")},
+}
+"""(row, ZeRO stage) -> the set-up ``ValueError`` (regex) a row refuses DeepSpeed with, where it differs from the
+row's own :attr:`Row.error`: SemiStructuredSparsity refuses any DeepSpeed; StructuredPruning ZeRO-3."""
+
+DEEPSPEED_FACTS: dict[tuple[str, int], dict[str, Any]] = {
+    # ZeRO-3 reduces the gradients into its flat fp32 partitions: the optimizer's parameters are those partitions,
+    # whose .grad is always set, so "a parameter had no gradient" cannot be observed there (the drop mask still is).
+    **{(row_id, 3): {"dropbp.grads_skipped": None} for row_id in ("dropbp", "dropbp+lora")},
+    # FusedKernels leaves the fused head + loss out under ZeRO-3 on purpose: lm_head.weight is partitioned.
+    ("kernels", 3): {"kernels.patched": {"rms_norm": 5, "rope": 2, "swiglu": 2}},
+}
+"""(row, ZeRO stage) -> changes to the row's expected facts under DeepSpeed (None: not checked there)."""
+
+_DROPBP_ZERO3 = (
+    "DropBP under ZeRO-3: checkpoint -> resume is not exact (same decisions and same first resumed loss, then the "
+    "weights drift: max |diff| ~0.02 after 3 steps), while the same row resumes exactly under ZeRO-1/2 and DDP and "
+    "the dense row resumes exactly under ZeRO-3"
+)
+_DROPBP_SHORT = "checkpoint -> resume not exact (weights drift after the first resumed step)"
+KNOWN_FAILURES: dict[tuple[str, str], tuple[str, str]] = {
+    ("dropbp", "zero3"): (_DROPBP_SHORT, _DROPBP_ZERO3),
+    ("dropbp+lora", "zero3"): (_DROPBP_SHORT, _DROPBP_ZERO3),
+}
+"""(row, run) -> (a short line for the table, why the row fails there): real failures of lit_accel under DeepSpeed,
+found by this matrix and not fixed yet. Their tests are xfailed with the reason; the table shows them failing."""
+
+
+def row_for(row: Row, strategy: str | None) -> Row:
+    """``row`` as judged under ``strategy`` (a key of :data:`ALL_RUNS`): its DeepSpeed refusal and facts."""
+    if strategy not in DEEPSPEED_RUNS:
+        return row
+    stage = int(str(strategy)[len("zero") :])
+    error = DEEPSPEED_REFUSED.get((row.id, stage), row.error)
+    expect = {**row.expect, **DEEPSPEED_FACTS.get((row.id, stage), {})}
+    expect = {k: v for k, v in expect.items() if v is not None}
+    error_type = "ValueError" if (row.id, stage) in DEEPSPEED_REFUSED else row.error_type
+    return replace(row, error=error, expect=expect, error_type=error_type)
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # Launching the worker
@@ -243,11 +302,11 @@ def worker_command(strategy: str, out_dir: Path, base_dir: Path) -> list[str]:
     """The command line that runs every row under ``strategy`` (one of :data:`STRATEGIES`)."""
     if strategy == "single":
         launcher = [sys.executable]
-    elif strategy == "ddp":
+    elif strategy in ("ddp", "deepspeed"):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
         launcher.append(str(DDP_PROCESSES))
     else:
-        raise ValueError(f"strategy={strategy!r}; allowed: {STRATEGIES}")
+        raise ValueError(f"strategy={strategy!r}; allowed: {LAUNCHES}")
     return [*launcher, str(WORKER), strategy, str(out_dir), str(base_dir)]
 
 
@@ -255,7 +314,9 @@ def worker_env() -> dict[str, str]:
     """The environment of a worker: the repository and ``tests/`` (for ``_helpers``) importable, one thread per
     process, no W&B."""
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, also on a machine with a GPU
+    return env
 
 
 @dataclass
@@ -274,15 +335,22 @@ class Launch:
         return f"{self.strategy} worker exited {self.returncode} after {self.seconds:.0f} s:\n{self.output[-8000:]}"
 
 
-def run_matrix(out_dir: Path, strategies: tuple[str, ...] = STRATEGIES, timeout: float = 600) -> dict[str, Launch]:
-    """Runs the worker once per strategy, all launches at the same time, and returns their outcomes."""
+def runs_of(launch: str) -> tuple[str, ...]:
+    """The runs (JSON files) one launch writes: :data:`DEEPSPEED_RUNS` for ``deepspeed``, else the strategy's own."""
+    return DEEPSPEED_RUNS if launch == "deepspeed" else (launch,)
+
+
+def run_matrix(out_dir: Path, strategies: tuple[str, ...] = LAUNCHES, timeout: float = 600) -> dict[str, Launch]:
+    """Runs the worker once per launch (:data:`LAUNCHES`), all at the same time, and returns the outcome of each run
+    (keyed as :data:`ALL_RUNS`; the DeepSpeed runs share their launch's exit status, output and time)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base = make_base(out_dir / "base")
     procs: dict[str, tuple[subprocess.Popen[str], float]] = {}
     for strategy in strategies:
         # A kept results directory may hold an earlier run: ModelCheckpoint would not overwrite its checkpoints.
-        shutil.rmtree(out_dir / strategy, ignore_errors=True)
-        (out_dir / f"{strategy}.json").unlink(missing_ok=True)
+        for run in runs_of(strategy):
+            shutil.rmtree(out_dir / run, ignore_errors=True)
+            (out_dir / f"{run}.json").unlink(missing_ok=True)
         log = open(out_dir / f"{strategy}.log", "w")  # noqa: SIM115  # closed when the process is collected
         cmd = worker_command(strategy, out_dir, base)
         proc = subprocess.Popen(cmd, env=worker_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -298,19 +366,20 @@ def run_matrix(out_dir: Path, strategies: tuple[str, ...] = STRATEGIES, timeout:
             code = proc.wait()
         seconds = time.perf_counter() - start
         output = (out_dir / f"{strategy}.log").read_text(errors="replace")
-        path = out_dir / f"{strategy}.json"
-        results = json.loads(path.read_text()) if code == 0 and path.is_file() else None
-        launches[strategy] = Launch(strategy, code, output, seconds, results)
+        for run in runs_of(strategy):
+            path = out_dir / f"{run}.json"
+            results = json.loads(path.read_text()) if code == 0 and path.is_file() else None
+            launches[run] = Launch(run, code, output, seconds, results)
     return launches
 
 
 def load_results(directory: Path) -> dict[str, dict[str, Any]]:
-    """The ``<strategy>.json`` files of a finished matrix run in ``directory``."""
+    """The ``<run>.json`` files (:data:`ALL_RUNS`) of a finished matrix run in ``directory``."""
     found = {
-        s: json.loads((directory / f"{s}.json").read_text()) for s in STRATEGIES if (directory / f"{s}.json").is_file()
+        s: json.loads((directory / f"{s}.json").read_text()) for s in ALL_RUNS if (directory / f"{s}.json").is_file()
     }
     if not found:
-        raise FileNotFoundError(f"no {', '.join(f'{s}.json' for s in STRATEGIES)} in {directory}")
+        raise FileNotFoundError(f"no {', '.join(f'{s}.json' for s in ALL_RUNS)} in {directory}")
     return found
 
 
@@ -340,6 +409,7 @@ def row_problems(row: Row, run: dict[str, Any]) -> list[str]:
     weights and callback state. Under DDP, in addition, every rank ends both runs with bit-identical weights and
     callback state, made the same decisions, and trained on its own share of the batch.
     """
+    row = row_for(row, run.get("strategy"))
     per_rank = run.get("rows", {}).get(row.id)
     if per_rank is None:
         return [f"no result for row {row.id!r} in the {run.get('strategy')} run"]

@@ -4,6 +4,12 @@ Run it as ``matrix_common.worker_command`` says (``worker_env``: the repository 
 
     python matrix_worker.py single OUT BASE
     python -m torch.distributed.run --standalone --nproc_per_node 2 matrix_worker.py ddp OUT BASE
+    python -m torch.distributed.run --standalone --nproc_per_node 2 matrix_worker.py deepspeed OUT BASE
+
+``deepspeed`` runs every row under ``LitDeepSpeedStrategy`` ZeRO-1, then ZeRO-2, then ZeRO-3 (fp32, DeepSpeed's CPU
+accelerator over gloo; ``worker_env`` sets ``DS_ACCELERATOR=cpu``), writing ``zero1.json`` .. ``zero3.json``. There
+the checkpoint is a DeepSpeed folder (``load_checkpoint`` reads its model-states file for the facts), and weights
+are gathered (``full_parameters``) before they are digested or compared, so ZeRO-3's partitions count whole.
 
 Under ``torch.distributed.run`` Lightning finds the torchrun environment and launches nothing itself; every Trainer
 after the first reuses the process group. For each row, on every rank, three fits of a fresh module with fresh
@@ -55,6 +61,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from matrix_common import (
     DDP_PROCESSES,
+    DEEPSPEED_STAGES,
     EPOCH_BATCHES,
     GLOBAL_BATCH,
     LEARNING_RATE,
@@ -78,6 +85,8 @@ from lit_accel.callbacks import (
 )
 from lit_accel.lowrank.lora import lora_layers
 from lit_accel.models import CausalLM
+from lit_accel.models.params import full_parameters
+from lit_accel.strategies import LitDeepSpeedStrategy
 
 VOLATILE = {"sensitivity_seconds"}
 """Callback state that measures wall time, left out of the state digests."""
@@ -117,9 +126,16 @@ def digest(value: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def full_state(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """A copy of the module's ``state_dict`` with every parameter whole (ZeRO-3's partitions gathered: collective)."""
+    with full_parameters(module):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def state_digests(module: L.LightningModule, techniques: list[L.Callback]) -> dict[str, str]:
-    """Digest of every module ``state_dict`` entry and every technique callback ``state_dict`` entry."""
-    out = {f"module/{k}": digest(v) for k, v in module.state_dict().items()}
+    """Digest of every module ``state_dict`` entry (whole parameters) and every technique callback ``state_dict``
+    entry."""
+    out = {f"module/{k}": digest(v) for k, v in full_state(module).items()}
     for cb in techniques:
         for k, v in cb.state_dict().items():
             if k not in VOLATILE:
@@ -157,7 +173,7 @@ class Recorder(L.Callback):
         self.initial: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.initial = full_state(pl_module)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         # Runs after the technique callbacks (given to the Trainer first): their decisions for this step are made.
@@ -190,6 +206,28 @@ def fixed_batch_loader(world_size: int, rank: int) -> DataLoader[Any]:
     return DataLoader(items, batch_size=len(share))  # type: ignore[arg-type]
 
 
+def make_strategy(strategy: str) -> Any:
+    """The Trainer's strategy for ``single``, ``ddp`` or ``zero1``/``zero2``/``zero3`` (DeepSpeed in fp32: bf16 would
+    round the weights, and the rows compare runs bit for bit)."""
+    if strategy == "ddp":
+        return DDPStrategy(timeout=timedelta(seconds=120))
+    if strategy.startswith("zero"):
+        return LitDeepSpeedStrategy(stage=int(strategy[4:]), bf16=False)
+    return "auto"
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint file, or a DeepSpeed checkpoint folder as a dict of the same shape: the client state
+    Lightning saved (``lit_accel``, callbacks, loops) and, as ``state_dict``, the module state DeepSpeed wrote
+    (``module.``-prefixed keys as in Lightning's; ZeRO-3 parameters as empty placeholders)."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    # mp_rank_00_model_states.pt (ZeRO-1/2), zero_pp_rank_<r>_mp_rank_00_model_states.pt (ZeRO-3): rank 0's.
+    first = sorted((path / "checkpoint").glob("*mp_rank_00_model_states.pt"))[0]
+    ckpt = torch.load(first, map_location="cpu", weights_only=False)
+    return {**ckpt, "state_dict": dict(ckpt.get("module") or {})}
+
+
 class Fit:
     """One fit of a row (``kind``: ``full``, ``crash`` or ``resume``): its trainer, module, callbacks and records.
 
@@ -214,11 +252,11 @@ class Fit:
             )
             # First, so that no callback acts on the step that never runs.
             crash, checkpoints = [CrashAtStep(RESUME_AT)], [ckpt]
-        world = DDP_PROCESSES if strategy == "ddp" else 1
+        world = 1 if strategy == "single" else DDP_PROCESSES
         self.trainer = L.Trainer(
             accelerator="cpu",
             devices=world,
-            strategy=DDPStrategy(timeout=timedelta(seconds=120)) if strategy == "ddp" else "auto",
+            strategy=make_strategy(strategy),
             max_steps=MAX_STEPS,
             callbacks=[*crash, *self.techniques, self.recorder, *checkpoints],
             logger=False,
@@ -270,7 +308,7 @@ def facts(fit: Fit, ckpt: dict[str, Any]) -> dict[str, Any]:
     module, rec = fit.module, fit.recorder
     assert module.model is not None
     model = module.model
-    state = module.state_dict()
+    state = full_state(module)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     out: dict[str, Any] = {
         "trained": any(not torch.equal(state[n], rec.initial[n]) for n in trainable if n in rec.initial),
@@ -353,11 +391,11 @@ def run_row(row: Row, strategy: str, out_dir: Path, base_dir: Path) -> dict[str,
         result["seconds"] = time.perf_counter() - start
         return result
     result["full"] = full.record()
-    full_state = {k: v.detach().clone() for k, v in full.module.state_dict().items()}
+    full_weights = full_state(full.module)
     crashed = Fit(row, strategy, base_dir, row_dir, "crash")
     result["crashed"] = {**crashed.record(), "error": crashed.error}
-    if crashed.ckpt_path.is_file():
-        ckpt = torch.load(crashed.ckpt_path, map_location="cpu", weights_only=False)
+    if crashed.ckpt_path.exists():  # a file, or a DeepSpeed checkpoint folder
+        ckpt = load_checkpoint(crashed.ckpt_path)
         result["facts"] = facts(full, ckpt)
         del full, crashed
         resumed = Fit(row, strategy, base_dir, row_dir, "resume")
@@ -367,7 +405,7 @@ def run_row(row: Row, strategy: str, out_dir: Path, base_dir: Path) -> dict[str,
             result["resumed"] = resumed.record()
             a, b = result["full"]["state"], result["resumed"]["state"]
             result["resume"] = {
-                "state_max_abs_diff": max_abs_diff(full_state, resumed.module.state_dict()),
+                "state_max_abs_diff": max_abs_diff(full_weights, full_state(resumed.module)),
                 "differing": sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)),
             }
     else:
@@ -378,6 +416,15 @@ def run_row(row: Row, strategy: str, out_dir: Path, base_dir: Path) -> dict[str,
 
 
 def main(strategy: str, out_dir: Path, base_dir: Path) -> None:
+    """Trains every row under ``strategy``; ``deepspeed`` runs the ZeRO stages one after the other (one launch)."""
+    if strategy == "deepspeed":
+        for stage in DEEPSPEED_STAGES:
+            run_strategy(f"zero{stage}", out_dir, base_dir)
+    else:
+        run_strategy(strategy, out_dir, base_dir)
+
+
+def run_strategy(strategy: str, out_dir: Path, base_dir: Path) -> None:
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     wanted = os.environ.get("MATRIX_ROWS")  # for debugging: a comma-separated subset of the row ids
@@ -414,6 +461,6 @@ def main(strategy: str, out_dir: Path, base_dir: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    if len(sys.argv) != 4 or sys.argv[1] not in ("single", "ddp"):
-        sys.exit("usage: matrix_worker.py single|ddp OUT_DIR BASE_DIR")
+    if len(sys.argv) != 4 or sys.argv[1] not in ("single", "ddp", "deepspeed"):
+        sys.exit("usage: matrix_worker.py single|ddp|deepspeed OUT_DIR BASE_DIR")
     main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
