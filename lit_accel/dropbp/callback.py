@@ -274,6 +274,7 @@ class DropBP(L.Callback):
         self._sens_sum: list[float] | None = None
         self._sens_batches = 0
         self._decided_step = -1
+        self._zero3_cleared_step = -1
         self._num_sublayers: int | None = None
         self._flops_cache: dict[int, list[float]] = {}
         self._seq_len: int | None = None
@@ -384,6 +385,9 @@ class DropBP(L.Callback):
             return
         s = self.settings
         step = trainer.global_step
+        if self._zero3_cleared_step != step:
+            self._zero3_cleared_step = step
+            _clear_zero3_gradient_partitions(trainer)
         self._seq_len = _seq_len(batch) or self._seq_len
         assert self.sensitivity_step is not None
         # target 0 allocates rate 0 everywhere whatever the sensitivities: skip the L + 1 passes.
@@ -575,3 +579,20 @@ class DropBP(L.Callback):
             self.allocated_rates = allocate_drop_rates(
                 self.sensitivities, self.allocation_flops, self.settings.target, step=_RATE_STEP, cap=MAX_TARGET
             )
+
+
+def _clear_zero3_gradient_partitions(trainer: L.Trainer) -> None:
+    """Zero DeepSpeed ZeRO-3's flat buffer of gradient partitions at the start of an optimizer step.
+
+    ZeRO-3 overwrites a parameter's slot in that buffer only when the parameter's gradient is reduced, and its
+    ``zero_grad`` leaves the buffer alone; a sublayer DropBP dropped produces no gradient, so without this its slot
+    would still hold the previous step's gradient and the optimizer would apply it again (found as a resume mismatch
+    by the distribution matrix). ZeRO-1/2 and DDP keep no such buffer.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, DeepSpeedStrategy) or not getattr(strategy, "zero_stage_3", False):
+        return
+    engine = getattr(strategy, "deepspeed_engine", None)
+    buffer = getattr(getattr(engine, "optimizer", None), "grad_partitions_flat_buffer", None)
+    if isinstance(buffer, torch.Tensor):
+        buffer.zero_()

@@ -267,16 +267,7 @@ DEEPSPEED_FACTS: dict[tuple[str, int], dict[str, Any]] = {
 }
 """(row, ZeRO stage) -> changes to the row's expected facts under DeepSpeed (None: not checked there)."""
 
-_DROPBP_ZERO3 = (
-    "DropBP under ZeRO-3: checkpoint -> resume is not exact (same decisions and same first resumed loss, then the "
-    "weights drift: max |diff| ~0.02 after 3 steps), while the same row resumes exactly under ZeRO-1/2 and DDP and "
-    "the dense row resumes exactly under ZeRO-3"
-)
-_DROPBP_SHORT = "checkpoint -> resume not exact (weights drift after the first resumed step)"
-KNOWN_FAILURES: dict[tuple[str, str], tuple[str, str]] = {
-    ("dropbp", "zero3"): (_DROPBP_SHORT, _DROPBP_ZERO3),
-    ("dropbp+lora", "zero3"): (_DROPBP_SHORT, _DROPBP_ZERO3),
-}
+KNOWN_FAILURES: dict[tuple[str, str], tuple[str, str]] = {}
 """(row, run) -> (a short line for the table, why the row fails there): real failures of lit_accel under DeepSpeed,
 found by this matrix and not fixed yet. Their tests are xfailed with the reason; the table shows them failing."""
 
