@@ -124,9 +124,9 @@ def export_checkpoint(
         # A StructuredPruning run: the model to hand back is the physically smaller one its masks describe.
         if peft_adapter:
             raise ValueError(f"--peft-adapter: --ckpt {str(ckpt)!r} is from a StructuredPruning run, not a LoRA run.")
-        from lit_accel.pruning.export import export_pruned_checkpoint
+        from lit_accel.pruning.export import export_loaded_pruning_checkpoint
 
-        return export_pruned_checkpoint(ckpt, out, overwrite=overwrite, tokenizer=tokenizer)
+        return export_loaded_pruning_checkpoint(checkpoint, ckpt, out_path, overwrite, tokenizer)
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     sparse = (checkpoint.get("lit_accel") or {}).get("sparsity24")
     if sparse and sparse.get("phase") == "sparse":

@@ -29,7 +29,12 @@ Example:
 
 from lit_accel.pruning.apply import MaskHooks, apply_masks, masked_rms_norm
 from lit_accel.pruning.callback import StructuredPruning
-from lit_accel.pruning.export import export_pruned, export_pruned_checkpoint, is_pruning_checkpoint
+from lit_accel.pruning.export import (
+    export_loaded_pruning_checkpoint,
+    export_pruned,
+    export_pruned_checkpoint,
+    is_pruning_checkpoint,
+)
 from lit_accel.pruning.masks import HardConcrete, L0Masks, PrunableShape, count_params
 from lit_accel.pruning.report import architecture_report, log_architecture_charts
 from lit_accel.pruning.targets import (
@@ -55,6 +60,7 @@ __all__ = [
     "architecture_report",
     "constraint_loss",
     "count_params",
+    "export_loaded_pruning_checkpoint",
     "export_pruned",
     "export_pruned_checkpoint",
     "is_pruning_checkpoint",

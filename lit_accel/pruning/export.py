@@ -40,11 +40,11 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ from lit_accel.models.params import is_partitioned
 from lit_accel.models.structure import Block, ModelStructure, get_structure
 from lit_accel.pruning.masks import MASK_GROUPS, L0Masks
 
-__all__ = ["export_pruned", "export_pruned_checkpoint", "is_pruning_checkpoint", "main"]
+__all__ = ["export_loaded_pruning_checkpoint", "export_pruned", "export_pruned_checkpoint", "is_pruning_checkpoint"]
 
 
 def _nonzero(z: torch.Tensor) -> torch.Tensor:
@@ -299,12 +299,7 @@ def export_pruned_checkpoint(
         FileExistsError: ``out`` is not empty and ``overwrite`` is False.
         RuntimeError: ``verify`` found logits that differ from the masked model's.
     """
-    from lightning.pytorch.utilities import rank_zero_info
-    from transformers import AutoTokenizer
-
     from lit_accel.export import load_lightning_checkpoint
-    from lit_accel.models.causal_lm import CausalLM, save_hf_directory
-    from lit_accel.models.params import load_full_state_dict
 
     out_path = Path(out)
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
@@ -312,6 +307,26 @@ def export_pruned_checkpoint(
             f"--out {str(out_path)!r} exists and is not empty; choose a new path or pass --overwrite."
         )
     checkpoint = load_lightning_checkpoint(ckpt)
+    return export_loaded_pruning_checkpoint(checkpoint, ckpt, out_path, overwrite, tokenizer, verify)
+
+
+def export_loaded_pruning_checkpoint(
+    checkpoint: dict[str, Any],
+    ckpt: str | os.PathLike[str],
+    out_path: Path,
+    overwrite: bool = False,
+    tokenizer: str | None = None,
+    verify: bool = True,
+) -> Path:
+    """:func:`export_pruned_checkpoint` on a checkpoint already read by ``lit_accel.export.load_lightning_checkpoint``
+    (``ckpt`` only names it in messages), so ``lit-accel export`` reads a large checkpoint once; ``out_path`` has
+    been checked by the caller."""
+    from lightning.pytorch.utilities import rank_zero_info
+    from transformers import AutoTokenizer
+
+    from lit_accel.models.causal_lm import CausalLM, save_hf_directory
+    from lit_accel.models.params import load_full_state_dict
+
     extra = checkpoint.get("lit_accel") or {}
     state = checkpoint["state_dict"]
     prefix = "pruning.masks."
@@ -391,24 +406,3 @@ def _check_reloaded(out: Path, model: PreTrainedModel, masks: L0Masks) -> float:
             f"model's by {err:.2e} (relative); please report this with the checkpoint's config"
         )
     return err
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``lit-accel export`` for a StructuredPruning checkpoint (the CLI dispatches here)."""
-    parser = argparse.ArgumentParser(
-        prog="lit-accel export",
-        description="Write the physically pruned Hugging Face model of a StructuredPruning checkpoint.",
-    )
-    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file or DeepSpeed checkpoint folder")
-    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory to include (default: the run's)")
-    parser.add_argument("--peft-adapter", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--no-verify", action="store_true", help="skip the from_pretrained reload and logit check")
-    args = parser.parse_args(argv)
-    if args.peft_adapter:
-        raise ValueError(f"--peft-adapter: --ckpt {args.ckpt!r} is from a StructuredPruning run, which has no adapter.")
-    path = export_pruned_checkpoint(
-        args.ckpt, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, verify=not args.no_verify
-    )
-    print(f"exported pruned {args.ckpt} -> {path}")
