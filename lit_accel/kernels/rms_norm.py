@@ -9,7 +9,7 @@ Lightning's bf16-mixed, where the weight is an fp32 parameter). Three layers, as
   final cast to ``out_dtype``); the tests compare it with transformers, and CPU runs use it.
 * :class:`RMSNormFunction` - the ``torch.autograd.Function`` over the two Triton kernels below.
 * :func:`rms_norm` - the entry point: the kernels on CUDA for supported inputs (see
-  :func:`rms_norm_unsupported_reason`), else the reference.
+  :func:`rms_norm_fallback_reason`), else the reference.
 
 Numerics. Sums of squares, ``rstd``, the weight multiply and the whole backward run in fp32 registers whatever the
 storage dtypes. The forward rounds ``x * rstd`` to ``x.dtype`` and then the product to the promoted dtype exactly
@@ -58,7 +58,6 @@ __all__ = [
     "rms_norm_fallback_reason",
     "rms_norm_kernel_available",
     "rms_norm_reference",
-    "rms_norm_unsupported_reason",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -131,9 +130,7 @@ def _unsupported_reason(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.
     return None
 
 
-def rms_norm_unsupported_reason(
-    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None
-) -> str | None:
+def rms_norm_fallback_reason(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> str | None:
     """Why :func:`rms_norm` would run the reference instead of the Triton kernel for these inputs.
 
     For the integration layer's one-time warning (``f"{module_name}: RMSNorm kernel not used: {reason}"``).
@@ -150,15 +147,11 @@ def rms_norm_unsupported_reason(
         TypeError, ValueError: As :func:`rms_norm` for invalid inputs.
 
     Example:
-        >>> rms_norm_unsupported_reason(torch.randn(2, 8, device="meta"), torch.ones(8, device="meta"))
+        >>> rms_norm_fallback_reason(torch.randn(2, 8, device="meta"), torch.ones(8, device="meta"))
         'x is on meta; the kernel needs CUDA (or TRITON_INTERPRET=1 for CPU tests)'
     """
     _check_args(x, weight, 0.0, out_dtype)
     return _unsupported_reason(x, weight, out_dtype)
-
-
-# The name the other kernel modules use for the same helper.
-rms_norm_fallback_reason = rms_norm_unsupported_reason
 
 
 def rms_norm_kernel_available(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> bool:
@@ -179,7 +172,7 @@ def rms_norm_kernel_available(x: torch.Tensor, weight: torch.Tensor, out_dtype: 
         >>> rms_norm_kernel_available(torch.randn(2, 8, device="meta"), torch.ones(8, device="meta"))
         False
     """
-    return rms_norm_unsupported_reason(x, weight, out_dtype) is None
+    return rms_norm_fallback_reason(x, weight, out_dtype) is None
 
 
 # --------------------------------------------------------------------------------------------------------------

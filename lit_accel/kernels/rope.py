@@ -53,7 +53,6 @@ __all__ = [
     "apply_rope_reference",
     "rope_fallback_reason",
     "rope_kernel_available",
-    "rope_unsupported_reason",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -211,10 +210,6 @@ def rope_fallback_reason(
     """
     _check_args(q, k, cos, sin, unsqueeze_dim, out_dtype)
     return _unsupported_reason(q, k, cos, sin, out_dtype)
-
-
-# The name the integration layer (lit_accel.kernels.apply) looks up.
-rope_unsupported_reason = rope_fallback_reason
 
 
 def rope_kernel_available(

@@ -43,7 +43,6 @@ __all__ = [
     "swiglu_fallback_reason",
     "swiglu_kernel_available",
     "swiglu_reference",
-    "swiglu_unsupported_reason",
 ]
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -114,10 +113,6 @@ def swiglu_fallback_reason(gate: torch.Tensor, up: torch.Tensor) -> str | None:
     """
     _check_args(gate, up)
     return _unsupported_reason(gate, up)
-
-
-# The name the integration layer (lit_accel.kernels.apply) looks up.
-swiglu_unsupported_reason = swiglu_fallback_reason
 
 
 def swiglu_kernel_available(gate: torch.Tensor, up: torch.Tensor) -> bool:

@@ -25,7 +25,6 @@ from lit_accel.kernels.rms_norm import (
     rms_norm_fallback_reason,
     rms_norm_kernel_available,
     rms_norm_reference,
-    rms_norm_unsupported_reason,
 )
 
 # By module path: the package re-exports the function under the module's name.
@@ -149,7 +148,7 @@ def test_reference_matches_float64_math() -> None:
 def test_cpu_entry_point_is_the_reference(x_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
     x, w = _make((2, 5, 100), x_dtype, w_dtype)
     assert not rms_norm_kernel_available(x, w)
-    reason = rms_norm_unsupported_reason(x, w)
+    reason = rms_norm_fallback_reason(x, w)
     assert reason is not None and "cpu" in reason
     y = rms_norm(x, w, EPS)
     torch.testing.assert_close(y, rms_norm_reference(x, w, EPS), rtol=0, atol=0)
@@ -206,9 +205,8 @@ def test_bad_arguments_raise(
 
 
 def test_fallback_reason_checks_arguments_too() -> None:
-    assert rms_norm_fallback_reason is rms_norm_unsupported_reason
     with pytest.raises(ValueError, match="weight must have shape"):
-        rms_norm_unsupported_reason(torch.ones(2, 8), torch.ones(9))
+        rms_norm_fallback_reason(torch.ones(2, 8), torch.ones(9))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,16 +316,16 @@ else:
     def test_interp_default_dispatch_takes_kernel_for_supported_cpu_inputs() -> None:
         x, w = _make((3, 40), F32, F32)
         assert rms_norm_kernel_available(x, w)
-        assert rms_norm_unsupported_reason(x, w) is None
+        assert rms_norm_fallback_reason(x, w) is None
         xb, wb = _make((3, 40), BF16, F32)
-        reason = rms_norm_unsupported_reason(xb, wb)
+        reason = rms_norm_fallback_reason(xb, wb)
         assert reason is not None and "x dtype bfloat16 is not supported" in reason
-        assert "output dtype bfloat16" in str(rms_norm_unsupported_reason(x, w, out_dtype=BF16))
+        assert "output dtype bfloat16" in str(rms_norm_fallback_reason(x, w, out_dtype=BF16))
         with pytest.raises(ValueError, match="cannot use the Triton kernel: x dtype bfloat16"):
             rms_norm(xb, wb, EPS, use_kernel=True)
         # Unsupported: the reference, bit for bit.
         torch.testing.assert_close(rms_norm(xb, wb, EPS), rms_norm_reference(xb, wb, EPS), rtol=0, atol=0)
-        assert "x is empty" in str(rms_norm_unsupported_reason(torch.ones(0, 40), w))
+        assert "x is empty" in str(rms_norm_fallback_reason(torch.ones(0, 40), w))
         assert rms_norm(torch.ones(0, 40), w, EPS).shape == (0, 40)
 
     def test_interp_function_apply_direct() -> None:
@@ -357,7 +355,7 @@ def test_gpu_kernel_vs_hf(
     shape: tuple[int, int], x_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype | None
 ) -> None:
     x, w = _make(shape, x_dtype, w_dtype, device="cuda")
-    assert rms_norm_kernel_available(x, w, out_dtype), rms_norm_unsupported_reason(x, w, out_dtype)
+    assert rms_norm_kernel_available(x, w, out_dtype), rms_norm_fallback_reason(x, w, out_dtype)
     y = rms_norm(x, w, EPS, out_dtype=out_dtype)
     x_hf = x.detach().clone().requires_grad_()
     y_hf, w_hf = _hf(x_hf, w)
