@@ -72,8 +72,9 @@ class KernelReport:
     """Kernel name -> why it was not applied anywhere (e.g. the MLP activation is not SiLU)."""
 
     def counts(self) -> dict[str, int]:
-        """Number of modules per kernel."""
-        return {name: len(mods) for name, mods in self.patched.items()}
+        """Number of modules per kernel, in :data:`KERNEL_NAMES` order."""
+        order = {name: i for i, name in enumerate(KERNEL_NAMES)}
+        return {name: len(self.patched[name]) for name in sorted(self.patched, key=lambda n: order.get(n, len(order)))}
 
 
 # --------------------------------------------------------------------------------------------------------------
