@@ -26,6 +26,7 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules lit_accel  # the docstrings' examples
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m "gpu or multigpu"
