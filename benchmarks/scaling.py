@@ -8,6 +8,8 @@ table appended to RESULTS.md.
     python benchmarks/scaling.py --gpus 1                          # the 1-GPU point of every variant
     python benchmarks/scaling.py --gpus 1 2 4 8 --strategy lit_deepspeed_stage_2 --results $OUT/RESULTS.md
     python benchmarks/scaling.py --gpus 1 8 --variants dense dropbp lora --preset llama-1b --batch 8
+    python benchmarks/scaling.py --gpus 2 --variants dense --ddp gradient_as_bucket_view=true bucket_cap_mb=100
+    python benchmarks/scaling.py --gpus 2 --variants dense --ddp comm_hook=bf16   # bf16-compressed all-reduce
 """
 
 from __future__ import annotations
@@ -43,6 +45,27 @@ def _callbacks(variant: str) -> list[Any]:
     raise ValueError(f"variant={variant!r}; allowed: {VARIANTS}")
 
 
+def _ddp_kwargs(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (YAML values) as DDPStrategy arguments; ``comm_hook=bf16|fp16`` picks a compression hook."""
+    import yaml
+
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--ddp takes KEY=VALUE pairs, got {pair!r}")
+        if key == "comm_hook":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+            if value not in hooks:
+                raise SystemExit(f"--ddp comm_hook must be one of {sorted(hooks)}, got {value!r}")
+            kwargs["ddp_comm_hook"] = hooks[value]
+        else:
+            kwargs[key] = yaml.safe_load(value)
+    return kwargs
+
+
 def _child(args: argparse.Namespace) -> None:
     import lightning as L
     import torch
@@ -55,10 +78,15 @@ def _child(args: argparse.Namespace) -> None:
     module = CausalLM(args.preset, warmup_steps=10)
     timer = _StepTimer(args.warmup, args.iters, args.repeats)
     steps = args.warmup + args.iters * args.repeats
+    strategy: Any = args.strategy if args.devices > 1 or args.strategy != "ddp" else "auto"
+    if strategy == "ddp" and args.ddp:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(**_ddp_kwargs(args.ddp))
     trainer = L.Trainer(
         accelerator="gpu",
         devices=args.devices,
-        strategy=args.strategy if args.devices > 1 or args.strategy != "ddp" else "auto",
+        strategy=strategy,
         precision="bf16-mixed",
         max_steps=steps,
         logger=False,
@@ -82,6 +110,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to measure")
     parser.add_argument("--strategy", default="ddp", help="ddp or a DeepSpeed name (lit_deepspeed_stage_2, ...)")
+    parser.add_argument(
+        "--ddp", nargs="*", default=[], metavar="KEY=VALUE", help="DDPStrategy arguments for the multi-GPU ddp runs"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--preset", default="llama-125m")
     parser.add_argument("--batch", type=int, default=16, help="sequences per GPU")
@@ -103,6 +134,7 @@ def main() -> None:
 
     from harness import write_results
 
+    label = args.strategy + (f" ({', '.join(args.ddp)})" if args.ddp and args.strategy == "ddp" else "")
     rows = []
     for variant in args.variants:
         per_gpu: dict[int, float] = {}
@@ -113,6 +145,8 @@ def main() -> None:
             cmd += ["--strategy", args.strategy, "--preset", args.preset, "--batch", str(args.batch)]
             cmd += ["--seq", str(args.seq), "--warmup", str(args.warmup), "--iters", str(args.iters)]
             cmd += ["--repeats", str(args.repeats), "--out", out]
+            if args.ddp:
+                cmd += ["--ddp", *args.ddp]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not os.path.getsize(out):
                 print(f"{variant} x{n}: FAILED\n{proc.stderr[-3000:]}", flush=True)
@@ -129,7 +163,7 @@ def main() -> None:
                 [
                     variant,
                     n,
-                    args.strategy,
+                    label,
                     ms,
                     f"{tok_s_gpu / 1e3:.1f}k",
                     f"{tok_s_gpu * n / 1e3:.1f}k",
@@ -139,7 +173,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     text = write_results(
-        f"Scaling: {args.preset}, {args.batch}x{args.seq} per GPU, {args.strategy}",
+        f"Scaling: {args.preset}, {args.batch}x{args.seq} per GPU, {label}",
         [
             "variant",
             "GPUs",

@@ -56,3 +56,24 @@ def test_fragment_composes_with_a_run(path: Path, tmp_path: Path, monkeypatch: p
     added = yaml.safe_load(path.read_text())["trainer"]["callbacks+"]
     assert len(cli.trainer.callbacks) == len(before) + len(added)
     assert not _every_key_has_a_comment(path)
+
+
+OVERLAYS = sorted((ROOT / "benchmarks").glob("*-smoke.yaml"))
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: p.name)
+def test_benchmark_overlay_composes_with_its_base(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU smoke overlays (``--config BASE --config OVERLAY``) name their base and build on top of it."""
+    monkeypatch.chdir(tmp_path)
+    bases = [line.split(":", 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("# base:")]
+    assert len(bases) == 1, f"{path.name} must name its base config in one '# base: <path>' line"
+    base = ROOT / bases[0]
+    overlay = yaml.safe_load(path.read_text())
+    cli = LitAccelCLI(args=["--config", str(base), "--config", str(path), *CPU], run=False)
+    assert cli.trainer.max_steps == overlay["trainer"]["max_steps"]
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    for cb in overlay["trainer"]["callbacks"]:
+        assert cb["class_path"].rsplit(".", 1)[1] in names
+    for key, value in overlay.get("data", {}).get("init_args", {}).items():
+        assert getattr(cli.datamodule, key) == value, key
+    assert not _every_key_has_a_comment(path)
