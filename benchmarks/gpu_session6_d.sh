@@ -10,9 +10,9 @@ echo "== recipe: prune -> export -> continue -> export, llama-1b -> llama-1b-hal
 start=$(date +%s)
 CUDA_VISIBLE_DEVICES=0 SOURCE=llama-1b LIT_ACCEL="python -m lit_accel.cli" \
   PRUNE_ARGS="--config benchmarks/prune-1b-smoke.yaml" CONTINUE_ARGS="--config benchmarks/continue-1b-smoke.yaml" \
-  timeout 330 bash recipes/prune_continue/run.sh > "$OUT/recipe.log" 2>&1
+  timeout 300 bash recipes/prune_continue/run.sh > "$OUT/recipe.log" 2>&1
 echo "recipe exit $? after $(( $(date +%s) - start )) s"
-grep -E "^\[|Error|error:|logits|parameters|tokens/s|pruned model|continued model" "$OUT/recipe.log" | cut -c1-250 | tail -40
+grep -E "^\[|Error|error:|lit_accel:|val/loss|step_time|pruned model|continued model" "$OUT/recipe.log" | cut -c1-250 | tail -40
 ls -la runs/prune_continue/ runs/prune_continue/pruned runs/prune_continue/final 2>&1 | head -40
 python - <<'PY' 2>&1 | tail -5
 import json, os
