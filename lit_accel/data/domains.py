@@ -95,7 +95,7 @@ def reference_losses_from_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, 
 
     Example:
         >>> reference_losses_from_checkpoint("runs/prune/checkpoints/last.ckpt")  # doctest: +SKIP
-        {'tests': 2.31, 'net': 2.87, 'gui': 2.65, 'rest': 2.74}
+        {'tests': 2.31, 'net': 2.87, 'runtime': 2.65, 'rest': 2.74}
     """
     path = Path(ckpt)
     files = sorted(path.glob("*/mp_rank_*_model_states.pt")) if path.is_dir() else [path]
