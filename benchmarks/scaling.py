@@ -10,6 +10,7 @@ table appended to RESULTS.md.
     python benchmarks/scaling.py --gpus 1 8 --variants dense dropbp lora --preset llama-1b --batch 8
     python benchmarks/scaling.py --gpus 2 --variants dense --ddp gradient_as_bucket_view=true bucket_cap_mb=100
     python benchmarks/scaling.py --gpus 2 --variants dense --ddp comm_hook=bf16   # bf16-compressed all-reduce
+    python benchmarks/scaling.py --gpus 1 2 --strategy lit_ddp --results $OUT/RESULTS.md   # lit_accel's DDP defaults
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def _child(args: argparse.Namespace) -> None:
     module = CausalLM(args.preset, warmup_steps=10)
     timer = _StepTimer(args.warmup, args.iters, args.repeats)
     steps = args.warmup + args.iters * args.repeats
-    strategy: Any = args.strategy if args.devices > 1 or args.strategy != "ddp" else "auto"
+    # One GPU is the single-device baseline whatever the DDP flavour; DeepSpeed names keep their engine.
+    strategy: Any = args.strategy if args.devices > 1 or args.strategy not in ("ddp", "lit_ddp") else "auto"
     if strategy == "ddp" and args.ddp:
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -109,7 +111,7 @@ def _child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to measure")
-    parser.add_argument("--strategy", default="ddp", help="ddp or a DeepSpeed name (lit_deepspeed_stage_2, ...)")
+    parser.add_argument("--strategy", default="ddp", help="ddp, lit_ddp or a DeepSpeed name (lit_deepspeed_stage_2, ...)")
     parser.add_argument(
         "--ddp", nargs="*", default=[], metavar="KEY=VALUE", help="DDPStrategy arguments for the multi-GPU ddp runs"
     )

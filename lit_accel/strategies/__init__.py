@@ -1,4 +1,4 @@
-"""Strategy plugins: ``LitDeepSpeedStrategy`` and its registered names.
+"""Strategy plugins: ``LitDeepSpeedStrategy``, ``lit_ddp`` and their registered names.
 
 Importing this package registers, in Lightning's ``StrategyRegistry``:
 
@@ -10,11 +10,13 @@ name                               what it is
 ``lit_deepspeed_stage_3``          ZeRO-3 (+ parameters)
 ``lit_deepspeed_stage_2_offload``  ZeRO-2, optimizer states and step on the CPU
 ``lit_deepspeed_stage_3_offload``  ZeRO-3, optimizer and parameters on the CPU
+``lit_ddp``                        Lightning's ``DDPStrategy`` with gradients as bucket views and 100 MB buckets
 =================================  ============================================================
 
-all :class:`LitDeepSpeedStrategy` with LLM defaults (bf16, overlap_comm, contiguous gradients, bucket sizes and
-stage-3 thresholds from the model's size), every DeepSpeed setting overridable. DeepSpeed itself is imported only
-when a strategy is set up, so importing this package is cheap.
+the DeepSpeed names all :class:`LitDeepSpeedStrategy` with LLM defaults (bf16, overlap_comm, contiguous gradients,
+bucket sizes and stage-3 thresholds from the model's size), every DeepSpeed setting overridable; ``lit_ddp`` in
+:mod:`lit_accel.strategies.ddp`. DeepSpeed itself is imported only when a strategy is set up, so importing this
+package is cheap.
 
 Example:
     >>> from lightning.pytorch.strategies import StrategyRegistry
@@ -25,6 +27,7 @@ Example:
 """
 
 from lit_accel.strategies.conflicts import CONFLICTS, ConfigConflict, check_callback_conflicts
+from lit_accel.strategies.ddp import LIT_DDP_STRATEGIES
 from lit_accel.strategies.deepspeed import LIT_DEEPSPEED_STRATEGIES, LitDeepSpeedStrategy
 from lit_accel.strategies.registry import (
     check_cli_strategy,
@@ -41,6 +44,7 @@ register_strategies()
 
 __all__ = [
     "CONFLICTS",
+    "LIT_DDP_STRATEGIES",
     "LIT_DEEPSPEED_STRATEGIES",
     "ConfigConflict",
     "LitDeepSpeedStrategy",

@@ -18,6 +18,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import Strategy, StrategyRegistry
 
+from lit_accel.strategies.ddp import LIT_DDP_STRATEGIES, register_ddp_strategies
 from lit_accel.strategies.deepspeed import LIT_DEEPSPEED_STRATEGIES, LitDeepSpeedStrategy
 
 __all__ = [
@@ -34,16 +35,17 @@ __all__ = [
 def register_strategies() -> None:
     """Registers every lit_accel strategy name in Lightning's ``StrategyRegistry`` (idempotent)."""
     LitDeepSpeedStrategy.register_strategies(StrategyRegistry)
+    register_ddp_strategies(StrategyRegistry)
 
 
 def lit_strategy_names() -> list[str]:
     """lit_accel's registered strategy names."""
-    return list(LIT_DEEPSPEED_STRATEGIES)
+    return [*LIT_DEEPSPEED_STRATEGIES, *LIT_DDP_STRATEGIES]
 
 
 def lightning_strategy_names() -> list[str]:
     """Every other name the Trainer accepts (``auto`` and Lightning's registry), sorted."""
-    ours = set(LIT_DEEPSPEED_STRATEGIES)
+    ours = set(lit_strategy_names())
     return ["auto", *sorted(n for n in StrategyRegistry.available_strategies() if n not in ours)]
 
 

@@ -58,7 +58,6 @@ import torch
 import torch.distributed as dist
 from _helpers import CrashAtStep
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
 from matrix_common import (
     DDP_PROCESSES,
     DEEPSPEED_STAGES,
@@ -86,7 +85,7 @@ from lit_accel.callbacks import (
 from lit_accel.lowrank.lora import lora_layers
 from lit_accel.models import CausalLM
 from lit_accel.models.params import full_parameters
-from lit_accel.strategies import LitDeepSpeedStrategy
+from lit_accel.strategies import LitDeepSpeedStrategy, resolve_strategy
 
 VOLATILE = {"sensitivity_seconds"}
 """Callback state that measures wall time, left out of the state digests."""
@@ -210,7 +209,8 @@ def make_strategy(strategy: str) -> Any:
     """The Trainer's strategy for ``single``, ``ddp`` or ``zero1``/``zero2``/``zero3`` (DeepSpeed in fp32: bf16 would
     round the weights, and the rows compare runs bit for bit)."""
     if strategy == "ddp":
-        return DDPStrategy(timeout=timedelta(seconds=120))
+        # lit_accel's DDP (gradients as views of the all-reduce buckets): every technique must work with it.
+        return resolve_strategy("lit_ddp", timeout=timedelta(seconds=120))
     if strategy.startswith("zero"):
         return LitDeepSpeedStrategy(stage=int(strategy[4:]), bf16=False)
     return "auto"

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from make_table import DOC, TABLE_END, TABLE_START, render_table
+from make_table import DOC, README, TABLE_END, TABLE_START, render_table
 from matrix_common import (
     ALL_RUNS,
     DDP_PROCESSES,
@@ -99,12 +99,13 @@ def test_ddp_follows_the_single_device_run(matrix: dict[str, Launch], row: Row) 
     assert diff is not None and diff <= DDP_SINGLE_ATOL, diff
 
 
-def test_docs_table_is_current(matrix: dict[str, Launch]) -> None:
-    text = DOC.read_text()
-    assert TABLE_START in text and TABLE_END in text, f"{DOC} has no generated table"
+@pytest.mark.parametrize("doc", [DOC, README], ids=lambda p: p.name)
+def test_docs_table_is_current(matrix: dict[str, Launch], doc: Path) -> None:
+    text = doc.read_text()
+    assert TABLE_START in text and TABLE_END in text, f"{doc} has no generated table"
     current = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
     fresh = render_table({s: results(matrix, s) for s in ALL_RUNS}).strip()
-    assert current == fresh, f"{DOC} is out of date: run `python tests/matrix/make_table.py`\n{fresh}"
+    assert current == fresh, f"{doc} is out of date: run `python tests/matrix/make_table.py`\n{fresh}"
 
 
 # (row, ZeRO stage, the set-up error expected, or None where the callbacks accept the strategy)

@@ -53,11 +53,28 @@ def test_each_name_is_registered_and_builds_its_stage(name: str) -> None:
 
 
 def test_names_are_ours_and_lightnings_stay_lightnings() -> None:
-    assert lit_strategy_names() == list(EXPECTED)
+    assert lit_strategy_names() == [*EXPECTED, "lit_ddp"]
     assert type(StrategyRegistry.get("deepspeed_stage_2")) is DeepSpeedStrategy
     assert isinstance(StrategyRegistry.get("ddp"), DDPStrategy)
     lit_accel.strategies.register_strategies()  # idempotent (a re-import, a second call)
     assert StrategyRegistry["lit_deepspeed_stage_3"]["init_params"] == {"stage": 3}
+
+
+def test_lit_ddp_is_lightnings_ddp_with_bucket_views_and_larger_buckets() -> None:
+    assert StrategyRegistry["lit_ddp"]["strategy"] is DDPStrategy and StrategyRegistry["lit_ddp"]["description"]
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy="lit_ddp", logger=False)
+    assert type(trainer.strategy) is DDPStrategy
+    assert trainer.strategy._ddp_kwargs == {"gradient_as_bucket_view": True, "bucket_cap_mb": 100}
+    # An argument given wins over the registered default; the others stay.
+    strategy = resolve_strategy("lit_ddp", bucket_cap_mb=25, find_unused_parameters=True)
+    assert isinstance(strategy, DDPStrategy)
+    assert strategy._ddp_kwargs == {
+        "gradient_as_bucket_view": True,
+        "bucket_cap_mb": 25,
+        "find_unused_parameters": True,
+    }
+    with pytest.raises(ValueError, match="Unknown strategy 'lit_dpp'.*Did you mean 'lit_ddp'"):
+        resolve_strategy("lit_dpp")
 
 
 def test_resolve_strategy_applies_overrides_over_the_registered_arguments() -> None:
