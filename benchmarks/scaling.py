@@ -111,7 +111,9 @@ def _child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to measure")
-    parser.add_argument("--strategy", default="ddp", help="ddp, lit_ddp or a DeepSpeed name (lit_deepspeed_stage_2, ...)")
+    parser.add_argument(
+        "--strategy", default="ddp", help="ddp, lit_ddp or a DeepSpeed name (lit_deepspeed_stage_2 ...)"
+    )
     parser.add_argument(
         "--ddp", nargs="*", default=[], metavar="KEY=VALUE", help="DDPStrategy arguments for the multi-GPU ddp runs"
     )

@@ -1,0 +1,82 @@
+"""Where a LoRA training step's time goes: CUDA kernels of the frozen-base floor and of our LoRA, side by side.
+
+Same builders and step as ``benchmarks/lora.py``; ``torch.profiler`` over a few steps after warm-up, kernels grouped
+by name, sorted by their CUDA time per step. Prints two tables and the difference in total kernel time per step
+(what the adapters add), so the cost of each adapter GEMM is visible.
+
+    python benchmarks/profile_lora.py                    # llama-1b, 8 x 2048, r 16 on all linears
+    python benchmarks/profile_lora.py --top 40 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lora import _base, _step_fn
+
+from lit_accel.lowrank import apply_lora
+
+
+def _profile(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, tuple[float, int]]:
+    step = _step_fn(model, args.batch, args.seq_len)
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(args.steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    print(f"  wall per step {start.elapsed_time(end) / args.steps:.1f} ms", flush=True)
+    out: dict[str, tuple[float, int]] = {}
+    for ev in prof.key_averages():
+        t = float(getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0) or 0.0)
+        if t > 0:
+            out[ev.key] = (t / 1e3 / args.steps, ev.count // args.steps)
+    return out
+
+
+def _table(name: str, kernels: dict[str, tuple[float, int]], top: int) -> None:
+    total = sum(ms for ms, _ in kernels.values())
+    print(f"\n== {name}: kernel time {total:.1f} ms/step", flush=True)
+    for key, (ms, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{ms:8.2f} ms {n:6d}x  {key[:150]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="llama-1b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+
+    print("floor: frozen base, no adapters", flush=True)
+    model = _base(args.preset)
+    model.enable_input_require_grads()  # type: ignore[operator]
+    floor = _profile(model, args)
+    del model
+    torch.cuda.empty_cache()
+    print("lit_accel LoRA (default CUDA path)", flush=True)
+    model = _base(args.preset)
+    apply_lora(model, targets="all-linear", r=args.r, alpha=2 * args.r)
+    ours = _profile(model, args)
+    _table("floor", floor, args.top)
+    _table("ours", ours, args.top)
+    diff = {k: (ours.get(k, (0.0, 0))[0] - floor.get(k, (0.0, 0))[0], ours.get(k, (0.0, 0))[1]) for k in ours}
+    _table("ours minus floor, by kernel", {k: v for k, v in diff.items() if v[0] > 0}, args.top)
+
+
+if __name__ == "__main__":
+    main()
