@@ -120,12 +120,12 @@ def export_checkpoint(
     assert module.model is not None
     if saved_config is not None and saved_config.get("eos_token_id") is not None:
         module.model.config.eos_token_id = saved_config["eos_token_id"]
-    if any(k.startswith("pruning.") for k in checkpoint["state_dict"]):
+    from lit_accel.pruning.export import export_loaded_pruning_checkpoint, is_pruning_checkpoint_dict
+
+    if is_pruning_checkpoint_dict(checkpoint):
         # A StructuredPruning run: the model to hand back is the physically smaller one its masks describe.
         if peft_adapter:
             raise ValueError(f"--peft-adapter: --ckpt {str(ckpt)!r} is from a StructuredPruning run, not a LoRA run.")
-        from lit_accel.pruning.export import export_loaded_pruning_checkpoint
-
         return export_loaded_pruning_checkpoint(checkpoint, ckpt, out_path, overwrite, tokenizer)
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     sparse = (checkpoint.get("lit_accel") or {}).get("sparsity24")

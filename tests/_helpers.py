@@ -1,8 +1,14 @@
-"""Test-only callbacks, importable by class path from CLI configs (pytest puts tests/ on sys.path)."""
+"""Test-only callbacks, importable by class path from CLI configs, and tiny models shared by the tests (pytest
+puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import lightning as L
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 
 class CrashAtStep(L.Callback):
@@ -14,3 +20,28 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, idx: int) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+def tiny_llama(
+    layers: int = 2,
+    *,
+    intermediate_size: int = 128,
+    vocab_size: int = 128,
+    max_position_embeddings: int = 64,
+    tie_word_embeddings: bool = False,
+) -> LlamaForCausalLM:
+    """A random LLaMA: hidden 64, 4 query heads over 2 KV heads (head_dim 16), by default intermediate 128, vocab
+    128, 64 positions, untied; fresh, so in training mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    return LlamaForCausalLM(cfg)

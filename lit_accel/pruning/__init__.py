@@ -34,6 +34,7 @@ from lit_accel.pruning.export import (
     export_pruned,
     export_pruned_checkpoint,
     is_pruning_checkpoint,
+    is_pruning_checkpoint_dict,
 )
 from lit_accel.pruning.masks import HardConcrete, L0Masks, PrunableShape, count_params
 from lit_accel.pruning.report import architecture_report, log_architecture_charts
@@ -64,6 +65,7 @@ __all__ = [
     "export_pruned",
     "export_pruned_checkpoint",
     "is_pruning_checkpoint",
+    "is_pruning_checkpoint_dict",
     "lagrangian_loss",
     "log_architecture_charts",
     "masked_rms_norm",

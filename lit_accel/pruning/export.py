@@ -54,7 +54,13 @@ from lit_accel.models.params import is_partitioned
 from lit_accel.models.structure import Block, ModelStructure, get_structure
 from lit_accel.pruning.masks import MASK_GROUPS, L0Masks
 
-__all__ = ["export_loaded_pruning_checkpoint", "export_pruned", "export_pruned_checkpoint", "is_pruning_checkpoint"]
+__all__ = [
+    "export_loaded_pruning_checkpoint",
+    "export_pruned",
+    "export_pruned_checkpoint",
+    "is_pruning_checkpoint",
+    "is_pruning_checkpoint_dict",
+]
 
 
 def _nonzero(z: torch.Tensor) -> torch.Tensor:
@@ -261,6 +267,16 @@ def is_pruning_checkpoint(ckpt: str | os.PathLike[str]) -> bool:
             return False
     except Exception:  # not a zip-format torch file, or no checkpoint at all
         return False
+    return is_pruning_checkpoint_dict(checkpoint)
+
+
+def is_pruning_checkpoint_dict(checkpoint: Any) -> bool:
+    """Whether a checkpoint already loaded (a Lightning checkpoint dict, or a DeepSpeed ``*_model_states.pt`` dict)
+    is from a StructuredPruning run: it has the callback's record (``checkpoint["lit_accel"]["pruning"]``) or mask
+    weights (``pruning.masks.`` in a key of its ``state_dict``, or of the DeepSpeed ``module``).
+
+    The one test behind :func:`is_pruning_checkpoint` and ``lit-accel export``'s choice of exporter.
+    """
     if not isinstance(checkpoint, dict):
         return False
     if isinstance((checkpoint.get("lit_accel") or {}).get("pruning"), dict):

@@ -10,25 +10,13 @@ import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from lit_accel.dropbp import DropBP
 from lit_accel.models.structure import Sublayer
 
 VOCAB = 128
-
-
-def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+"""The vocabulary of :func:`tiny_gpt2` and of ``_helpers.tiny_llama``."""
 
 
 def tiny_gpt2(layers: int = 2) -> GPT2LMHeadModel:

@@ -7,7 +7,8 @@ import itertools
 
 import pytest
 import torch
-from dropbp_helpers import VOCAB, detached_outputs, tiny_gpt2, tiny_llama
+from _helpers import tiny_llama
+from dropbp_helpers import VOCAB, detached_outputs, tiny_gpt2
 from torch import nn
 
 from lit_accel.dropbp import (

@@ -12,7 +12,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from dropbp_helpers import VOCAB, Recorder, random_loader, tiny_llama, trainer_kwargs
+from _helpers import tiny_llama
+from dropbp_helpers import VOCAB, Recorder, random_loader, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy

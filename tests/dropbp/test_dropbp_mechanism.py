@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from dropbp_helpers import VOCAB, detached_outputs, enable_checkpointing, grads, tiny_gpt2, tiny_llama
+from _helpers import tiny_llama
+from dropbp_helpers import VOCAB, detached_outputs, enable_checkpointing, grads, tiny_gpt2
 from torch import nn
 
 from lit_accel.dropbp import apply_dropbp

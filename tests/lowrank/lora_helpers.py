@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from _helpers import tiny_llama as _tiny_llama
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from lit_accel.lowrank.lora import lora_layers
 
@@ -15,17 +16,7 @@ VOCAB = 128
 
 def tiny_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(layers, intermediate_size=96, vocab_size=VOCAB).eval()
 
 
 def tiny_gpt2(layers: int = 2, seed: int = 0) -> GPT2LMHeadModel:

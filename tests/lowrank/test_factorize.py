@@ -13,11 +13,12 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from _helpers import tiny_llama
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from lit_accel.lowrank.factorize import (
@@ -41,19 +42,6 @@ from lit_accel.models import CausalLM
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _llama(layers: int = 2) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _gpt2() -> GPT2LMHeadModel:
@@ -160,7 +148,7 @@ def test_report_numbers_by_hand() -> None:
 
 
 def test_apply_skip_rule_reports_and_flops() -> None:
-    model = _llama()
+    model = tiny_llama().eval()
     flops_before = model_matmul_flops_per_token(model)
     reports = apply_factorization(model, "attention", rank=30)
     by_kind = {r.name.split(".")[-1]: r for r in reports if r.name.startswith("model.layers.0.")}
@@ -176,12 +164,12 @@ def test_apply_skip_rule_reports_and_flops() -> None:
     again = apply_factorization(model, "attention", rank=30)  # idempotent: only the skipped ones, again
     assert not any(r.factorized for r in again) and len(again) == 4
     assert model_matmul_flops_per_token(model) == flops_before - saved
-    forced = apply_factorization(_llama(), "attention", rank=30, skip_if_not_smaller=False)
+    forced = apply_factorization(tiny_llama().eval(), "attention", rank=30, skip_if_not_smaller=False)
     assert all(r.factorized for r in forced)
 
 
 def test_apply_factorization_keeps_logits_close_at_high_energy() -> None:
-    model = _llama()
+    model = tiny_llama().eval()
     ids = torch.randint(0, 128, (2, 12))
     ref = _logits(model, ids)
     reports = apply_factorization(model, "all-linear", energy=1.0, skip_if_not_smaller=False)
@@ -191,21 +179,21 @@ def test_apply_factorization_keeps_logits_close_at_high_energy() -> None:
 
 def test_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match="exactly one of rank and energy"):
-        apply_factorization(_llama(), "attention")
+        apply_factorization(tiny_llama().eval(), "attention")
     with pytest.raises(ValueError, match="exactly one of rank and energy"):
-        apply_factorization(_llama(), "attention", rank=4, energy=0.9)
+        apply_factorization(tiny_llama().eval(), "attention", rank=4, energy=0.9)
     with pytest.raises(ValueError, match="rank=0"):
-        apply_factorization(_llama(), "attention", rank=0)
+        apply_factorization(tiny_llama().eval(), "attention", rank=0)
     with pytest.raises(ValueError, match=r"energy=1.5.*\(0, 1\]"):
-        apply_factorization(_llama(), "attention", energy=1.5)
-    model = _llama()
+        apply_factorization(tiny_llama().eval(), "attention", energy=1.5)
+    model = tiny_llama().eval()
     with pytest.raises(ValueError, match=r"rank=32 is out of range for model.layers.0.self_attn.k_proj.*< min"):
         apply_factorization(model, "attention", rank=32)
     assert not factorization_ranks(model)  # nothing changed before the error
     with pytest.raises(ValueError, match=r"matches no linear.*q_proj"):
-        apply_factorization(_llama(), "nothing_like_this", rank=4)
+        apply_factorization(tiny_llama().eval(), "nothing_like_this", rank=4)
     with pytest.raises(ValueError, match="does not exist"):
-        apply_factorization(_llama(), None, rank={"model.nope": 4})
+        apply_factorization(tiny_llama().eval(), None, rank={"model.nope": 4})
     cases: list[tuple[dict[str, Any], str]] = [
         ({}, "exactly one of rank and energy"),
         ({"rank": 4, "energy": 0.5}, "exactly one of rank and energy"),
@@ -232,7 +220,7 @@ class _FakeLora(nn.Module):
 
 
 def test_lora_wrapped_target_is_a_clear_error() -> None:
-    model = _llama(layers=1)
+    model = tiny_llama(layers=1).eval()
     attn = model.model.layers[0].self_attn
     attn.q_proj = _FakeLora(attn.q_proj)
     with pytest.raises(ValueError, match=r"LoRA adapters \(lora_A\).*cannot be stacked"):
@@ -247,7 +235,7 @@ def test_lora_wrapped_target_is_a_clear_error() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merged_export_loads_in_plain_transformers(arch: str, tmp_path: Path) -> None:
-    model = _llama() if arch == "llama" else _gpt2()
+    model = tiny_llama().eval() if arch == "llama" else _gpt2()
     ids = torch.randint(0, 128, (2, 12))
     apply_factorization(model, "all-linear", rank=8)
     ref = _logits(model, ids)
@@ -265,7 +253,7 @@ def test_merged_export_loads_in_plain_transformers(arch: str, tmp_path: Path) ->
 
 
 def test_save_and_load_factorized_round_trip(tmp_path: Path) -> None:
-    model = _llama()
+    model = tiny_llama().eval()
     ids = torch.randint(0, 128, (2, 12))
     apply_factorization(model, "all-linear", energy=0.7)
     ranks = factorization_ranks(model)
@@ -280,7 +268,7 @@ def test_save_and_load_factorized_round_trip(tmp_path: Path) -> None:
 
 
 def test_rebuild_factorization_changes_ranks_and_restores_dense() -> None:
-    model = _llama(layers=1)
+    model = tiny_llama(layers=1).eval()
     apply_factorization(model, "attention", rank=8)
     rebuild_factorization(model, {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.up_proj": 5})
     assert factorization_ranks(model) == {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.up_proj": 5}
@@ -426,7 +414,7 @@ class _OwnModule(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.model = _llama(layers=1).train()
+        self.model = tiny_llama(layers=1)  # fresh: in training mode
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"] % 128
@@ -473,7 +461,7 @@ class _FakeWandbLogger(WandbLogger):
 
 def test_wandb_gets_a_table_and_other_loggers_per_layer_scalars() -> None:
     cb = LowRankFactorization("attention", rank=8)
-    cb._apply(_llama(layers=1))
+    cb._apply(tiny_llama(layers=1).eval())
     wandb_logger, other = _FakeWandbLogger(), _MemoryLogger()
     trainer = SimpleNamespace(is_global_zero=True, loggers=[wandb_logger, other], global_step=3)
     cb._log(trainer)  # type: ignore[arg-type]

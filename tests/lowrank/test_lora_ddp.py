@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lora_helpers import tiny_llama
+from matrix.matrix_common import torchrun_command, worker_env
 
 WORKER = Path(__file__).with_name("lora_ddp_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -20,10 +19,13 @@ def test_ddp_two_ranks_train_identical_adapters(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     base = tmp_path / "base"
     tiny_llama(layers=2, seed=3).save_pretrained(str(base))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*cmd, str(WORKER), str(base), str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=180
+        torchrun_command(WORKER, base, tmp_path),
+        env=worker_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -8,7 +8,7 @@ One launch per strategy runs every row (Trainer start-up and process-group set-u
 
 - ``single``: ``python matrix_worker.py single OUT BASE`` (one CPU device);
 - ``ddp``: ``python -m torch.distributed.run --standalone --nproc_per_node 2 matrix_worker.py ddp OUT BASE``
-  (Lightning's DDP over gloo, 2 CPU processes);
+  (``lit_ddp``: Lightning's DDP with gradients as bucket views, over gloo, 2 CPU processes);
 - ``deepspeed``: the same launcher with ``matrix_worker.py deepspeed OUT BASE``: ``LitDeepSpeedStrategy`` ZeRO-1,
   then ZeRO-2, then ZeRO-3 (fp32, DeepSpeed's CPU accelerator over gloo, 2 processes), writing ``zero1.json``,
   ``zero2.json`` and ``zero3.json`` (keys ``zero1`` ... in the results).
@@ -289,16 +289,20 @@ def row_for(row: Row, strategy: str | None) -> Row:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def torchrun_command(script: Path, *args: object, nproc: int = DDP_PROCESSES) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node NPROC SCRIPT ARGS...``: ``script`` on
+    ``nproc`` local processes (the other tests' DDP workers are launched with it too, with :func:`worker_env`)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*launcher, str(script), *map(str, args)]
+
+
 def worker_command(strategy: str, out_dir: Path, base_dir: Path) -> list[str]:
     """The command line that runs every row under ``strategy`` (one of :data:`STRATEGIES`)."""
     if strategy == "single":
-        launcher = [sys.executable]
-    elif strategy in ("ddp", "deepspeed"):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-        launcher.append(str(DDP_PROCESSES))
-    else:
-        raise ValueError(f"strategy={strategy!r}; allowed: {LAUNCHES}")
-    return [*launcher, str(WORKER), strategy, str(out_dir), str(base_dir)]
+        return [sys.executable, str(WORKER), strategy, str(out_dir), str(base_dir)]
+    if strategy in ("ddp", "deepspeed"):
+        return torchrun_command(WORKER, strategy, out_dir, base_dir)
+    raise ValueError(f"strategy={strategy!r}; allowed: {LAUNCHES}")
 
 
 def worker_env() -> dict[str, str]:

@@ -5,27 +5,15 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from _helpers import tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from lit_accel.models import CausalLM
 from lit_accel.models.surgery import match_linears, replace_module, run_after_configure_model
 
 
-def _llama() -> LlamaForCausalLM:
-    return LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
-    )
-
-
 def test_presets_roles_suffixes_and_regexes() -> None:
-    m = _llama()
+    m = tiny_llama()
     assert len(match_linears(m, "all-linear")) == 14
     assert sorted(n.split(".")[-1] for n in match_linears(m, "attention"))[:4] == ["k_proj"] * 2 + ["o_proj"] * 2
     assert set(n.split(".")[-1] for n in match_linears(m, "mlp")) == {"gate_proj", "up_proj", "down_proj"}
@@ -39,13 +27,13 @@ def test_presets_roles_suffixes_and_regexes() -> None:
 
 def test_no_match_lists_the_linears() -> None:
     with pytest.raises(ValueError, match=r"targets='nope' matches no linear.*model\.layers\.0\.self_attn\.q_proj"):
-        match_linears(_llama(), "nope")
+        match_linears(tiny_llama(), "nope")
     with pytest.raises(ValueError, match="targets is empty"):
-        match_linears(_llama(), [])
+        match_linears(tiny_llama(), [])
 
 
 def test_replace_module() -> None:
-    m = _llama()
+    m = tiny_llama()
     new = torch.nn.Identity()
     old = replace_module(m, "model.layers.0.mlp", new)
     assert m.model.layers[0].mlp is new and old is not new

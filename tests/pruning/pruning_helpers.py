@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from _helpers import tiny_llama as _tiny_llama
+from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 
 def tiny_llama(layers: int = 2, tied: bool = False) -> LlamaForCausalLM:
     """hidden 64, 4 query heads over 2 KV heads (head_dim 16), intermediate 128, vocab 96, in eval mode."""
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(layers, vocab_size=96, max_position_embeddings=2048, tie_word_embeddings=tied).eval()
 
 
 def tiny_qwen2(layers: int = 2) -> PreTrainedModel:

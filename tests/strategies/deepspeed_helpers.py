@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from matrix.matrix_common import torchrun_command
 
 WORKER = Path(__file__).with_name("deepspeed_cpu_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -29,9 +29,13 @@ def run_worker(
     }
     if accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"  # also on a machine that has a GPU
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     proc = subprocess.run(
-        [*cmd, str(WORKER), str(out), mode], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        torchrun_command(WORKER, out, mode, nproc=nproc),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]

@@ -4,13 +4,12 @@ everywhere under DDP (the DeepSpeed ZeRO-1/2/3 rows are in test_deepspeed_cpu.py
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from matrix.matrix_common import torchrun_command, worker_env
 from torch import nn
 
 from lit_accel.models import CausalLM
@@ -63,10 +62,8 @@ def test_gathered_is_unchanged_a_no_op_for_ordinary_parameters() -> None:
 
 
 def test_ddp_replicas_take_the_modifier_ranks_values(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*cmd, str(WORKER), str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+        torchrun_command(WORKER, tmp_path), env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
