@@ -54,6 +54,9 @@ def _steps(
     def triton_fused() -> torch.Tensor:
         return _fused(x, w, None, a, b, s, p, True, "out_in", "triton")
 
+    def epilogue_fused() -> torch.Tensor:
+        return _fused(x, w, None, a, b, s, p, True, "out_in", "triton_epilogue")
+
     def cublas_fused() -> torch.Tensor:
         return _fused(x, w, None, a, b, s, p, True, "out_in", "cublas")
 
@@ -72,6 +75,7 @@ def _steps(
         "base (frozen, dX only)": pair(base, [x]),
         "torch LoRA (unfused)": pair(ref, [x, a, b]),
         "ours, triton kernel": pair(triton_fused, [x, a, b]),
+        "ours, triton epilogue (cuBLAS rank projections)": pair(epilogue_fused, [x, a, b]),
         "ours, cublas in-place (default)": pair(cublas_fused, [x, a, b]),
     }
 

@@ -4,9 +4,10 @@ Three layers, as every op in :mod:`lit_accel.kernels`:
 
 * :func:`lora_linear_reference` - plain PyTorch, operation for operation what PEFT's ``lora.Linear`` does
   (``base(x) + lora_B(lora_A(dropout(x))) * scaling``), used by the tests and as the CPU fallback.
-* :class:`LoRALinearFunction` - the ``torch.autograd.Function`` over two backends of the same fused GEMMs:
-  ``"triton"`` (the kernel below) and ``"cublas"`` (cuBLAS GEMMs with the low-rank term accumulated into their
-  output in place).
+* :class:`LoRALinearFunction` - the ``torch.autograd.Function`` over three backends of the same fused GEMMs:
+  ``"triton"`` (the kernel below), ``"triton_epilogue"`` (the same kernel reading the rank projection that cuBLAS
+  computed, so its K loop is the base GEMM alone and the low-rank term is its epilogue) and ``"cublas"`` (cuBLAS
+  GEMMs with the low-rank term accumulated into their output in place).
 * :func:`lora_linear` - the entry point: the fused path on CUDA when the inputs are supported (backend
   ``CUDA_DEFAULT_BACKEND``; ``use_kernel=True`` forces Triton), else the reference.
 
@@ -23,6 +24,11 @@ store of the output: the low-rank add costs no extra read or write of ``x`` or `
 
 * forward:  ``a = x``,  ``b = W^T``, ``d = A^T``, ``c = B^T``: ``y = x W^T + s * t B^T``, ``t = drop(x) A^T``
 * backward: ``a = dY``, ``b = W``,   ``d = B``,   ``c = A``:   ``dX = dY W + s * mask(u A)``, ``u = dY B``
+
+Profiled in a llama-1b LoRA step (``benchmarks/profile_lora.py``), half of the cublas backend's extra time is that
+in-place accumulate: a K=r GEMM that re-reads and re-writes every output. ``"triton_epilogue"`` removes it while
+keeping the rank-r dots out of the main loop (an r-wide ``tl.dot`` per K step is what slowed the one-pass kernel);
+whether its base GEMM is close enough to cuBLAS's to win is what ``benchmarks/lora_kernel.py`` measures.
 
 Programs in the first column of output tiles also store ``t`` (forward, saved for ``dB``) or ``u`` (backward,
 needed for ``dA``). ``dA = s * u^T drop(x)`` and ``dB = s * dY^T t`` are tall-skinny reductions over the tokens
@@ -278,13 +284,18 @@ def _lora_gemm_body(
     HAS_BIAS: tl.constexpr,
     IN_MASK: tl.constexpr,
     OUT_MASK: tl.constexpr,
+    LOAD_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """out = a @ b + scale * maskout((maskin(a) @ d) @ c) + bias; also stores t = maskin(a) @ d."""
+    """out = a @ b + scale * maskout((maskin(a) @ d) @ c) + bias; also stores t = maskin(a) @ d.
+
+    With LOAD_T, t is read from t_ptr (computed beforehand) and the K loop is the base GEMM alone: the low-rank
+    term is then an epilogue of one [BM, R] x [R, BN] dot (IN_MASK must be off: t already holds the dropout).
+    """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -316,25 +327,29 @@ def _lora_gemm_body(
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        d = tl.load(d_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc)
-        if IN_MASK:
-            # Dropout feeds the adapter only; the base GEMM sees the undropped x (as in PEFT).
-            keep = tl.load(mk_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
-            a_d = tl.where(keep != 0, a.to(tl.float32) * inv_keep, 0.0).to(a.dtype)
-            t_acc = tl.dot(a_d, d, t_acc)
-            mk_ptrs += BLOCK_K * stride_maskc
-        else:
-            t_acc = tl.dot(a, d, t_acc)
+        if not LOAD_T:
+            d = tl.load(d_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            if IN_MASK:
+                # Dropout feeds the adapter only; the base GEMM sees the undropped x (as in PEFT).
+                keep = tl.load(mk_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
+                a_d = tl.where(keep != 0, a.to(tl.float32) * inv_keep, 0.0).to(a.dtype)
+                t_acc = tl.dot(a_d, d, t_acc)
+                mk_ptrs += BLOCK_K * stride_maskc
+            else:
+                t_acc = tl.dot(a, d, t_acc)
+            d_ptrs += BLOCK_K * stride_dk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-        d_ptrs += BLOCK_K * stride_dk
 
-    # t rounds to the input dtype before the up-projection, as the unfused path's intermediate does.
-    t = t_acc.to(a_ptr.dtype.element_ty)
-    if pid_n == 0:
-        t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
-        tl.store(t_ptrs, t, mask=m_ok[:, None] & r_ok[None, :])
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    if LOAD_T:
+        t = tl.load(t_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    else:
+        # t rounds to the input dtype before the up-projection, as the unfused path's intermediate does.
+        t = t_acc.to(a_ptr.dtype.element_ty)
+        if pid_n == 0:
+            tl.store(t_ptrs, t, mask=m_ok[:, None] & r_ok[None, :])
 
     c_ptrs = c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn
     c = tl.load(c_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
@@ -359,9 +374,11 @@ def _configs(interpret: bool) -> list[Any]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1)]
     # H100: 128x128x64 / 128x256x64 bf16 tiles keep wgmma busy with 3-4 smem stages in 228 KB; 64-row tiles
     # help the narrow k/v projections (N = 256) fill 132 SMs.
+    # 256x128 with 8 warps is cuBLAS's own choice for these shapes (nvjet 256x128 in the step profile).
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
@@ -371,7 +388,8 @@ def _configs(interpret: bool) -> list[Any]:
 def _kernel(interpret: bool) -> Any:
     # Built at first use so that importing this module never needs triton (CPU-only installs use the reference).
     jitted = triton.jit(_lora_gemm_body)
-    return triton.autotune(configs=_configs(interpret), key=["M", "N", "K", "BLOCK_R", "IN_MASK", "OUT_MASK"])(jitted)
+    key = ["M", "N", "K", "BLOCK_R", "IN_MASK", "OUT_MASK", "LOAD_T"]
+    return triton.autotune(configs=_configs(interpret), key=key)(jitted)
 
 
 def _lora_gemm(
@@ -384,17 +402,22 @@ def _lora_gemm(
     mask_on_input: bool,
     scale: float,
     inv_keep: float,
+    t_in: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a @ b + scale * mask?(mask?(a) @ d) @ c + bias, mask?(a) @ d)`` for 2-D views with any strides.
 
     ``a`` [M, K], ``b`` [K, N], ``d`` [K, R], ``c`` [R, N]; ``mask`` (uint8) is [M, K] when ``mask_on_input``
-    else [M, N]. Returns ``out`` [M, N] and ``t`` [M, R], both in ``a``'s dtype.
+    else [M, N]. Returns ``out`` [M, N] and ``t`` [M, R], both in ``a``'s dtype. With ``t_in`` (the [M, R]
+    projection, computed by the caller) the kernel reads it instead of computing it; ``mask`` may then only gate
+    the output (``mask_on_input=False``).
     """
     M, K = a.shape
     N = b.shape[1]
     R = d.shape[1]
+    if t_in is not None and mask is not None and mask_on_input:
+        raise ValueError("_lora_gemm: with t_in the input mask must already be applied to t_in")
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    t = torch.empty((M, R), device=a.device, dtype=a.dtype)
+    t = torch.empty((M, R), device=a.device, dtype=a.dtype) if t_in is None else t_in
     block_r = max(16, triton.next_power_of_2(R))
     mask_arg = mask if mask is not None else out  # dummy pointer, never read when both mask flags are off
     mstride = mask.stride() if mask is not None else (0, 0)
@@ -434,6 +457,7 @@ def _lora_gemm(
         HAS_BIAS=bias is not None,
         IN_MASK=mask is not None and mask_on_input,
         OUT_MASK=mask is not None and not mask_on_input,
+        LOAD_T=t_in is not None,
         BLOCK_R=block_r,
     )
     return out, t
@@ -476,7 +500,8 @@ class LoRALinearFunction(torch.autograd.Function):
     """Autograd function over the fused LoRA GEMMs (frozen base, trainable adapters).
 
     ``apply(x, weight, bias, lora_a, lora_b, scaling, dropout_mask, dropout_p, weight_layout, backend)``:
-    ``backend`` is ``"triton"`` (the fused kernel) or ``"cublas"`` (cuBLAS GEMMs with the low-rank term
+    ``backend`` is ``"triton"`` (the fused kernel), ``"triton_epilogue"`` (the rank projections by cuBLAS, the
+    low-rank up-projection in the Triton base GEMM's epilogue) or ``"cublas"`` (cuBLAS GEMMs with the low-rank term
     accumulated in place; any device). ``x`` is
     ``[M, in]`` (2-D), ``weight`` and ``bias`` in ``x``'s dtype, the adapters in any float dtype (cast to ``x``'s
     for the kernel, gradients returned in their own dtype), ``dropout_mask`` a bool ``[M, in]`` keep-mask or None.
@@ -544,7 +569,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, None, None, da, db, None, None, None, None, None
 
 
-_BACKENDS = ("triton", "cublas")
+_BACKENDS = ("triton", "triton_epilogue", "cublas")
 
 
 def _gemm(
@@ -563,6 +588,12 @@ def _gemm(
         return _lora_gemm_torch(a, b, d, c, bias, mask, mask_on_input, scale, inv_keep)
     # triton reads the bool mask as bytes
     mask_u8 = mask.view(torch.uint8) if mask is not None else None
+    if backend == "triton_epilogue":
+        # The rank projection by cuBLAS (a tall-skinny GEMM it runs at bandwidth), the low-rank up-projection in
+        # the Triton base GEMM's epilogue: no second pass over the output as the cublas backend's addmm_ makes.
+        a_d = a if mask is None or not mask_on_input else a * mask * inv_keep
+        t = a_d @ d
+        return _lora_gemm(a, b, d, c, bias, None if mask_on_input else mask_u8, False, scale, inv_keep, t_in=t)
     return _lora_gemm(a, b, d, c, bias, mask_u8, mask_on_input, scale, inv_keep)
 
 

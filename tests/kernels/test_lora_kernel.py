@@ -309,9 +309,20 @@ else:
     def test_interp_kernel_matches_reference(m: int, in_f: int, out_f: int, r: int, layout: str) -> None:
         _check_fused(m, in_f, out_f, r, layout, bias=m != 1, p=0.0)
 
+    @pytest.mark.parametrize(
+        ("m", "in_f", "out_f", "r", "layout"), [(1, 16, 16, 1, "out_in"), (33, 48, 16, 8, "in_out")]
+    )
+    def test_interp_epilogue_backend_matches_reference(m: int, in_f: int, out_f: int, r: int, layout: str) -> None:
+        # The kernel reading a precomputed t (LOAD_T): its K loop is the base GEMM alone.
+        _check_fused(m, in_f, out_f, r, layout, bias=m != 1, p=0.0, lead=(2,), backend="triton_epilogue")
+
     @pytest.mark.parametrize(("m", "layout", "bias"), [(33, "out_in", True), (7, "in_out", False)])
     def test_interp_kernel_dropout(m: int, layout: str, bias: bool) -> None:
         _check_fused(m, 48, 16, 4, layout, bias=bias, p=0.3)
+
+    def test_interp_epilogue_backend_dropout() -> None:
+        # Dropout on the input is in t (cuBLAS), the output gate of the backward stays in the kernel.
+        _check_fused(33, 48, 16, 4, "out_in", bias=True, p=0.3, backend="triton_epilogue")
 
     def test_interp_kernel_batch_dims_and_rank_padding() -> None:
         # 3-D input, r=20 pads to a 32-wide rank block.
@@ -363,7 +374,7 @@ else:
 @pytest.mark.gpu
 @pytest.mark.parametrize(("in_f", "out_f"), [(2048, 2048), (2048, 5632), (5632, 2048)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("backend", ["triton", "cublas"])
+@pytest.mark.parametrize("backend", ["triton", "triton_epilogue", "cublas"])
 def test_gpu_kernel_bf16_real_shapes(in_f: int, out_f: int, p: float, backend: str) -> None:
     m, r, s = 8 * 2048, 16, 2.0
     t = _make(m, in_f, out_f, r, dtype=torch.bfloat16, device="cuda")
