@@ -92,14 +92,15 @@ def main() -> None:
 
         return get_peft_model(_base(args.preset), LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"))
 
-    def ours() -> torch.nn.Module:
+    def ours(recompute_inputs: bool = False) -> torch.nn.Module:
         model = _base(args.preset)
-        apply_lora(model, targets="all-linear", r=r, alpha=alpha)
+        apply_lora(model, targets="all-linear", r=r, alpha=alpha, recompute_inputs=recompute_inputs)
         return model
 
     results: list[Measurement] = [_run("floor: frozen base, no adapters", floor, args)]
     results.append(_run("PEFT LoRA", peft, args))
     results.append(_run("lit_accel LoRA (default CUDA path)", ours, args))
+    results.append(_run("lit_accel LoRA, recompute_inputs=True", functools.partial(ours, recompute_inputs=True), args))
     original: Any = lora_module.lora_linear
     lora_module.lora_linear = functools.partial(lora_linear, use_kernel=False)  # type: ignore[assignment]
     try:

@@ -1,8 +1,9 @@
 """Where a LoRA training step's time goes: CUDA kernels of the frozen-base floor and of our LoRA, side by side.
 
 Same builders and step as ``benchmarks/lora.py``; ``torch.profiler`` over a few steps after warm-up, kernels grouped
-by name, sorted by their CUDA time per step. Prints two tables and the difference in total kernel time per step
-(what the adapters add), so the cost of each adapter GEMM is visible.
+by name, sorted by their CUDA time per step. Prints both tables, then the difference in total kernel time per
+step (what the adapters add) and the per-kernel differences over the union of names, largest first (negative:
+faster or absent in the LoRA step), so the cost of each adapter GEMM is visible.
 
     python benchmarks/profile_lora.py                    # llama-1b, 8 x 2048, r 16 on all linears
     python benchmarks/profile_lora.py --top 40 --steps 3
@@ -74,8 +75,13 @@ def main() -> None:
     ours = _profile(model, args)
     _table("floor", floor, args.top)
     _table("ours", ours, args.top)
-    diff = {k: (ours.get(k, (0.0, 0))[0] - floor.get(k, (0.0, 0))[0], ours.get(k, (0.0, 0))[1]) for k in ours}
-    _table("ours minus floor, by kernel", {k: v for k, v in diff.items() if v[0] > 0}, args.top)
+    total = sum(ms for ms, _ in ours.values()) - sum(ms for ms, _ in floor.values())
+    print(f"\n== ours minus floor: {total:+.1f} ms/step of kernel time; by kernel (ms, calls ours/floor):", flush=True)
+    none = (0.0, 0)
+    diff = {k: (ours.get(k, none)[0] - floor.get(k, none)[0], ours.get(k, none)[1], floor.get(k, none)[1])
+            for k in ours.keys() | floor.keys()}  # fmt: skip
+    for key, (ms, n_ours, n_floor) in sorted(diff.items(), key=lambda kv: -abs(kv[1][0]))[: args.top]:
+        print(f"{ms:+8.2f} ms {n_ours:5d}/{n_floor:<5d}  {key[:150]}")
 
 
 if __name__ == "__main__":

@@ -81,10 +81,10 @@ def _child(args: argparse.Namespace) -> None:
     steps = args.warmup + args.iters * args.repeats
     # One GPU is the single-device baseline whatever the DDP flavour; DeepSpeed names keep their engine.
     strategy: Any = args.strategy if args.devices > 1 or args.strategy not in ("ddp", "lit_ddp") else "auto"
-    if strategy == "ddp" and args.ddp:
-        from lightning.pytorch.strategies import DDPStrategy
+    if strategy in ("ddp", "lit_ddp") and args.ddp:
+        from lit_accel.strategies import resolve_strategy
 
-        strategy = DDPStrategy(**_ddp_kwargs(args.ddp))
+        strategy = resolve_strategy(strategy, **_ddp_kwargs(args.ddp))
     trainer = L.Trainer(
         accelerator="gpu",
         devices=args.devices,
@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--variant", default="dense", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ddp and args.strategy not in ("ddp", "lit_ddp"):
+        parser.error(f"--ddp sets DDPStrategy arguments: it needs --strategy ddp or lit_ddp, not {args.strategy!r}")
     if args.child:
         _child(args)
         return
@@ -138,7 +140,7 @@ def main() -> None:
 
     from harness import write_results
 
-    label = args.strategy + (f" ({', '.join(args.ddp)})" if args.ddp and args.strategy == "ddp" else "")
+    label = args.strategy + (f" ({', '.join(args.ddp)})" if args.ddp else "")
     rows = []
     for variant in args.variants:
         per_gpu: dict[int, float] = {}

@@ -25,10 +25,11 @@ store of the output: the low-rank add costs no extra read or write of ``x`` or `
 * forward:  ``a = x``,  ``b = W^T``, ``d = A^T``, ``c = B^T``: ``y = x W^T + s * t B^T``, ``t = drop(x) A^T``
 * backward: ``a = dY``, ``b = W``,   ``d = B``,   ``c = A``:   ``dX = dY W + s * mask(u A)``, ``u = dY B``
 
-Profiled in a llama-1b LoRA step (``benchmarks/profile_lora.py``), half of the cublas backend's extra time is that
-in-place accumulate: a K=r GEMM that re-reads and re-writes every output. ``"triton_epilogue"`` removes it while
-keeping the rank-r dots out of the main loop (an r-wide ``tl.dot`` per K step is what slowed the one-pass kernel);
-whether its base GEMM is close enough to cuBLAS's to win is what ``benchmarks/lora_kernel.py`` measures.
+Profiled in a llama-1b LoRA step (``benchmarks/profile_lora.py``), more than half of the cublas backend's extra
+kernel time (24.5 of 43.3 ms) is that in-place accumulate: a K=r GEMM that re-reads and re-writes every output.
+``"triton_epilogue"`` removes it while keeping the rank-r dots out of the main loop (an r-wide ``tl.dot`` per K
+step is what slowed the one-pass kernel); whether its base GEMM is close enough to cuBLAS's to win is what
+``benchmarks/lora_kernel.py`` measures.
 
 Programs in the first column of output tiles also store ``t`` (forward, saved for ``dB``) or ``u`` (backward,
 needed for ``dA``). ``dA = s * u^T drop(x)`` and ``dB = s * dY^T t`` are tall-skinny reductions over the tokens
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
+from lit_accel.kernels.recompute import Recompute, recompute_recipe
 
 __all__ = ["LoRALinearFunction", "kernel_available", "lora_linear", "lora_linear_reference"]
 
@@ -416,6 +418,11 @@ def _lora_gemm(
     R = d.shape[1]
     if t_in is not None and mask is not None and mask_on_input:
         raise ValueError("_lora_gemm: with t_in the input mask must already be applied to t_in")
+    if t_in is not None and (t_in.shape != (M, R) or t_in.dtype != a.dtype or t_in.device != a.device):
+        raise ValueError(
+            f"_lora_gemm: t_in must be [{M}, {R}] {a.dtype} on {a.device}, got {list(t_in.shape)} {t_in.dtype} on"
+            f" {t_in.device}"
+        )
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     t = torch.empty((M, R), device=a.device, dtype=a.dtype) if t_in is None else t_in
     block_r = max(16, triton.next_power_of_2(R))
@@ -529,6 +536,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dropout_p: float,
         weight_layout: str,
         backend: str = "triton",
+        x_recompute: Recompute | None = None,
     ) -> torch.Tensor:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -538,7 +546,13 @@ class LoRALinearFunction(torch.autograd.Function):
         inv_keep = 1.0 / (1.0 - dropout_p)
         # forward: a = x, b = W^T [in, out], d = A^T [in, r], c = B^T [r, out]
         y, t = _gemm(backend, x, w_t, a_c.t(), b_c.t(), bias, dropout_mask, True, scaling, inv_keep)
-        ctx.save_for_backward(x, weight, a_c, b_c, t, dropout_mask)
+        if x_recompute is None:
+            ctx.save_for_backward(x, weight, a_c, b_c, t, dropout_mask)
+        else:
+            # x is rebuilt in backward from its producer's saved inputs (the same tensors: nothing added).
+            ctx.save_for_backward(None, weight, a_c, b_c, t, dropout_mask, *x_recompute.inputs)
+            ctx.x_recompute = x_recompute.run
+            ctx.x_meta = (x.shape, x.dtype)
         ctx.scaling = scaling
         ctx.inv_keep = inv_keep
         ctx.weight_layout = weight_layout
@@ -548,7 +562,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, a_c, b_c, t, dropout_mask = ctx.saved_tensors
+        x, weight, a_c, b_c, t, dropout_mask, *producer_inputs = ctx.saved_tensors
         s, inv_keep = ctx.scaling, ctx.inv_keep
         dy = dy.contiguous()
         need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
@@ -561,12 +575,15 @@ class LoRALinearFunction(torch.autograd.Function):
             u = dy @ b_c
         da = db = None
         if need_da:
+            if x is None:
+                shape, dtype = ctx.x_meta
+                x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
             xd = x if dropout_mask is None else x * dropout_mask * inv_keep
             # u was stored unscaled; s rides on the small [r, in] result.
             da = (u.t() @ xd).mul_(s).to(ctx.adapter_dtypes[0])
         if need_db:
             db = (dy.t() @ t).mul_(s).to(ctx.adapter_dtypes[1])
-        return dx, None, None, da, db, None, None, None, None, None
+        return dx, None, None, da, db, None, None, None, None, None, None
 
 
 _BACKENDS = ("triton", "triton_epilogue", "cublas")
@@ -613,6 +630,7 @@ def lora_linear(
     training: bool = False,
     weight_layout: str = "out_in",
     use_kernel: bool | None = None,
+    recompute_input: bool = False,
 ) -> torch.Tensor:
     """LoRA linear ``x W^T + b + scaling * dropout(x) A^T B^T``, fused in Triton on CUDA.
 
@@ -630,6 +648,10 @@ def lora_linear(
             dtypes; the backend is ``CUDA_DEFAULT_BACKEND``, see there), else the reference; True requires the
             Triton kernel (ValueError saying why when it cannot run; on CPU it runs under ``TRITON_INTERPRET=1``);
             False forces the reference.
+        recompute_input: On the fused path, when ``x`` is the output of one of the fused kernels (RMSNorm,
+            SwiGLU; :mod:`lit_accel.kernels.recompute`), keep that kernel's saved inputs instead of ``x`` and rerun
+            it in the backward for ``dA``: the same result, without holding ``x`` from the forward to the backward.
+            Elsewhere (the reference path, any other ``x``) ``x`` is saved as usual.
 
     Returns:
         ``[..., out]`` in the compute dtype (autocast's when enabled, else ``x``'s).
@@ -660,7 +682,7 @@ def lora_linear(
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, weight_layout)
 
     return _fused(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, weight_layout,
-                  "triton" if use_kernel else CUDA_DEFAULT_BACKEND)  # fmt: skip
+                  "triton" if use_kernel else CUDA_DEFAULT_BACKEND, recompute_input)  # fmt: skip
 
 
 # What use_kernel=None runs on CUDA. On an H100 (torch 2.11, triton 3.6) the Triton kernel with the fused
@@ -682,6 +704,7 @@ def _fused(
     training: bool,
     weight_layout: str,
     backend: str,
+    recompute_input: bool = False,
 ) -> torch.Tensor:
     """Flattens, casts as autocast would, draws the dropout mask and applies :class:`LoRALinearFunction`."""
     in_f = x.shape[-1]
@@ -696,8 +719,9 @@ def _fused(
     if dropout_p > 0.0 and training:
         # bool keep-mask: 1 byte per element saved for backward (PEFT keeps the 2-byte dropped activations).
         mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - dropout_p)
+    x_recompute = recompute_recipe(x) if recompute_input and torch.is_grad_enabled() else None
     with torch.autocast(x.device.type, enabled=False):
         y = LoRALinearFunction.apply(
-            x2, w, b, lora_a, lora_b, float(scaling), mask, float(dropout_p), weight_layout, backend
+            x2, w, b, lora_a, lora_b, float(scaling), mask, float(dropout_p), weight_layout, backend, x_recompute
         )
     return y.view(*lead, out_f)

@@ -51,6 +51,7 @@ import torch
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
+from lit_accel.kernels.recompute import register_recompute
 
 __all__ = [
     "RMSNormFunction",
@@ -443,6 +444,13 @@ def _backward(
     return dx, dw
 
 
+def _recompute_forward(
+    eps: float, out_dtype: torch.dtype, x_shape: torch.Size, x2: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """The forward's ``y`` again, bit for bit (same kernel and launch on the same saved inputs)."""
+    return _forward(x2, w, eps, out_dtype, x_shape, store_rstd=False)[0]
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Autograd function over the Triton RMSNorm kernels.
 
@@ -469,6 +477,8 @@ class RMSNormFunction(torch.autograd.Function):
         y, rstd = _forward(x2, w, eps, out_dtype, x.shape, store_rstd=True)
         ctx.save_for_backward(x2, w, rstd)
         ctx.x_shape = x.shape
+        # A consumer (a LoRA layer) may rebuild y from the x2 and w saved here instead of keeping y.
+        register_recompute(y, functools.partial(_recompute_forward, eps, out_dtype, x.shape), x2, w)
         return y
 
     @staticmethod

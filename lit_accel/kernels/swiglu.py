@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
+from lit_accel.kernels.recompute import register_recompute
 
 __all__ = [
     "SwiGLUFunction",
@@ -263,6 +264,11 @@ def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple
     return dg, du
 
 
+def _recompute_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The forward's output again, bit for bit (same kernel on the same saved inputs)."""
+    return _swiglu_fwd(gate, up, torch.promote_types(gate.dtype, up.dtype))
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """Autograd function ``silu(gate) * up`` over the Triton kernels; saves only ``gate`` and ``up``.
 
@@ -280,7 +286,10 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(gate, up)
-        return _swiglu_fwd(gate, up, torch.promote_types(gate.dtype, up.dtype))
+        y = _swiglu_fwd(gate, up, torch.promote_types(gate.dtype, up.dtype))
+        # A consumer (the down projection's LoRA layer) may rebuild y from gate and up instead of keeping it.
+        register_recompute(y, _recompute_forward, gate, up)
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]

@@ -349,7 +349,8 @@ def export_loaded_pruning_checkpoint(
     mask_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not mask_state:
         raise ValueError(
-            f"--ckpt {str(ckpt)!r} holds no pruning masks ({prefix}*): it is not from a StructuredPruning run"
+            f"--ckpt {str(ckpt)!r} holds no pruning masks ({prefix}* in its state_dict), which every"
+            " StructuredPruning checkpoint holds: it is incomplete or not from a StructuredPruning run"
         )
     record = extra.get("pruning")
     if not isinstance(record, dict) or "keep" not in record:

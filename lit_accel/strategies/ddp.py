@@ -1,6 +1,8 @@
 """``lit_ddp``: Lightning's ``DDPStrategy`` with defaults measured faster for LLM training.
 
-Two settings, neither of which changes the numerics (each gradient element is still the same all-reduced sum):
+Two settings, neither of which changes what is computed (each gradient element is still the mean over the ranks;
+with more than two ranks the bucket boundaries may change the all-reduce's summation order, so the last bit may
+differ, as between any two DDP bucket settings):
 
 - ``gradient_as_bucket_view=True``: parameters' ``.grad`` are views into DDP's communication buckets, so the backward
   writes gradients straight into the buckets (no copy of every gradient into a bucket and back) and the gradient

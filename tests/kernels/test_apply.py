@@ -329,6 +329,84 @@ def test_interp_patched_model_through_triton_matches_hf() -> None:
         _assert_same(model, patched, rtol=1e-4, atol=1e-5)
 
 
+def _lora_on_kernels(recompute: bool) -> nn.Module:
+    from lit_accel.lowrank import apply_lora
+
+    model = _llama()
+    apply_kernels(model, strict=True)
+    torch.manual_seed(3)
+    apply_lora(model, "all-linear", r=4, alpha=8, recompute_inputs=recompute)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B = 0 at init would make dA zero
+    return model.train()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
+def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import functools
+
+    import lit_accel.lowrank.lora as lora_module
+    from lit_accel.kernels.lora import lora_linear
+    from lit_accel.lowrank.lora import lora_layers
+
+    # On CPU the LoRA layers default to the PEFT-exact reference; take the fused path, as on CUDA.
+    monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
+    ids, labels = _batch()
+    results = {}
+    for recompute in (False, True):
+        model = _lora_on_kernels(recompute)
+        # The inputs are held here so that no freed storage is reused (and its address matched) by a saved tensor.
+        inputs: dict[str, torch.Tensor] = {}
+        for name, layer in lora_layers(model).items():
+            layer.register_forward_pre_hook(lambda m, args, name=name, inputs=inputs: inputs.__setitem__(name, args[0]))
+        saved: set[int] = set()
+
+        def pack(t: torch.Tensor, saved: set[int] = saved) -> torch.Tensor:
+            saved.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, grads = _loss_and_grads(model, ids, labels)
+        kept = {name for name, x in inputs.items() if x.untyped_storage().data_ptr() in saved}
+        results[recompute] = (loss, grads, kept)
+    # Same loss and the same gradients bit for bit: the inputs are rebuilt by the kernels that made them.
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    assert results[True][1].keys() == results[False][1].keys() and any("lora_A" in k for k in results[True][1])
+    for name, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], g, rtol=0, atol=0, msg=name)
+    # Without recompute every adapter keeps its input. With it, o_proj still does (the attention output comes from
+    # no fused kernel), and so do block 0's q/k/v: with the embeddings frozen nothing before that norm trains, so it
+    # runs without autograd and saves nothing to rebuild from. The other norm outputs (q, k, v, gate, up) and the
+    # SwiGLU outputs (down) are freed after the forward.
+    assert len(results[False][2]) == 14
+    first_qkv = {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    assert results[True][2] == {f"model.layers.{i}.self_attn.o_proj" for i in range(2)} | first_qkv
+
+
+@pytest.mark.gpu
+def test_gpu_lora_recompute_inputs_same_results_under_bf16_autocast() -> None:
+    ids, labels = _batch()
+    out = []
+    for recompute in (False, True):
+        model = _lora_on_kernels(recompute).cuda()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids.cuda(), labels=labels.cuda()).loss
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    # The rebuilt inputs are the kernels' own outputs again; cuBLAS may pick another algorithm between the two
+    # models, so allow bf16 rounding rather than bit equality.
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-3, atol=1e-3)
+    assert out[1][1].keys() == out[0][1].keys()
+    for name, g in out[0][1].items():
+        rel = (out[1][1][name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12)
+        assert rel < 1e-2, f"{name}: relative gradient difference {rel:.3g}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["llama-tiny", "llama-20m"])
 def test_gpu_patched_model_matches_hf_under_bf16_autocast(preset: str) -> None:

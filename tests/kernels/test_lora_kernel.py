@@ -320,9 +320,14 @@ else:
     def test_interp_kernel_dropout(m: int, layout: str, bias: bool) -> None:
         _check_fused(m, 48, 16, 4, layout, bias=bias, p=0.3)
 
-    def test_interp_epilogue_backend_dropout() -> None:
+    @pytest.mark.parametrize(("m", "layout", "bias"), [(33, "out_in", True), (7, "in_out", False)])
+    def test_interp_epilogue_backend_dropout(m: int, layout: str, bias: bool) -> None:
         # Dropout on the input is in t (cuBLAS), the output gate of the backward stays in the kernel.
-        _check_fused(33, 48, 16, 4, "out_in", bias=True, p=0.3, backend="triton_epilogue")
+        _check_fused(m, 48, 16, 4, layout, bias=bias, p=0.3, backend="triton_epilogue")
+
+    def test_interp_epilogue_backend_rank_padding() -> None:
+        # r=20 pads to a 32-wide block: the loaded t tile is masked beyond r.
+        _check_fused(5, 32, 16, 20, "out_in", bias=True, p=0.0, lead=(3,), backend="triton_epilogue")
 
     def test_interp_kernel_batch_dims_and_rank_padding() -> None:
         # 3-D input, r=20 pads to a 32-wide rank block.

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(doc)
         print(f"wrote {args.out}")
-        if args.out == DOC:
+        if args.out.resolve() == DOC.resolve():
             README.write_text(replace_table(README.read_text(), render_table(runs)))
             print(f"wrote the table into {README}")
     return 0

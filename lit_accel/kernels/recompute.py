@@ -1,0 +1,63 @@
+"""Outputs of the fused kernels that a consumer may recompute in its backward instead of saving them.
+
+The RMSNorm and SwiGLU autograd functions already save what produced their output (``x`` and the weight; ``gate``
+and ``up``). A consumer that would otherwise save that output for its own backward (a LoRA layer keeps its input
+for the adapter's ``dA = u^T x``) can save those producer inputs instead: the very same tensors, so no memory is
+added, while the output itself is freed after the forward. In the backward it reruns the producer's forward
+kernel on them, which gives the same bits (same kernel, same inputs, same launch) for one memory-bound pass.
+
+The kernels register each output they return under autograd with :func:`register_recompute`; a consumer asks
+:func:`recompute_recipe` for the tensor it was given. The registry holds the output weakly: an entry lives as
+long as the output does, and holding it keeps nothing alive that the producer's own autograd node does not.
+
+Example:
+    >>> import torch
+    >>> y = torch.randn(4, 8) * 2
+    >>> register_recompute(y, lambda a: a * 2, y / 2)
+    >>> recipe = recompute_recipe(y)
+    >>> torch.equal(recipe.run(*recipe.inputs), y), recompute_recipe(y.clone()) is None
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["Recompute", "recompute_recipe", "register_recompute"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recompute:
+    """How to produce a tensor again: ``run(*inputs)``."""
+
+    run: Callable[..., torch.Tensor]
+    """The producer's forward on its inputs (no autograd graph is built: it runs on saved tensors)."""
+    inputs: tuple[torch.Tensor, ...]
+    """The producer's saved inputs; a consumer saves these (``ctx.save_for_backward``) in place of the output."""
+
+
+_REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], Recompute]] = {}
+
+
+def register_recompute(output: torch.Tensor, run: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
+    """Records that ``run(*inputs)`` reproduces ``output`` bit for bit, for as long as ``output`` lives."""
+    key = id(output)
+
+    def _forget(ref: weakref.ref[torch.Tensor], key: int = key) -> None:
+        entry = _REGISTRY.get(key)
+        if entry is not None and entry[0] is ref:
+            del _REGISTRY[key]
+
+    _REGISTRY[key] = (weakref.ref(output, _forget), Recompute(run, tuple(inputs)))
+
+
+def recompute_recipe(tensor: torch.Tensor) -> Recompute | None:
+    """The recipe registered for this very tensor object (not a view or copy of it), or None."""
+    entry = _REGISTRY.get(id(tensor))
+    if entry is None or entry[0]() is not tensor:
+        return None
+    return entry[1]
