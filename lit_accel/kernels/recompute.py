@@ -44,7 +44,13 @@ _REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], Recompute]] = {}
 
 
 def register_recompute(output: torch.Tensor, run: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
-    """Records that ``run(*inputs)`` reproduces ``output`` bit for bit, for as long as ``output`` lives."""
+    """Records that ``run(*inputs)`` reproduces ``output`` bit for bit, for as long as ``output`` lives.
+
+    Under ``torch.compile`` nothing is recorded (object identity means nothing in a traced graph); consumers then
+    save their inputs as usual.
+    """
+    if torch.compiler.is_compiling():
+        return
     key = id(output)
 
     def _forget(ref: weakref.ref[torch.Tensor], key: int = key) -> None:
