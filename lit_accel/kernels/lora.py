@@ -720,6 +720,10 @@ def _fused(
         # bool keep-mask: 1 byte per element saved for backward (PEFT keeps the 2-byte dropped activations).
         mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - dropout_p)
     x_recompute = recompute_recipe(x) if recompute_input and torch.is_grad_enabled() else None
+    if x_recompute is not None and any(hasattr(t, "ds_id") for t in x_recompute.inputs):
+        # A ZeRO-3 parameter among the producer's inputs (the norm weight) is released after its module's forward
+        # and gathered again only for that module's own backward, which runs after this layer's: keep x instead.
+        x_recompute = None
     with torch.autocast(x.device.type, enabled=False):
         y = LoRALinearFunction.apply(
             x2, w, b, lora_a, lora_b, float(scaling), mask, float(dropout_p), weight_layout, backend, x_recompute

@@ -88,7 +88,8 @@ class LoRASettings:
     recompute_inputs: bool = False
     """Rebuild each adapter's input in the backward from the fused RMSNorm / SwiGLU kernel that produced it,
     instead of keeping it from the forward: less activation memory (CUDA kernel path only), one extra
-    memory-bound kernel per adapted input. Changes no result."""
+    memory-bound kernel per adapted input. Changes no result. Under DeepSpeed ZeRO-3 the norms' inputs include
+    partitioned weights that are released after their forward, so the norm outputs are kept as usual there."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
