@@ -329,13 +329,13 @@ def test_interp_patched_model_through_triton_matches_hf() -> None:
         _assert_same(model, patched, rtol=1e-4, atol=1e-5)
 
 
-def _lora_on_kernels(recompute: bool) -> nn.Module:
+def _lora_on_kernels(recompute: bool, dropout: float = 0.0) -> nn.Module:
     from lit_accel.lowrank import apply_lora
 
     model = _llama()
     apply_kernels(model, strict=True)
     torch.manual_seed(3)
-    apply_lora(model, "all-linear", r=4, alpha=8, recompute_inputs=recompute)
+    apply_lora(model, "all-linear", r=4, alpha=8, dropout=dropout, recompute_inputs=recompute)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -385,6 +385,28 @@ def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
     assert len(results[False][2]) == 14
     first_qkv = {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
     assert results[True][2] == {f"model.layers.{i}.self_attn.o_proj" for i in range(2)} | first_qkv
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
+def test_interp_lora_recompute_inputs_with_dropout_and_checkpointing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    import lit_accel.lowrank.lora as lora_module
+    from lit_accel.kernels.lora import lora_linear
+
+    monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
+    ids, labels = _batch()
+    results = []
+    for recompute in (False, True):
+        model = _lora_on_kernels(recompute, dropout=0.2)
+        # Non-reentrant checkpointing reruns each block's forward (norms, dropout draws) inside the backward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(11)
+        results.append(_loss_and_grads(model, ids, labels))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    assert results[1][1].keys() == results[0][1].keys()
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.gpu
