@@ -48,7 +48,8 @@ against 0.04 ms for a cuBLAS call, and in training that is not hidden: wall time
 backward 0.19-0.45x dense, the MLP block 0.61x, a llama-1b Lightning step (8 x 2048) with all 66 MLP linears on
 cuSPARSELt 0.78x (349.6 against 271.0 ms/step). So :attr:`LayerTiming.speedup`, which ``kernel="auto"`` of the
 callback uses, weighs the wall time too, and at these shapes keeps the masked dense path. What would change that:
-a cuSPARSELt plan cached across calls (not reachable from PyTorch 2.11's ops), or CUDA graphs around the step.
+a cuSPARSELt plan cached across calls (not reachable from PyTorch 2.11's ops: :mod:`lit_accel.kernels.cusparselt`
+binds cuSPARSELt directly for that, off until measured, ``LIT_ACCEL_CUSPARSELT_PLANS=1``), or CUDA graphs.
 
 **Constraints** (measured on the same H100): the sparse operand's two dims must be multiples of 16 (8, 24 and 40
 were refused), so both dims of ``W`` must be (``W`` and ``W^T`` are both the sparse operand); the token count
@@ -75,6 +76,7 @@ import torch.nn.functional as F
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
+from lit_accel.kernels.cusparselt import SparsePlanCache, plan_cache_enabled
 from lit_accel.sparsity.functional import masked_linear
 
 __all__ = [
@@ -412,6 +414,9 @@ class CusparseltWeight:
         """Number of refreshes so far (a backward checks that its forward's operands are still in place)."""
         self.alg_fwd: dict[int, int] = {}
         self.alg_bwd: dict[int, int] = {}
+        # cuSPARSELt plans kept across calls (lit_accel.kernels.cusparselt), when that cache is enabled.
+        self.plans_fwd = SparsePlanCache(f"{name} forward")
+        self.plans_bwd = SparsePlanCache(f"{name} input gradient")
 
     def _fall_back(self, why: str) -> None:
         self.mode, self.fallback_reason = "compress", why
@@ -473,20 +478,28 @@ class CusparseltWeight:
         return VerifyResult(values, meta, prod)
 
     def _mm(
-        self, packed: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None, algs: dict[int, int]
+        self,
+        packed: torch.Tensor,
+        rows: torch.Tensor,
+        bias: torch.Tensor | None,
+        algs: dict[int, int],
+        plans: SparsePlanCache,
+        m: int,
     ) -> torch.Tensor:
         n = rows.shape[0]
         if n not in algs:
             algs[n] = select_alg(packed, rows, with_bias=bias is not None)
+        if bias is None and plan_cache_enabled():
+            return plans.matmul(packed, rows, m, algs[n])
         return torch._cslt_sparse_mm(packed, rows.t(), bias=bias, transpose_result=True, alg_id=algs[n])
 
     def forward_mm(self, x2: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x2 (W*M)^T + bias`` for contiguous ``x2`` ``[n, in]``, ``n`` a multiple of 8: ``[n, out]``."""
-        return self._mm(self.packed, x2, bias, self.alg_fwd)
+        return self._mm(self.packed, x2, bias, self.alg_fwd, self.plans_fwd, self.shape[0])
 
     def input_grad_mm(self, g2: torch.Tensor) -> torch.Tensor:
         """``g2 (W*M)`` for contiguous ``g2`` ``[n, out]``, ``n`` a multiple of 8: ``[n, in]``."""
-        return self._mm(self.packed_t, g2, None, self.alg_bwd)
+        return self._mm(self.packed_t, g2, None, self.alg_bwd, self.plans_bwd, self.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,271 @@
+"""cuSPARSELt matmul plans kept across calls, for the 2:4 layers' forward and input-gradient products.
+
+``torch._cslt_sparse_mm`` builds its descriptors and a cuSPARSELt matmul plan inside every call and destroys them
+after it: about 1 ms of host time per call on an H100 (measured in session 5), more than the sparse GEMM saves at
+the llama-1b MLP shapes, so a 2:4 training step ran at 0.78x dense. A plan depends only on the shapes, dtype and
+algorithm, none of which change between training steps; the operands are passed at the matmul call. This module
+binds the handful of cuSPARSELt C functions with :mod:`ctypes` (cuSPARSELt ships with PyTorch's CUDA builds) and
+keeps one plan per (sparse operand shape, token count, dtype, algorithm id), so each product is a single
+``cusparseLtMatmul`` call on the current stream.
+
+The descriptors are the ones ``torch._cslt_sparse_mm`` builds for ``transpose_result=True`` with a transposed
+contiguous dense operand, so the packed buffers of ``torch._cslt_compress`` (and of the in-place refresh in
+:mod:`lit_accel.kernels.sparse24_gemm`) are used unchanged:
+
+* ``A`` (the packed 2:4 operand, ``m x k``): structured, row-major, leading dimension ``k``, 50% sparsity;
+* ``B`` (the dense ``rows`` ``[n, k]``, used transposed): dense ``n x k`` row-major, ``op(B) = transpose``;
+* ``C = D`` (the result ``[n, m]`` row-major, i.e. ``m x n`` column-major with leading dimension ``m``).
+
+cuSPARSELt's handle, descriptor and plan structs are opaque blocks whose size changed between releases (512 to
+11024 bytes): each is given a 16 KiB buffer. The enum values that differ between releases (the compute type, and
+the order values from cuSPARSE's header) are not taken on trust: the first plan of a process tries the candidate
+values until its product equals ``torch._cslt_sparse_mm``'s bit for bit, and every new plan is checked the same way
+once (:meth:`SparsePlanCache.matmul`); any disagreement or error turns the cache off for the process with a warning,
+and the products go back to ``torch._cslt_sparse_mm``. The cache is off unless enabled (``LIT_ACCEL_CUSPARSELT_PLANS=1``
+or :func:`set_plan_cache`) until its speed has been measured.
+
+Example:
+    >>> plan_cache_unavailable_reason() is not None or torch.cuda.is_available()  # CPU: a reason
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+
+__all__ = ["SparsePlanCache", "plan_cache_enabled", "plan_cache_unavailable_reason", "set_plan_cache"]
+
+_OPAQUE_BYTES = 16384
+# Stable across CUDA releases (library_types.h / cusparse.h).
+_CUDA_R = {torch.float16: 2, torch.bfloat16: 14}
+_OP_N, _OP_T = 0, 1
+_SPARSITY_50 = 0
+_ALG_DEFAULT = 0
+_ALG_CONFIG_ID = 0
+# Tried in order on the first plan: (order ROW, order COL) and the compute type for fp16/bf16 with fp32 accumulation.
+_ORDER_CANDIDATES = ((2, 1), (1, 0))
+_COMPUTE_CANDIDATES = (2, 0, 1, 3)
+_SUCCESS = 0
+
+_state: dict[str, Any] = {
+    "enabled": os.environ.get("LIT_ACCEL_CUSPARSELT_PLANS", "0") == "1",
+    "lib": None,
+    "lib_error": None,
+    "handles": {},
+    "enums": None,  # (row, col, compute) once a plan has matched torch
+    "disabled_reason": None,
+}
+
+
+def set_plan_cache(enabled: bool) -> None:
+    """Turns the plan cache on or off for this process (a previous failure is forgotten when turning it on)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"set_plan_cache(enabled={enabled!r}): enabled must be a bool")
+    _state["enabled"] = enabled
+    if enabled:
+        _state["disabled_reason"] = None
+
+
+def plan_cache_enabled() -> bool:
+    """Whether products go through cached plans (enabled, not turned off by a failed check, library found)."""
+    return bool(_state["enabled"]) and _state["disabled_reason"] is None and plan_cache_unavailable_reason() is None
+
+
+def _candidate_paths() -> list[str]:
+    paths = ["libcusparseLt.so.0", "libcusparseLt.so"]
+    roots = [os.path.dirname(torch.__file__), *sys.path]
+    for root in roots:
+        for pattern in ("nvidia/cusparselt/lib/libcusparseLt.so*", "lib/libcusparseLt.so*", "cusparselt/lib/*.so*"):
+            paths.extend(sorted(glob.glob(os.path.join(root, pattern))))
+    return paths
+
+
+def _load() -> Any:
+    if _state["lib"] is not None or _state["lib_error"] is not None:
+        return _state["lib"]
+    errors = []
+    for path in _candidate_paths():
+        try:
+            lib = ctypes.CDLL(path)
+            break
+        except OSError as err:
+            errors.append(f"{path}: {err}")
+    else:
+        _state["lib_error"] = "libcusparseLt not found (" + "; ".join(errors[:3]) + ")"
+        return None
+    p, i64, u32, i32, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int, ctypes.c_size_t
+    signatures = {
+        "cusparseLtInit": [p],
+        "cusparseLtStructuredDescriptorInit": [p, p, i64, i64, i64, u32, i32, i32, i32],
+        "cusparseLtDenseDescriptorInit": [p, p, i64, i64, i64, u32, i32, i32],
+        "cusparseLtMatmulDescriptorInit": [p, p, i32, i32, p, p, p, p, i32],
+        "cusparseLtMatmulAlgSelectionInit": [p, p, p, i32],
+        "cusparseLtMatmulAlgSetAttribute": [p, p, i32, p, sz],
+        "cusparseLtMatmulPlanInit": [p, p, p, p],
+        "cusparseLtMatmulGetWorkspace": [p, p, p],
+        "cusparseLtMatmul": [p, p, p, p, p, p, p, p, p, p, i32],
+        "cusparseLtMatmulPlanDestroy": [p],
+        "cusparseLtMatDescriptorDestroy": [p],
+    }
+    try:
+        for name, args in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes = args
+            fn.restype = ctypes.c_int
+    except AttributeError as err:
+        _state["lib_error"] = f"libcusparseLt lacks a function this binding needs: {err}"
+        return None
+    _state["lib"] = lib
+    return lib
+
+
+def plan_cache_unavailable_reason() -> str | None:
+    """Why cached plans cannot run here (no CUDA, no cuSPARSELt in torch, library not loadable), or None."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if not torch.backends.cusparselt.is_available():
+        return "this PyTorch build has no cuSPARSELt"
+    if _load() is None:
+        return str(_state["lib_error"])
+    return None
+
+
+def _opaque() -> Any:
+    return ctypes.create_string_buffer(_OPAQUE_BYTES)
+
+
+def _check(status: int, what: str) -> None:
+    if status != _SUCCESS:
+        raise RuntimeError(f"cuSPARSELt {what} returned status {status}")
+
+
+def _handle(device: torch.device) -> Any:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    handles = _state["handles"]
+    if index not in handles:
+        handle = _opaque()
+        with torch.cuda.device(index):
+            _check(_load().cusparseLtInit(handle), "Init")
+        handles[index] = handle
+    return handles[index]
+
+
+class _Plan:
+    """Descriptors, plan and workspace of one product ``rows @ A^T`` (``A`` packed ``m x k``, ``rows`` ``[n, k]``)."""
+
+    def __init__(
+        self, m: int, k: int, n: int, dtype: torch.dtype, alg_id: int, device: torch.device, enums: tuple[int, ...]
+    ) -> None:
+        lib = _load()
+        row, col, compute = enums
+        self.lib, self.handle = lib, _handle(device)
+        self.m, self.k, self.n, self.dtype, self.device = m, k, n, dtype, device
+        self.mat_a, self.mat_b, self.mat_d = _opaque(), _opaque(), _opaque()
+        self.matmul, self.alg, self.plan = _opaque(), _opaque(), _opaque()
+        self._live: list[Any] = []
+        t = _CUDA_R[dtype]
+        h = self.handle
+        _check(lib.cusparseLtStructuredDescriptorInit(h, self.mat_a, m, k, k, 16, t, row, _SPARSITY_50), "A descr")
+        self._live.append(self.mat_a)
+        _check(lib.cusparseLtDenseDescriptorInit(h, self.mat_b, n, k, k, 16, t, row), "B descriptor")
+        self._live.append(self.mat_b)
+        _check(lib.cusparseLtDenseDescriptorInit(h, self.mat_d, m, n, m, 16, t, col), "D descriptor")
+        self._live.append(self.mat_d)
+        args = (h, self.matmul, _OP_N, _OP_T, self.mat_a, self.mat_b, self.mat_d, self.mat_d, compute)
+        _check(lib.cusparseLtMatmulDescriptorInit(*args), "matmul descriptor")
+        _check(lib.cusparseLtMatmulAlgSelectionInit(h, self.alg, self.matmul, _ALG_DEFAULT), "alg selection")
+        alg = ctypes.c_int(int(alg_id))
+        size = ctypes.sizeof(alg)
+        _check(lib.cusparseLtMatmulAlgSetAttribute(h, self.alg, _ALG_CONFIG_ID, ctypes.byref(alg), size), "alg id")
+        _check(lib.cusparseLtMatmulPlanInit(h, self.plan, self.matmul, self.alg), "plan")
+        self._plan_live = True
+        workspace = ctypes.c_size_t(0)
+        _check(lib.cusparseLtMatmulGetWorkspace(h, self.plan, ctypes.byref(workspace)), "workspace size")
+        self.workspace = torch.empty(max(int(workspace.value), 1), dtype=torch.uint8, device=device)
+        self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    def __call__(self, packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((self.n, self.m), dtype=self.dtype, device=self.device)
+        streams = (ctypes.c_void_p * 1)(torch.cuda.current_stream(self.device).cuda_stream)
+        status = self.lib.cusparseLtMatmul(
+            self.handle, self.plan, ctypes.byref(self.alpha), packed.data_ptr(), rows.data_ptr(),
+            ctypes.byref(self.beta), out.data_ptr(), out.data_ptr(), self.workspace.data_ptr(), streams, 1,
+        )  # fmt: skip
+        _check(status, "Matmul")
+        return out
+
+    def __del__(self) -> None:
+        lib = getattr(self, "lib", None)
+        if lib is None:
+            return
+        try:
+            if getattr(self, "_plan_live", False):
+                lib.cusparseLtMatmulPlanDestroy(self.plan)
+            for descr in getattr(self, "_live", []):
+                lib.cusparseLtMatDescriptorDestroy(descr)
+        except Exception:  # interpreter shutdown: the library may already be gone
+            pass
+
+
+class SparsePlanCache:
+    """The cached plans of one sparse operand; :meth:`matmul` falls back to ``torch._cslt_sparse_mm``.
+
+    Args:
+        name: The layer (and operand) for messages.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.plans: dict[tuple[int, int, int, torch.dtype, int], _Plan] = {}
+
+    def matmul(self, packed: torch.Tensor, rows: torch.Tensor, m: int, alg_id: int) -> torch.Tensor:
+        """``rows @ A^T`` for ``A`` (``m x k``) packed in ``packed``, ``rows`` contiguous ``[n, k]``: ``[n, m]``.
+
+        Equal bit for bit to ``torch._cslt_sparse_mm(packed, rows.t(), transpose_result=True, alg_id=alg_id)``
+        (checked on each plan's first call; a mismatch or an error turns the cache off for the process).
+        """
+        reference = lambda: torch._cslt_sparse_mm(packed, rows.t(), transpose_result=True, alg_id=alg_id)  # noqa: E731
+        if not plan_cache_enabled() or not rows.is_contiguous() or rows.dtype not in _CUDA_R:
+            return reference()
+        n, k = rows.shape
+        key = (m, k, n, rows.dtype, alg_id)
+        plan = self.plans.get(key)
+        if plan is not None:
+            return plan(packed, rows)
+        expected = reference()
+        candidates = [_state["enums"]] if _state["enums"] is not None else self._enum_candidates()
+        failures = []
+        for enums in candidates:
+            try:
+                plan = _Plan(m, k, n, rows.dtype, alg_id, rows.device, enums)
+                got = plan(packed, rows)
+            except RuntimeError as err:
+                failures.append(f"{enums}: {err}")
+                continue
+            if torch.equal(got, expected):
+                _state["enums"] = enums
+                self.plans[key] = plan
+                return got
+            failures.append(f"{enums}: product differs from torch._cslt_sparse_mm")
+        self._disable(f"no plan for {key[:3]} matched torch._cslt_sparse_mm ({'; '.join(failures[:4])})")
+        return expected
+
+    @staticmethod
+    def _enum_candidates() -> list[tuple[int, int, int]]:
+        return [(row, col, compute) for row, col in _ORDER_CANDIDATES for compute in _COMPUTE_CANDIDATES]
+
+    def _disable(self, why: str) -> None:
+        _state["disabled_reason"] = why
+        self.plans.clear()
+        warnings.warn(
+            f"lit_accel cuSPARSELt plan cache is off for this process ({self.name}): {why}; the 2:4 products use "
+            "torch._cslt_sparse_mm (correct, with its per-call plan set-up).",
+            stacklevel=3,
+        )
