@@ -78,8 +78,19 @@ def plan_cache_enabled() -> bool:
     return bool(_state["enabled"]) and _state["disabled_reason"] is None and plan_cache_unavailable_reason() is None
 
 
+def _loaded_paths() -> list[str]:
+    """The libcusparseLt this process already mapped (torch's own copy), so that the binding uses the same one."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps if "libcusparseLt" in line and "/" in line})
+    except OSError:
+        return []
+
+
 def _candidate_paths() -> list[str]:
-    paths = ["libcusparseLt.so.0", "libcusparseLt.so"]
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")  # make torch load its CUDA libraries before looking for its cuSPARSELt
+    paths = [*_loaded_paths(), "libcusparseLt.so.0", "libcusparseLt.so"]
     roots = [os.path.dirname(torch.__file__), *sys.path]
     for root in roots:
         for pattern in ("nvidia/cusparselt/lib/libcusparseLt.so*", "lib/libcusparseLt.so*", "cusparselt/lib/*.so*"):
