@@ -13,21 +13,25 @@ long as the output does, and holding it keeps nothing alive that the producer's 
 Example:
     >>> import torch
     >>> y = torch.randn(4, 8) * 2
-    >>> register_recompute(y, lambda a: a * 2, y / 2)
+    >>> token = register_recompute(y, lambda a: a * 2, y / 2)
     >>> recipe = recompute_recipe(y)
     >>> torch.equal(recipe.run(*recipe.inputs), y), recompute_recipe(y.clone()) is None
     (True, True)
+    >>> forget_recompute(token)
+    >>> recompute_recipe(y) is None
+    True
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import weakref
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["Recompute", "recompute_recipe", "register_recompute"]
+__all__ = ["Recompute", "forget_recompute", "recompute_recipe", "register_recompute"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,25 +44,45 @@ class Recompute:
     """The producer's saved inputs; a consumer saves these (``ctx.save_for_backward``) in place of the output."""
 
 
-_REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], Recompute]] = {}
+_REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], Recompute, int]] = {}
+_KEYS: dict[int, int] = {}  # token -> id(output)
+_TOKENS = itertools.count(1)
 
 
-def register_recompute(output: torch.Tensor, run: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
-    """Records that ``run(*inputs)`` reproduces ``output`` bit for bit, for as long as ``output`` lives.
+def register_recompute(output: torch.Tensor, run: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> int:
+    """Records that ``run(*inputs)`` reproduces ``output`` bit for bit.
 
-    Under ``torch.compile`` nothing is recorded (object identity means nothing in a traced graph); consumers then
-    save their inputs as usual.
+    The record lasts until ``output`` is freed or :func:`forget_recompute` is called with the returned token (the
+    producer does so in its own backward, after which no consumer's backward can need it: this way a user who keeps
+    ``output`` does not keep ``inputs`` alive past the backward). Under ``torch.compile`` nothing is recorded (object
+    identity means nothing in a traced graph); consumers then save their inputs as usual.
+
+    Returns:
+        A token for :func:`forget_recompute` (0 when nothing was recorded).
     """
     if torch.compiler.is_compiling():
-        return
-    key = id(output)
+        return 0
+    key, token = id(output), next(_TOKENS)
 
-    def _forget(ref: weakref.ref[torch.Tensor], key: int = key) -> None:
+    def _forget(ref: weakref.ref[torch.Tensor], key: int = key, token: int = token) -> None:
+        _KEYS.pop(token, None)
         entry = _REGISTRY.get(key)
         if entry is not None and entry[0] is ref:
             del _REGISTRY[key]
 
-    _REGISTRY[key] = (weakref.ref(output, _forget), Recompute(run, tuple(inputs)))
+    _REGISTRY[key] = (weakref.ref(output, _forget), Recompute(run, tuple(inputs)), token)
+    _KEYS[token] = key
+    return token
+
+
+def forget_recompute(token: int) -> None:
+    """Drops the record :func:`register_recompute` returned ``token`` for, if it is still there."""
+    key = _KEYS.pop(token, None)
+    if key is None:
+        return
+    entry = _REGISTRY.get(key)
+    if entry is not None and entry[2] == token:
+        del _REGISTRY[key]
 
 
 def recompute_recipe(tensor: torch.Tensor) -> Recompute | None:

@@ -51,7 +51,7 @@ import torch
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
-from lit_accel.kernels.recompute import register_recompute
+from lit_accel.kernels.recompute import forget_recompute, register_recompute
 
 __all__ = [
     "RMSNormFunction",
@@ -478,11 +478,14 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, w, rstd)
         ctx.x_shape = x.shape
         # A consumer (a LoRA layer) may rebuild y from the x2 and w saved here instead of keeping y.
-        register_recompute(y, functools.partial(_recompute_forward, eps, out_dtype, x.shape), x2, w)
+        ctx.recompute_token = register_recompute(
+            y, functools.partial(_recompute_forward, eps, out_dtype, x.shape), x2, w
+        )
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        forget_recompute(ctx.recompute_token)  # every consumer's backward has run
         x2, w, rstd = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
         if not (need_dx or need_dw):

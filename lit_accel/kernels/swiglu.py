@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
-from lit_accel.kernels.recompute import register_recompute
+from lit_accel.kernels.recompute import forget_recompute, register_recompute
 
 __all__ = [
     "SwiGLUFunction",
@@ -288,11 +288,12 @@ class SwiGLUFunction(torch.autograd.Function):
         ctx.save_for_backward(gate, up)
         y = _swiglu_fwd(gate, up, torch.promote_types(gate.dtype, up.dtype))
         # A consumer (the down projection's LoRA layer) may rebuild y from gate and up instead of keeping it.
-        register_recompute(y, _recompute_forward, gate, up)
+        ctx.recompute_token = register_recompute(y, _recompute_forward, gate, up)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        forget_recompute(ctx.recompute_token)  # every consumer's backward has run
         gate, up = ctx.saved_tensors
         need_g, need_u = ctx.needs_input_grad[:2]
         if not (need_g or need_u):
