@@ -17,12 +17,13 @@ contiguous dense operand, so the packed buffers of ``torch._cslt_compress`` (and
 * ``C = D`` (the result ``[n, m]`` row-major, i.e. ``m x n`` column-major with leading dimension ``m``).
 
 cuSPARSELt's handle, descriptor and plan structs are opaque blocks whose size changed between releases (512 to
-11024 bytes): each is given a 16 KiB buffer. The enum values that differ between releases (the compute type, and
-the order values from cuSPARSE's header) are not taken on trust: the first plan of a process tries the candidate
-values until its product equals ``torch._cslt_sparse_mm``'s bit for bit, and every new plan is checked the same way
-once (:meth:`SparsePlanCache.matmul`); any disagreement or error turns the cache off for the process with a warning,
-and the products go back to ``torch._cslt_sparse_mm``. The cache is off unless enabled (``LIT_ACCEL_CUSPARSELT_PLANS=1``
-or :func:`set_plan_cache`) until its speed has been measured.
+11024 bytes): each is given a 16 KiB buffer. The compute type's enum value moved between releases, so it is not
+taken on trust: the first plan of a process tries the candidate values until its product equals
+``torch._cslt_sparse_mm``'s bit for bit, and every new plan is checked the same way once
+(:meth:`SparsePlanCache.matmul`); any disagreement or error turns the cache off for the process with a warning, and
+the products go back to ``torch._cslt_sparse_mm``. At most 8 plans are kept per operand (one per token count).
+The cache is off unless enabled (``LIT_ACCEL_CUSPARSELT_PLANS=1`` or :func:`set_plan_cache`) until its speed has
+been measured.
 
 Example:
     >>> plan_cache_unavailable_reason() is not None or torch.cuda.is_available()  # CPU: a reason
@@ -36,6 +37,7 @@ import glob
 import os
 import sys
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -49,17 +51,21 @@ _OP_N, _OP_T = 0, 1
 _SPARSITY_50 = 0
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID = 0
-# Tried in order on the first plan: (order ROW, order COL) and the compute type for fp16/bf16 with fp32 accumulation.
-_ORDER_CANDIDATES = ((2, 1), (1, 0))
+# cusparseOrder_t (cusparse.h): COL 1, ROW 2. The compute type for fp16/bf16 inputs with fp32 accumulation
+# (CUSPARSE_COMPUTE_32F) is 2 in cuSPARSELt 0.6-0.7; its position moved between releases, so the first plan of a
+# process tries these in order until its product equals torch's.
+_ROW, _COL = 2, 1
 _COMPUTE_CANDIDATES = (2, 0, 1, 3)
+_MAX_PLANS = 8  # per operand: one per distinct token count seen, the oldest dropped first
 _SUCCESS = 0
 
+_CACHES: weakref.WeakSet[SparsePlanCache] = weakref.WeakSet()
 _state: dict[str, Any] = {
     "enabled": os.environ.get("LIT_ACCEL_CUSPARSELT_PLANS", "0") == "1",
     "lib": None,
     "lib_error": None,
     "handles": {},
-    "enums": None,  # (row, col, compute) once a plan has matched torch
+    "compute": None,  # the compute type value, once a plan has matched torch
     "disabled_reason": None,
 }
 
@@ -172,10 +178,10 @@ class _Plan:
     """Descriptors, plan and workspace of one product ``rows @ A^T`` (``A`` packed ``m x k``, ``rows`` ``[n, k]``)."""
 
     def __init__(
-        self, m: int, k: int, n: int, dtype: torch.dtype, alg_id: int, device: torch.device, enums: tuple[int, ...]
+        self, m: int, k: int, n: int, dtype: torch.dtype, alg_id: int, device: torch.device, compute: int
     ) -> None:
         lib = _load()
-        row, col, compute = enums
+        row, col = _ROW, _COL
         self.lib, self.handle = lib, _handle(device)
         self.m, self.k, self.n, self.dtype, self.device = m, k, n, dtype, device
         self.mat_a, self.mat_b, self.mat_d = _opaque(), _opaque(), _opaque()
@@ -199,15 +205,18 @@ class _Plan:
         self._plan_live = True
         workspace = ctypes.c_size_t(0)
         _check(lib.cusparseLtMatmulGetWorkspace(h, self.plan, ctypes.byref(workspace)), "workspace size")
-        self.workspace = torch.empty(max(int(workspace.value), 1), dtype=torch.uint8, device=device)
+        self.workspace_bytes = max(int(workspace.value), 1)
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
     def __call__(self, packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         out = torch.empty((self.n, self.m), dtype=self.dtype, device=self.device)
+        # Allocated per call on the current stream (the caching allocator makes this cheap): a workspace kept in the
+        # plan would be shared across streams without the allocator knowing.
+        workspace = torch.empty(self.workspace_bytes, dtype=torch.uint8, device=self.device)
         streams = (ctypes.c_void_p * 1)(torch.cuda.current_stream(self.device).cuda_stream)
         status = self.lib.cusparseLtMatmul(
             self.handle, self.plan, ctypes.byref(self.alpha), packed.data_ptr(), rows.data_ptr(),
-            ctypes.byref(self.beta), out.data_ptr(), out.data_ptr(), self.workspace.data_ptr(), streams, 1,
+            ctypes.byref(self.beta), out.data_ptr(), out.data_ptr(), workspace.data_ptr(), streams, 1,
         )  # fmt: skip
         _check(status, "Matmul")
         return out
@@ -235,6 +244,7 @@ class SparsePlanCache:
     def __init__(self, name: str = "") -> None:
         self.name = name
         self.plans: dict[tuple[int, int, int, torch.dtype, int], _Plan] = {}
+        _CACHES.add(self)
 
     def matmul(self, packed: torch.Tensor, rows: torch.Tensor, m: int, alg_id: int) -> torch.Tensor:
         """``rows @ A^T`` for ``A`` (``m x k``) packed in ``packed``, ``rows`` contiguous ``[n, k]``: ``[n, m]``.
@@ -249,32 +259,35 @@ class SparsePlanCache:
         key = (m, k, n, rows.dtype, alg_id)
         plan = self.plans.get(key)
         if plan is not None:
-            return plan(packed, rows)
-        expected = reference()
-        candidates = [_state["enums"]] if _state["enums"] is not None else self._enum_candidates()
-        failures = []
-        for enums in candidates:
             try:
-                plan = _Plan(m, k, n, rows.dtype, alg_id, rows.device, enums)
+                return plan(packed, rows)
+            except RuntimeError as err:
+                self._disable(f"a cached plan failed ({err})")
+                return reference()
+        expected = reference()
+        candidates = [_state["compute"]] if _state["compute"] is not None else list(_COMPUTE_CANDIDATES)
+        failures = []
+        for compute in candidates:
+            try:
+                plan = _Plan(m, k, n, rows.dtype, alg_id, rows.device, compute)
                 got = plan(packed, rows)
             except RuntimeError as err:
-                failures.append(f"{enums}: {err}")
+                failures.append(f"compute type {compute}: {err}")
                 continue
             if torch.equal(got, expected):
-                _state["enums"] = enums
+                _state["compute"] = compute
+                if len(self.plans) >= _MAX_PLANS:
+                    del self.plans[next(iter(self.plans))]
                 self.plans[key] = plan
                 return got
-            failures.append(f"{enums}: product differs from torch._cslt_sparse_mm")
+            failures.append(f"compute type {compute}: product differs from torch._cslt_sparse_mm")
         self._disable(f"no plan for {key[:3]} matched torch._cslt_sparse_mm ({'; '.join(failures[:4])})")
         return expected
 
-    @staticmethod
-    def _enum_candidates() -> list[tuple[int, int, int]]:
-        return [(row, col, compute) for row, col in _ORDER_CANDIDATES for compute in _COMPUTE_CANDIDATES]
-
     def _disable(self, why: str) -> None:
         _state["disabled_reason"] = why
-        self.plans.clear()
+        for cache in list(_CACHES):
+            cache.plans.clear()
         warnings.warn(
             f"lit_accel cuSPARSELt plan cache is off for this process ({self.name}): {why}; the 2:4 products use "
             "torch._cslt_sparse_mm (correct, with its per-call plan set-up).",

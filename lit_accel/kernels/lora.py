@@ -719,7 +719,9 @@ def _fused(
     if dropout_p > 0.0 and training:
         # bool keep-mask: 1 byte per element saved for backward (PEFT keeps the 2-byte dropped activations).
         mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - dropout_p)
-    x_recompute = recompute_recipe(x) if recompute_input and torch.is_grad_enabled() else None
+    # x.grad_fn: the producer's autograd node exists, so its inputs are kept anyway and saving them adds nothing.
+    use_recipe = recompute_input and torch.is_grad_enabled() and x.grad_fn is not None
+    x_recompute = recompute_recipe(x) if use_recipe else None
     if x_recompute is not None and any(hasattr(t, "ds_id") for t in x_recompute.inputs):
         # A ZeRO-3 parameter among the producer's inputs (the norm weight) is released after its module's forward
         # and gathered again only for that module's own backward, which runs after this layer's: keep x instead.

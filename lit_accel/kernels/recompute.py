@@ -17,9 +17,10 @@ Example:
     >>> recipe = recompute_recipe(y)
     >>> torch.equal(recipe.run(*recipe.inputs), y), recompute_recipe(y.clone()) is None
     (True, True)
-    >>> forget_recompute(token)
+    >>> _ = y.mul_(1)  # an in-place change: the recipe would rebuild the old values
     >>> recompute_recipe(y) is None
     True
+    >>> forget_recompute(token)
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Recompute:
     """The producer's saved inputs; a consumer saves these (``ctx.save_for_backward``) in place of the output."""
 
 
-_REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], Recompute, int]] = {}
+_REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], Recompute, int, int]] = {}
 _KEYS: dict[int, int] = {}  # token -> id(output)
 _TOKENS = itertools.count(1)
 
@@ -70,7 +71,7 @@ def register_recompute(output: torch.Tensor, run: Callable[..., torch.Tensor], *
         if entry is not None and entry[0] is ref:
             del _REGISTRY[key]
 
-    _REGISTRY[key] = (weakref.ref(output, _forget), Recompute(run, tuple(inputs)), token)
+    _REGISTRY[key] = (weakref.ref(output, _forget), Recompute(run, tuple(inputs)), token, output._version)
     _KEYS[token] = key
     return token
 
@@ -86,8 +87,14 @@ def forget_recompute(token: int) -> None:
 
 
 def recompute_recipe(tensor: torch.Tensor) -> Recompute | None:
-    """The recipe registered for this very tensor object (not a view or copy of it), or None."""
+    """The recipe registered for this very tensor object (not a view or copy of it), or None.
+
+    None also when the tensor was modified in place since it was produced (its version moved: the recipe would
+    rebuild the old values) and under ``torch.compile`` (an identity lookup would make dynamo guard on the object).
+    """
+    if torch.compiler.is_compiling():
+        return None
     entry = _REGISTRY.get(id(tensor))
-    if entry is None or entry[0]() is not tensor:
+    if entry is None or entry[0]() is not tensor or entry[3] != tensor._version:
         return None
     return entry[1]

@@ -447,8 +447,9 @@ def _backward(
 def _recompute_forward(
     eps: float, out_dtype: torch.dtype, x_shape: torch.Size, x2: torch.Tensor, w: torch.Tensor
 ) -> torch.Tensor:
-    """The forward's ``y`` again, bit for bit (same kernel and launch on the same saved inputs)."""
-    return _forward(x2, w, eps, out_dtype, x_shape, store_rstd=False)[0]
+    """The forward's ``y`` again, bit for bit: the same compiled kernel (``rstd`` stored too, as in the forward)
+    and launch on the same saved inputs."""
+    return _forward(x2, w, eps, out_dtype, x_shape, store_rstd=True)[0]
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -414,6 +414,24 @@ def test_interp_lora_recompute_inputs_with_dropout_and_checkpointing(monkeypatch
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_recompute_recipes_rebuild_the_outputs_bit_for_bit(dtype: torch.dtype) -> None:
+    from lit_accel.kernels.recompute import recompute_recipe
+    from lit_accel.kernels.rms_norm import rms_norm
+    from lit_accel.kernels.swiglu import swiglu
+
+    x = torch.randn(4, 333, 2048, device="cuda", requires_grad=True)
+    w = torch.rand(2048, device="cuda") + 0.5
+    y = rms_norm(x, w, 1e-6, out_dtype=dtype)
+    gate = torch.randn(4, 333, 5632, device="cuda", dtype=dtype, requires_grad=True)
+    s = swiglu(gate, torch.randn_like(gate))
+    for out in (y, s):
+        recipe = recompute_recipe(out)
+        assert recipe is not None
+        assert torch.equal(recipe.run(*recipe.inputs), out)
+
+
+@pytest.mark.gpu
 def test_gpu_lora_recompute_inputs_same_results_under_bf16_autocast() -> None:
     ids, labels = _batch()
     out = []

@@ -29,10 +29,11 @@ def test_set_plan_cache_validates_and_cpu_explains_why_it_is_off(plan_cache: Non
     assert not cusparselt.plan_cache_enabled()  # enabled, but nothing to run it on
 
 
-def test_enum_candidates_cover_both_order_conventions() -> None:
-    candidates = cusparselt.SparsePlanCache._enum_candidates()
-    assert len(candidates) == len(set(candidates)) == 8
-    assert {(row, col) for row, col, _ in candidates} == {(2, 1), (1, 0)}
+def test_compute_type_candidates_start_with_the_current_release_value() -> None:
+    # CUSPARSE_COMPUTE_32F is 2 in cuSPARSELt 0.6-0.7; the other positions are tried after it, each once.
+    assert cusparselt._COMPUTE_CANDIDATES[0] == 2
+    assert sorted(cusparselt._COMPUTE_CANDIDATES) == [0, 1, 2, 3]
+    assert (cusparselt._ROW, cusparselt._COL) == (2, 1)  # cusparse.h's cusparseOrder_t
 
 
 @pytest.mark.gpu
@@ -48,7 +49,7 @@ def test_gpu_cached_plan_equals_torch(plan_cache: None, dtype: torch.dtype, m: i
         got = cache.matmul(packed, rows, m, alg_id=0)
         assert torch.equal(got, torch._cslt_sparse_mm(packed, rows.t(), transpose_result=True, alg_id=0))
     assert cusparselt.plan_cache_enabled(), cusparselt._state["disabled_reason"]
-    assert len(cache.plans) == 1
+    assert len(cache.plans) == 1 and cusparselt._state["compute"] is not None
 
 
 @pytest.mark.gpu
