@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Measurement, measure, write_results
 
+import lit_accel.kernels.lora as lora_kernel_module
 import lit_accel.lowrank.lora as lora_module
 from lit_accel.kernels.lora import lora_linear
 from lit_accel.lowrank import apply_lora
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    parser.add_argument("--pytorch-path", action="store_true", help="also time the plain-PyTorch (PEFT-equal) path")
     args = parser.parse_args()
     r, alpha = args.r, 2 * args.r
 
@@ -101,12 +103,21 @@ def main() -> None:
     results.append(_run("PEFT LoRA", peft, args))
     results.append(_run("lit_accel LoRA (default CUDA path)", ours, args))
     results.append(_run("lit_accel LoRA, recompute_inputs=True", functools.partial(ours, recompute_inputs=True), args))
-    original: Any = lora_module.lora_linear
-    lora_module.lora_linear = functools.partial(lora_linear, use_kernel=False)  # type: ignore[assignment]
+    default_backend = lora_kernel_module.CUDA_DEFAULT_BACKEND
+    lora_kernel_module.CUDA_DEFAULT_BACKEND = "triton_epilogue"
     try:
-        results.append(_run("lit_accel LoRA (PyTorch path)", ours, args))
+        results.append(_run("lit_accel LoRA, triton_epilogue backend", ours, args))
+        both = functools.partial(ours, recompute_inputs=True)
+        results.append(_run("lit_accel LoRA, triton_epilogue + recompute_inputs", both, args))
     finally:
-        lora_module.lora_linear = original
+        lora_kernel_module.CUDA_DEFAULT_BACKEND = default_backend
+    if args.pytorch_path:
+        original: Any = lora_module.lora_linear
+        lora_module.lora_linear = functools.partial(lora_linear, use_kernel=False)  # type: ignore[assignment]
+        try:
+            results.append(_run("lit_accel LoRA (PyTorch path)", ours, args))
+        finally:
+            lora_module.lora_linear = original
     base = results[0]
     rows = [
         [
