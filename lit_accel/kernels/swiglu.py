@@ -339,5 +339,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, use_kernel: bool | None = None)
         if use_kernel:
             raise ValueError(f"swiglu(use_kernel=True) cannot use the Triton kernel: {reason}")
         return swiglu_reference(gate, up)
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        # No graph (evaluation, a DropBP-dropped MLP): the kernel alone, nothing saved or registered.
+        return _swiglu_fwd(gate, up, torch.promote_types(gate.dtype, up.dtype))
     out: torch.Tensor = SwiGLUFunction.apply(gate, up)
     return out
