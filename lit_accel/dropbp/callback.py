@@ -36,11 +36,13 @@ from torch import nn
 
 from lit_accel.dropbp.functional import (
     DropBPController,
+    DroppedBucketSkipper,
     all_reduce_mean,
     allocate_drop_rates,
     apply_dropbp,
     draw_mask,
     dropped_fraction,
+    exclusive_sublayer_parameters,
     measure_sensitivity,
     sublayer_backward_flops,
     uniform_drop_rates,
@@ -87,6 +89,10 @@ class DropBPSettings:
     before_measurement: Literal["uniform", "dense"] = "uniform"
     """Rates until the measurement (``sensitivity="auto"``): ``"uniform"`` drops every sublayer at ``target``
     (as the reference code does), ``"dense"`` drops nothing."""
+    skip_dropped_allreduce: bool = False
+    """Under DDP, skip the all-reduce of gradient buckets whose parameters all belong to dropped sublayers (they
+    hold zeros on every rank): fewer bytes sent, same results. Pays with buckets about a sublayer's size
+    (``bucket_cap_mb``); not yet measured on GPUs, hence off by default."""
     sampling: Literal["systematic", "independent"] = "systematic"
     """How masks are drawn from the rates; both drop sublayer ``i`` with probability ``rate_i``.
     ``"systematic"`` fixes how many sublayers drop each step, so step time and peak memory stay steady;
@@ -129,6 +135,8 @@ class DropBPSettings:
             raise bad("before_measurement", "'uniform' or 'dense'")
         if self.sampling not in ("systematic", "independent"):
             raise bad("sampling", "'systematic' or 'independent'")
+        if not isinstance(self.skip_dropped_allreduce, bool):
+            raise bad("skip_dropped_allreduce", "a bool")
         if isinstance(self.patterns, Mapping):
             try:
                 self.patterns = StructurePatterns(**self.patterns)
@@ -216,6 +224,9 @@ class DropBP(L.Callback):
             that is not a supported Hugging Face architecture.
         log_every_n_steps: Interval of the ``dropbp/*`` scalars; None uses the trainer's.
         before_measurement: ``"uniform"`` or ``"dense"`` rates until the measurement.
+        sampling: ``"systematic"`` or ``"independent"`` mask draws (see :class:`DropBPSettings`).
+        skip_dropped_allreduce: Under DDP, skip the all-reduce of gradient buckets that only dropped sublayers'
+            parameters fill (zeros on every rank); logs ``dropbp/allreduce_skipped_fraction``.
 
     Raises:
         ValueError: At construction, for any argument outside what is allowed (the message names it); at the
@@ -240,6 +251,7 @@ class DropBP(L.Callback):
         log_every_n_steps: int | None = None,
         before_measurement: Literal["uniform", "dense"] = "uniform",
         sampling: Literal["systematic", "independent"] = "systematic",
+        skip_dropped_allreduce: bool = False,
     ) -> None:
         super().__init__()
         self.settings = DropBPSettings(
@@ -253,8 +265,11 @@ class DropBP(L.Callback):
             log_every_n_steps=log_every_n_steps,
             before_measurement=before_measurement,
             sampling=sampling,
+            skip_dropped_allreduce=skip_dropped_allreduce,
         )
         self.controller: DropBPController | None = None
+        self.bucket_skipper: DroppedBucketSkipper | None = None
+        """The DDP communication hook registered with ``skip_dropped_allreduce``, else None."""
         self.generator = torch.Generator().manual_seed(seed)
         self.sensitivity_step: int | None = None
         """Optimizer step at which the measurement runs (resolved at the start of fit)."""
@@ -368,10 +383,39 @@ class DropBP(L.Callback):
                 f"DropBP sensitivity_at={at!r} is step {self.sensitivity_step}, at or after the end of the run "
                 f"({int(total)} optimizer steps); use a smaller sensitivity_at, or sensitivity='uniform'."
             )
+        if s.skip_dropped_allreduce:
+            self._register_bucket_skipper(trainer, model)
         rank_zero_info(
             f"DropBP: {self.controller.num_sublayers} sublayers, target {s.target}, sensitivity={s.sensitivity}"
             + (f" measured at step {self.sensitivity_step}" if s.sensitivity == "auto" else "")
         )
+
+    def _register_bucket_skipper(self, trainer: L.Trainer, model: nn.Module) -> None:
+        assert self.controller is not None
+        strategy = trainer.strategy
+        ddp = getattr(strategy, "model", None)
+        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+            rank_zero_warn(
+                f"DropBP skip_dropped_allreduce=True does nothing under {type(strategy).__name__}: it is a DDP "
+                "communication hook (use strategy='ddp' or 'lit_ddp' with two or more processes)."
+            )
+            return
+        if getattr(strategy, "_ddp_comm_hook", None) is not None:
+            raise ValueError(
+                "DropBP skip_dropped_allreduce=True registers a DDP communication hook, but the strategy already has "
+                "ddp_comm_hook set; DDP takes one hook. Drop one of the two."
+            )
+        if self.settings.decide_every == "micro_batch" and trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                "DropBP skip_dropped_allreduce=True needs one mask per optimizer step when gradients accumulate "
+                f"(accumulate_grad_batches={trainer.accumulate_grad_batches}): a sublayer dropped in the last "
+                "micro-batch may hold gradients from earlier ones. Use decide_every='step'."
+            )
+        self.bucket_skipper = DroppedBucketSkipper(
+            self.controller, exclusive_sublayer_parameters(self.controller, model)
+        )
+        ddp.register_comm_hook(None, self.bucket_skipper)
+        rank_zero_info("DropBP: DDP skips the all-reduce of buckets that only dropped sublayers fill.")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.settings.sensitivity == "uniform":
@@ -463,6 +507,10 @@ class DropBP(L.Callback):
         }
         if self.measured:
             metrics["dropbp/sensitivity_seconds"] = self.sensitivity_seconds
+        skipper = self.bucket_skipper
+        if skipper is not None and skipper.total_bytes:
+            metrics["dropbp/allreduce_skipped_fraction"] = skipper.skipped_bytes / skipper.total_bytes
+            skipper.reset_counts()
         self.last_metrics = metrics
         self._log_fraction_sum, self._log_count = 0.0, 0
         if trainer.is_global_zero:

@@ -55,11 +55,13 @@ from lit_accel.models.structure import ModelStructure, StructurePatterns, Sublay
 
 __all__ = [
     "DropBPController",
+    "DroppedBucketSkipper",
     "all_reduce_mean",
     "allocate_drop_rates",
     "apply_dropbp",
     "draw_mask",
     "dropped_fraction",
+    "exclusive_sublayer_parameters",
     "grad_norms",
     "measure_sensitivity",
     "sublayer_backward_flops",
@@ -486,3 +488,87 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     out /= world
     torch.distributed.broadcast(out, src=0)
     return out
+
+
+def exclusive_sublayer_parameters(controller: DropBPController, model: nn.Module) -> list[frozenset[int]]:
+    """Per sublayer, the ids of the parameters used nowhere else in ``model`` (a shared or tied parameter, used by
+    another sublayer or outside them, still gets a gradient when its sublayer is dropped, so it is left out).
+
+    Example:
+        >>> controller = apply_dropbp(model)  # doctest: +SKIP
+        >>> exclusive_sublayer_parameters(controller, model)[0]  # doctest: +SKIP
+        frozenset({...})  # block 0's attention and input norm
+    """
+    total: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        total[id(p)] = total.get(id(p), 0) + 1
+    out = []
+    for sub in controller.sublayers:
+        inside: dict[int, int] = {}
+        for module in (sub.norm, sub.module):
+            if module is not None:
+                for _, p in module.named_parameters(remove_duplicate=False):
+                    inside[id(p)] = inside.get(id(p), 0) + 1
+        out.append(frozenset(pid for pid, n in inside.items() if n == total.get(pid)))
+    return out
+
+
+class DroppedBucketSkipper:
+    """A DDP communication hook that skips the all-reduce of a bucket whose parameters all belong to dropped
+    sublayers; other buckets are averaged as DDP does by default (``allreduce_hook``).
+
+    Every rank drops the same sublayers (the mask generator is seeded alike and never draws from rank-local state),
+    so such a bucket holds zeros on every rank (DDP with ``find_unused_parameters`` zero-fills unused parameters'
+    slots) and its mean is zeros: skipping it changes nothing but the bytes sent. Only valid while the mask is the
+    same for every micro-batch that accumulates into the gradients being reduced (``decide_every="step"``, or no
+    gradient accumulation): :class:`~lit_accel.dropbp.DropBP` registers it only then.
+
+    Args:
+        controller: The model's DropBP controller (its current mask is read at every bucket).
+        exclusive: :func:`exclusive_sublayer_parameters` of the same model.
+
+    Attributes:
+        skipped_bytes, total_bytes: Bucket bytes skipped / seen since :meth:`reset_counts`.
+        skipped_buckets: Buckets skipped since the hook was made (never reset).
+    """
+
+    def __init__(self, controller: DropBPController, exclusive: Sequence[frozenset[int]]) -> None:
+        self.controller = controller
+        self.exclusive = list(exclusive)
+        self.skipped_bytes = 0
+        self.total_bytes = 0
+        self.skipped_buckets = 0
+        self.__name__ = "dropbp_skip_dropped_buckets"  # DDP logs a hook by its name
+        self.__qualname__ = self.__name__
+
+    def reset_counts(self) -> None:
+        """Zeroes :attr:`skipped_bytes` and :attr:`total_bytes`."""
+        self.skipped_bytes = self.total_bytes = 0
+
+    def dropped_parameters(self) -> set[int]:
+        """Ids of the parameters no gradient reaches under the current mask."""
+        return {pid for i, drop in enumerate(self.controller.mask) if drop for pid in self.exclusive[i]}
+
+    def __call__(self, state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        buffer = bucket.buffer()
+        nbytes = buffer.numel() * buffer.element_size()
+        self.total_bytes += nbytes
+        dropped = self.dropped_parameters()
+        if dropped and all(id(p) in dropped for p in bucket.parameters()):
+            self.skipped_bytes += nbytes
+            self.skipped_buckets += 1
+            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            done.set_result(buffer)
+            return done
+        return default_hooks.allreduce_hook(state, bucket)
+
+
+if torch.distributed.is_available():
+    # DDP checks a hook's annotations against the real classes; this module's are strings (postponed evaluation).
+    DroppedBucketSkipper.__call__.__annotations__ = {
+        "state": Any,
+        "bucket": torch.distributed.GradBucket,
+        "return": torch.futures.Future[torch.Tensor],
+    }

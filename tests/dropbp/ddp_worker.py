@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from lit_accel.dropbp import DropBP
@@ -38,19 +39,20 @@ class MaskLog(L.Callback):
         self.none_grads.append(sum(p.grad is None for p in pl_module.parameters()))
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, skip: bool = False) -> None:
     L.seed_everything(0)
     overrides = {"vocab_size": VOCAB, "num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128}
     module = CausalLM("llama-tiny", config_overrides=overrides, warmup_steps=1, learning_rate=1e-3)
     # Different tokens on each rank (DistributedSampler), so the ranks' sensitivities differ before averaging.
     data = torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(0))
     loader: DataLoader[Any] = DataLoader([{"input_ids": x} for x in data], batch_size=4)  # type: ignore[arg-type]
-    dropbp = DropBP(target=0.5, sensitivity_at=2, seed=3)
+    dropbp = DropBP(target=0.5, sensitivity_at=2, seed=3, skip_dropped_allreduce=skip)
     log = MaskLog(dropbp)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        # Buckets of about one parameter each, so that some hold only dropped sublayers' parameters.
+        strategy=DDPStrategy(bucket_cap_mb=0.001),
         max_steps=6,
         callbacks=[dropbp, log],
         logger=False,
@@ -75,6 +77,7 @@ def main(out_dir: Path) -> None:
         "sensitivities": dropbp.sensitivities,
         "param_hashes": hashes,
         "global_step": trainer.global_step,
+        "skipped_buckets": dropbp.bucket_skipper.skipped_buckets if dropbp.bucket_skipper is not None else None,
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
@@ -82,4 +85,4 @@ def main(out_dir: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), skip=sys.argv[2:] == ["skip"])

@@ -251,6 +251,7 @@ def test_setup_turns_on_find_unused_parameters_under_ddp() -> None:
         ({"before_measurement": "half"}, "before_measurement"),
         ({"patterns": {"blocks": "x", "no_such_field": 1}}, "patterns"),
         ({"patterns": 3}, "patterns"),
+        ({"skip_dropped_allreduce": "yes"}, "skip_dropped_allreduce"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs: dict[str, Any], name: str) -> None:
@@ -281,3 +282,25 @@ def test_auto_needs_automatic_optimization() -> None:
     with pytest.raises(ValueError, match="sensitivity='auto'.*automatic optimization"):
         DropBP().setup(SimpleNamespace(strategy=None), ManualModule(), "fit")  # type: ignore[arg-type]
     DropBP(sensitivity="uniform").setup(SimpleNamespace(strategy=None), ManualModule(), "fit")  # type: ignore[arg-type]
+
+
+def test_skip_dropped_allreduce_off_ddp_warns_and_trains() -> None:
+    cb = DropBP(target=0.5, sensitivity="uniform", skip_dropped_allreduce=True)
+    with pytest.warns(UserWarning, match="skip_dropped_allreduce=True does nothing under SingleDeviceStrategy"):
+        rec = fit(causal_lm(), cb, steps=2)
+    assert cb.bucket_skipper is None and len(rec.masks) == 2
+
+
+def test_exclusive_sublayer_parameters_leave_shared_ones_out() -> None:
+    from lit_accel.dropbp.functional import apply_dropbp, exclusive_sublayer_parameters
+
+    model = tiny_llama(layers=2)
+    attn0, attn1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    attn1.q_proj.weight = attn0.q_proj.weight  # tied across blocks 0 and 1
+    controller = apply_dropbp(model)
+    exclusive = exclusive_sublayer_parameters(controller, model)
+    shared = id(attn0.q_proj.weight)
+    assert shared not in exclusive[0] and shared not in exclusive[2]  # sublayers 0, 2: the two attentions
+    assert id(attn0.k_proj.weight) in exclusive[0] and id(model.model.layers[0].input_layernorm.weight) in exclusive[0]
+    assert id(model.model.layers[0].mlp.up_proj.weight) in exclusive[1]
+    assert all(id(p) not in s for s in exclusive for p in model.model.embed_tokens.parameters())

@@ -30,3 +30,24 @@ def test_ddp_two_ranks_drop_the_same_sublayers(tmp_path: Path) -> None:
     assert r0["rates"] == r1["rates"]
     assert r0["param_hashes"] == r1["param_hashes"]
     assert torch.distributed.is_available()
+
+
+def test_ddp_skipping_the_all_reduce_of_dropped_buckets_changes_nothing(tmp_path: Path) -> None:
+    runs = {}
+    for mode in ("plain", "skip"):
+        out = tmp_path / mode
+        out.mkdir()
+        args = [out] + (["skip"] if mode == "skip" else [])
+        proc = subprocess.run(
+            torchrun_command(WORKER, *args), env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=180
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        runs[mode] = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    plain, skip = runs["plain"], runs["skip"]
+    # Buckets were really skipped, the same ones on both ranks...
+    assert plain[0]["skipped_buckets"] is None
+    assert skip[0]["skipped_buckets"] > 0 and skip[0]["skipped_buckets"] == skip[1]["skipped_buckets"]
+    # ...and the run is the same run: same masks, same weights bit for bit on every rank.
+    assert skip[0]["masks"] == plain[0]["masks"]
+    for rank in (0, 1):
+        assert skip[rank]["param_hashes"] == plain[rank]["param_hashes"]
