@@ -296,6 +296,8 @@ class DropBP(L.Callback):
         self._trainable: tuple[bool, ...] | None = None
         self._log_fraction_sum = 0.0
         self._log_count = 0
+        self._window_step = -1
+        self._window_dropped: list[bool] = []
 
     # ------------------------------------------------------------------ rates
     @property
@@ -359,6 +361,7 @@ class DropBP(L.Callback):
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.bucket_skipper = None
         model = find_hf_model(pl_module)
         if self.controller is not None:
             self.controller.remove()
@@ -384,13 +387,13 @@ class DropBP(L.Callback):
                 f"({int(total)} optimizer steps); use a smaller sensitivity_at, or sensitivity='uniform'."
             )
         if s.skip_dropped_allreduce:
-            self._register_bucket_skipper(trainer, model)
+            self._register_bucket_skipper(trainer)
         rank_zero_info(
             f"DropBP: {self.controller.num_sublayers} sublayers, target {s.target}, sensitivity={s.sensitivity}"
             + (f" measured at step {self.sensitivity_step}" if s.sensitivity == "auto" else "")
         )
 
-    def _register_bucket_skipper(self, trainer: L.Trainer, model: nn.Module) -> None:
+    def _register_bucket_skipper(self, trainer: L.Trainer) -> None:
         assert self.controller is not None
         strategy = trainer.strategy
         ddp = getattr(strategy, "model", None)
@@ -405,16 +408,10 @@ class DropBP(L.Callback):
                 "DropBP skip_dropped_allreduce=True registers a DDP communication hook, but the strategy already has "
                 "ddp_comm_hook set; DDP takes one hook. Drop one of the two."
             )
-        if self.settings.decide_every == "micro_batch" and trainer.accumulate_grad_batches > 1:
-            raise ValueError(
-                "DropBP skip_dropped_allreduce=True needs one mask per optimizer step when gradients accumulate "
-                f"(accumulate_grad_batches={trainer.accumulate_grad_batches}): a sublayer dropped in the last "
-                "micro-batch may hold gradients from earlier ones. Use decide_every='step'."
-            )
-        self.bucket_skipper = DroppedBucketSkipper(
-            self.controller, exclusive_sublayer_parameters(self.controller, model)
-        )
-        ddp.register_comm_hook(None, self.bucket_skipper)
+        # Count uses over everything DDP buckets (the LightningModule), not only the HF model inside it.
+        exclusive = exclusive_sublayer_parameters(self.controller, ddp.module)
+        self.bucket_skipper = DroppedBucketSkipper(lambda: self._window_dropped, exclusive)
+        ddp.register_comm_hook(ddp.process_group, self.bucket_skipper)
         rank_zero_info("DropBP: DDP skips the all-reduce of buckets that only dropped sublayers fill.")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -439,11 +436,22 @@ class DropBP(L.Callback):
             self._measure(trainer, pl_module, batch, batch_idx)
         if s.decide_every == "step" and self.mask is not None and self._decided_step == step:
             self.controller.set_mask(self.mask)  # a later micro-batch of the same optimizer step
+            self._update_window(step)
             return
         self.mask = draw_mask(self.rates, self.generator, self.settings.sampling, self._trainable)
         self._decided_step = step
         self.controller.set_mask(self.mask)
+        self._update_window(step)
         self._log_decision(trainer)
+
+    def _update_window(self, step: int) -> None:
+        # Sublayers dropped in every micro-batch of this optimizer step so far: only their gradients are still
+        # zero when DDP syncs (decide_every="micro_batch" with gradient accumulation changes the mask in between).
+        assert self.mask is not None
+        if self._window_step != step:
+            self._window_step, self._window_dropped = step, list(self.mask)
+        else:
+            self._window_dropped = [a and b for a, b in zip(self._window_dropped, self.mask)]
 
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.controller is not None

@@ -514,26 +514,26 @@ def exclusive_sublayer_parameters(controller: DropBPController, model: nn.Module
 
 
 class DroppedBucketSkipper:
-    """A DDP communication hook that skips the all-reduce of a bucket whose parameters all belong to dropped
-    sublayers; other buckets are averaged as DDP does by default (``allreduce_hook``).
+    """A DDP communication hook that skips the all-reduce of a bucket whose parameters all belong to sublayers
+    dropped in every micro-batch since the last gradient sync; other buckets are averaged as DDP does by default
+    (each rank's values times ``1 / world size``, then summed).
 
     Every rank drops the same sublayers (the mask generator is seeded alike and never draws from rank-local state),
     so such a bucket holds zeros on every rank (DDP with ``find_unused_parameters`` zero-fills unused parameters'
-    slots) and its mean is zeros: skipping it changes nothing but the bytes sent. Only valid while the mask is the
-    same for every micro-batch that accumulates into the gradients being reduced (``decide_every="step"``, or no
-    gradient accumulation): :class:`~lit_accel.dropbp.DropBP` registers it only then.
+    slots) and its mean is zeros: skipping it changes nothing but the bytes sent.
 
     Args:
-        controller: The model's DropBP controller (its current mask is read at every bucket).
-        exclusive: :func:`exclusive_sublayer_parameters` of the same model.
+        dropped_mask: Returns, per sublayer, whether it was dropped in every micro-batch since the last sync (read
+            at every bucket; :class:`~lit_accel.dropbp.DropBP` keeps it).
+        exclusive: :func:`exclusive_sublayer_parameters` of the module DDP wraps.
 
     Attributes:
         skipped_bytes, total_bytes: Bucket bytes skipped / seen since :meth:`reset_counts`.
         skipped_buckets: Buckets skipped since the hook was made (never reset).
     """
 
-    def __init__(self, controller: DropBPController, exclusive: Sequence[frozenset[int]]) -> None:
-        self.controller = controller
+    def __init__(self, dropped_mask: Callable[[], Sequence[bool]], exclusive: Sequence[frozenset[int]]) -> None:
+        self.dropped_mask = dropped_mask
         self.exclusive = list(exclusive)
         self.skipped_bytes = 0
         self.total_bytes = 0
@@ -546,12 +546,10 @@ class DroppedBucketSkipper:
         self.skipped_bytes = self.total_bytes = 0
 
     def dropped_parameters(self) -> set[int]:
-        """Ids of the parameters no gradient reaches under the current mask."""
-        return {pid for i, drop in enumerate(self.controller.mask) if drop for pid in self.exclusive[i]}
+        """Ids of the parameters no gradient has reached since the last sync."""
+        return {pid for i, drop in enumerate(self.dropped_mask()) if drop for pid in self.exclusive[i]}
 
     def __call__(self, state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         buffer = bucket.buffer()
         nbytes = buffer.numel() * buffer.element_size()
         self.total_bytes += nbytes
@@ -562,7 +560,12 @@ class DroppedBucketSkipper:
             done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
             done.set_result(buffer)
             return done
-        return default_hooks.allreduce_hook(state, bucket)
+        # As DDP's built-in reduction: scale by the reciprocal of the world size, then sum (bit-equal to it).
+        group = state if state is not None else torch.distributed.group.WORLD
+        buffer.mul_(1.0 / torch.distributed.get_world_size(group))
+        work = torch.distributed.all_reduce(buffer, group=group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda fut: fut.value()[0])
 
 
 if torch.distributed.is_available():
