@@ -605,7 +605,12 @@ def save_peft_adapter(
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_peft_adapter: the model has no LoRA layer (call apply_lora first); nothing to save")
-    _check_out_dir(out, overwrite)  # on every rank, before any collective gathering (no rank left waiting)
+    partitioned = any(is_partitioned(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B))
+    if partitioned or is_rank_zero():
+        # Under ZeRO-3 on every rank, before the collective gathering (so that no rank is left waiting in it). Else
+        # on rank 0 only, the rank that writes: another rank reaching this line after rank 0 wrote would see the
+        # directory it just filled and refuse.
+        _check_out_dir(out, overwrite)
     settings = _common_settings(layers)
     pissa = any(layer.lora_A0 is not None for layer in layers.values())
     tensors: dict[str, torch.Tensor] = {}
