@@ -6,21 +6,24 @@ for the adapter's ``dA = u^T x``) can save those producer inputs instead: the ve
 added, while the output itself is freed after the forward. In the backward it reruns the producer's forward
 kernel on them, which gives the same bits (same kernel, same inputs, same launch) for one memory-bound pass.
 
-The kernels register each output they return under autograd with :func:`register_recompute`; a consumer asks
-:func:`recompute_recipe` for the tensor it was given. The registry holds the output weakly: an entry lives as
-long as the output does, and holding it keeps nothing alive that the producer's own autograd node does not.
+The kernels register each output they return under autograd with :func:`register_recompute`, as long as some
+consumer has asked for recipes (:func:`request_recompute`); a consumer asks :func:`recompute_recipe` for the
+tensor it was given. The registry holds the output weakly: an entry lives as long as the output does (or until the
+producer's backward), and holding it keeps nothing alive that the producer's own autograd node does not.
 
 Example:
     >>> import torch
+    >>> consumer = object.__new__(type("Consumer", (), {}))  # anything weak-referenceable, e.g. a LoRA layer
+    >>> request_recompute(consumer)
     >>> y = torch.randn(4, 8) * 2
-    >>> token = register_recompute(y, lambda a: a * 2, y / 2)
+    >>> ticket = register_recompute(y, lambda a: a * 2, y / 2)
     >>> recipe = recompute_recipe(y)
     >>> torch.equal(recipe.run(*recipe.inputs), y), recompute_recipe(y.clone()) is None
     (True, True)
     >>> _ = y.mul_(1)  # an in-place change: the recipe would rebuild the old values
     >>> recompute_recipe(y) is None
     True
-    >>> forget_recompute(token)
+    >>> forget_recompute(ticket)
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import dataclasses
 import itertools
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-__all__ = ["Recompute", "forget_recompute", "recompute_recipe", "register_recompute"]
+__all__ = ["Recompute", "Ticket", "forget_recompute", "recompute_recipe", "register_recompute", "request_recompute"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,42 +49,46 @@ class Recompute:
     """The producer's saved inputs; a consumer saves these (``ctx.save_for_backward``) in place of the output."""
 
 
+# id(output) -> (weak ref to output, recipe, token, output's version when produced)
 _REGISTRY: dict[int, tuple[weakref.ref[torch.Tensor], Recompute, int, int]] = {}
-_KEYS: dict[int, int] = {}  # token -> id(output)
 _TOKENS = itertools.count(1)
+_REQUESTERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+Ticket = tuple[int, int]
+"""What :func:`register_recompute` returns and :func:`forget_recompute` takes: ``(id(output), token)``."""
 
 
-def register_recompute(output: torch.Tensor, run: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> int:
+def request_recompute(consumer: Any) -> None:
+    """Marks that ``consumer`` (e.g. a LoRA layer) will ask for recipes. While no such consumer is alive the
+    producers record nothing, so the default path pays nothing for this registry."""
+    _REQUESTERS.add(consumer)
+
+
+def register_recompute(output: torch.Tensor, run: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Ticket | None:
     """Records that ``run(*inputs)`` reproduces ``output`` bit for bit.
 
-    The record lasts until ``output`` is freed or :func:`forget_recompute` is called with the returned token (the
+    The record lasts until ``output`` is freed or :func:`forget_recompute` is called with the returned ticket (the
     producer does so in its own backward, after which no consumer's backward can need it: this way a user who keeps
-    ``output`` does not keep ``inputs`` alive past the backward). Under ``torch.compile`` nothing is recorded (object
-    identity means nothing in a traced graph); consumers then save their inputs as usual.
+    ``output`` does not keep ``inputs`` alive past the backward). Nothing is recorded while no consumer has called
+    :func:`request_recompute`, or under ``torch.compile`` (object identity means nothing in a traced graph);
+    consumers then save their inputs as usual.
 
     Returns:
-        A token for :func:`forget_recompute` (0 when nothing was recorded).
+        A ticket for :func:`forget_recompute`, or None when nothing was recorded.
     """
-    if torch.compiler.is_compiling():
-        return 0
+    if not _REQUESTERS or torch.compiler.is_compiling():
+        return None
     key, token = id(output), next(_TOKENS)
-
-    def _forget(ref: weakref.ref[torch.Tensor], key: int = key, token: int = token) -> None:
-        _KEYS.pop(token, None)
-        entry = _REGISTRY.get(key)
-        if entry is not None and entry[0] is ref:
-            del _REGISTRY[key]
-
-    _REGISTRY[key] = (weakref.ref(output, _forget), Recompute(run, tuple(inputs)), token, output._version)
-    _KEYS[token] = key
-    return token
+    _REGISTRY[key] = (weakref.ref(output, lambda _ref: forget_recompute((key, token))), Recompute(run, inputs), token,
+                      output._version)  # fmt: skip
+    return key, token
 
 
-def forget_recompute(token: int) -> None:
-    """Drops the record :func:`register_recompute` returned ``token`` for, if it is still there."""
-    key = _KEYS.pop(token, None)
-    if key is None:
+def forget_recompute(ticket: Ticket | None) -> None:
+    """Drops the record behind ``ticket`` if it is still there (not replaced by a later output at the same id)."""
+    if ticket is None:
         return
+    key, token = ticket
     entry = _REGISTRY.get(key)
     if entry is not None and entry[2] == token:
         del _REGISTRY[key]

@@ -51,6 +51,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lit_accel.kernels.lora import lora_linear
+from lit_accel.kernels.recompute import request_recompute
 from lit_accel.models.params import gathered, is_partitioned, is_rank_zero
 from lit_accel.models.structure import StructurePatterns, linear_in_out_features
 from lit_accel.models.surgery import match_linears, replace_module
@@ -161,6 +162,8 @@ class LoRALinear(nn.Module):
         self.use_rslora = bool(use_rslora)
         self.init = init
         self.recompute_input = bool(recompute_input)
+        if self.recompute_input:
+            request_recompute(self)  # the fused kernels record their outputs only while such a layer lives
         self.scaling = _scaling(self.r, self.alpha, self.use_rslora)
         self.merged = False
         self.weight_layout: Literal["out_in", "in_out"] = "in_out" if isinstance(base_layer, Conv1D) else "out_in"
