@@ -37,6 +37,29 @@ def _base(preset: str) -> torch.nn.Module:
     return model
 
 
+def floor_model(preset: str) -> torch.nn.Module:
+    """The frozen base with the backward through every layer's activations and no weight gradients."""
+    model = _base(preset)
+    model.enable_input_require_grads()
+    return model
+
+
+def lora_model(preset: str, r: int, recompute_inputs: bool = False) -> torch.nn.Module:
+    """The frozen base with our adapters on all linears (alpha = 2 r)."""
+    model = _base(preset)
+    apply_lora(model, targets="all-linear", r=r, alpha=2 * r, recompute_inputs=recompute_inputs)
+    return model
+
+
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and batch arguments this script and ``profile_lora.py`` share."""
+    parser.add_argument("--preset", default="llama-1b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=3)
+
+
 def _step_fn(model: torch.nn.Module, batch: int, seq: int) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
@@ -72,11 +95,7 @@ def _run(name: str, build: Callable[[], torch.nn.Module], args: argparse.Namespa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="llama-1b")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_step_arguments(parser)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
@@ -84,20 +103,14 @@ def main() -> None:
     args = parser.parse_args()
     r, alpha = args.r, 2 * args.r
 
-    def floor() -> torch.nn.Module:
-        model = _base(args.preset)
-        model.enable_input_require_grads()  # backward through every layer's activations, no weight gradients
-        return model
+    floor = functools.partial(floor_model, args.preset)
 
     def peft() -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(_base(args.preset), LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"))
 
-    def ours(recompute_inputs: bool = False) -> torch.nn.Module:
-        model = _base(args.preset)
-        apply_lora(model, targets="all-linear", r=r, alpha=alpha, recompute_inputs=recompute_inputs)
-        return model
+    ours = functools.partial(lora_model, args.preset, r)
 
     results: list[Measurement] = [_run("floor: frozen base, no adapters", floor, args)]
     results.append(_run("PEFT LoRA", peft, args))

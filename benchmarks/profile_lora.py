@@ -19,9 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora import _base, _step_fn
-
-from lit_accel.lowrank import apply_lora
+from lora import _step_fn, add_step_arguments, floor_model, lora_model
 
 
 def _profile(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, tuple[float, int]]:
@@ -54,24 +52,18 @@ def _table(name: str, kernels: dict[str, tuple[float, int]], top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="llama-1b")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_step_arguments(parser)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
 
     print("floor: frozen base, no adapters", flush=True)
-    model = _base(args.preset)
-    model.enable_input_require_grads()  # type: ignore[operator]
+    model = floor_model(args.preset)
     floor = _profile(model, args)
     del model
     torch.cuda.empty_cache()
     print("lit_accel LoRA (default CUDA path)", flush=True)
-    model = _base(args.preset)
-    apply_lora(model, targets="all-linear", r=args.r, alpha=2 * args.r)
+    model = lora_model(args.preset, args.r)
     ours = _profile(model, args)
     _table("floor", floor, args.top)
     _table("ours", ours, args.top)

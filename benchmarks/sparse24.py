@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import write_results
+from harness import measure, write_results
 
 from lit_accel.kernels.sparse24 import transposable_24_mask
 from lit_accel.kernels.sparse24_gemm import compare_layer, mark_weights_updated
@@ -38,21 +38,9 @@ LLAMA_1B_SHAPES = [(5632, 2048), (2048, 5632), (2048, 2048)]
 """(out, in): gate/up projection, down projection, attention q/o projection."""
 
 
-def wall_ms(step: Callable[[], Any], warmup: int = 3, iters: int = 10, repeats: int = 3) -> float:
-    """Median over repeats of CUDA-event time per call, host overhead included (no queue pre-fill)."""
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(iters):
-            step()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / iters)
-    return sorted(times)[len(times) // 2]
+def wall_ms(step: Callable[[], Any]) -> float:
+    """Median CUDA-event time per call over windows of back-to-back calls, host overhead included."""
+    return measure("", step).median_ms
 
 
 def _sparse_layers(modules: list[SparseLinear], kernel: str | None) -> None:

@@ -538,6 +538,7 @@ class DroppedBucketSkipper:
         self.skipped_bytes = 0
         self.total_bytes = 0
         self.skipped_buckets = 0
+        self._cached: tuple[tuple[bool, ...], frozenset[int]] = ((), frozenset())
         self.__name__ = "dropbp_skip_dropped_buckets"  # DDP logs a hook by its name
         self.__qualname__ = self.__name__
 
@@ -545,9 +546,14 @@ class DroppedBucketSkipper:
         """Zeroes :attr:`skipped_bytes` and :attr:`total_bytes`."""
         self.skipped_bytes = self.total_bytes = 0
 
-    def dropped_parameters(self) -> set[int]:
-        """Ids of the parameters no gradient has reached since the last sync."""
-        return {pid for i, drop in enumerate(self.dropped_mask()) if drop for pid in self.exclusive[i]}
+    def dropped_parameters(self) -> frozenset[int]:
+        """Ids of the parameters no gradient has reached since the last sync (rebuilt only when the mask changes:
+        the hook runs once per bucket on the autograd thread)."""
+        mask = tuple(self.dropped_mask())
+        if mask != self._cached[0]:
+            ids = frozenset(pid for i, drop in enumerate(mask) if drop for pid in self.exclusive[i])
+            self._cached = (mask, ids)
+        return self._cached[1]
 
     def __call__(self, state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
         buffer = bucket.buffer()

@@ -144,14 +144,18 @@ def _load() -> Any:
 
 
 def plan_cache_unavailable_reason() -> str | None:
-    """Why cached plans cannot run here (no CUDA, no cuSPARSELt in torch, library not loadable), or None."""
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if not torch.backends.cusparselt.is_available():
-        return "this PyTorch build has no cuSPARSELt"
-    if _load() is None:
-        return str(_state["lib_error"])
-    return None
+    """Why cached plans cannot run here (no CUDA, no cuSPARSELt in torch, library not loadable), or None.
+
+    Found once per process (it is asked before every product while the cache is on)."""
+    if "unavailable" not in _state:
+        if not torch.cuda.is_available():
+            reason: str | None = "CUDA is not available"
+        elif not torch.backends.cusparselt.is_available():
+            reason = "this PyTorch build has no cuSPARSELt"
+        else:
+            reason = None if _load() is not None else str(_state["lib_error"])
+        _state["unavailable"] = reason
+    return _state["unavailable"]  # type: ignore[no-any-return]
 
 
 def _opaque() -> Any:
