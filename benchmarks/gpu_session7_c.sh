@@ -13,3 +13,5 @@ timeout 120 python benchmarks/cusparselt_plans.py --results "$OUT/RESULTS.md" 2>
 echo "== 2:4 quality, llama-125m"
 timeout 330 python benchmarks/sparse24_quality.py --accelerator gpu --preset llama-125m --layers 12 --vocab 32000 \
   --seq 1024 --batch 16 --steps 600 --lr 6e-4 --results "$OUT/RESULTS.md" 2>&1 | grep -E "^\[|Error|^\|" | cut -c1-200
+# With the plan cache measured faster: LIT_ACCEL_CUSPARSELT_PLANS=1 python benchmarks/gpu_sparse24_probe.py --results "$OUT/RESULTS.md"
+# gives the layer and step ratios the goals are stated in (about 5 min; a call of its own).
