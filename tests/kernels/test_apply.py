@@ -120,6 +120,29 @@ def test_qwen2_is_patched_and_matches() -> None:
     _assert_same(model, patched)
 
 
+def _mistral() -> nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=80,
+        sliding_window=None,
+    )
+    torch.manual_seed(0)
+    return MistralForCausalLM(cfg)
+
+
+def test_mistral_is_patched_and_matches() -> None:
+    model = _mistral()
+    patched = copy.deepcopy(model)
+    assert apply_kernels(patched).counts() == {"rms_norm": 5, "swiglu": 2, "rope": 2, "linear_cross_entropy": 1}
+    _assert_same(model, patched)
+
+
 def test_idempotent_and_removable() -> None:
     model = _llama()
     apply_kernels(model)
@@ -320,8 +343,9 @@ def test_triton_interpreter_cases_in_subprocess(run_in_triton_interpreter: Calla
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
-def test_interp_patched_model_through_triton_matches_hf() -> None:
-    model = _llama()
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_interp_patched_model_through_triton_matches_hf(arch: str) -> None:
+    model = _llama() if arch == "llama" else _mistral()
     patched = copy.deepcopy(model)
     apply_kernels(patched, strict=True)
     with warnings.catch_warnings():
