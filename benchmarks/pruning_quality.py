@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import write_results
+from quality_common import add_quality_arguments, quality_datamodule, quality_trainer
 
 from lit_accel.callbacks import StructuredPruning
 from lit_accel.data import TextDataModule
@@ -34,59 +35,26 @@ from lit_accel.models import CausalLM
 from lit_accel.pruning import export_pruned
 
 
-def _trainer(args: argparse.Namespace, steps: int, callbacks: list[L.Callback]) -> L.Trainer:
-    return L.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision="32-true" if args.accelerator == "cpu" else "bf16-mixed",
-        max_steps=steps,
-        val_check_interval=None,
-        check_val_every_n_epoch=None,
-        limit_val_batches=args.val_batches,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-
-
 def _val_loss(trainer: L.Trainer, module: L.LightningModule, dm: TextDataModule) -> float:
     return float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
 
 
 def _fit(args: argparse.Namespace, module: CausalLM, dm: TextDataModule, steps: int, cbs: list[Any]) -> float:
-    trainer = _trainer(args, steps, cbs)
+    trainer = quality_trainer(args, steps, cbs)
     trainer.fit(module, datamodule=dm)
     return _val_loss(trainer, module, dm)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--preset", default="llama-tiny")
-    parser.add_argument("--layers", type=int, default=4, help="source blocks")
+    add_quality_arguments(parser)
     parser.add_argument("--target", default="3,1,192,96", help="kept layers,kv heads,mlp channels,hidden dims")
     parser.add_argument("--source-steps", type=int, default=400)
     parser.add_argument("--prune-steps", type=int, default=60)
     parser.add_argument("--continue-steps", type=int, default=240)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--val-batches", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     args = parser.parse_args()
     layers, kv, inter, hidden = (int(v) for v in args.target.split(","))
-    dm = TextDataModule(
-        corpus="stdlib",
-        bpe_vocab_size=1024,
-        max_corpus_bytes=2_000_000,
-        val_fraction=0.05,
-        seq_len=args.seq,
-        batch_size=args.batch,
-    )
+    dm = quality_datamodule(args, 1024, 2_000_000)
     overrides = {"num_hidden_layers": args.layers, "vocab_size": 1024}
     hp = {"learning_rate": args.lr, "warmup_steps": 10, "min_lr_ratio": 0.1}
     t0 = time.time()
@@ -121,7 +89,7 @@ def main() -> None:
 
         L.seed_everything(args.seed)
         cont = CausalLM(pruned_dir, **hp)
-        trainer = _trainer(args, 0, [])
+        trainer = quality_trainer(args, 0, [])
         exported_loss = _val_loss(trainer, cont, dm)
         rows.append(
             ["pruned, exported (no further training)", f"{n_small / 1e6:.2f}M", args.prune_steps, exported_loss]

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import write_results
+from quality_common import add_quality_arguments, quality_datamodule, quality_trainer
 
 from lit_accel.callbacks import SemiStructuredSparsity
 from lit_accel.data import TextDataModule
@@ -36,21 +37,7 @@ def _run(args: argparse.Namespace, dm: TextDataModule, callbacks: list[L.Callbac
     module = CausalLM(
         args.preset, config_overrides=overrides, learning_rate=args.lr, warmup_steps=args.steps // 20, min_lr_ratio=0.1
     )
-    trainer = L.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision="32-true" if args.accelerator == "cpu" else "bf16-mixed",
-        max_steps=args.steps,
-        val_check_interval=None,
-        check_val_every_n_epoch=None,
-        limit_val_batches=args.val_batches,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = quality_trainer(args, args.steps, callbacks)
     t0 = time.time()
     trainer.fit(module, datamodule=dm)
     seconds = time.time() - t0
@@ -60,26 +47,11 @@ def _run(args: argparse.Namespace, dm: TextDataModule, callbacks: list[L.Callbac
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--preset", default="llama-tiny")
-    parser.add_argument("--layers", type=int, default=4)
+    add_quality_arguments(parser)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--val-batches", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     args = parser.parse_args()
-    dm = TextDataModule(
-        corpus="stdlib",
-        bpe_vocab_size=args.vocab,
-        max_corpus_bytes=None if args.accelerator != "cpu" else 2_000_000,
-        val_fraction=0.05,
-        seq_len=args.seq,
-        batch_size=args.batch,
-    )
+    dm = quality_datamodule(args, args.vocab, None if args.accelerator != "cpu" else 2_000_000)
     tenth = args.steps // 10
     variants: list[tuple[str, list[L.Callback]]] = [
         ("dense", []),
