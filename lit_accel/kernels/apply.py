@@ -144,7 +144,7 @@ def _rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
         if reason is not None:
             _warn_fallback(self, "rms_norm", reason)
             return op.rms_norm_reference(hidden_states, weight, eps)
-        return op.rms_norm(hidden_states, weight, eps, out_dtype=out_dtype)
+        return op.rms_norm_kernel(hidden_states, weight, eps, out_dtype)  # checked once per signature above
     return op.rms_norm_reference(hidden_states, weight, eps)
 
 
@@ -156,7 +156,7 @@ def _swiglu_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     if _kernel_device(gate):
         reason = _cached_reason(("swiglu", *_sig(gate, up)), lambda: op.swiglu_fallback_reason(gate, up))
         if reason is None:
-            return self.down_proj(op.swiglu(gate, up))
+            return self.down_proj(op.swiglu_kernel(gate, up))  # checked once per signature above
         _warn_fallback(self, "swiglu", reason)
     return self.down_proj(self.act_fn(gate) * up)
 

@@ -547,6 +547,12 @@ def rms_norm(
         if use_kernel:
             raise ValueError(f"rms_norm(use_kernel=True) cannot use the Triton kernel: {reason}")
         return rms_norm_reference(x, weight, eps, out_dtype=out_dtype)
+    return rms_norm_kernel(x, weight, eps, out_dtype)
+
+
+def rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """The kernel path of :func:`rms_norm` for inputs already known to be supported (``rms_norm_fallback_reason``
+    returned None for them): no argument checks, for callers that cached that answer per input signature."""
     dtype = _result_dtype(x, weight, out_dtype)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         y: torch.Tensor = RMSNormFunction.apply(x, weight, float(eps), dtype)

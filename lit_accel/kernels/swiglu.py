@@ -339,6 +339,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, use_kernel: bool | None = None)
         if use_kernel:
             raise ValueError(f"swiglu(use_kernel=True) cannot use the Triton kernel: {reason}")
         return swiglu_reference(gate, up)
+    return swiglu_kernel(gate, up)
+
+
+def swiglu_kernel(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The kernel path of :func:`swiglu` for inputs already known to be supported (``swiglu_fallback_reason``
+    returned None for them): no argument checks, for callers that cached that answer per input signature."""
     if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
         # No graph (evaluation, a DropBP-dropped MLP): the kernel alone, nothing saved or registered.
         return _swiglu_fwd(gate, up, torch.promote_types(gate.dtype, up.dtype))
