@@ -47,9 +47,11 @@ ms) counted; masking + re-compressing instead costs 0.23-0.26 ms of GPU time per
 against 0.04 ms for a cuBLAS call, and in training that is not hidden: wall time of a ``SparseLinear`` forward +
 backward 0.19-0.45x dense, the MLP block 0.61x, a llama-1b Lightning step (8 x 2048) with all 66 MLP linears on
 cuSPARSELt 0.78x (349.6 against 271.0 ms/step). So :attr:`LayerTiming.speedup`, which ``kernel="auto"`` of the
-callback uses, weighs the wall time too, and at these shapes keeps the masked dense path. What would change that:
-a cuSPARSELt plan cached across calls (not reachable from PyTorch 2.11's ops: :mod:`lit_accel.kernels.cusparselt`
-binds cuSPARSELt directly for that, off until measured, ``LIT_ACCEL_CUSPARSELT_PLANS=1``), or CUDA graphs.
+callback uses, weighs the wall time too. The products therefore go through cuSPARSELt plans cached across calls
+(:mod:`lit_accel.kernels.cusparselt`, which binds the library directly; PyTorch 2.11's ops rebuild the plan per
+call): on an H200 the host time per product fell to 0.03-0.05 ms, a ``SparseLinear`` forward + backward (dense
+weight gradient and refresh included) ran 1.16x dense in wall time, the MLP block 1.22x, and the llama-1b step
+with all 66 MLP linears on cuSPARSELt 1.09x (227.2 against 247.5 ms/step).
 
 **Constraints** (measured on the same H100): the sparse operand's two dims must be multiples of 16 (8, 24 and 40
 were refused), so both dims of ``W`` must be (``W`` and ``W^T`` are both the sparse operand); the token count
@@ -76,7 +78,7 @@ import torch.nn.functional as F
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
-from lit_accel.kernels.cusparselt import SparsePlanCache, plan_cache_enabled
+from lit_accel.kernels.cusparselt import SparsePlanCache, max_alg_id, plan_cache_enabled
 from lit_accel.sparsity.functional import masked_linear
 
 __all__ = [
@@ -105,7 +107,9 @@ TOKEN_MULTIPLE = 8
 """The dense operand's token count must be a multiple of this; :class:`Sparse24LinearFunction` pads to it."""
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 """Compute dtypes of the cuSPARSELt path."""
-_MAX_ALGS = 64  # upper bound of the algorithm-id sweep (0.8 on an H100 offers 21 for the layout used here)
+_LAST_SAFE_ALG_ID = 21
+"""The last algorithm id :func:`select_alg` tries: the end of the bf16 range cuSPARSELt 0.8 reports (0..21) on
+H100 and H200, all of which ran correctly there; fp16's reported 36..52 faulted (see :func:`select_alg`)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -293,7 +297,11 @@ def select_alg(packed: torch.Tensor, rows: torch.Tensor, *, with_bias: bool = Fa
     """The fastest cuSPARSELt algorithm id for ``packed @ rows^T`` (``transpose_result=True``), by timing each.
 
     Cached per (sparse shape, tokens, dtype, bias, device): the sweep (about 21 ids, a few ms each) runs once per
-    distinct shape. Ids past the last one cuSPARSELt accepts end the sweep.
+    distinct shape. It covers the ids cuSPARSELt itself reports for the shape
+    (:func:`lit_accel.kernels.cusparselt.max_alg_id`): an id past the last one is not always refused and can fault
+    the CUDA context. Ids past :data:`_LAST_SAFE_ALG_ID` are never tried either: for fp16 cuSPARSELt 0.8 reports
+    0..52, and on an H200 ids 36-52 faulted the CUDA context (illegal instruction) at a shape where 0..35 ran
+    correctly. Where the query cannot run, only the default id 0 is used.
     """
     k = rows.shape[1]
     m = packed.numel() * 16 // 9 // k
@@ -301,8 +309,10 @@ def select_alg(packed: torch.Tensor, rows: torch.Tensor, *, with_bias: bool = Fa
     if key in _ALG_CACHE:
         return _ALG_CACHE[key]
     bias = torch.zeros(m, dtype=rows.dtype, device=rows.device) if with_bias else None
+    top = max_alg_id(m, k, rows.shape[0], rows.dtype, rows.device)
+    last = min(top, _LAST_SAFE_ALG_ID) if top is not None else 0
     best, best_ms = 0, float("inf")
-    for alg in range(_MAX_ALGS):
+    for alg in range(last + 1):
 
         def run(alg_id: int = alg) -> torch.Tensor:
             return torch._cslt_sparse_mm(packed, rows.t(), bias=bias, transpose_result=True, alg_id=alg_id)

@@ -306,7 +306,7 @@ def apply_lora(
     use_rslora: bool = False,
     base_dtype: str | torch.dtype | None = None,
     patterns: StructurePatterns | None = None,
-    recompute_inputs: bool = False,
+    recompute_inputs: bool = True,
 ) -> dict[str, LoRALinear]:
     """Freezes ``model`` and adds LoRA adapters to the selected linears.
 

@@ -88,15 +88,15 @@ class SemiStructuredSparsitySettings:
     log_every_n_steps: int | None = None
     """Interval of ``sparsity24/phase`` and ``sparsity24/density``; None uses the trainer's. Flip rates are
     logged at every refresh."""
-    kernel: str = "masked"
-    """How the sparse layers compute: ``"masked"`` (the default: the masked dense path everywhere; on an H100 at
-    llama-1b shapes cuSPARSELt's host cost of about 1 ms per call made each sparse layer slower in wall time,
-    0.39-0.45x dense, although its GPU time was 1.18-1.28x faster; see benchmarks/RESULTS.md), ``"auto"`` (on a CUDA
-    GPU with bf16/fp16 compute, time dense against the 2:4 sparse tensor cores (cuSPARSELt) once per distinct layer
-    shape at the start of the sparse phase, GPU time and wall time with cuSPARSELt's host overhead (see
+    kernel: str = "auto"
+    """How the sparse layers compute: ``"auto"`` (the default: on a CUDA GPU with bf16/fp16 compute, time dense
+    against the 2:4 sparse tensor cores (cuSPARSELt) once per distinct layer shape at the start of the sparse phase,
+    GPU time and wall time with cuSPARSELt's host overhead (see
     :attr:`~lit_accel.kernels.sparse24_gemm.LayerTiming.speedup`), and use cuSPARSELt where it is at least
-    ``min_speedup`` times faster; elsewhere the masked dense path; on an H100 at llama-1b shapes the host overhead
-    should make it choose the masked path) or ``"cusparselt"`` (every layer that can take it, without timing).
+    ``min_speedup`` times faster, the masked dense path elsewhere and on CPU; on an H200 at llama-1b shapes it put
+    all 66 MLP linears on cuSPARSELt and the step ran 1.09x dense, see benchmarks/RESULTS.md), ``"masked"`` (the
+    masked dense path everywhere: dense speed, no timing) or ``"cusparselt"`` (every layer that can take it,
+    without timing).
     Layers that cannot take cuSPARSELt (fp32 compute, a dim not a multiple of 16, row-wise masks) stay on the masked
     dense path with a warning naming the layer and the reason."""
     min_speedup: float = 1.0
@@ -215,7 +215,7 @@ class SemiStructuredSparsity(L.Callback):
         export_dir: str | None = None,
         overwrite: bool = False,
         log_every_n_steps: int | None = None,
-        kernel: str = "masked",
+        kernel: str = "auto",
         min_speedup: float = 1.0,
         benchmark_tokens: int | None = None,
     ) -> None:

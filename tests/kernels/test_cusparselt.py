@@ -29,27 +29,44 @@ def test_set_plan_cache_validates_and_cpu_explains_why_it_is_off(plan_cache: Non
     assert not cusparselt.plan_cache_enabled()  # enabled, but nothing to run it on
 
 
-def test_compute_type_candidates_start_with_the_current_release_value() -> None:
-    # CUSPARSE_COMPUTE_32F is 2 in cuSPARSELt 0.6-0.7; the other positions are tried after it, each once.
-    assert cusparselt._COMPUTE_CANDIDATES[0] == 2
-    assert sorted(cusparselt._COMPUTE_CANDIDATES) == [0, 1, 2, 3]
+def test_binding_refuses_releases_whose_enums_differ(plan_cache: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUSPARSE_COMPUTE_32F is 2 from cuSPARSELt 0.6 on (32I 0, 16F 1, 32F 2); older releases are refused rather than
+    # guessed: a plan with the wrong compute type can fault the CUDA context.
+    assert cusparselt._COMPUTE_32F == 2
     assert (cusparselt._ROW, cusparselt._COL) == (2, 1)  # cusparse.h's cusparseOrder_t
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: 502)
+    cusparselt._state.pop("unavailable", None)
+    reason = cusparselt.plan_cache_unavailable_reason()
+    assert reason is not None and "502 is older than 0.6" in reason
+    assert not cusparselt.plan_cache_enabled()
+    cusparselt._state.pop("unavailable", None)  # found again, unpatched, by the next test
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("m", "k", "n"), [(512, 256, 128), (5632, 2048, 1024), (2048, 5632, 1024)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(512, 256, 128), (5632, 2048, 64), (5632, 2048, 1024), (2048, 5632, 1024), (2048, 2048, 16)]
+)
 def test_gpu_cached_plan_equals_torch(plan_cache: None, dtype: torch.dtype, m: int, k: int, n: int) -> None:
+    from lit_accel.kernels.sparse24_gemm import select_alg
+
     assert cusparselt.plan_cache_enabled(), cusparselt.plan_cache_unavailable_reason()
     w = torch.randn(m, k, device="cuda")
     packed = torch._cslt_compress((w * transposable_24_mask(w)).to(dtype))
+    # algorithm 0 and the one the layers would use (select_alg times them all), each with its own plan
+    alg_ids = sorted({0, select_alg(packed, torch.randn(n, k, device="cuda", dtype=dtype))})
     cache = cusparselt.SparsePlanCache("test")
-    for _ in range(3):  # the first call builds and checks the plan, the next ones reuse it
-        rows = torch.randn(n, k, device="cuda", dtype=dtype)
-        got = cache.matmul(packed, rows, m, alg_id=0)
-        assert torch.equal(got, torch._cslt_sparse_mm(packed, rows.t(), transpose_result=True, alg_id=0))
+    for alg_id in alg_ids:
+        for _ in range(3):  # the first call builds and checks the plan, the next ones reuse it
+            rows = torch.randn(n, k, device="cuda", dtype=dtype)
+            got = cache.matmul(packed, rows, m, alg_id=alg_id)
+            ref = torch._cslt_sparse_mm(packed, rows.t(), transpose_result=True, alg_id=alg_id)
+            assert torch.equal(got, ref), alg_id
+    torch.cuda.synchronize()
     assert cusparselt.plan_cache_enabled(), cusparselt._state["disabled_reason"]
-    assert len(cache.plans) == 1 and cusparselt._state["compute"] is not None
+    assert len(cache.plans) == len(alg_ids)
 
 
 @pytest.mark.gpu
