@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ from lit_accel.sparsity.functional import (
     check_24_shape,
     flip_rate,
     masked_decay_,
+    masked_decay_term,
     rowwise_24_mask,
 )
 
@@ -167,8 +169,12 @@ class SemiStructuredSparsity(L.Callback):
     Masks are computed from the weights, which are identical on every rank under DDP, so every rank gets the
     same masks without communication. They live in non-persistent buffers (model ``state_dict`` keys do not
     change, so model checkpoints load into a plain model) and in this callback's state, so a resumed run
-    continues with the same masks, phase and refresh schedule. DeepSpeed is refused at setup: its gradients
-    are not in ``param.grad`` where masked decay adds to them, and that path is not yet tested.
+    continues with the same masks, phase and refresh schedule. Under DeepSpeed (ZeRO-1/2/3) the gradients never
+    reach ``param.grad`` before the step, so masked decay is a gradient hook on each sparse weight instead, adding
+    ``masked_decay / micro-batches per step`` (times DeepSpeed's fp16 loss scale) to every micro-batch's gradient:
+    the same total per step. Under ZeRO-3 the weights are gathered to compute the masks, and the hook runs inside
+    the module's backward, where the weight is whole. A layer whose weight receives no gradient in a step
+    (DropBP dropped its sublayer) gets no decay in that step, on every strategy.
 
     A target layer that cannot take the mask (a dim not a multiple of 4, or not an ``nn.Linear``) stays dense,
     with a warning naming the layer, its shape and the reason.
@@ -195,7 +201,7 @@ class SemiStructuredSparsity(L.Callback):
 
     Raises:
         ValueError: At construction, for an argument outside what is allowed (the message names it, its value
-            and what is allowed); at setup, under DeepSpeed or when ``targets`` matches no linear; at the start
+            and what is allowed); at setup, when ``targets`` matches no linear; at the start
             of fit, for a ``dense_finetune_fraction`` > 0 in a run of unknown length.
 
     Example:
@@ -256,6 +262,8 @@ class SemiStructuredSparsity(L.Callback):
         self.kernel_reasons: dict[str, str] = {}
         """Per layer on the masked path although cuSPARSELt was asked for (``kernel`` auto or cusparselt): why."""
         self._last_batch_step = -1
+        self._decay_hooks: list[Any] = []
+        self._hook_decay = 0.0  # masked_decay per micro-batch under DeepSpeed (0: hooks idle)
         self.kernel_timings: dict[tuple[int, int], Any] = {}
         """With ``kernel="auto"``: the :class:`~lit_accel.kernels.sparse24_gemm.LayerTiming` per weight shape."""
 
@@ -284,11 +292,6 @@ class SemiStructuredSparsity(L.Callback):
             self.layers[name] = new
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            raise ValueError(
-                "SemiStructuredSparsity does not support DeepSpeed yet: masked decay adds to param.grad, which "
-                "DeepSpeed does not use; train with DDP or a single device."
-            )
         run_after_configure_model(pl_module, self._apply, tag="sparsity24")
         _restore_masks_on_load(pl_module, self)
         if any(True for _ in pl_module.parameters()):
@@ -318,12 +321,37 @@ class SemiStructuredSparsity(L.Callback):
         # Restored masks (from a checkpoint) go back into their layers, on the weights' device, before the first step
         # and before the sanity-check validation of a resumed run.
         self.masks = {n: m.to(self.layers[n].weight.device) for n, m in self.masks.items() if n in self.layers}
+        self._remove_decay_hooks()
+        if self._decay_in_hooks(trainer) and s.masked_decay > 0.0:
+            for name, layer in self.layers.items():
+                self._decay_hooks.append(layer.weight.register_hook(partial(self._decay_hook, name)))
         self._set_layer_masks()
         rank_zero_info(
             f"SemiStructuredSparsity: {len(self.layers)} layers 2:4 "
             f"({'transposable' if s.transposable else 'row-wise'}), {len(self.skipped)} left dense; dense warm-up "
             f"{s.dense_warmup_steps} steps, dense fine-tune from step {self.sparse_end_step}"
         )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_decay_hooks()
+
+    @staticmethod
+    def _decay_in_hooks(trainer: L.Trainer) -> bool:
+        """Whether masked decay must be a gradient hook: DeepSpeed steps from its own gradient buffers."""
+        return isinstance(trainer.strategy, DeepSpeedStrategy)
+
+    def _remove_decay_hooks(self) -> None:
+        for handle in self._decay_hooks:
+            handle.remove()
+        self._decay_hooks = []
+        self._hook_decay = 0.0
+
+    def _decay_hook(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
+        """DeepSpeed's masked decay: this micro-batch's share, added to the weight gradient as autograd makes it."""
+        mask = self.masks.get(name)
+        if self._hook_decay == 0.0 or mask is None:
+            return None
+        return masked_decay_term(grad, self.layers[name].weight, mask, self._hook_decay)
 
     # ------------------------------------------------------------------ schedule
     def phase_at(self, step: int) -> Phase:
@@ -380,6 +408,12 @@ class SemiStructuredSparsity(L.Callback):
 
             mark_weights_updated()
         self._last_batch_step = step
+        if self._decay_hooks:
+            self._hook_decay = (
+                s.masked_decay * _deepspeed_loss_scale(trainer) / max(1, trainer.accumulate_grad_batches)
+                if self.phase == "sparse"
+                else 0.0
+            )
         if self.phase == "sparse" and not self.kernels and self.layers:
             self.choose_kernels(trainer, batch)
         if self.phase != previous:
@@ -468,8 +502,8 @@ class SemiStructuredSparsity(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.phase != "sparse" or self.settings.masked_decay == 0.0:
-            return
+        if self.phase != "sparse" or self.settings.masked_decay == 0.0 or self._decay_hooks:
+            return  # (under DeepSpeed the hooks added it during the backward)
         for name, layer in self.layers.items():
             grad = layer.weight.grad
             if grad is not None:
@@ -481,7 +515,7 @@ class SemiStructuredSparsity(L.Callback):
         are not counted)."""
         kept = total = 0
         for layer in self.layers.values():
-            n = layer.weight.numel()
+            n = math.prod(_shape2(layer))
             total += n
             kept += int(layer.mask.sum()) if layer.mask is not None else n
         return kept / total if total else 1.0
@@ -583,7 +617,22 @@ class SemiStructuredSparsity(L.Callback):
 def _shape2(layer: nn.Module) -> tuple[int, int]:
     weight = layer.weight
     assert isinstance(weight, torch.Tensor)
-    return int(weight.shape[0]), int(weight.shape[1])
+    shape = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3: the full shape, not the local shard's
+    return int(shape[0]), int(shape[1])
+
+
+def _deepspeed_loss_scale(trainer: L.Trainer) -> float:
+    """The loss scale of DeepSpeed's fp16 optimizer for the coming backward (1.0 for bf16 / fp32 or elsewhere): the
+    gradients a hook sees are scaled by it, so the masked decay added there must be too."""
+    engine = (
+        getattr(trainer.strategy, "deepspeed_engine", None) if isinstance(trainer.strategy, DeepSpeedStrategy) else None
+    )
+    optimizer = getattr(engine, "optimizer", None)
+    for attribute in ("loss_scale", "cur_scale"):
+        value = getattr(optimizer, attribute, None)
+        if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+            return float(value)
+    return 1.0
 
 
 def _compute_dtype(trainer: L.Trainer) -> torch.dtype:

@@ -34,6 +34,7 @@ __all__ = [
     "check_24_shape",
     "flip_rate",
     "masked_decay_",
+    "masked_decay_term",
     "masked_linear",
     "rowwise_24_mask",
     "transposable_24_mask_reference",
@@ -88,8 +89,8 @@ def check_24_shape(weight: torch.Tensor, *, transposable: bool, name: str = "wei
         >>> check_24_shape(torch.zeros(6, 8), transposable=True)
         'weight has shape (6, 8); a transposable 2:4 mask needs both dims to be multiples of 4'
     """
-    shape = tuple(weight.shape)
-    if weight.dim() != 2:
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3 keeps an empty shard; the full shape is here
+    if len(shape) != 2:
         return f"{name} has shape {shape}; a 2:4 mask needs a 2-D weight"
     if transposable and (shape[0] % 4 or shape[1] % 4):
         return f"{name} has shape {shape}; a transposable 2:4 mask needs both dims to be multiples of 4"
@@ -306,8 +307,9 @@ class SparseLinear(nn.Linear):
         Raises:
             ValueError: If the mask's shape is not the weight's.
         """
-        if mask is not None and tuple(mask.shape) != tuple(self.weight.shape):
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, the weight {tuple(self.weight.shape)}")
+        shape = tuple(getattr(self.weight, "ds_shape", self.weight.shape))  # ZeRO-3: the full, not the shard's
+        if mask is not None and tuple(mask.shape) != shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, the weight {shape}")
         self.mask = None if mask is None else mask.to(device=self.weight.device, dtype=torch.bool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -341,3 +343,27 @@ def masked_decay_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, 
     """
     pruned = weight.to(grad.dtype) * (~mask.bool()).to(grad.dtype)
     grad.add_(pruned, alpha=decay)
+
+
+def masked_decay_term(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+    """``grad + decay * weight * (1 - mask)`` out of place: the masked decay as a gradient hook returns it.
+
+    Used where the gradient never reaches ``param.grad`` before the optimizer step (DeepSpeed reduces it into its
+    own buffers): the hook adds the term to each micro-batch's gradient as autograd produces it, with ``decay``
+    divided by the number of micro-batches per step (and multiplied by any loss scale), so the step sees the same
+    total as :func:`masked_decay_` adds once.
+
+    Raises:
+        RuntimeError: If ``weight`` is not whole (a ZeRO-3 partition outside its module's forward / backward).
+
+    Example:
+        >>> g = torch.zeros(1, 4)
+        >>> masked_decay_term(g, torch.ones(1, 4), torch.tensor([[True, False, True, False]]), 0.5).tolist()
+        [[0.0, 0.5, 0.0, 0.5]]
+    """
+    if weight.shape != grad.shape or mask.shape != grad.shape:
+        raise RuntimeError(
+            f"masked decay needs the whole weight: got weight {tuple(weight.shape)}, mask {tuple(mask.shape)} for a "
+            f"gradient of {tuple(grad.shape)} (a partitioned ZeRO-3 weight outside its module's backward?)"
+        )
+    return grad + decay * weight.detach().to(grad.dtype) * (~mask.bool()).to(grad.dtype)

@@ -53,7 +53,6 @@ COLUMNS = {
 }
 
 _LOWRANK_GPU = "tests/lowrank/test_lowrank_gpu.py"
-_REFUSE_24 = "-"
 _SAME_LAYER = "-"
 _SWAPPERS = "-"
 _NO_TEST = "-"
@@ -84,7 +83,7 @@ GPU_NOTES: dict[str, tuple[str, str, str]] = {
         "`tests/test_gpu.py::test_deepspeed_init_save_and_export[3]`",
     ),
     "dropbp": _stages("tests/dropbp/test_dropbp_gpu.py::test_dropbp_under_deepspeed"),
-    "sparse24": (_REFUSE_24, _REFUSE_24, _REFUSE_24),
+    "sparse24": _stages("tests/sparsity/test_sparse24_gpu.py::test_sparse24_under_deepspeed"),
     "pruning": (_NO_TEST, _NO_TEST, _NO_TEST),
     "lora": _lora_cells(),
     "factorize": _stages(f"{_LOWRANK_GPU}::test_factorization_trains_and_exports"),
@@ -99,7 +98,7 @@ GPU_NOTES: dict[str, tuple[str, str, str]] = {
         _gpu(f"{_LOWRANK_GPU}::test_lora_pissa_with_dropbp", 2),
         _gpu(f"{_LOWRANK_GPU}::test_lora_pissa_with_dropbp", 3),
     ),
-    "dropbp+sparse24": (_REFUSE_24, _REFUSE_24, _REFUSE_24),
+    "dropbp+sparse24": (_NO_TEST, _NO_TEST, _NO_TEST),
     "factorize+lora": (_NO_TEST, _NO_TEST, _NO_TEST),
     "lora+factorize": (_NO_TEST, _NO_TEST, _NO_TEST),
     "lora+factorize-same": (_SAME_LAYER, _SAME_LAYER, _SAME_LAYER),
@@ -240,8 +239,7 @@ Legend. ✅ passes: the row passes every check of `tests/matrix/matrix_common.py
 error the row names (`ROWS` in `tests/matrix/matrix_common.py`): LoRA and SVD factorisation on the same linear (in
 either callback order), and StructuredPruning with a callback that replaces the linears its masks hook (LoRA,
 LowRankFactorization, SemiStructuredSparsity). LoRA on the MLP with factorisation of the attention composes, in
-either order. A pair is named in the order of the Trainer's callbacks. Under DeepSpeed, SemiStructuredSparsity
-refuses any stage ("SemiStructuredSparsity does not support DeepSpeed yet"), and `LitDeepSpeedStrategy` refuses
+either order. A pair is named in the order of the Trainer's callbacks. Under DeepSpeed, `LitDeepSpeedStrategy` refuses
 StructuredPruning at ZeRO-3 ("zero_optimization.stage=3 conflicts with callback StructuredPruning", raised before
 the callbacks' own pair checks, so it is also what the pruning pairs say at ZeRO-3): `DEEPSPEED_REFUSED` in
 `matrix_common.py`, asserted by `test_deepspeed_refusals_are_the_clear_set_up_error`.

@@ -248,20 +248,18 @@ ROW_BY_ID = {row.id: row for row in ROWS}
 # What changes under DeepSpeed (the zero1/zero2/zero3 runs)
 # ------------------------------------------------------------------------------------------------------------------
 
-_NO_24 = r"SemiStructuredSparsity does not support DeepSpeed"
 _ZERO3_PRUNING = r"zero_optimization\.stage=3 conflicts with callback StructuredPruning"
 DEEPSPEED_REFUSED: dict[tuple[str, int], str] = {
-    **{(row_id, s): _NO_24 for row_id in ("sparse24", "dropbp+sparse24") for s in DEEPSPEED_STAGES},
     # LitDeepSpeedStrategy's conflict check (setup_environment) runs before the callbacks' own pair checks.
     **{(row_id, 3): _ZERO3_PRUNING for row_id in ("pruning", "pruning+lora", "pruning+sparse24")},
 }
 """(row, ZeRO stage) -> the set-up ``ValueError`` (regex) a row refuses DeepSpeed with, where it differs from the
-row's own :attr:`Row.error`: SemiStructuredSparsity refuses any DeepSpeed; StructuredPruning ZeRO-3."""
+row's own :attr:`Row.error`: StructuredPruning refuses ZeRO-3."""
 
 DEEPSPEED_FACTS: dict[tuple[str, int], dict[str, Any]] = {
     # ZeRO-3 reduces the gradients into its flat fp32 partitions: the optimizer's parameters are those partitions,
     # whose .grad is always set, so "a parameter had no gradient" cannot be observed there (the drop mask still is).
-    **{(row_id, 3): {"dropbp.grads_skipped": None} for row_id in ("dropbp", "dropbp+lora")},
+    **{(row_id, 3): {"dropbp.grads_skipped": None} for row_id in ("dropbp", "dropbp+lora", "dropbp+sparse24")},
     # FusedKernels leaves the fused head + loss out under ZeRO-3 on purpose: lm_head.weight is partitioned.
     ("kernels", 3): {"kernels.patched": {"rms_norm": 5, "rope": 2, "swiglu": 2}},
 }

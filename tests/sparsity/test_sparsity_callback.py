@@ -264,3 +264,67 @@ def test_lit_accel_export_writes_the_masked_weights(tmp_path: Path) -> None:
         torch.testing.assert_close(hf(x).logits, m(x).logits, rtol=1e-5, atol=1e-5)
     w = hf.model.layers[0].mlp.up_proj.weight
     assert (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() <= 2  # 2:4 in the written weights
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_masked_decay_as_gradient_hook_matches_the_step_time_decay(
+    monkeypatch: pytest.MonkeyPatch, accumulate: int
+) -> None:
+    # Under DeepSpeed the decay is a hook on each sparse weight, 1/accumulate of it per micro-batch; forced here on
+    # one device, the gradient the optimizer sees must equal the step-time path's (which adds it once).
+    name = "model.layers.0.mlp.up_proj"
+    seen: dict[bool, torch.Tensor] = {}
+    hooks: dict[bool, int] = {}
+    for hooked in (False, True):
+        torch.manual_seed(0)
+        cb = SemiStructuredSparsity(mask_refresh_every=100, masked_decay=0.5)
+        if hooked:
+            monkeypatch.setattr(SemiStructuredSparsity, "_decay_in_hooks", staticmethod(lambda trainer: True))
+
+        class Grab(L.Callback):
+            def __init__(self, cb: SemiStructuredSparsity, hooked: bool) -> None:
+                self.cb, self.hooked = cb, hooked
+
+            def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any) -> None:
+                grad = self.cb.layers[name].weight.grad
+                assert grad is not None
+                seen[self.hooked] = grad.clone()
+                hooks[self.hooked] = len(self.cb._decay_hooks)
+
+        t = trainer(max_steps=1, accumulate_grad_batches=accumulate, callbacks=[cb, Grab(cb, hooked)])
+        t.fit(module(), loader(n=4 * accumulate))
+        assert (hooks[hooked] == len(cb.layers) > 0) is hooked
+        assert not cb._decay_hooks and cb._hook_decay == 0.0  # removed at the end of fit
+        monkeypatch.undo()
+    torch.testing.assert_close(seen[True], seen[False], rtol=1e-6, atol=1e-7)
+
+
+def test_masked_decay_term_checks_the_weight_is_whole() -> None:
+    from lit_accel.sparsity.functional import masked_decay_, masked_decay_term
+
+    w, g = torch.randn(8, 16), torch.randn(8, 16)
+    m = torch.rand(8, 16) > 0.5
+    ref = g.clone()
+    masked_decay_(ref, w, m, 0.25)
+    torch.testing.assert_close(masked_decay_term(g, w, m, 0.25), ref)
+    with pytest.raises(RuntimeError, match="needs the whole weight"):
+        masked_decay_term(g, torch.empty(0), m, 0.25)  # a ZeRO-3 partition
+
+
+def test_deepspeed_loss_scale_read_from_the_engine() -> None:
+    pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lit_accel.sparsity.callback import _deepspeed_loss_scale
+
+    class Fp16(DeepSpeedStrategy):
+        deepspeed_engine = SimpleNamespace(optimizer=SimpleNamespace(loss_scale=1024.0))  # type: ignore[assignment]
+
+    class Bf16(DeepSpeedStrategy):
+        deepspeed_engine = SimpleNamespace(optimizer=SimpleNamespace())  # type: ignore[assignment]
+
+    assert _deepspeed_loss_scale(SimpleNamespace(strategy=Fp16())) == 1024.0  # type: ignore[arg-type]
+    assert _deepspeed_loss_scale(SimpleNamespace(strategy=Bf16())) == 1.0  # type: ignore[arg-type]
+    assert _deepspeed_loss_scale(SimpleNamespace(strategy=None)) == 1.0  # type: ignore[arg-type]
