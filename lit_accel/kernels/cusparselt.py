@@ -49,7 +49,8 @@ __all__ = ["SparsePlanCache", "max_alg_id", "plan_cache_enabled", "plan_cache_un
 
 _OPAQUE_BYTES = 16384
 # Stable across CUDA releases (library_types.h / cusparse.h).
-_CUDA_R = {torch.float16: 2, torch.bfloat16: 14}
+# bf16 only, as the layers' cuSPARSELt path (sparse24_gemm.SUPPORTED_DTYPES: fp16 faulted or hung on Hopper).
+_CUDA_R = {torch.bfloat16: 14}
 _OP_N, _OP_T = 0, 1
 _SPARSITY_50 = 0
 _ALG_DEFAULT = 0

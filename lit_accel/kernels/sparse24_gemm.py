@@ -105,8 +105,11 @@ DIM_MULTIPLE = 16
 """Both dims of the sparse operand must be multiples of this (cuSPARSELt 0.8, bf16/fp16, measured on an H100)."""
 TOKEN_MULTIPLE = 8
 """The dense operand's token count must be a multiple of this; :class:`Sparse24LinearFunction` pads to it."""
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-"""Compute dtypes of the cuSPARSELt path."""
+SUPPORTED_DTYPES = (torch.bfloat16,)
+"""Compute dtypes of the cuSPARSELt path. bf16 only: with cuSPARSELt 0.8 on Hopper, fp16 products faulted the CUDA
+context (algorithm ids 36-52 that the library reports as valid, on an H200) or hung (a 2048 x 2048 operand at 16
+tokens, and the probe's 256 x 512 case, on an H100), while every bf16 case ran correctly; fp16 layers stay on the
+masked dense path with a warning."""
 _LAST_SAFE_ALG_ID = 21
 """The last algorithm id :func:`select_alg` tries: the end of the bf16 range cuSPARSELt 0.8 reports (0..21) on
 H100 and H200, all of which ran correctly there; fp16's reported 36..52 faulted (see :func:`select_alg`)."""
@@ -133,8 +136,8 @@ def cusparselt_unsupported_reason(device: torch.device | str, dtype: torch.dtype
         return "2:4 sparse tensor cores need compute capability 8.0 or newer"
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         return (
-            f"the compute dtype is {dtype}; the cuSPARSELt path takes bfloat16 or float16 (train with "
-            "precision='bf16-mixed' or '16-mixed')"
+            f"the compute dtype is {dtype}; the cuSPARSELt path takes bfloat16 only (fp16 products faulted or hung "
+            "in cuSPARSELt 0.8 on Hopper; train with precision='bf16-mixed')"
         )
     return None
 
@@ -310,7 +313,7 @@ def select_alg(packed: torch.Tensor, rows: torch.Tensor, *, with_bias: bool = Fa
         return _ALG_CACHE[key]
     bias = torch.zeros(m, dtype=rows.dtype, device=rows.device) if with_bias else None
     top = max_alg_id(m, k, rows.shape[0], rows.dtype, rows.device)
-    last = min(top, _LAST_SAFE_ALG_ID) if top is not None else 0
+    last = min(top, _LAST_SAFE_ALG_ID) if top is not None and rows.dtype == torch.bfloat16 else 0
     best, best_ms = 0, float("inf")
     for alg in range(last + 1):
 

@@ -91,7 +91,7 @@ class SemiStructuredSparsitySettings:
     """Interval of ``sparsity24/phase`` and ``sparsity24/density``; None uses the trainer's. Flip rates are
     logged at every refresh."""
     kernel: str = "auto"
-    """How the sparse layers compute: ``"auto"`` (the default: on a CUDA GPU with bf16/fp16 compute, time dense
+    """How the sparse layers compute: ``"auto"`` (the default: on a CUDA GPU with bf16 compute, time dense
     against the 2:4 sparse tensor cores (cuSPARSELt) once per distinct layer shape at the start of the sparse phase,
     GPU time and wall time with cuSPARSELt's host overhead (see
     :attr:`~lit_accel.kernels.sparse24_gemm.LayerTiming.speedup`), and use cuSPARSELt where it is at least

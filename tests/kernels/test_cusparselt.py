@@ -45,11 +45,11 @@ def test_binding_refuses_releases_whose_enums_differ(plan_cache: None, monkeypat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("m", "k", "n"), [(512, 256, 128), (5632, 2048, 64), (5632, 2048, 1024), (2048, 5632, 1024), (2048, 2048, 16)]
 )
-def test_gpu_cached_plan_equals_torch(plan_cache: None, dtype: torch.dtype, m: int, k: int, n: int) -> None:
+def test_gpu_cached_plan_equals_torch(plan_cache: None, m: int, k: int, n: int) -> None:
+    dtype = torch.bfloat16  # the only dtype bound (fp16 faulted or hung in cuSPARSELt 0.8 on Hopper)
     from lit_accel.kernels.sparse24_gemm import select_alg
 
     assert cusparselt.plan_cache_enabled(), cusparselt.plan_cache_unavailable_reason()
