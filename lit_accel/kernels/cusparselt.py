@@ -19,8 +19,7 @@ contiguous dense operand, so the packed buffers of ``torch._cslt_compress`` (and
 cuSPARSELt's handle, descriptor and plan structs are opaque blocks whose size changed between releases (512 to
 11024 bytes): each is given a 16 KiB buffer. The compute type is ``CUSPARSE_COMPUTE_32F`` (fp32 accumulation), the
 value PyTorch passes for fp16/bf16 from cuSPARSELt 0.5.2 on; its enum value (2 in the 0.6-0.8 headers) is taken
-from the library version, never found by trying values: a plan built with a wrong compute type (the integer one)
-is accepted by cuSPARSELt and can launch a kernel that faults the CUDA context (seen on an H200, cuSPARSELt 0.8).
+from the version of the library actually loaded (``cusparseLtGetProperty``), never found by trying values.
 Releases before 0.6 are not bound (:func:`plan_cache_unavailable_reason` says so). Every new plan's first product
 is compared with ``torch._cslt_sparse_mm``'s bit for bit (:meth:`SparsePlanCache.matmul`); a disagreement or an
 error turns the cache off for the process with a warning, and the products go back to ``torch._cslt_sparse_mm``.
@@ -64,9 +63,18 @@ _MIN_VERSION = 600
 _MAX_PLANS = 8  # per operand: one per distinct token count seen, the oldest dropped first
 _SUCCESS = 0
 
+_OFF_VALUES = ("0", "false", "off", "no")
+
+
+def _enabled_by(value: str | None) -> bool:
+    """``LIT_ACCEL_CUSPARSELT_PLANS``: unset or empty means on (the default); 0 / false / off / no, in any case,
+    turn the cache off; anything else leaves it on."""
+    return value is None or value.strip().lower() not in _OFF_VALUES
+
+
 _CACHES: weakref.WeakSet[SparsePlanCache] = weakref.WeakSet()
 _state: dict[str, Any] = {
-    "enabled": os.environ.get("LIT_ACCEL_CUSPARSELT_PLANS", "1") != "0",
+    "enabled": _enabled_by(os.environ.get("LIT_ACCEL_CUSPARSELT_PLANS")),
     "lib": None,
     "lib_error": None,
     "handles": {},
@@ -135,6 +143,7 @@ def _load() -> Any:
         "cusparseLtMatmul": [p, p, p, p, p, p, p, p, p, p, i32],
         "cusparseLtMatmulPlanDestroy": [p],
         "cusparseLtMatDescriptorDestroy": [p],
+        "cusparseLtGetProperty": [i32, p],
     }
     try:
         for name, args in signatures.items():
@@ -159,10 +168,25 @@ def plan_cache_unavailable_reason() -> str | None:
             reason = "this PyTorch build has no cuSPARSELt"
         elif (version := torch.backends.cusparselt.version() or 0) < _MIN_VERSION:
             reason = f"cuSPARSELt {version} is older than 0.6 (an enum this binding needs differs there)"
+        elif _load() is None:
+            reason = str(_state["lib_error"])
+        elif (loaded := _loaded_version()) < _MIN_VERSION:
+            reason = f"the libcusparseLt loaded reports version {loaded}, older than 0.6 (an enum this binding needs)"
         else:
-            reason = None if _load() is not None else str(_state["lib_error"])
+            reason = None
         _state["unavailable"] = reason
     return _state["unavailable"]  # type: ignore[no-any-return]
+
+
+def _loaded_version() -> int:
+    """major * 100 + minor of the libcusparseLt this binding loaded (it may not be the copy torch was built with)."""
+    lib = _load()
+    major, minor = ctypes.c_int(-1), ctypes.c_int(-1)
+    if lib.cusparseLtGetProperty(0, ctypes.byref(major)) != _SUCCESS:  # libraryPropertyType: MAJOR 0, MINOR 1
+        return -1
+    if lib.cusparseLtGetProperty(1, ctypes.byref(minor)) != _SUCCESS:
+        return -1
+    return int(major.value) * 100 + int(minor.value)
 
 
 def _opaque() -> Any:
@@ -216,10 +240,10 @@ class _Plan:
         self.max_alg_id = int(top.value)
         if alg_id is None:  # only the descriptors and the id range were asked for
             return
-        if not 0 <= alg_id <= self.max_alg_id:
-            # cuSPARSELt takes an id past its last one without an error at set-up, and the product can then fault
-            # the CUDA context: never pass one.
-            raise ValueError(f"alg_id={alg_id} is outside cuSPARSELt's 0..{self.max_alg_id} for {(m, k, n)}")
+        if not 0 <= alg_id < self.max_alg_id:
+            # CONFIG_MAX_ID is exclusive (an H100 refused id 21 of bf16's reported 21). An id past the valid ones is
+            # not always refused at set-up, and the product can then fault the CUDA context: never pass one.
+            raise ValueError(f"alg_id={alg_id} is outside cuSPARSELt's 0..{self.max_alg_id - 1} for {(m, k, n)}")
         alg = ctypes.c_int(int(alg_id))
         size = ctypes.sizeof(alg)
         _check(lib.cusparseLtMatmulAlgSetAttribute(h, self.alg, _ALG_CONFIG_ID, ctypes.byref(alg), size), "alg id")
@@ -262,14 +286,15 @@ _MAX_IDS: dict[tuple[int, int, int, torch.dtype, int], int] = {}
 
 
 def max_alg_id(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> int | None:
-    """The last algorithm id cuSPARSELt offers for ``rows @ A^T`` (``A`` ``m x k`` 2:4, ``rows`` ``[n, k]``).
+    """cuSPARSELt's ``CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID`` for ``rows @ A^T`` (``A`` ``m x k`` 2:4, ``rows``
+    ``[n, k]``): the valid algorithm ids are ``0 .. max - 1``.
 
-    Asked of cuSPARSELt itself (``CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID``) once per shape; an id past it is accepted
-    without an error by ``torch._cslt_sparse_mm`` and can fault the CUDA context, so a sweep over ids must stop
-    here. None when this binding cannot run (no CUDA, library not loadable) or the query fails. Works whether or
-    not the plan cache is enabled.
+    Asked of cuSPARSELt itself once per shape; an id past the valid ones is not always refused by
+    ``torch._cslt_sparse_mm`` and can fault the CUDA context, so a sweep over ids must stop here. None when this
+    binding cannot run (no CUDA, library not loadable), when the plan cache was turned off (the switch takes the
+    whole binding out) or the query fails.
     """
-    if plan_cache_unavailable_reason() is not None or dtype not in _CUDA_R:
+    if not plan_cache_enabled() or dtype not in _CUDA_R:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (m, k, n, dtype, index)

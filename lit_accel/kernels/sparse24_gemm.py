@@ -55,8 +55,9 @@ with all 66 MLP linears on cuSPARSELt 1.09x (227.2 against 247.5 ms/step).
 
 **Constraints** (measured on the same H100): the sparse operand's two dims must be multiples of 16 (8, 24 and 40
 were refused), so both dims of ``W`` must be (``W`` and ``W^T`` are both the sparse operand); the token count
-must be a multiple of 8 (padded here when it is not); dtypes bf16 and fp16 only (fp32 would run as TF32 and
-differ from the reference: such layers stay on the masked dense path, with a warning).
+must be a multiple of 8 (padded here when it is not); bf16 only (fp32 would run as TF32 and differ from the
+reference; fp16 faulted or hung, see :data:`SUPPORTED_DTYPES`: such layers stay on the masked dense path, with a
+warning).
 
 Example:
     >>> import torch
@@ -107,12 +108,13 @@ TOKEN_MULTIPLE = 8
 """The dense operand's token count must be a multiple of this; :class:`Sparse24LinearFunction` pads to it."""
 SUPPORTED_DTYPES = (torch.bfloat16,)
 """Compute dtypes of the cuSPARSELt path. bf16 only: with cuSPARSELt 0.8 on Hopper, fp16 products faulted the CUDA
-context (algorithm ids 36-52 that the library reports as valid, on an H200) or hung (a 2048 x 2048 operand at 16
-tokens, and the probe's 256 x 512 case, on an H100), while every bf16 case ran correctly; fp16 layers stay on the
-masked dense path with a warning."""
-_LAST_SAFE_ALG_ID = 21
-"""The last algorithm id :func:`select_alg` tries: the end of the bf16 range cuSPARSELt 0.8 reports (0..21) on
-H100 and H200, all of which ran correctly there; fp16's reported 36..52 faulted (see :func:`select_alg`)."""
+context (algorithm ids 36-47, all tried past 35, below the library's reported maximum of 52; on an H200) or hung
+(a 2048 x 2048 operand at 16 tokens, and the probe's 256 x 512 case, on an H100), while every bf16 case ran
+correctly; fp16 layers stay on the masked dense path with a warning."""
+_LAST_SAFE_ALG_ID = 20
+"""The last algorithm id :func:`select_alg` tries: the end of the bf16 range cuSPARSELt 0.8 offers (0..20; its
+``CONFIG_MAX_ID`` of 21 is exclusive) on H100 and H200, all of which ran correctly there; fp16 ids 36-47 faulted the
+CUDA context (see :data:`SUPPORTED_DTYPES`)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def learn_packed_index(
 
     Args:
         mask: bool ``[m, k]``, exactly 2 kept in every 4 consecutive entries of a row.
-        dtype: The compressed operand's dtype (bf16 or fp16).
+        dtype: The compressed operand's dtype (bf16; the index is the same for fp16).
         compress: The compressor (``torch._cslt_compress``; the tests pass a stand-in).
 
     Returns:
@@ -302,9 +304,10 @@ def select_alg(packed: torch.Tensor, rows: torch.Tensor, *, with_bias: bool = Fa
     Cached per (sparse shape, tokens, dtype, bias, device): the sweep (about 21 ids, a few ms each) runs once per
     distinct shape. It covers the ids cuSPARSELt itself reports for the shape
     (:func:`lit_accel.kernels.cusparselt.max_alg_id`): an id past the last one is not always refused and can fault
-    the CUDA context. Ids past :data:`_LAST_SAFE_ALG_ID` are never tried either: for fp16 cuSPARSELt 0.8 reports
-    0..52, and on an H200 ids 36-52 faulted the CUDA context (illegal instruction) at a shape where 0..35 ran
-    correctly. Where the query cannot run, only the default id 0 is used.
+    the CUDA context. Ids past :data:`_LAST_SAFE_ALG_ID` are never tried either: for fp16 cuSPARSELt 0.8 reports a
+    maximum of 52, and on an H200 ids 36-47 (all tried) faulted the CUDA context (illegal instruction) at a shape
+    where 0..35 ran correctly. Where the query cannot run (no binding, or the plan cache turned off) and for dtypes
+    other than bf16, only the default id 0 is used.
     """
     k = rows.shape[1]
     m = packed.numel() * 16 // 9 // k
@@ -313,7 +316,7 @@ def select_alg(packed: torch.Tensor, rows: torch.Tensor, *, with_bias: bool = Fa
         return _ALG_CACHE[key]
     bias = torch.zeros(m, dtype=rows.dtype, device=rows.device) if with_bias else None
     top = max_alg_id(m, k, rows.shape[0], rows.dtype, rows.device)
-    last = min(top, _LAST_SAFE_ALG_ID) if top is not None and rows.dtype == torch.bfloat16 else 0
+    last = min(top - 1, _LAST_SAFE_ALG_ID) if top is not None and rows.dtype == torch.bfloat16 else 0
     best, best_ms = 0, float("inf")
     for alg in range(last + 1):
 
@@ -380,7 +383,7 @@ class CusparseltWeight:
 
     Args:
         mask: bool ``[out, in]`` on the GPU, transposable 2:4 (2 kept per 4 along rows and along columns).
-        dtype: Compute dtype (bf16 or fp16).
+        dtype: Compute dtype (bf16, :data:`SUPPORTED_DTYPES`).
         name: Layer name for messages.
         verify: Check the first refresh against a fresh compression; fall back to re-compressing if it differs.
 

@@ -131,6 +131,7 @@ class LoRALinear(nn.Module):
         recompute_input: On the fused CUDA path, rebuild the input in the backward from the saved inputs of the
             fused kernel that produced it (RMSNorm, SwiGLU) instead of keeping it from the forward (see
             :func:`~lit_accel.kernels.lora.lora_linear`): less activation memory, one extra memory-bound kernel.
+            Off for a layer built directly; :func:`apply_lora` and the LoRA callback turn it on by default.
     """
 
     lora_A0: torch.Tensor | None

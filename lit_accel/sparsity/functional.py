@@ -240,7 +240,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 KERNELS: tuple[str, ...] = ("masked", "cusparselt")
 """Backends of :class:`SparseLinear` while a mask is set: the masked dense path (any device and dtype) or the 2:4
-sparse tensor cores through cuSPARSELt (:mod:`lit_accel.kernels.sparse24_gemm`; CUDA, bf16/fp16, transposable
+sparse tensor cores through cuSPARSELt (:mod:`lit_accel.kernels.sparse24_gemm`; CUDA, bf16, transposable
 masks, dims multiples of 16; elsewhere it falls back to the masked dense path with a warning)."""
 
 

@@ -17,7 +17,13 @@ def plan_cache() -> Iterator[None]:
     before = dict(cusparselt._state)
     cusparselt.set_plan_cache(True)
     yield
+    cusparselt._state.clear()  # keys a test added (a cached "unavailable" reason) must not outlive it
     cusparselt._state.update(before)
+
+
+def test_env_switch_values() -> None:
+    assert cusparselt._enabled_by(None) and cusparselt._enabled_by("") and cusparselt._enabled_by("1")
+    assert not any(cusparselt._enabled_by(v) for v in ("0", "false", "OFF", " no "))
 
 
 def test_set_plan_cache_validates_and_cpu_explains_why_it_is_off(plan_cache: None) -> None:

@@ -273,30 +273,53 @@ def test_masked_decay_as_gradient_hook_matches_the_step_time_decay(
     # Under DeepSpeed the decay is a hook on each sparse weight, 1/accumulate of it per micro-batch; forced here on
     # one device, the gradient the optimizer sees must equal the step-time path's (which adds it once).
     name = "model.layers.0.mlp.up_proj"
-    seen: dict[bool, torch.Tensor] = {}
-    hooks: dict[bool, int] = {}
-    for hooked in (False, True):
+    seen: dict[Any, torch.Tensor] = {}
+    hooks: dict[Any, int] = {}
+    for hooked in (False, True, "no decay"):
         torch.manual_seed(0)
-        cb = SemiStructuredSparsity(mask_refresh_every=100, masked_decay=0.5)
-        if hooked:
+        cb = SemiStructuredSparsity(mask_refresh_every=100, masked_decay=0.0 if hooked == "no decay" else 0.5)
+        if hooked is True:
             monkeypatch.setattr(SemiStructuredSparsity, "_decay_in_hooks", staticmethod(lambda trainer: True))
 
         class Grab(L.Callback):
-            def __init__(self, cb: SemiStructuredSparsity, hooked: bool) -> None:
+            def __init__(self, cb: SemiStructuredSparsity, hooked: Any) -> None:
                 self.cb, self.hooked = cb, hooked
 
             def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any) -> None:
                 grad = self.cb.layers[name].weight.grad
                 assert grad is not None
                 seen[self.hooked] = grad.clone()
+                seen["w"], seen["mask"] = self.cb.layers[name].weight.detach().clone(), self.cb.masks[name]
                 hooks[self.hooked] = len(self.cb._decay_hooks)
 
         t = trainer(max_steps=1, accumulate_grad_batches=accumulate, callbacks=[cb, Grab(cb, hooked)])
         t.fit(module(), loader(n=4 * accumulate))
-        assert (hooks[hooked] == len(cb.layers) > 0) is hooked
+        assert (hooks[hooked] == len(cb.layers) > 0) is (hooked is True)
         assert not cb._decay_hooks and cb._hook_decay == 0.0  # removed at the end of fit
         monkeypatch.undo()
     torch.testing.assert_close(seen[True], seen[False], rtol=1e-6, atol=1e-7)
+    # and both did add the decay (the same weights and batches without it give the raw gradient)
+    torch.testing.assert_close(seen[True] - seen["no decay"], 0.5 * seen["w"] * (~seen["mask"]), rtol=1e-5, atol=1e-6)
+
+
+def test_decay_hooks_removed_when_a_fit_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SemiStructuredSparsity, "_decay_in_hooks", staticmethod(lambda trainer: True))
+    cb = SemiStructuredSparsity(mask_refresh_every=100, masked_decay=0.5)
+    lm = module()
+
+    class Boom(L.Callback):
+        def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any) -> None:
+            assert cb._decay_hooks  # registered while fitting
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(max_steps=2, callbacks=[cb, Boom()]).fit(lm, loader(n=8))
+    assert not cb._decay_hooks and cb._hook_decay == 0.0
+    # the weights carry no hook: a zero loss gives zero gradients
+    weight = cb.layers["model.layers.0.mlp.up_proj"].weight
+    weight.grad = None
+    (weight * 0.0).sum().backward()
+    assert weight.grad is not None and not weight.grad.any()
 
 
 def test_masked_decay_term_checks_the_weight_is_whole() -> None:
