@@ -179,14 +179,16 @@ def plan_cache_unavailable_reason() -> str | None:
 
 
 def _loaded_version() -> int:
-    """major * 100 + minor of the libcusparseLt this binding loaded (it may not be the copy torch was built with)."""
+    """The version of the libcusparseLt this binding loaded (it may not be the copy torch was built with), in the
+    form of ``torch.backends.cusparselt.version()``: major * 1000 + minor * 100 + patch (0.8.0 -> 800)."""
     lib = _load()
-    major, minor = ctypes.c_int(-1), ctypes.c_int(-1)
-    if lib.cusparseLtGetProperty(0, ctypes.byref(major)) != _SUCCESS:  # libraryPropertyType: MAJOR 0, MINOR 1
-        return -1
-    if lib.cusparseLtGetProperty(1, ctypes.byref(minor)) != _SUCCESS:
-        return -1
-    return int(major.value) * 100 + int(minor.value)
+    parts = []
+    for prop in (0, 1, 2):  # libraryPropertyType: MAJOR_VERSION, MINOR_VERSION, PATCH_LEVEL
+        value = ctypes.c_int(-1)
+        if lib.cusparseLtGetProperty(prop, ctypes.byref(value)) != _SUCCESS:
+            return -1
+        parts.append(int(value.value))
+    return parts[0] * 1000 + parts[1] * 100 + parts[2]
 
 
 def _opaque() -> Any:
