@@ -4,6 +4,7 @@ bit-equal to torch._cslt_sparse_mm for the forward and input-gradient layouts, a
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -95,3 +96,22 @@ def test_gpu_sparse_linear_through_cached_plans(plan_cache: None) -> None:
     assert x.grad is not None
     ref_g = torch.ones(64, 512, dtype=torch.float64, device="cuda") @ wm
     assert float((x.grad.double() - ref_g).norm() / ref_g.norm()) < 1e-2
+
+
+def test_loaded_version_in_torchs_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cusparseLtGetProperty gives major, minor, patch separately; 0.8.0 must read 800 like torch's version(), not 8
+    # (that first form turned the cache off on the GPU: "older than 0.6").
+    import ctypes
+
+    values = {0: 0, 1: 8, 2: 0}
+
+    class Lib:
+        @staticmethod
+        def cusparseLtGetProperty(prop: int, out: Any) -> int:
+            ctypes.cast(out, ctypes.POINTER(ctypes.c_int))[0] = values[prop]
+            return 0
+
+    monkeypatch.setattr(cusparselt, "_load", lambda: Lib())
+    assert cusparselt._loaded_version() == 800
+    values.update({1: 6, 2: 2})
+    assert cusparselt._loaded_version() == 602 >= cusparselt._MIN_VERSION
