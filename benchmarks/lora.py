@@ -44,8 +44,8 @@ def floor_model(preset: str) -> torch.nn.Module:
     return model
 
 
-def lora_model(preset: str, r: int, recompute_inputs: bool = False) -> torch.nn.Module:
-    """The frozen base with our adapters on all linears (alpha = 2 r)."""
+def lora_model(preset: str, r: int, recompute_inputs: bool = True) -> torch.nn.Module:
+    """The frozen base with our adapters on all linears (alpha = 2 r); ``recompute_inputs`` as ``apply_lora``'s."""
     model = _base(preset)
     apply_lora(model, targets="all-linear", r=r, alpha=2 * r, recompute_inputs=recompute_inputs)
     return model
@@ -114,14 +114,14 @@ def main() -> None:
 
     results: list[Measurement] = [_run("floor: frozen base, no adapters", floor, args)]
     results.append(_run("PEFT LoRA", peft, args))
-    results.append(_run("lit_accel LoRA (default CUDA path)", ours, args))
-    results.append(_run("lit_accel LoRA, recompute_inputs=True", functools.partial(ours, recompute_inputs=True), args))
+    keep_inputs = functools.partial(ours, recompute_inputs=False)
+    results.append(_run("lit_accel LoRA (default CUDA path, recompute_inputs=True)", ours, args))
+    results.append(_run("lit_accel LoRA, recompute_inputs=False", keep_inputs, args))
     default_backend = lora_kernel_module.CUDA_DEFAULT_BACKEND
     lora_kernel_module.CUDA_DEFAULT_BACKEND = "triton_epilogue"
     try:
         results.append(_run("lit_accel LoRA, triton_epilogue backend", ours, args))
-        both = functools.partial(ours, recompute_inputs=True)
-        results.append(_run("lit_accel LoRA, triton_epilogue + recompute_inputs", both, args))
+        results.append(_run("lit_accel LoRA, triton_epilogue, recompute_inputs=False", keep_inputs, args))
     finally:
         lora_kernel_module.CUDA_DEFAULT_BACKEND = default_backend
     if args.pytorch_path:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import write_results
-from quality_common import add_quality_arguments, quality_datamodule, quality_trainer
+from quality_common import add_quality_arguments, quality_datamodule, quality_trainer, val_loss
 
 from lit_accel.callbacks import StructuredPruning
 from lit_accel.data import TextDataModule
@@ -35,14 +35,10 @@ from lit_accel.models import CausalLM
 from lit_accel.pruning import export_pruned
 
 
-def _val_loss(trainer: L.Trainer, module: L.LightningModule, dm: TextDataModule) -> float:
-    return float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
-
-
 def _fit(args: argparse.Namespace, module: CausalLM, dm: TextDataModule, steps: int, cbs: list[Any]) -> float:
     trainer = quality_trainer(args, steps, cbs)
     trainer.fit(module, datamodule=dm)
-    return _val_loss(trainer, module, dm)
+    return val_loss(trainer, module, dm)
 
 
 def main() -> None:
@@ -90,7 +86,7 @@ def main() -> None:
         L.seed_everything(args.seed)
         cont = CausalLM(pruned_dir, **hp)
         trainer = quality_trainer(args, 0, [])
-        exported_loss = _val_loss(trainer, cont, dm)
+        exported_loss = val_loss(trainer, cont, dm)
         rows.append(
             ["pruned, exported (no further training)", f"{n_small / 1e6:.2f}M", args.prune_steps, exported_loss]
         )

@@ -53,3 +53,8 @@ def quality_trainer(args: argparse.Namespace, steps: int, callbacks: list[L.Call
         enable_model_summary=False,
         callbacks=callbacks,
     )
+
+
+def val_loss(trainer: L.Trainer, module: L.LightningModule, dm: TextDataModule) -> float:
+    """The validation loss of ``module`` on ``dm``'s validation split."""
+    return float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])

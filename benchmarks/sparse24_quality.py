@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import write_results
-from quality_common import add_quality_arguments, quality_datamodule, quality_trainer
+from quality_common import add_quality_arguments, quality_datamodule, quality_trainer, val_loss
 
 from lit_accel.callbacks import SemiStructuredSparsity
 from lit_accel.data import TextDataModule
@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace, dm: TextDataModule, callbacks: list[L.Callbac
     t0 = time.time()
     trainer.fit(module, datamodule=dm)
     seconds = time.time() - t0
-    loss = float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
+    loss = val_loss(trainer, module, dm)
     return loss, seconds
 
 

@@ -106,6 +106,14 @@ def export_checkpoint(
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "model" not in hparams:
         raise ValueError(f"--ckpt {str(ckpt)!r} has no CausalLM hyper-parameters; was it written by lit_accel?")
+    from lit_accel.pruning.export import export_loaded_pruning_checkpoint, is_pruning_checkpoint_dict
+
+    if is_pruning_checkpoint_dict(checkpoint):
+        # A StructuredPruning run: the model to hand back is the physically smaller one its masks describe
+        # (built there: the full CausalLM below is not needed).
+        if peft_adapter:
+            raise ValueError(f"--peft-adapter: --ckpt {str(ckpt)!r} is from a StructuredPruning run, not a LoRA run.")
+        return export_loaded_pruning_checkpoint(checkpoint, ckpt, out_path, overwrite, tokenizer)
     lora = lora_settings_from_checkpoint(checkpoint)
     saved_config = (checkpoint.get("lit_accel") or {}).get("config")
     if saved_config is not None and lora is None:
@@ -120,13 +128,6 @@ def export_checkpoint(
     assert module.model is not None
     if saved_config is not None and saved_config.get("eos_token_id") is not None:
         module.model.config.eos_token_id = saved_config["eos_token_id"]
-    from lit_accel.pruning.export import export_loaded_pruning_checkpoint, is_pruning_checkpoint_dict
-
-    if is_pruning_checkpoint_dict(checkpoint):
-        # A StructuredPruning run: the model to hand back is the physically smaller one its masks describe.
-        if peft_adapter:
-            raise ValueError(f"--peft-adapter: --ckpt {str(ckpt)!r} is from a StructuredPruning run, not a LoRA run.")
-        return export_loaded_pruning_checkpoint(checkpoint, ckpt, out_path, overwrite, tokenizer)
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     sparse = (checkpoint.get("lit_accel") or {}).get("sparsity24")
     if sparse and sparse.get("phase") == "sparse":

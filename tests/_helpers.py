@@ -3,7 +3,7 @@ puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 
@@ -45,3 +45,31 @@ def tiny_llama(
         tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(cfg)
+
+
+def quiet_trainer(**overrides: Any) -> L.Trainer:
+    """A Trainer on one CPU device without logger, progress bar, checkpoints, model summary or validation, logging
+    every step; ``overrides`` replace or add any argument (``accelerator="gpu"``, ``strategy=...``)."""
+    kw: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    kw.update(overrides)
+    return L.Trainer(**kw)
+
+
+def finish_distributed() -> None:
+    """Ends a torchrun worker: every rank's collectives finish before the interpreter tears gloo down (a rank once
+    aborted at exit, "terminate called without an active exception", on the 2-core CI machine after a complete fit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -397,7 +397,7 @@ class DropBP(L.Callback):
         assert self.controller is not None
         strategy = trainer.strategy
         ddp = getattr(strategy, "model", None)
-        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        if not isinstance(ddp, nn.parallel.DistributedDataParallel):  # DeepSpeed's engine is not one either
             rank_zero_warn(
                 f"DropBP skip_dropped_allreduce=True does nothing under {type(strategy).__name__}: it is a DDP "
                 "communication hook (use strategy='ddp' or 'lit_ddp' with two or more processes)."

@@ -416,13 +416,6 @@ def _lora_gemm(
     M, K = a.shape
     N = b.shape[1]
     R = d.shape[1]
-    if t_in is not None and mask is not None and mask_on_input:
-        raise ValueError("_lora_gemm: with t_in the input mask must already be applied to t_in")
-    if t_in is not None and (t_in.shape != (M, R) or t_in.dtype != a.dtype or t_in.device != a.device):
-        raise ValueError(
-            f"_lora_gemm: t_in must be [{M}, {R}] {a.dtype} on {a.device}, got {list(t_in.shape)} {t_in.dtype} on"
-            f" {t_in.device}"
-        )
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     t = torch.empty((M, R), device=a.device, dtype=a.dtype) if t_in is None else t_in
     block_r = max(16, triton.next_power_of_2(R))
@@ -470,6 +463,14 @@ def _lora_gemm(
     return out, t
 
 
+def _rank_projection(
+    a: torch.Tensor, d: torch.Tensor, mask: torch.Tensor | None, mask_on_input: bool, inv_keep: float
+) -> torch.Tensor:
+    """``mask?(a) @ d`` by cuBLAS: the [M, R] rank projection (dropout applied to ``a`` when the mask gates it)."""
+    a_d = a if mask is None or not mask_on_input else a * mask * inv_keep
+    return a_d @ d
+
+
 def _lora_gemm_torch(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -487,8 +488,7 @@ def _lora_gemm_torch(
     beta=1): one extra read+write of the output instead of the unfused path's separate product, scale and add
     passes, and no output-sized tensor kept for backward.
     """
-    a_d = a if mask is None or not mask_on_input else a * mask * inv_keep
-    t = a_d @ d
+    t = _rank_projection(a, d, mask, mask_on_input, inv_keep)
     out = torch.addmm(bias, a, b) if bias is not None else a @ b
     if mask is None or mask_on_input:
         out.addmm_(t, c, alpha=scale)
@@ -608,8 +608,7 @@ def _gemm(
     if backend == "triton_epilogue":
         # The rank projection by cuBLAS (a tall-skinny GEMM it runs at bandwidth), the low-rank up-projection in
         # the Triton base GEMM's epilogue: no second pass over the output as the cublas backend's addmm_ makes.
-        a_d = a if mask is None or not mask_on_input else a * mask * inv_keep
-        t = a_d @ d
+        t = _rank_projection(a, d, mask, mask_on_input, inv_keep)
         return _lora_gemm(a, b, d, c, bias, None if mask_on_input else mask_u8, False, scale, inv_keep, t_in=t)
     return _lora_gemm(a, b, d, c, bias, mask_u8, mask_on_input, scale, inv_keep)
 
@@ -721,11 +720,7 @@ def _fused(
         mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - dropout_p)
     # x.grad_fn: the producer's autograd node exists, so its inputs are kept anyway and saving them adds nothing.
     use_recipe = recompute_input and torch.is_grad_enabled() and x.grad_fn is not None
-    x_recompute = recompute_recipe(x) if use_recipe else None
-    if x_recompute is not None and any(hasattr(t, "ds_id") for t in x_recompute.inputs):
-        # A ZeRO-3 parameter among the producer's inputs (the norm weight) is released after its module's forward
-        # and gathered again only for that module's own backward, which runs after this layer's: keep x instead.
-        x_recompute = None
+    x_recompute = recompute_recipe(x) if use_recipe else None  # none recorded over ZeRO-3 partitioned inputs
     with torch.autocast(x.device.type, enabled=False):
         y = LoRALinearFunction.apply(
             x2, w, b, lora_a, lora_b, float(scaling), mask, float(dropout_p), weight_layout, backend, x_recompute

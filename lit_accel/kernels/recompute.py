@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import weakref
 from collections.abc import Callable
@@ -64,20 +65,27 @@ def request_recompute(consumer: Any) -> None:
     _REQUESTERS.add(consumer)
 
 
-def register_recompute(output: torch.Tensor, run: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Ticket | None:
-    """Records that ``run(*inputs)`` reproduces ``output`` bit for bit.
+def register_recompute(
+    output: torch.Tensor, run: Callable[..., torch.Tensor], *inputs: torch.Tensor, bound: tuple[Any, ...] = ()
+) -> Ticket | None:
+    """Records that ``run(*bound, *inputs)`` reproduces ``output`` bit for bit.
 
     The record lasts until ``output`` is freed or :func:`forget_recompute` is called with the returned ticket (the
     producer does so in its own backward, after which no consumer's backward can need it: this way a user who keeps
     ``output`` does not keep ``inputs`` alive past the backward). Nothing is recorded while no consumer has called
     :func:`request_recompute`, or under ``torch.compile`` (object identity means nothing in a traced graph);
-    consumers then save their inputs as usual.
+    consumers then save their inputs as usual. Nor when an input is a DeepSpeed ZeRO-3 partitioned parameter
+    (``lit_accel.models.params.is_partitioned``; not imported here, the models package imports the kernels): it is
+    released after its module's forward and gathered again only for that module's own backward, which runs after
+    the consumer's. ``bound`` holds leading non-tensor arguments of ``run``, bound only when a record is made.
 
     Returns:
         A ticket for :func:`forget_recompute`, or None when nothing was recorded.
     """
-    if not _REQUESTERS or torch.compiler.is_compiling():
+    if not _REQUESTERS or torch.compiler.is_compiling() or any(hasattr(t, "ds_id") for t in inputs):
         return None
+    if bound:
+        run = functools.partial(run, *bound)
     key, token = id(output), next(_TOKENS)
     _REGISTRY[key] = (weakref.ref(output, lambda _ref: forget_recompute((key, token))), Recompute(run, inputs), token,
                       output._version)  # fmt: skip

@@ -479,9 +479,7 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, w, rstd)
         ctx.x_shape = x.shape
         # A consumer (a LoRA layer) may rebuild y from the x2 and w saved here instead of keeping y.
-        ctx.recompute_token = register_recompute(
-            y, functools.partial(_recompute_forward, eps, out_dtype, x.shape), x2, w
-        )
+        ctx.recompute_token = register_recompute(y, _recompute_forward, x2, w, bound=(eps, out_dtype, x.shape))
         return y
 
     @staticmethod

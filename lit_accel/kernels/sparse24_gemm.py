@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
-from lit_accel.kernels.cusparselt import SparsePlanCache, max_alg_id, plan_cache_enabled
+from lit_accel.kernels.cusparselt import SparsePlanCache, max_alg_id
 from lit_accel.sparsity.functional import masked_linear
 
 __all__ = [
@@ -316,7 +316,7 @@ def select_alg(packed: torch.Tensor, rows: torch.Tensor, *, with_bias: bool = Fa
         return _ALG_CACHE[key]
     bias = torch.zeros(m, dtype=rows.dtype, device=rows.device) if with_bias else None
     top = max_alg_id(m, k, rows.shape[0], rows.dtype, rows.device)
-    last = min(top - 1, _LAST_SAFE_ALG_ID) if top is not None and rows.dtype == torch.bfloat16 else 0
+    last = min(top - 1, _LAST_SAFE_ALG_ID) if top is not None else 0  # None outside bf16 and with the cache off
     best, best_ms = 0, float("inf")
     for alg in range(last + 1):
 
@@ -505,7 +505,7 @@ class CusparseltWeight:
         n = rows.shape[0]
         if n not in algs:
             algs[n] = select_alg(packed, rows, with_bias=bias is not None)
-        if bias is None and plan_cache_enabled():
+        if bias is None:  # the plan cache falls back to the same torch._cslt_sparse_mm call when it is off
             return plans.matmul(packed, rows, m, algs[n])
         return torch._cslt_sparse_mm(packed, rows.t(), bias=bias, transpose_result=True, alg_id=algs[n])
 

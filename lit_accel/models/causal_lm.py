@@ -34,6 +34,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from lit_accel.models.params import (
+    full_shape,
     full_state_dict,
     is_partitioned,
     is_rank_zero,
@@ -367,8 +368,7 @@ class CausalLM(L.LightningModule):
             if not param.requires_grad:
                 continue
             # Norm gains and biases are 1-D; decaying them toward zero only hurts (as in GPT-2/LLaMA recipes).
-            # Under ZeRO-3 a parameter's data is an empty shard: its real shape is ds_shape.
-            ndim = len(getattr(param, "ds_shape", param.shape))
+            ndim = len(full_shape(param))  # under ZeRO-3 the local data is an empty shard
             (decay if ndim >= 2 else no_decay).append(param)
         groups = [
             {"params": decay, "weight_decay": hp.weight_decay},

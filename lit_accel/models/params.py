@@ -31,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "full_parameters",
+    "full_shape",
     "full_state_dict",
     "gathered",
     "is_partitioned",
@@ -43,6 +44,17 @@ __all__ = [
 def is_partitioned(param: torch.Tensor) -> bool:
     """True for a DeepSpeed ZeRO-3 partitioned parameter."""
     return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's whole shape: ZeRO-3 leaves an empty local shard in ``param`` and the full shape in
+    ``ds_shape``; any other tensor's own shape.
+
+    Example:
+        >>> full_shape(torch.zeros(3, 4))
+        (3, 4)
+    """
+    return tuple(int(d) for d in getattr(param, "ds_shape", param.shape))
 
 
 @contextlib.contextmanager
@@ -232,7 +244,7 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
                 src = state[key]
                 # Every rank checks against the full shape (ds_shape under ZeRO-3), so a mismatch raises on all
                 # ranks alike instead of failing on rank 0 and leaving the others waiting in the next gather.
-                shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+                shape = full_shape(tensor)
                 if tuple(src.shape) != shape:
                     mismatched.append(f"{key}: checkpoint {tuple(src.shape)} vs model {shape}")
                     continue

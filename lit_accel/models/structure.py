@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lit_accel.models.params import full_shape
+
 __all__ = [
     "SUPPORTED_ARCHS",
     "AttentionShape",
@@ -601,8 +603,7 @@ def _embedding_shape(embedding: nn.Module | None) -> tuple[int | None, int | Non
     weight = getattr(embedding, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None, None
-    # ZeRO-3 leaves an empty local shard; the full shape is in ``ds_shape``.
-    shape = tuple(getattr(weight, "ds_shape", weight.shape))
+    shape = full_shape(weight)
     if len(shape) != 2:
         return None, None
     return int(shape[0]), int(shape[1])

@@ -35,7 +35,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lit_accel.models.params import full_state_dict, gathered
+from lit_accel.models.params import full_shape, full_state_dict, gathered
 from lit_accel.models.surgery import find_hf_model, match_linears, replace_module, run_after_configure_model
 from lit_accel.sparsity.functional import (
     SparseLinear,
@@ -624,8 +624,8 @@ class SemiStructuredSparsity(L.Callback):
 def _shape2(layer: nn.Module) -> tuple[int, int]:
     weight = layer.weight
     assert isinstance(weight, torch.Tensor)
-    shape = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3: the full shape, not the local shard's
-    return int(shape[0]), int(shape[1])
+    shape = full_shape(weight)
+    return shape[0], shape[1]
 
 
 def _deepspeed_loss_scale(trainer: L.Trainer) -> float:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_accel.models.params import full_shape
+
 __all__ = [
     "KERNELS",
     "NUM_TRANSPOSABLE_PATTERNS",
@@ -89,7 +91,7 @@ def check_24_shape(weight: torch.Tensor, *, transposable: bool, name: str = "wei
         >>> check_24_shape(torch.zeros(6, 8), transposable=True)
         'weight has shape (6, 8); a transposable 2:4 mask needs both dims to be multiples of 4'
     """
-    shape = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3 keeps an empty shard; the full shape is here
+    shape = full_shape(weight)  # ZeRO-3 keeps an empty local shard
     if len(shape) != 2:
         return f"{name} has shape {shape}; a 2:4 mask needs a 2-D weight"
     if transposable and (shape[0] % 4 or shape[1] % 4):
@@ -307,7 +309,7 @@ class SparseLinear(nn.Linear):
         Raises:
             ValueError: If the mask's shape is not the weight's.
         """
-        shape = tuple(getattr(self.weight, "ds_shape", self.weight.shape))  # ZeRO-3: the full, not the shard's
+        shape = full_shape(self.weight)
         if mask is not None and tuple(mask.shape) != shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, the weight {shape}")
         self.mask = None if mask is None else mask.to(device=self.weight.device, dtype=torch.bool)

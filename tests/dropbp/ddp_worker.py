@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _helpers import finish_distributed
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
@@ -93,8 +94,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.setdefault("WANDB_MODE", "disabled")
     main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")
-    if torch.distributed.is_initialized():
-        # Finish every rank's collectives before the interpreter tears gloo down: a rank once aborted at exit
-        # ("terminate called without an active exception") on the 2-core CI machine after a complete fit.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_distributed()

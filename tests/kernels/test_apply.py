@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import lightning as L
 import pytest
@@ -25,6 +26,9 @@ from lit_accel.models import CausalLM
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
 def _llama(tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -36,7 +40,10 @@ def _llama(tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
         vocab_size=80,
         tie_word_embeddings=tied,
     )
-    model = LlamaForCausalLM(cfg)
+    return _randomize_norms(LlamaForCausalLM(cfg))
+
+
+def _randomize_norms(model: _M) -> _M:
     with torch.no_grad():  # fresh RMSNorm weights are all ones, which would hide a weight applied wrongly
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -133,7 +140,7 @@ def _mistral() -> nn.Module:
         sliding_window=None,
     )
     torch.manual_seed(0)
-    return MistralForCausalLM(cfg)
+    return _randomize_norms(MistralForCausalLM(cfg))
 
 
 def test_mistral_is_patched_and_matches() -> None:

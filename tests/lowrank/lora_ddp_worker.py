@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _helpers import finish_distributed
 from torch.utils.data import DataLoader
 
 from lit_accel.lowrank.lora import lora_state_dict
@@ -69,8 +70,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.setdefault("WANDB_MODE", "disabled")
     main(sys.argv[1], Path(sys.argv[2]))
-    if torch.distributed.is_initialized():
-        # Finish every rank's collectives before the interpreter tears gloo down: a rank once aborted at exit
-        # ("terminate called without an active exception") on the 2-core CI machine after a complete fit.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_distributed()

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from _helpers import quiet_trainer
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
@@ -36,18 +37,12 @@ def test_sparse24_under_deepspeed(tmp_path: Path, strategy: str) -> None:
         def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any) -> None:
             hooks.append(len(cb._decay_hooks))
 
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu",
-        devices=1,
         strategy=strategy,
         precision="bf16-mixed",
         max_steps=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
-        limit_val_batches=0,
         callbacks=[cb, Watch()],
     )
     trainer.fit(module, train_dataloaders=loader)

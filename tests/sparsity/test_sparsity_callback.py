@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from _helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
@@ -25,20 +26,7 @@ def loader(n: int = 8, seq_len: int = 16, batch_size: int = 4) -> DataLoader[Any
     return DataLoader([{"input_ids": x} for x in data], batch_size=batch_size)  # type: ignore[arg-type]
 
 
-def trainer(**overrides: Any) -> L.Trainer:
-    kw: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    kw.update(overrides)
-    return L.Trainer(**kw)
+trainer = quiet_trainer
 
 
 def module(**kw: Any) -> CausalLM:
