@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     parser.add_argument("--pytorch-path", action="store_true", help="also time the plain-PyTorch (PEFT-equal) path")
+    parser.add_argument("--triton-epilogue", action="store_true", help="also time the triton_epilogue backend")
     args = parser.parse_args()
     r, alpha = args.r, 2 * args.r
 
@@ -115,15 +116,21 @@ def main() -> None:
     results: list[Measurement] = [_run("floor: frozen base, no adapters", floor, args)]
     results.append(_run("PEFT LoRA", peft, args))
     keep_inputs = functools.partial(ours, recompute_inputs=False)
-    results.append(_run("lit_accel LoRA (default CUDA path, recompute_inputs=True)", ours, args))
+    results.append(_run("lit_accel LoRA (default CUDA path: shared-input groups, recompute_inputs=True)", ours, args))
     results.append(_run("lit_accel LoRA, recompute_inputs=False", keep_inputs, args))
-    default_backend = lora_kernel_module.CUDA_DEFAULT_BACKEND
-    lora_kernel_module.CUDA_DEFAULT_BACKEND = "triton_epilogue"
+    group_devices = lora_module._GROUP_DEVICES
+    lora_module._GROUP_DEVICES = ()
     try:
-        results.append(_run("lit_accel LoRA, triton_epilogue backend", ours, args))
-        results.append(_run("lit_accel LoRA, triton_epilogue, recompute_inputs=False", keep_inputs, args))
+        results.append(_run("lit_accel LoRA, no shared-input groups (one node per linear)", ours, args))
     finally:
-        lora_kernel_module.CUDA_DEFAULT_BACKEND = default_backend
+        lora_module._GROUP_DEVICES = group_devices
+    if args.triton_epilogue:
+        default_backend = lora_kernel_module.CUDA_DEFAULT_BACKEND
+        lora_kernel_module.CUDA_DEFAULT_BACKEND = "triton_epilogue"
+        try:
+            results.append(_run("lit_accel LoRA, triton_epilogue backend, no groups", ours, args))
+        finally:
+            lora_kernel_module.CUDA_DEFAULT_BACKEND = default_backend
     if args.pytorch_path:
         original: Any = lora_module.lora_linear
         lora_module.lora_linear = functools.partial(lora_linear, use_kernel=False)  # type: ignore[assignment]

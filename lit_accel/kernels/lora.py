@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,14 @@ from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
 from lit_accel.kernels.recompute import Recompute, recompute_recipe
 
-__all__ = ["LoRALinearFunction", "kernel_available", "lora_linear", "lora_linear_reference"]
+__all__ = [
+    "LoRAGroupFunction",
+    "LoRALinearFunction",
+    "kernel_available",
+    "lora_linear",
+    "lora_linear_group",
+    "lora_linear_reference",
+]
 
 _LAYOUTS = ("out_in", "in_out")
 # tl.dot needs every dimension >= 16; the rank is padded up to a power of two in registers. 128 keeps the
@@ -484,17 +491,24 @@ def _lora_gemm_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`_lora_gemm` (``mask`` bool here), composed from cuBLAS calls.
 
-    The big GEMM is cuBLAS's and the low-rank term is accumulated into its output in place (``addmm_`` with
-    beta=1): one extra read+write of the output instead of the unfused path's separate product, scale and add
-    passes, and no output-sized tensor kept for backward.
+    The output starts as the low-rank term (a rank-r GEMM that only writes it, the scale applied by cuBLAS's
+    alpha) and the big GEMM accumulates into it with beta = 1: the output is written once by the rank-r GEMM and
+    read once more inside the big, compute-bound GEMM. Measured on an H200 at llama-1b shapes this beats the other
+    order (big GEMM first, then a memory-bound rank-r GEMM that re-reads and re-writes the whole output), and no
+    output-sized tensor is kept for backward.
     """
     t = _rank_projection(a, d, mask, mask_on_input, inv_keep)
-    out = torch.addmm(bias, a, b) if bias is not None else a @ b
+    m, n = a.shape[0], b.shape[1]
     if mask is None or mask_on_input:
-        out.addmm_(t, c, alpha=scale)
+        if bias is not None:
+            out = torch.addmm(bias, t, c, alpha=scale)
+        else:
+            out = torch.empty((m, n), device=a.device, dtype=a.dtype).addmm_(t, c, beta=0, alpha=scale)
     else:
-        out.add_((t @ c).mul_(mask), alpha=scale * inv_keep)
-    return out, t
+        out = (t @ c).mul_(mask).mul_(scale * inv_keep)
+        if bias is not None:
+            out.add_(bias)
+    return out.addmm_(a, b), t
 
 
 def _base_views(weight: torch.Tensor, weight_layout: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -726,3 +740,172 @@ def _fused(
             x2, w, b, lora_a, lora_b, float(scaling), mask, float(dropout_p), weight_layout, backend, x_recompute
         )
     return y.view(*lead, out_f)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linears sharing one input (q/k/v, gate/up)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LoRAGroupFunction(torch.autograd.Function):
+    """``n`` frozen linears that read the same input, each with its own adapter, as one autograd node.
+
+    ``apply(x, n, scalings, x_recompute, adapter_dtypes, *weights, *biases, *lora_as, *lora_bs)`` returns the ``n``
+    outputs ``x W_i^T + b_i + s_i (x A_i^T) B_i^T``. ``x`` is ``[M, in]`` in the compute dtype, ``weights`` ``[out_i,
+    in]`` and ``biases`` (or None) in it too, the adapters cast to it already. Sharing the input is what the
+    per-layer function cannot exploit:
+
+    * one rank projection ``x [A_1; ...; A_n]^T`` (one read of ``x`` instead of ``n``), and in the backward one
+      ``[u_1 ... u_n]^T x`` for every ``dA_i`` (and, with ``x_recompute``, one rebuild of ``x`` instead of ``n``);
+    * each output starts as its low-rank term (a rank-r GEMM that only writes) and the base GEMM adds into it with
+      beta = 1, so no output is read and written a second time; in the backward ``dX`` starts as
+      ``[u_1 ... u_n] [s_1 A_1; ...]`` and each ``dY_i W_i`` accumulates into it, which also replaces the separate
+      additions autograd makes to sum the ``n`` input gradients (a frozen model without adapters pays those).
+
+    No dropout (a per-adapter dropout gives each adapter its own input); the base is frozen (no dW / db).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        n: int,
+        scalings: tuple[float, ...],
+        x_recompute: Recompute | None,
+        adapter_dtypes: tuple[tuple[torch.dtype, torch.dtype], ...],
+        *tensors: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        weights = cast("list[torch.Tensor]", list(tensors[:n]))
+        biases = list(tensors[n : 2 * n])
+        lora_as = cast("list[torch.Tensor]", list(tensors[2 * n : 3 * n]))
+        lora_bs = cast("list[torch.Tensor]", list(tensors[3 * n :]))
+        ranks = [a.shape[0] for a in lora_as]
+        a_cat = torch.cat(lora_as) if n > 1 else lora_as[0]
+        t = x @ a_cat.t()
+        outs = []
+        start = 0
+        m = x.shape[0]
+        for w, b, lb, s, r in zip(weights, biases, lora_bs, scalings, ranks, strict=True):
+            t_i, c = t[:, start : start + r], lb.t()
+            if b is not None:
+                y = torch.addmm(b, t_i, c, alpha=s)
+            else:
+                # beta = 0: the uninitialised output is not read; s rides on cuBLAS's alpha.
+                y = torch.empty((m, w.shape[0]), device=x.device, dtype=x.dtype).addmm_(t_i, c, beta=0, alpha=s)
+            outs.append(y.addmm_(x, w.t()))
+            start += r
+        if x_recompute is None:
+            ctx.save_for_backward(x, a_cat, t, *weights, *lora_bs)
+        else:
+            ctx.save_for_backward(None, a_cat, t, *weights, *lora_bs, *x_recompute.inputs)
+            ctx.x_recompute = x_recompute.run
+            ctx.x_meta = (x.shape, x.dtype)
+        ctx.n, ctx.scalings, ctx.ranks, ctx.adapter_dtypes = n, scalings, ranks, adapter_dtypes
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *dys: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        n, scalings, ranks = ctx.n, ctx.scalings, ctx.ranks
+        x, a_cat, t, *rest = ctx.saved_tensors
+        weights, lora_bs, producer_inputs = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        need_dx = ctx.needs_input_grad[0]
+        need_da = any(ctx.needs_input_grad[5 + 2 * n : 5 + 3 * n])
+        need_db = ctx.needs_input_grad[5 + 3 * n :]
+        m = t.shape[0]
+        live = {i: dy for i, dy in enumerate(dys) if dy is not None}
+        d_as: list[torch.Tensor | None] = [None] * n
+        d_bs: list[torch.Tensor | None] = [None] * n
+        dx = None
+        if live and (need_dx or need_da):
+            # u_i = dY_i B_i, unscaled; a missing dY_i (output unused) contributes zeros.
+            us = [live[i] @ lora_bs[i] if i in live else t.new_zeros(m, ranks[i]) for i in range(n)]
+            u = torch.cat(us, dim=1) if n > 1 else us[0]
+            if need_dx:
+                if len(set(scalings)) == 1:
+                    dx = torch.empty((m, a_cat.shape[1]), device=t.device, dtype=t.dtype)
+                    dx.addmm_(u, a_cat, beta=0, alpha=scalings[0])
+                else:
+                    scale = torch.cat([t.new_full((r,), s) for r, s in zip(ranks, scalings, strict=True)])
+                    dx = u @ (a_cat * scale[:, None])
+                for i, dy in live.items():
+                    dx.addmm_(dy, weights[i])
+            if need_da:
+                if x is None:
+                    shape, dtype = ctx.x_meta
+                    x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
+                g = u.t() @ x
+                start = 0
+                for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
+                    if i in live:
+                        d_as[i] = (g[start : start + r] * s).to(ctx.adapter_dtypes[i][0])
+                    start += r
+        start = 0
+        for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
+            if need_db[i] and i in live:
+                d_bs[i] = (live[i].t() @ t[:, start : start + r]).mul_(s).to(ctx.adapter_dtypes[i][1])
+            start += r
+        return (dx, None, None, None, None, *([None] * (2 * n)), *d_as, *d_bs)
+
+
+def lora_linear_group(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    lora_as: list[torch.Tensor],
+    lora_bs: list[torch.Tensor],
+    scalings: list[float],
+    recompute_input: bool = False,
+) -> list[torch.Tensor]:
+    """LoRA linears that share their input (``nn.Linear`` layout, no dropout), as :class:`LoRAGroupFunction`.
+
+    Equal to ``[lora_linear(x, w_i, b_i, a_i, b_i, s_i) ...]`` within the rounding of the compute dtype (the
+    low-rank term is rounded once before the base product is added to it, the other order from PEFT's). Runs on
+    any device (cuBLAS calls on CUDA, the same torch calls elsewhere); :class:`lit_accel.lowrank.LoRALinear` uses it
+    on CUDA for the q/k/v and gate/up projections of a block.
+
+    Args:
+        x: Input ``[..., in]``.
+        weights: Frozen base weights ``[out_i, in]``.
+        biases: Frozen biases ``[out_i]`` or None, one per weight.
+        lora_as: ``[r_i, in]`` adapters (any float dtype; cast to the compute dtype, gradients in their own).
+        lora_bs: ``[out_i, r_i]``.
+        scalings: Adapter scales.
+        recompute_input: As :func:`lora_linear`'s: rebuild ``x`` in the backward from its fused producer.
+
+    Returns:
+        The ``n`` outputs ``[..., out_i]`` in the compute dtype.
+
+    Example:
+        >>> x = torch.randn(5, 16, requires_grad=True)
+        >>> ws = [torch.randn(8, 16), torch.randn(4, 16)]
+        >>> a_s, b_s = [torch.randn(2, 16), torch.randn(3, 16)], [torch.randn(8, 2), torch.randn(4, 3)]
+        >>> ys = lora_linear_group(x, ws, [None, None], a_s, b_s, [2.0, 0.5])
+        >>> ref = [lora_linear_reference(x, w, None, a, b, s) for w, a, b, s in zip(ws, a_s, b_s, [2.0, 0.5])]
+        >>> all(torch.allclose(y, r, atol=1e-4) for y, r in zip(ys, ref))
+        True
+    """
+    n = len(weights)
+    if not n or not len(biases) == len(lora_as) == len(lora_bs) == len(scalings) == n:
+        raise ValueError(
+            "weights, biases, lora_as, lora_bs and scalings must be non-empty lists of one length, got lengths "
+            f"{[len(weights), len(biases), len(lora_as), len(lora_bs), len(scalings)]}"
+        )
+    for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scalings, strict=True):
+        _check_args(x, w, b, a, lb, s, 0.0, "out_in")
+    in_f = x.shape[-1]
+    dtype = _compute_dtype(x)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_f).to(dtype).contiguous()
+    use_recipe = recompute_input and torch.is_grad_enabled() and x.grad_fn is not None
+    x_recompute = recompute_recipe(x) if use_recipe else None
+    tensors = [
+        *(w.to(dtype) for w in weights),
+        *(b if b is None else b.to(dtype) for b in biases),
+        *(a.to(dtype) for a in lora_as),
+        *(lb.to(dtype) for lb in lora_bs),
+    ]
+    dtypes = tuple((a.dtype, lb.dtype) for a, lb in zip(lora_as, lora_bs, strict=True))
+    with torch.autocast(x.device.type, enabled=False):
+        outs = LoRAGroupFunction.apply(x2, n, tuple(float(s) for s in scalings), x_recompute, dtypes, *tensors)
+    return [y.view(*lead, w.shape[0]) for y, w in zip(outs, weights, strict=True)]

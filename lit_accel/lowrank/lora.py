@@ -41,6 +41,7 @@ import math
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +51,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lit_accel.kernels.lora import lora_linear
+from lit_accel.kernels.lora import lora_linear, lora_linear_group
 from lit_accel.kernels.recompute import request_recompute
 from lit_accel.models.params import gathered, is_partitioned, is_rank_zero
-from lit_accel.models.structure import StructurePatterns, linear_in_out_features
+from lit_accel.models.structure import StructurePatterns, get_structure, linear_in_out_features
 from lit_accel.models.surgery import match_linears, replace_module
 
 __all__ = [
@@ -61,7 +62,9 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "LORA_INITS",
     "LoRALinear",
+    "SharedInputGroup",
     "apply_lora",
+    "group_shared_inputs",
     "load_peft_adapter",
     "lora_layers",
     "lora_parameters",
@@ -113,6 +116,74 @@ def parse_dtype(value: str | torch.dtype | None, argument: str = "base_dtype") -
 
 def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+# Roles of the linears that read one sublayer input (the attention's normed input, the MLP's).
+_SHARED_INPUT_ROLES = (("attention", ("q", "k", "v")), ("mlp", ("gate", "up")))
+# Where groups run: on CUDA the per-layer path is cuBLAS too, so grouping only changes the rounding order; on the
+# CPU the per-layer path is PEFT's computation, bit for bit, and stays so (tests add "cpu" to run groups there).
+_GROUP_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+class SharedInputGroup:
+    """LoRA layers that read the same input (a block's q/k/v, its gate/up), computed together on CUDA.
+
+    The first member called with an input computes every member's output with
+    :func:`~lit_accel.kernels.lora.lora_linear_group` (one rank projection of the input, one input gradient, one
+    rebuild of the input under ``recompute_input``) and hands the others theirs when they are called with that
+    very tensor (same object, not modified in place since). Any other call (another input, a member called twice,
+    dropout active, a CPU tensor, a ZeRO-3 partitioned weight, ``torch.compile``) runs the member on its own, so
+    the result never depends on the grouping beyond the rounding of the compute dtype. Module hooks still run:
+    every member is still called through ``__call__``.
+    """
+
+    def __init__(self, members: Sequence[LoRALinear]) -> None:
+        self.members = list(members)
+        self._pending: tuple[weakref.ref[torch.Tensor], int, dict[int, torch.Tensor]] | None = None
+
+    def _settings(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
+        """The members' base weights and biases as the group runs them, or None when it cannot take ``x``."""
+        if x.device.type not in _GROUP_DEVICES or x.numel() == 0 or torch.compiler.is_compiling():
+            return None
+        weights: list[torch.Tensor] = []
+        biases: list[torch.Tensor | None] = []
+        for m in self.members:
+            if m.merged or m.weight_layout != "out_in" or (m.dropout > 0.0 and m.training):
+                return None
+            w, b = m._base_tensors(x)
+            # ZeRO-3 gathers a member's weight only around its own forward; a trainable base needs dW.
+            if is_partitioned(w) or w.device != x.device or (torch.is_grad_enabled() and (
+                    w.requires_grad or (b is not None and b.requires_grad))):  # fmt: skip
+                return None
+            weights.append(w)
+            biases.append(b)
+        return weights, biases
+
+    def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output for ``x`` from the group, or None when the member must run on its own."""
+        pending = self._pending
+        if pending is not None and pending[0]() is x and pending[1] == x._version and id(member) in pending[2]:
+            y = pending[2].pop(id(member))
+            if not pending[2]:
+                self._pending = None
+            return y
+        self._pending = None
+        settings = self._settings(x)
+        if settings is None:
+            return None
+        weights, biases = settings
+        outs = lora_linear_group(
+            x,
+            weights,
+            biases,
+            [m.lora_A for m in self.members],
+            [m.lora_B for m in self.members],
+            [m.scaling for m in self.members],
+            recompute_input=all(m.recompute_input for m in self.members),
+        )
+        others = {id(m): y for m, y in zip(self.members, outs, strict=True) if m is not member}
+        self._pending = (weakref.ref(x), x._version, others)
+        return outs[next(i for i, m in enumerate(self.members) if m is member)]
 
 
 class LoRALinear(nn.Module):
@@ -167,6 +238,8 @@ class LoRALinear(nn.Module):
             request_recompute(self)  # the fused kernels record their outputs only while such a layer lives
         self.scaling = _scaling(self.r, self.alpha, self.use_rslora)
         self.merged = False
+        # Set by apply_lora for layers that share their input with siblings (a plain attribute, not a submodule).
+        self.shared_input_group: SharedInputGroup | None = None
         self.weight_layout: Literal["out_in", "in_out"] = "in_out" if isinstance(base_layer, Conv1D) else "out_in"
         weight = base_layer.weight
         device = weight.device
@@ -227,9 +300,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+    def _base_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight and bias as the forward computes with them for input ``x``."""
         weight: torch.Tensor = self.base_layer.weight
         bias: torch.Tensor | None = self.base_layer.bias
         if not torch.is_autocast_enabled(x.device.type) and weight.dtype != x.dtype:
@@ -238,6 +310,16 @@ class LoRALinear(nn.Module):
             # their dtype (fp32) unless autocast is on, and the result is cast back to the base output's dtype.
             weight = weight.to(x.dtype)
             bias = bias if bias is None else bias.to(x.dtype)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        if self.shared_input_group is not None and not args and not kwargs:
+            y = self.shared_input_group.output(self, x)
+            if y is not None:
+                return y
+        weight, bias = self._base_tensors(x)
         return lora_linear(
             x,
             weight,
@@ -250,6 +332,37 @@ class LoRALinear(nn.Module):
             weight_layout=self.weight_layout,
             recompute_input=self.recompute_input,
         )
+
+
+def group_shared_inputs(model: nn.Module, patterns: StructurePatterns | None = None) -> list[SharedInputGroup]:
+    """Groups the :class:`LoRALinear` layers of each block that read one input (q/k/v; gate/up).
+
+    :func:`apply_lora` calls it; call it again after replacing layers by hand. A model whose structure is not
+    known (no supported architecture, no ``patterns``) gets no groups: every layer then runs on its own.
+
+    Returns:
+        The groups formed (each of two or more layers); earlier groups of these layers are replaced.
+    """
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            layer.shared_input_group = None
+    try:
+        structure = get_structure(model, patterns)
+    except ValueError:
+        return []
+    named = dict(model.named_modules())
+    groups = []
+    for block in structure.blocks:
+        for kind, roles in _SHARED_INPUT_ROLES:
+            sub = block.attention if kind == "attention" else block.mlp
+            members = [named[sub.roles[r]] for r in roles if r in sub.roles]
+            members = [m for m in members if isinstance(m, LoRALinear)]
+            if len(members) > 1:
+                group = SharedInputGroup(members)
+                for m in members:
+                    m.shared_input_group = group
+                groups.append(group)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,6 +524,7 @@ def apply_lora(
     for layer in out.values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    group_shared_inputs(model, patterns)
     return out
 
 

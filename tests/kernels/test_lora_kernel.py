@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_accel.kernels import LoRALinearFunction, kernel_available, lora_linear, lora_linear_reference
-from lit_accel.kernels.lora import _fused
+from lit_accel.kernels.lora import _fused, lora_linear_group
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -418,3 +418,156 @@ def test_gpu_autocast_and_dispatch() -> None:
         ref = lora_linear_reference(**t, scaling=1.0)  # type: ignore[arg-type]
     assert y.dtype == ref.dtype == torch.bfloat16
     assert _rel(y, ref) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linears sharing one input: lora_linear_group (cuBLAS calls; plain torch on the CPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _group_case(
+    outs: list[int], ranks: list[int], biases: list[bool], dtype: torch.dtype = torch.float64, device: str = "cpu"
+) -> dict[str, object]:
+    in_f = 24
+    gen = torch.Generator(device=device).manual_seed(11)
+
+    def rnd(*shape: int, grad: bool = False) -> torch.Tensor:
+        t = torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+        return t.requires_grad_() if grad else t
+
+    return {
+        "x": rnd(2, 5, in_f, grad=True),
+        "weights": [rnd(o, in_f) for o in outs],
+        "biases": [rnd(o) if b else None for o, b in zip(outs, biases)],
+        "lora_as": [rnd(r, in_f, grad=True) for r in ranks],
+        "lora_bs": [rnd(o, r, grad=True) for o, r in zip(outs, ranks)],
+    }
+
+
+@pytest.mark.parametrize(
+    ("outs", "ranks", "biases", "scalings", "used"),
+    [
+        ([32, 8, 8], [4, 4, 4], [False, False, False], [2.0, 2.0, 2.0], [0, 1, 2]),  # q/k/v-like, one scaling
+        ([40, 40], [3, 5], [True, False], [0.5, 1.75], [0, 1]),  # gate/up-like, own ranks and scalings
+        ([16, 8, 8], [2, 2, 2], [False, True, False], [1.0, 1.0, 1.0], [0, 2]),  # an output nobody uses
+        ([16], [4], [True], [3.0], [0]),  # one linear
+    ],
+)
+def test_group_matches_reference(
+    outs: list[int], ranks: list[int], biases: list[bool], scalings: list[float], used: list[int]
+) -> None:
+    c = _group_case(outs, ranks, biases)
+    x, ws, bs, a_s, b_s = c["x"], c["weights"], c["biases"], c["lora_as"], c["lora_bs"]
+    ys = lora_linear_group(x, ws, bs, a_s, b_s, scalings)  # type: ignore[arg-type]
+    refs = [lora_linear_reference(x, *args) for args in zip(ws, bs, a_s, b_s, scalings)]  # type: ignore[call-overload]
+    assert len(ys) == len(outs)
+    for y, ref in zip(ys, refs):
+        assert y.shape == ref.shape and y.dtype == ref.dtype
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    gs = [torch.randn_like(refs[i]) for i in used]
+    inputs = [x, *a_s, *b_s]  # type: ignore[misc]
+    got = torch.autograd.grad([ys[i] for i in used], inputs, gs, allow_unused=True)
+    exp = torch.autograd.grad([refs[i] for i in used], inputs, gs, allow_unused=True)
+    for k, (a, b) in enumerate(zip(got, exp)):
+        if b is None:
+            assert a is None, f"input {k} of an unused output got a gradient"
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda e, k=k: f"input {k}: {e}")  # type: ignore[misc]
+
+
+def test_group_low_precision_and_adapter_dtypes() -> None:
+    """bf16 compute with fp32 adapters (autocast's case): bf16 outputs, fp32 adapter gradients, close to fp64."""
+    c = _group_case([32, 8], [4, 4], [False, False])
+    x64 = c["x"]
+    xb = x64.detach().to(torch.bfloat16).requires_grad_()  # type: ignore[union-attr]
+    wb = [w.to(torch.bfloat16) for w in c["weights"]]  # type: ignore[attr-defined]
+    a32 = [a.detach().float().requires_grad_() for a in c["lora_as"]]  # type: ignore[attr-defined]
+    b32 = [b.detach().float().requires_grad_() for b in c["lora_bs"]]  # type: ignore[attr-defined]
+    ys = lora_linear_group(xb, wb, [None, None], a32, b32, [2.0, 2.0])
+    assert all(y.dtype == torch.bfloat16 for y in ys)
+    gs = [torch.randn_like(y) for y in ys]
+    got = torch.autograd.grad(ys, [xb, *a32, *b32], gs)
+    assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got[1:])
+    refs = [lora_linear_reference(x64, w, None, a, b, 2.0) for w, a, b in zip(c["weights"], c["lora_as"], c["lora_bs"])]  # type: ignore[arg-type, call-overload]
+    exp = torch.autograd.grad(refs, [x64, *c["lora_as"], *c["lora_bs"]], [g.double() for g in gs])  # type: ignore[misc]
+    for y, ref in zip(ys, refs):
+        assert _rel(y, ref) < 2e-2
+    for a, b in zip(got, exp):
+        assert _rel(a, b) < 2e-2
+
+
+def test_group_recomputes_input_from_its_producer() -> None:
+    """With recompute_input the group saves the producer's inputs, reruns it once in backward, and equals saving x."""
+    from lit_accel.kernels.recompute import register_recompute, request_recompute
+
+    class Consumer:
+        pass
+
+    consumer = Consumer()
+    request_recompute(consumer)
+    c = _group_case([16, 8], [2, 3], [False, False])
+    h = c["x"]
+    runs = []
+
+    def producer(t: torch.Tensor) -> torch.Tensor:
+        runs.append(1)
+        return t * 3.0
+
+    grads = {}
+    for recompute in (False, True):
+        x = h * 3.0  # type: ignore[operator]
+        register_recompute(x, producer, h)
+        ys = lora_linear_group(x, c["weights"], c["biases"], c["lora_as"], c["lora_bs"], [1.5, 1.5],  # type: ignore[arg-type]
+                               recompute_input=recompute)  # fmt: skip
+        grads[recompute] = torch.autograd.grad(sum(y.sum() for y in ys), [h, *c["lora_as"]])  # type: ignore[misc]
+    assert len(runs) == 1  # once for the whole group, in the recompute run's backward
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    del consumer
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"biases": [None]}, "one length"),
+        ({"lora_bs": []}, "one length"),
+        ({"lora_as": [torch.zeros(4, 23), torch.zeros(4, 24)]}, "lora_a must have shape"),
+        ({"weights": [torch.zeros(8, 20), torch.zeros(8, 24)]}, "in_features"),
+    ],
+)
+def test_group_bad_input_raises(change: dict[str, object], match: str) -> None:
+    args: dict[str, object] = {
+        "x": torch.zeros(3, 24),
+        "weights": [torch.zeros(8, 24), torch.zeros(8, 24)],
+        "biases": [None, None],
+        "lora_as": [torch.zeros(4, 24), torch.zeros(4, 24)],
+        "lora_bs": [torch.zeros(8, 4), torch.zeros(8, 4)],
+        "scalings": [1.0, 1.0],
+    }
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        lora_linear_group(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_gpu_group_bf16_real_shapes() -> None:
+    """q/k/v at llama-1b shapes, bf16 under autocast with fp32 adapters, against an fp32 reference."""
+    m, in_f, r, s = 8 * 2048, 2048, 16, 2.0
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(m, in_f, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+    ws = [
+        torch.randn(o, in_f, device="cuda", generator=gen, dtype=torch.bfloat16) / in_f**0.5 for o in (2048, 256, 256)
+    ]
+    a_s = [(torch.randn(r, in_f, device="cuda", generator=gen) / in_f**0.5).requires_grad_() for _ in ws]
+    b_s = [torch.randn(w.shape[0], r, device="cuda", generator=gen).requires_grad_() for w in ws]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ys = lora_linear_group(x, ws, [None] * 3, a_s, b_s, [s] * 3)
+    gs = [torch.randn_like(y) for y in ys]
+    got = torch.autograd.grad(ys, [x, *a_s, *b_s], gs)
+    x32 = x.detach().float().requires_grad_()
+    refs = [x32 @ w.float().t() + (x32 @ a.t()) @ b.t() * s for w, a, b in zip(ws, a_s, b_s)]
+    exp = torch.autograd.grad(refs, [x32, *a_s, *b_s], [g.float() for g in gs])
+    for y, ref in zip(ys, refs):
+        assert y.dtype == torch.bfloat16 and _rel(y, ref) < 1e-2
+    for k, (a, b) in enumerate(zip(got, exp)):
+        assert _rel(a, b) < 1e-2, k

@@ -1,0 +1,139 @@
+"""LoRA layers that share an input (q/k/v, gate/up) computed as one group: same results, same hooks, safe fallbacks.
+
+On the CPU groups are off by default (the per-layer path there is PEFT's exact computation); these tests turn them on
+for the CPU through ``_GROUP_DEVICES`` and compare against the per-layer path in fp64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from lora_helpers import VOCAB, randomize_adapters, tiny_gpt2, tiny_llama
+
+import lit_accel.lowrank.lora as lora_mod
+from lit_accel.lowrank.lora import LoRALinear, SharedInputGroup, apply_lora, group_shared_inputs, lora_layers
+
+
+@pytest.fixture
+def groups_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Groups run on the CPU; yields a list that grows by one per group computation."""
+    calls: list[int] = []
+    real = lora_mod.lora_linear_group
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lora_mod, "_GROUP_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(lora_mod, "lora_linear_group", counting)
+    yield calls
+
+
+def _model(**kwargs: object) -> torch.nn.Module:
+    model = tiny_llama(layers=2).double().train()
+    apply_lora(model, r=4, alpha=8, **kwargs)  # type: ignore[arg-type]
+    randomize_adapters(model)
+    return model.double()
+
+
+def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    loss = model(input_ids=ids, labels=ids).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), list(torch.autograd.grad(loss, params))
+
+
+def test_apply_lora_groups_siblings_that_share_an_input() -> None:
+    model = tiny_llama(layers=2)
+    apply_lora(model, r=4, alpha=8)
+    layers = lora_layers(model)
+    for i in range(2):
+        attn = [layers[f"model.layers.{i}.self_attn.{n}_proj"] for n in "qkv"]
+        mlp = [layers[f"model.layers.{i}.mlp.{n}_proj"] for n in ("gate", "up")]
+        assert attn[0].shared_input_group is not None and attn[0].shared_input_group.members == attn
+        assert mlp[0].shared_input_group is not None and mlp[0].shared_input_group.members == mlp
+        assert layers[f"model.layers.{i}.self_attn.o_proj"].shared_input_group is None
+        assert layers[f"model.layers.{i}.mlp.down_proj"].shared_input_group is None
+    # Only the adapted members group; a lone adapted sibling runs on its own.
+    partial = tiny_llama(layers=1)
+    apply_lora(partial, targets=["q_proj", "v_proj", "gate_proj"], r=4, alpha=8)
+    got = lora_layers(partial)
+    group = got["model.layers.0.self_attn.q_proj"].shared_input_group
+    assert group is not None and group.members == [got["model.layers.0.self_attn.q_proj"],
+                                                    got["model.layers.0.self_attn.v_proj"]]  # fmt: skip
+    assert got["model.layers.0.mlp.gate_proj"].shared_input_group is None
+    # GPT-2's q/k/v is one Conv1D: nothing to group.
+    gpt2 = tiny_gpt2(layers=1)
+    apply_lora(gpt2, r=4, alpha=8)
+    assert all(layer.shared_input_group is None for layer in lora_layers(gpt2).values())
+
+
+def test_groups_equal_the_per_layer_path(groups_on_cpu: list[int]) -> None:
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = _model()
+    loss_g, grads_g = _loss_and_grads(model, ids)
+    assert len(groups_on_cpu) == 4  # q/k/v and gate/up of two blocks, once each
+    for layer in lora_layers(model).values():
+        layer.shared_input_group = None
+    loss_p, grads_p = _loss_and_grads(model, ids)
+    assert len(groups_on_cpu) == 4
+    torch.testing.assert_close(loss_g, loss_p, rtol=1e-12, atol=1e-12)
+    assert len(grads_g) == len(grads_p) == 2 * 14
+    for a, b in zip(grads_g, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_group_falls_back_when_it_cannot_serve_the_call(groups_on_cpu: list[int]) -> None:
+    model = _model()
+    attn = model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+
+    def alone(layer: LoRALinear, inp: torch.Tensor) -> torch.Tensor:
+        group, layer.shared_input_group = layer.shared_input_group, None
+        try:
+            return layer(inp)
+        finally:
+            layer.shared_input_group = group
+
+    # Served from the group: one computation for the three calls.
+    outs = [q(x), k(x), v(x)]
+    assert len(groups_on_cpu) == 1
+    for layer, y in zip((q, k, v), outs):
+        torch.testing.assert_close(y, alone(layer, x), rtol=1e-12, atol=1e-12)
+    # Another tensor with the same values is another input: k computes its own group (and q its own after that).
+    q(x)
+    y_k = k(x.clone())
+    assert len(groups_on_cpu) == 3
+    torch.testing.assert_close(y_k, alone(k, x), rtol=1e-12, atol=1e-12)
+    # An input changed in place after the group ran is not served the stale outputs.
+    x2 = x.clone()
+    q(x2)
+    x2.mul_(2)
+    torch.testing.assert_close(k(x2), alone(k, x2), rtol=1e-12, atol=1e-12)
+    # Dropout in training mode: every layer draws its own mask, so no group.
+    before = len(groups_on_cpu)
+    for layer in (q, k, v):
+        layer.dropout = 0.1
+    q(x), k(x), v(x)
+    assert len(groups_on_cpu) == before
+    model.eval()
+    q(x), k(x), v(x)
+    assert len(groups_on_cpu) == before + 1
+    # A merged member: the base alone, no group.
+    for layer in (q, k, v):
+        layer.dropout = 0.0
+    k.merge()
+    torch.testing.assert_close(k(x), k.base_layer(x), rtol=0, atol=0)
+    q(x)
+    assert len(groups_on_cpu) == before + 1
+
+
+def test_group_shared_inputs_without_a_known_structure_groups_nothing() -> None:
+    layer = LoRALinear(torch.nn.Linear(8, 8), r=2, alpha=4)
+    model = torch.nn.Sequential(layer)
+    assert group_shared_inputs(model) == []
+    assert layer.shared_input_group is None
+    group = SharedInputGroup([layer])
+    assert group.output(layer, torch.randn(2, 8)) is None  # a CPU tensor: the layer runs alone
