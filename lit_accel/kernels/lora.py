@@ -517,6 +517,23 @@ def _base_views(weight: torch.Tensor, weight_layout: str) -> tuple[torch.Tensor,
     return w_t, w_t.t()
 
 
+# aten::addmm.dtype (cuBLAS writing a bf16/fp16 product in fp32) exists on CUDA in recent torch releases.
+_ADDMM_OUT_DTYPE = "dtype" in torch.ops.aten.addmm.overloads()
+
+
+def _scaled_product(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * a @ b`` in ``dtype``: an adapter gradient (``dA = s u^T x``, ``dB = s dY^T t``) in the adapter's dtype.
+
+    On CUDA a bf16/fp16 product for fp32 adapters is written in fp32 by cuBLAS itself with ``alpha = scale``: the
+    gradient is not rounded to the low dtype first, and no scale or cast kernel runs (each of those is tiny but
+    there are four per adapter per step: about 600 launches at llama-1b).
+    """
+    if _ADDMM_OUT_DTYPE and a.is_cuda and dtype == torch.float32 and a.dtype in _GPU_DTYPES:
+        out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=dtype)
+        return torch.addmm(out, a, b, beta=0, alpha=scale, out_dtype=dtype)
+    return (a @ b).mul_(scale).to(dtype)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd function over the fused LoRA GEMMs (frozen base, trainable adapters).
 
@@ -594,9 +611,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
             xd = x if dropout_mask is None else x * dropout_mask * inv_keep
             # u was stored unscaled; s rides on the small [r, in] result.
-            da = (u.t() @ xd).mul_(s).to(ctx.adapter_dtypes[0])
+            da = _scaled_product(u.t(), xd, s, ctx.adapter_dtypes[0])
         if need_db:
-            db = (dy.t() @ t).mul_(s).to(ctx.adapter_dtypes[1])
+            db = _scaled_product(dy.t(), t, s, ctx.adapter_dtypes[1])
         return dx, None, None, da, db, None, None, None, None, None, None
 
 
@@ -750,10 +767,10 @@ def _fused(
 class LoRAGroupFunction(torch.autograd.Function):
     """``n`` frozen linears that read the same input, each with its own adapter, as one autograd node.
 
-    ``apply(x, n, scalings, x_recompute, adapter_dtypes, *weights, *biases, *lora_as, *lora_bs)`` returns the ``n``
-    outputs ``x W_i^T + b_i + s_i (x A_i^T) B_i^T``. ``x`` is ``[M, in]`` in the compute dtype, ``weights`` ``[out_i,
-    in]`` and ``biases`` (or None) in it too, the adapters cast to it already. Sharing the input is what the
-    per-layer function cannot exploit:
+    ``apply(x, n, scalings, x_recompute, *weights, *biases, *lora_as, *lora_bs)`` returns the ``n`` outputs
+    ``x W_i^T + b_i + s_i (x A_i^T) B_i^T``. ``x`` is ``[M, in]`` in the compute dtype, ``weights`` ``[out_i, in]`` and
+    ``biases`` (or None) in it too; the adapters in their own dtype (cast to the compute dtype inside, gradients
+    returned in theirs). Sharing the input is what the per-layer function cannot exploit:
 
     * one rank projection ``x [A_1; ...; A_n]^T`` (one read of ``x`` instead of ``n``), and in the backward one
       ``[u_1 ... u_n]^T x`` for every ``dA_i`` (and, with ``x_recompute``, one rebuild of ``x`` instead of ``n``);
@@ -772,15 +789,15 @@ class LoRAGroupFunction(torch.autograd.Function):
         n: int,
         scalings: tuple[float, ...],
         x_recompute: Recompute | None,
-        adapter_dtypes: tuple[tuple[torch.dtype, torch.dtype], ...],
         *tensors: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
         weights = cast("list[torch.Tensor]", list(tensors[:n]))
         biases = list(tensors[n : 2 * n])
         lora_as = cast("list[torch.Tensor]", list(tensors[2 * n : 3 * n]))
-        lora_bs = cast("list[torch.Tensor]", list(tensors[3 * n :]))
         ranks = [a.shape[0] for a in lora_as]
-        a_cat = torch.cat(lora_as) if n > 1 else lora_as[0]
+        # Adapters in their own dtype (fp32 under autocast); one concatenation, then one cast to the compute dtype.
+        a_cat = (torch.cat(lora_as) if n > 1 else lora_as[0]).to(x.dtype)
+        lora_bs = [lb.to(x.dtype) for lb in cast("list[torch.Tensor]", tensors[3 * n :])]
         t = x @ a_cat.t()
         outs = []
         start = 0
@@ -800,7 +817,8 @@ class LoRAGroupFunction(torch.autograd.Function):
             ctx.save_for_backward(None, a_cat, t, *weights, *lora_bs, *x_recompute.inputs)
             ctx.x_recompute = x_recompute.run
             ctx.x_meta = (x.shape, x.dtype)
-        ctx.n, ctx.scalings, ctx.ranks, ctx.adapter_dtypes = n, scalings, ranks, adapter_dtypes
+        ctx.n, ctx.scalings, ctx.ranks = n, scalings, ranks
+        ctx.adapter_dtypes = [(a.dtype, lb.dtype) for a, lb in zip(lora_as, tensors[3 * n :], strict=True)]  # type: ignore[union-attr]
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
@@ -810,8 +828,8 @@ class LoRAGroupFunction(torch.autograd.Function):
         x, a_cat, t, *rest = ctx.saved_tensors
         weights, lora_bs, producer_inputs = rest[:n], rest[n : 2 * n], rest[2 * n :]
         need_dx = ctx.needs_input_grad[0]
-        need_da = any(ctx.needs_input_grad[5 + 2 * n : 5 + 3 * n])
-        need_db = ctx.needs_input_grad[5 + 3 * n :]
+        need_da = any(ctx.needs_input_grad[4 + 2 * n : 4 + 3 * n])
+        need_db = ctx.needs_input_grad[4 + 3 * n :]
         m = t.shape[0]
         live = {i: dy for i, dy in enumerate(dys) if dy is not None}
         d_as: list[torch.Tensor | None] = [None] * n
@@ -834,18 +852,24 @@ class LoRAGroupFunction(torch.autograd.Function):
                 if x is None:
                     shape, dtype = ctx.x_meta
                     x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
-                g = u.t() @ x
+                a_dtypes = {d[0] for d in ctx.adapter_dtypes}
+                one_scale = len(set(scalings)) == 1
+                # One [R, in] product for every dA, in the adapters' dtype straight from cuBLAS when they share one.
+                g = _scaled_product(
+                    u.t(), x, scalings[0] if one_scale else 1.0, a_dtypes.pop() if len(a_dtypes) == 1 else x.dtype
+                )
                 start = 0
                 for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
                     if i in live:
-                        d_as[i] = (g[start : start + r] * s).to(ctx.adapter_dtypes[i][0])
+                        d_a = g[start : start + r]
+                        d_as[i] = (d_a if one_scale else d_a * s).to(ctx.adapter_dtypes[i][0])
                     start += r
         start = 0
         for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
             if need_db[i] and i in live:
-                d_bs[i] = (live[i].t() @ t[:, start : start + r]).mul_(s).to(ctx.adapter_dtypes[i][1])
+                d_bs[i] = _scaled_product(live[i].t(), t[:, start : start + r], s, ctx.adapter_dtypes[i][1])
             start += r
-        return (dx, None, None, None, None, *([None] * (2 * n)), *d_as, *d_bs)
+        return (dx, None, None, None, *([None] * (2 * n)), *d_as, *d_bs)
 
 
 def lora_linear_group(
@@ -902,10 +926,9 @@ def lora_linear_group(
     tensors = [
         *(w.to(dtype) for w in weights),
         *(b if b is None else b.to(dtype) for b in biases),
-        *(a.to(dtype) for a in lora_as),
-        *(lb.to(dtype) for lb in lora_bs),
+        *lora_as,
+        *lora_bs,
     ]
-    dtypes = tuple((a.dtype, lb.dtype) for a, lb in zip(lora_as, lora_bs, strict=True))
     with torch.autocast(x.device.type, enabled=False):
-        outs = LoRAGroupFunction.apply(x2, n, tuple(float(s) for s in scalings), x_recompute, dtypes, *tensors)
+        outs = LoRAGroupFunction.apply(x2, n, tuple(float(s) for s in scalings), x_recompute, *tensors)
     return [y.view(*lead, w.shape[0]) for y, w in zip(outs, weights, strict=True)]
