@@ -583,6 +583,7 @@ class LoRALinearFunction(torch.autograd.Function):
             # x is rebuilt in backward from its producer's saved inputs (the same tensors: nothing added).
             ctx.save_for_backward(None, weight, a_c, b_c, t, dropout_mask, *x_recompute.inputs)
             ctx.x_recompute = x_recompute.run
+            ctx.x_reduce = x_recompute.reduce
             ctx.x_meta = (x.shape, x.dtype)
         ctx.scaling = scaling
         ctx.inv_keep = inv_keep
@@ -606,12 +607,16 @@ class LoRALinearFunction(torch.autograd.Function):
             u = dy @ b_c
         da = db = None
         if need_da:
-            if x is None:
-                shape, dtype = ctx.x_meta
-                x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
-            xd = x if dropout_mask is None else x * dropout_mask * inv_keep
-            # u was stored unscaled; s rides on the small [r, in] result.
-            da = _scaled_product(u.t(), xd, s, ctx.adapter_dtypes[0])
+            if x is None and dropout_mask is None and ctx.x_reduce is not None:
+                # s u^T x with x rebuilt tile by tile by its producer's reduction: x is never written out.
+                da = ctx.x_reduce(*producer_inputs, u=u, scale=s).to(ctx.adapter_dtypes[0])
+            else:
+                if x is None:
+                    shape, dtype = ctx.x_meta
+                    x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
+                xd = x if dropout_mask is None else x * dropout_mask * inv_keep
+                # u was stored unscaled; s rides on the small [r, in] result.
+                da = _scaled_product(u.t(), xd, s, ctx.adapter_dtypes[0])
         if need_db:
             db = _scaled_product(dy.t(), t, s, ctx.adapter_dtypes[1])
         return dx, None, None, da, db, None, None, None, None, None, None
@@ -816,6 +821,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(None, a_cat, t, *weights, *lora_bs, *x_recompute.inputs)
             ctx.x_recompute = x_recompute.run
+            ctx.x_reduce = x_recompute.reduce
             ctx.x_meta = (x.shape, x.dtype)
         ctx.n, ctx.scalings, ctx.ranks = n, scalings, ranks
         ctx.adapter_dtypes = [(a.dtype, lb.dtype) for a, lb in zip(lora_as, tensors[3 * n :], strict=True)]  # type: ignore[union-attr]
@@ -849,15 +855,18 @@ class LoRAGroupFunction(torch.autograd.Function):
                 for i, dy in live.items():
                     dx.addmm_(dy, weights[i])
             if need_da:
-                if x is None:
-                    shape, dtype = ctx.x_meta
-                    x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
                 a_dtypes = {d[0] for d in ctx.adapter_dtypes}
                 one_scale = len(set(scalings)) == 1
-                # One [R, in] product for every dA, in the adapters' dtype straight from cuBLAS when they share one.
-                g = _scaled_product(
-                    u.t(), x, scalings[0] if one_scale else 1.0, a_dtypes.pop() if len(a_dtypes) == 1 else x.dtype
-                )
+                g_scale = scalings[0] if one_scale else 1.0
+                if x is None and ctx.x_reduce is not None:
+                    # One s U^T x for every dA, x rebuilt tile by tile by its producer: x is never written out.
+                    g = ctx.x_reduce(*producer_inputs, u=u, scale=g_scale)
+                else:
+                    if x is None:
+                        shape, dtype = ctx.x_meta
+                        x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
+                    # One [R, in] product for every dA, in the adapters' dtype straight from cuBLAS when they share one.
+                    g = _scaled_product(u.t(), x, g_scale, a_dtypes.pop() if len(a_dtypes) == 1 else x.dtype)
                 start = 0
                 for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
                     if i in live:

@@ -48,6 +48,10 @@ class Recompute:
     """The producer's forward on its inputs (no autograd graph is built: it runs on saved tensors)."""
     inputs: tuple[torch.Tensor, ...]
     """The producer's saved inputs; a consumer saves these (``ctx.save_for_backward``) in place of the output."""
+    reduce: Callable[..., torch.Tensor] | None = None
+    """``reduce(*inputs, u=u, scale=s)``: ``s * u^T @ output`` in fp32 (``u`` ``[rows, R]``, the output seen as
+    ``[rows, N]``) without writing the output out (:func:`lit_accel.kernels.lowrank_reduce.lowrank_reduce`), for a
+    consumer that needs the output only in such a product (a LoRA layer's ``dA``); None when the producer has none."""
 
 
 # id(output) -> (weak ref to output, recipe, token, output's version when produced)
@@ -66,9 +70,14 @@ def request_recompute(consumer: Any) -> None:
 
 
 def register_recompute(
-    output: torch.Tensor, run: Callable[..., torch.Tensor], *inputs: torch.Tensor, bound: tuple[Any, ...] = ()
+    output: torch.Tensor,
+    run: Callable[..., torch.Tensor],
+    *inputs: torch.Tensor,
+    bound: tuple[Any, ...] = (),
+    reduce: Callable[..., torch.Tensor] | None = None,
 ) -> Ticket | None:
-    """Records that ``run(*bound, *inputs)`` reproduces ``output`` bit for bit.
+    """Records that ``run(*bound, *inputs)`` reproduces ``output`` bit for bit (and ``reduce``, if given, its
+    products with a ``u``: see :attr:`Recompute.reduce`; it is called as ``reduce(*bound, *inputs, u=, scale=)``).
 
     The record lasts until ``output`` is freed or :func:`forget_recompute` is called with the returned ticket (the
     producer does so in its own backward, after which no consumer's backward can need it: this way a user who keeps
@@ -86,9 +95,10 @@ def register_recompute(
         return None
     if bound:
         run = functools.partial(run, *bound)
+        reduce = None if reduce is None else functools.partial(reduce, *bound)
     key, token = id(output), next(_TOKENS)
-    _REGISTRY[key] = (weakref.ref(output, lambda _ref: forget_recompute((key, token))), Recompute(run, inputs), token,
-                      output._version)  # fmt: skip
+    _REGISTRY[key] = (weakref.ref(output, lambda _ref: forget_recompute((key, token))), Recompute(run, inputs, reduce),
+                      token, output._version)  # fmt: skip
     return key, token
 
 

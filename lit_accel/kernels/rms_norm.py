@@ -445,11 +445,28 @@ def _backward(
 
 
 def _recompute_forward(
-    eps: float, out_dtype: torch.dtype, x_shape: torch.Size, x2: torch.Tensor, w: torch.Tensor
+    eps: float, out_dtype: torch.dtype, x_shape: torch.Size, x2: torch.Tensor, w: torch.Tensor, _rstd: torch.Tensor
 ) -> torch.Tensor:
     """The forward's ``y`` again, bit for bit: the same compiled kernel (``rstd`` stored too, as in the forward)
     and launch on the same saved inputs."""
     return _forward(x2, w, eps, out_dtype, x_shape, store_rstd=True)[0]
+
+
+def _recompute_reduce(
+    eps: float,
+    out_dtype: torch.dtype,
+    x_shape: torch.Size,
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    rstd: torch.Tensor,
+    *,
+    u: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``scale * u^T y`` (fp32) from the saved ``x2``, ``w`` and ``rstd``, ``y`` rebuilt in registers only."""
+    from lit_accel.kernels.lowrank_reduce import lowrank_reduce
+
+    return lowrank_reduce(u, "rms_norm", (x2, w, rstd), scale, out_dtype, torch.promote_types(x2.dtype, w.dtype))
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -479,7 +496,10 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, w, rstd)
         ctx.x_shape = x.shape
         # A consumer (a LoRA layer) may rebuild y from the x2 and w saved here instead of keeping y.
-        ctx.recompute_token = register_recompute(y, _recompute_forward, x2, w, bound=(eps, out_dtype, x.shape))
+        assert rstd is not None  # store_rstd=True
+        ctx.recompute_token = register_recompute(
+            y, _recompute_forward, x2, w, rstd, bound=(eps, out_dtype, x.shape), reduce=_recompute_reduce
+        )
         return y
 
     @staticmethod

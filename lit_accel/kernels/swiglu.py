@@ -269,6 +269,13 @@ def _recompute_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _swiglu_fwd(gate, up, torch.promote_types(gate.dtype, up.dtype))
 
 
+def _recompute_reduce(gate: torch.Tensor, up: torch.Tensor, *, u: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * u^T y`` (fp32) from the saved ``gate`` and ``up``, ``y`` rebuilt in registers only."""
+    from lit_accel.kernels.lowrank_reduce import lowrank_reduce
+
+    return lowrank_reduce(u, "swiglu", (_rows(gate), _rows(up)), scale, torch.promote_types(gate.dtype, up.dtype))
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """Autograd function ``silu(gate) * up`` over the Triton kernels; saves only ``gate`` and ``up``.
 
@@ -288,7 +295,7 @@ class SwiGLUFunction(torch.autograd.Function):
         ctx.save_for_backward(gate, up)
         y = _swiglu_fwd(gate, up, torch.promote_types(gate.dtype, up.dtype))
         # A consumer (the down projection's LoRA layer) may rebuild y from gate and up instead of keeping it.
-        ctx.recompute_token = register_recompute(y, _recompute_forward, gate, up)
+        ctx.recompute_token = register_recompute(y, _recompute_forward, gate, up, reduce=_recompute_reduce)
         return y
 
     @staticmethod

@@ -375,8 +375,9 @@ def _lora_on_kernels(recompute: bool, dropout: float = 0.0) -> nn.Module:
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
+@pytest.mark.parametrize("groups", [False, True])
 def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, groups: bool
 ) -> None:
     import functools
 
@@ -384,8 +385,10 @@ def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
     from lit_accel.kernels.lora import lora_linear
     from lit_accel.lowrank.lora import lora_layers
 
-    # On CPU the LoRA layers default to the PEFT-exact reference; take the fused path, as on CUDA.
+    # On CPU the LoRA layers default to the PEFT-exact reference; take the fused path, as on CUDA (and with groups,
+    # the q/k/v and gate/up shared-input groups CUDA runs).
     monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
+    monkeypatch.setattr(lora_module, "_GROUP_DEVICES", ("cuda", "cpu") if groups else ("cuda",))
     ids, labels = _batch()
     results = {}
     for recompute in (False, True):
@@ -408,11 +411,15 @@ def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
         from lit_accel.kernels import recompute as registry
 
         assert not registry._REGISTRY
-    # Same loss and the same gradients bit for bit: the inputs are rebuilt by the kernels that made them.
+    # Same loss and the same gradients bit for bit: the inputs are rebuilt by the kernels that made them. Only dA of
+    # the adapters fed by a fused kernel differs, by summation order: it is s u^T x with x rebuilt tile by tile inside
+    # the reduction (lowrank_reduce) instead of written out and read back by a matmul.
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     assert results[True][1].keys() == results[False][1].keys() and any("lora_A" in k for k in results[True][1])
     for name, g in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], g, rtol=0, atol=0, msg=name)
+        exact = "lora_A" not in name or name.endswith("o_proj.lora_A")
+        tol = 0 if exact else 1e-5
+        torch.testing.assert_close(results[True][1][name], g, rtol=tol, atol=tol, msg=name)
     # Without recompute every adapter keeps its input. With it, o_proj still does (the attention output comes from
     # no fused kernel), and so do block 0's q/k/v: with the embeddings frozen nothing before that norm trains, so it
     # runs without autograd and saves nothing to rebuild from. The other norm outputs (q, k, v, gate, up) and the
