@@ -125,16 +125,22 @@ def _sm_count(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
-def _launch(m: int, n: int, r: int, device: torch.device) -> tuple[int, int, int, int, dict[str, int]]:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU.
+_GPU_CONFIG = (64, 128, 4, 3, 2)
+
+
+def _launch(
+    m: int, n: int, r: int, device: torch.device, config: tuple[int, int, int, int, int] | None = None
+) -> tuple[int, int, int, int, dict[str, int]]:
     """``(BLOCK_R, BLOCK_M, BLOCK_N, SPLIT, meta)`` for a ``[m, r]^T x [m, n]`` reduction."""
     block_r = max(16, triton.next_power_of_2(r))
     if _interpret():
         return block_r, 16, 16, max(1, min(3, triton.cdiv(m, 16))), {"num_warps": 1}
-    block_m, block_n = 64, 128
+    block_m, block_n, warps, stages, per_sm = config or _GPU_CONFIG
     n_tiles = triton.cdiv(n, block_n)
-    # About two programs per SM; never more splits than row tiles.
-    split = max(1, min(triton.cdiv(m, block_m), triton.cdiv(2 * _sm_count(device.index or 0), n_tiles)))
-    return block_r, block_m, block_n, split, {"num_warps": 4, "num_stages": 3}
+    # per_sm programs per SM; never more splits than row tiles.
+    split = max(1, min(triton.cdiv(m, block_m), triton.cdiv(per_sm * _sm_count(device.index or 0), n_tiles)))
+    return block_r, block_m, block_n, split, {"num_warps": warps, "num_stages": stages}
 
 
 def lowrank_reduce(
@@ -144,6 +150,7 @@ def lowrank_reduce(
     scale: float,
     y_dtype: torch.dtype,
     prod_round: torch.dtype | None = None,
+    _config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """``scale * u^T Y`` in fp32, ``[R, N]``, with ``Y`` rebuilt from ``producer``'s ``inputs`` tile by tile.
 
@@ -168,7 +175,7 @@ def lowrank_reduce(
     kind = PRODUCERS.index(producer)
     b = inputs[2] if kind == _RMS_NORM else inputs[1] if kind == _SWIGLU else a
     w = inputs[1] if kind == _RMS_NORM else a
-    block_r, block_m, block_n, split, meta = _launch(m, n, r, u.device)
+    block_r, block_m, block_n, split, meta = _launch(m, n, r, u.device, _config)
     rows_per_split = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
     split = triton.cdiv(m, rows_per_split)
     out = torch.empty((split, r, n), device=u.device, dtype=torch.float32)
