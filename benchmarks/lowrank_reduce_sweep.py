@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import measure
 
-from lit_accel.kernels.lowrank_reduce import lowrank_reduce
+from lit_accel.kernels.lowrank_reduce import _GPU_CONFIG, lowrank_reduce
 
 rms_mod = importlib.import_module("lit_accel.kernels.rms_norm")
 swiglu_mod = importlib.import_module("lit_accel.kernels.swiglu")
@@ -59,8 +59,8 @@ def main() -> None:
         print(f"== {name}: unfused (rebuild + cuBLAS) {base.median_ms:.4f} ms; best configs:")
         for ms, cfg in results[:6]:
             print(f"   {ms:.4f} ms  BM={cfg[0]} BN={cfg[1]} warps={cfg[2]} stages={cfg[3]} per_sm={cfg[4]}")
-        default = [ms for ms, cfg in results if cfg == (64, 128, 4, 3, 2)]
-        print(f"   default (64, 128, 4, 3, 2): {default[0] if default else float('nan'):.4f} ms")
+        default = [ms for ms, cfg in results if cfg == _GPU_CONFIG]
+        print(f"   library default {_GPU_CONFIG}: {default[0] if default else float('nan'):.4f} ms")
 
 
 if __name__ == "__main__":
