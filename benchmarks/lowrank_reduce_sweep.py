@@ -1,8 +1,10 @@
-"""Tile sweep for :func:`lit_accel.kernels.lowrank_reduce.lowrank_reduce` at llama-1b shapes (GPU only).
+"""Tile sweeps for the kernels of :mod:`lit_accel.kernels.lowrank_reduce` at llama-1b shapes (GPU only).
 
-Times every (BLOCK_M, BLOCK_N, warps, stages, programs per SM) of a small grid for the SwiGLU producer (down's dA,
-N=5632, r=16) and the RMSNorm producer (q/k/v's dA, N=2048, R=48; gate/up's, R=32), against the unfused pair it
-replaces (the producer's forward written out + cuBLAS's product), and prints the best per shape.
+Times every (BLOCK_M, BLOCK_N, warps, stages, programs per SM) of a small grid for ``lowrank_reduce`` with the
+SwiGLU producer (down's dA, N=5632, r=16) and the RMSNorm producer (q/k/v's dA, N=2048, R=48; gate/up's, R=32),
+against the unfused pair it replaces (the producer's forward written out + cuBLAS's product), and for
+``dy_products`` (u and dB of gate/up, N=5632, and of q/o/down, N=2048, r=16) against cuBLAS's two GEMMs; prints the
+best per shape.
 
     python benchmarks/lowrank_reduce_sweep.py
 """
@@ -19,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import measure
 
-from lit_accel.kernels.lowrank_reduce import _GPU_CONFIG, lowrank_reduce
+from lit_accel.kernels.lowrank_reduce import _DY_GPU_CONFIG, _GPU_CONFIG, dy_products, lowrank_reduce
 
 rms_mod = importlib.import_module("lit_accel.kernels.rms_norm")
 swiglu_mod = importlib.import_module("lit_accel.kernels.swiglu")
@@ -37,19 +39,30 @@ def main() -> None:
     for r in (48, 32):
         cases.append((f"rms_norm N=2048 R={r}", "rms_norm", (x, w, rstd), r,
                       lambda: rms_mod._recompute_forward(1e-5, dt, x.shape, x, w, rstd)))  # fmt: skip
+    for n in (5632, 2048):
+        dy = torch.randn(m, n, device=dev, dtype=dt)
+        b = torch.randn(n, 16, device=dev, dtype=dt)
+        t = torch.randn(m, 16, device=dev, dtype=dt)
+        cases.append((f"dy_products N={n} r=16", "dy", (dy, b, t), 16, lambda dy=dy, b=b, t=t: (dy @ b, dy.t() @ t)))
     grid = list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3), (2, 4)))
     for name, producer, inputs, r, rebuild in cases:
         u = torch.randn(m, r, device=dev, dtype=dt)
         pr = torch.promote_types(dt, torch.float32) if producer == "rms_norm" else None
-        base = measure("unfused", lambda u=u, rebuild=rebuild: u.t() @ rebuild(), warmup=3, iters=20, repeats=3)
+        if producer == "dy":
+            base = measure("unfused", rebuild, warmup=3, iters=20, repeats=3)
+        else:
+            base = measure("unfused", lambda u=u, rebuild=rebuild: u.t() @ rebuild(), warmup=3, iters=20, repeats=3)
         results = []
         for cfg in grid:
             if cfg[0] * cfg[1] > 128 * 128 or (cfg[1] == 256 and cfg[2] == 4):
                 continue
             try:
-                fn = lambda cfg=cfg, u=u, inputs=inputs, producer=producer, pr=pr: lowrank_reduce(  # noqa: E731
-                    u, producer, inputs, 1.0, dt, pr, _config=cfg
-                )
+                if producer == "dy":
+                    fn = lambda cfg=cfg, inputs=inputs: dy_products(*inputs, 1.0, _config=cfg)  # noqa: E731
+                else:
+                    fn = lambda cfg=cfg, u=u, inputs=inputs, producer=producer, pr=pr: lowrank_reduce(  # noqa: E731
+                        u, producer, inputs, 1.0, dt, pr, _config=cfg
+                    )
                 res = measure(str(cfg), fn, warmup=2, iters=20, repeats=3)
             except Exception as e:  # a config that does not compile (shared memory) is skipped
                 print(name, cfg, "failed:", type(e).__name__, str(e)[:80])
@@ -59,8 +72,9 @@ def main() -> None:
         print(f"== {name}: unfused (rebuild + cuBLAS) {base.median_ms:.4f} ms; best configs:")
         for ms, cfg in results[:6]:
             print(f"   {ms:.4f} ms  BM={cfg[0]} BN={cfg[1]} warps={cfg[2]} stages={cfg[3]} per_sm={cfg[4]}")
-        default = [ms for ms, cfg in results if cfg == _GPU_CONFIG]
-        print(f"   library default {_GPU_CONFIG}: {default[0] if default else float('nan'):.4f} ms")
+        lib = _DY_GPU_CONFIG if producer == "dy" else _GPU_CONFIG
+        default = [ms for ms, cfg in results if cfg == lib]
+        print(f"   library default {lib}: {default[0] if default else float('nan'):.4f} ms")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
+from lit_accel.kernels.lowrank_reduce import dy_products
 from lit_accel.kernels.recompute import Recompute, recompute_recipe
 
 __all__ = [
@@ -488,8 +489,10 @@ def _lora_gemm_torch(
     mask_on_input: bool,
     scale: float,
     inv_keep: float,
+    t_in: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`_lora_gemm` (``mask`` bool here), composed from cuBLAS calls.
+    """Same contract as :func:`_lora_gemm` (``mask`` bool here, ``t_in`` a precomputed rank projection), composed
+    from cuBLAS calls.
 
     The output starts as the low-rank term (a rank-r GEMM that only writes it, the scale applied by cuBLAS's
     alpha) and the big GEMM accumulates into it with beta = 1: the output is written once by the rank-r GEMM and
@@ -497,7 +500,7 @@ def _lora_gemm_torch(
     order (big GEMM first, then a memory-bound rank-r GEMM that re-reads and re-writes the whole output), and no
     output-sized tensor is kept for backward.
     """
-    t = _rank_projection(a, d, mask, mask_on_input, inv_keep)
+    t = _rank_projection(a, d, mask, mask_on_input, inv_keep) if t_in is None else t_in
     m, n = a.shape[0], b.shape[1]
     if mask is None or mask_on_input:
         if bias is not None:
@@ -515,6 +518,15 @@ def _base_views(weight: torch.Tensor, weight_layout: str) -> tuple[torch.Tensor,
     """``(W^T [in, out], W [out, in])`` as strided views of the stored weight, no copies."""
     w_t = weight.t() if weight_layout == "out_in" else weight
     return w_t, w_t.t()
+
+
+def _dy_products_available(like: torch.Tensor) -> bool:
+    """Whether :func:`~lit_accel.kernels.lowrank_reduce.dy_products` runs on tensors like ``like``."""
+    if not _HAS_TRITON:
+        return False
+    if like.is_cuda:
+        return like.dtype in _GPU_DTYPES
+    return _interpret() and like.dtype == torch.float32
 
 
 # aten::addmm.dtype (cuBLAS writing a bf16/fp16 product in fp32) exists on CUDA in recent torch releases.
@@ -598,14 +610,19 @@ class LoRALinearFunction(torch.autograd.Function):
         s, inv_keep = ctx.scaling, ctx.inv_keep
         dy = dy.contiguous()
         need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
+        u = db = None
+        if ctx.backend == "cublas" and need_db and _dy_products_available(dy):
+            # u = dY B and dB = s dY^T t from one read of dY (cuBLAS would read it once for each).
+            u, db32 = dy_products(dy, b_c, t, s)
+            db = db32.to(ctx.adapter_dtypes[1])
         dx = None
         if need_dx:
             _, w = _base_views(weight, ctx.weight_layout)
             # backward: a = dY, b = W [out, in], d = B [out, r], c = A [r, in]; the mask gates the low-rank term.
-            dx, u = _gemm(ctx.backend, dy, w, b_c, a_c, None, dropout_mask, False, s, inv_keep)
-        elif need_da:
+            dx, u = _gemm(ctx.backend, dy, w, b_c, a_c, None, dropout_mask, False, s, inv_keep, t_in=u)
+        elif need_da and u is None:
             u = dy @ b_c
-        da = db = None
+        da = None
         if need_da:
             if x is None and dropout_mask is None and ctx.x_reduce is not None:
                 # s u^T x with x rebuilt tile by tile by its producer's reduction: x is never written out.
@@ -615,9 +632,10 @@ class LoRALinearFunction(torch.autograd.Function):
                     shape, dtype = ctx.x_meta
                     x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
                 xd = x if dropout_mask is None else x * dropout_mask * inv_keep
+                assert u is not None
                 # u was stored unscaled; s rides on the small [r, in] result.
                 da = _scaled_product(u.t(), xd, s, ctx.adapter_dtypes[0])
-        if need_db:
+        if need_db and db is None:
             db = _scaled_product(dy.t(), t, s, ctx.adapter_dtypes[1])
         return dx, None, None, da, db, None, None, None, None, None, None
 
@@ -636,9 +654,10 @@ def _gemm(
     mask_on_input: bool,
     scale: float,
     inv_keep: float,
+    t_in: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "cublas":
-        return _lora_gemm_torch(a, b, d, c, bias, mask, mask_on_input, scale, inv_keep)
+        return _lora_gemm_torch(a, b, d, c, bias, mask, mask_on_input, scale, inv_keep, t_in)
     # triton reads the bool mask as bytes
     mask_u8 = mask.view(torch.uint8) if mask is not None else None
     if backend == "triton_epilogue":
@@ -842,8 +861,21 @@ class LoRAGroupFunction(torch.autograd.Function):
         d_bs: list[torch.Tensor | None] = [None] * n
         dx = None
         if live and (need_dx or need_da):
-            # u_i = dY_i B_i, unscaled; a missing dY_i (output unused) contributes zeros.
-            us = [live[i] @ lora_bs[i] if i in live else t.new_zeros(m, ranks[i]) for i in range(n)]
+            # u_i = dY_i B_i, unscaled; a missing dY_i (output unused) contributes zeros. With dB_i wanted too, both
+            # come from one read of dY_i.
+            fused = _dy_products_available(t)
+            us = []
+            start = 0
+            for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
+                if i not in live:
+                    us.append(t.new_zeros(m, r))
+                elif fused and need_db[i]:
+                    u_i, db_i = dy_products(live[i].contiguous(), lora_bs[i], t[:, start : start + r], s)
+                    us.append(u_i)
+                    d_bs[i] = db_i.to(ctx.adapter_dtypes[i][1])
+                else:
+                    us.append(live[i] @ lora_bs[i])
+                start += r
             u = torch.cat(us, dim=1) if n > 1 else us[0]
             if need_dx:
                 if len(set(scalings)) == 1:
@@ -875,7 +907,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                     start += r
         start = 0
         for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
-            if need_db[i] and i in live:
+            if need_db[i] and i in live and d_bs[i] is None:
                 d_bs[i] = _scaled_product(live[i].t(), t[:, start : start + r], s, ctx.adapter_dtypes[i][1])
             start += r
         return (dx, None, None, None, *([None] * (2 * n)), *d_as, *d_bs)

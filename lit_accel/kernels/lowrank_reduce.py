@@ -34,7 +34,7 @@ import torch
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
 
-__all__ = ["PRODUCERS", "lowrank_reduce"]
+__all__ = ["PRODUCERS", "dy_products", "lowrank_reduce"]
 
 PRODUCERS = ("plain", "rms_norm", "swiglu")
 """What :func:`lowrank_reduce` can rebuild ``Y`` from."""
@@ -208,3 +208,129 @@ def lowrank_reduce(
         **meta,
     )
     return out[0] if split == 1 else out.sum(0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Both products of an output gradient: u = dY B and dB = s dY^T t, one read of dY
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dy_body(
+    dy_ptr,  # [M, N] output gradient, unit column stride
+    b_ptr,  # [N, R] the adapter's B in dY's dtype
+    t_ptr,  # [M, R] the forward's rank projection
+    u_ptr,  # [STRIPES, M, R] fp32 partial sums of dY B over column stripes
+    db_ptr,  # [SPLIT, N, R] fp32 partial sums of dY^T t over row ranges
+    M,
+    N,
+    R,
+    rows_per_split,
+    stride_dym,
+    stride_bn,
+    stride_br,
+    stride_tm,
+    stride_tr,
+    stride_us,
+    stride_um,
+    stride_ds,
+    stride_dn,
+    scale,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    b = tl.load(b_ptr + cols[:, None] * stride_bn + rr[None, :] * stride_br,
+                mask=col_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < m_end
+        rows64 = rows.to(tl.int64)
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + cols[None, :],
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+        tt = tl.load(t_ptr + rows64[:, None] * stride_tm + rr[None, :] * stride_tr,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
+        # The same dY tile feeds both products: its rank-R projection over this column stripe, and this stripe's
+        # rows of dB over these tokens.
+        part = tl.dot(dy, b)
+        tl.store(u_ptr + pid_n * stride_us + rows64[:, None] * stride_um + rr[None, :], part,
+                 mask=row_ok[:, None] & r_ok[None, :])  # fmt: skip
+        db = tl.dot(tl.trans(dy), tt, db)
+    tl.store(db_ptr + pid_s * stride_ds + cols[:, None] * stride_dn + rr[None, :], db * scale,
+             mask=col_ok[:, None] & r_ok[None, :])  # fmt: skip
+
+
+@functools.cache
+def _dy_kernel() -> Any:
+    return triton.jit(_dy_body, do_not_specialize=["rows_per_split"])
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU.
+_DY_GPU_CONFIG = (64, 128, 8, 3, 2)
+
+
+def dy_products(
+    dy: torch.Tensor,
+    lora_b: torch.Tensor,
+    t: torch.Tensor,
+    scale: float,
+    _config: tuple[int, int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dY B, scale * dY^T t)`` with one read of ``dY``: a LoRA layer's ``u`` and its ``dB``.
+
+    cuBLAS computes the two as separate GEMMs, each a full read of the ``[tokens, out]`` gradient (both are
+    memory-bound at rank 16). Here each program reads a ``[BLOCK_M, BLOCK_N]`` tile once and feeds both dots; ``u``
+    is summed over column stripes and ``dB`` over row ranges from fp32 partial sums (fixed order: deterministic).
+
+    Args:
+        dy: ``[M, N]`` output gradient (bf16/fp16 on CUDA; fp32 too under the interpreter), unit column stride.
+        lora_b: ``[N, R]`` in ``dy``'s dtype.
+        t: ``[M, R]`` the forward's ``x A^T`` in ``dy``'s dtype.
+        scale: Multiplies ``dB``.
+
+    Returns:
+        ``u`` ``[M, R]`` in ``dy``'s dtype and ``dB`` ``[N, R]`` fp32.
+    """
+    m, n = dy.shape
+    r = lora_b.shape[1]
+    block_r, block_m, block_n, split, meta = _launch(m, n, r, dy.device, _config or _DY_GPU_CONFIG)
+    rows_per_split = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
+    split = triton.cdiv(m, rows_per_split)
+    stripes = triton.cdiv(n, block_n)
+    u_part = torch.empty((stripes, m, r), device=dy.device, dtype=torch.float32)
+    db_part = torch.empty((split, n, r), device=dy.device, dtype=torch.float32)
+    _dy_kernel()[(stripes, split)](
+        dy,
+        lora_b,
+        t,
+        u_part,
+        db_part,
+        m,
+        n,
+        r,
+        rows_per_split,
+        dy.stride(0),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        t.stride(0),
+        t.stride(1),
+        u_part.stride(0),
+        u_part.stride(1),
+        db_part.stride(0),
+        db_part.stride(1),
+        float(scale),
+        BLOCK_R=block_r,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        **meta,
+    )
+    u = (u_part[0] if stripes == 1 else u_part.sum(0)).to(dy.dtype)
+    return u, db_part[0] if split == 1 else db_part.sum(0)

@@ -325,6 +325,27 @@ else:
         # Dropout on the input is in t (cuBLAS), the output gate of the backward stays in the kernel.
         _check_fused(m, 48, 16, 4, layout, bias=bias, p=0.3, backend="triton_epilogue")
 
+    @pytest.mark.parametrize(
+        ("m", "in_f", "out_f", "r", "layout", "p"),
+        [(33, 48, 16, 8, "out_in", 0.0), (7, 16, 48, 20, "in_out", 0.3), (1, 16, 16, 1, "out_in", 0.0)],
+    )
+    def test_interp_cublas_backend_with_one_read_dy_products(
+        m: int, in_f: int, out_f: int, r: int, layout: str, p: float
+    ) -> None:
+        # Under the interpreter the cuBLAS backend takes u and dB from lowrank_reduce.dy_products, as on CUDA.
+        _check_fused(m, in_f, out_f, r, layout, bias=True, p=p, lead=(2,), backend="cublas")
+
+    def test_interp_group_with_one_read_dy_products() -> None:
+        c = _group_case([32, 16, 16], [4, 2, 4], [False, True, False], dtype=torch.float32)
+        x, ws, bs, a_s, b_s = c["x"], c["weights"], c["biases"], c["lora_as"], c["lora_bs"]
+        ys = lora_linear_group(x, ws, bs, a_s, b_s, [2.0, 0.5, 2.0])  # type: ignore[arg-type]
+        refs = [lora_linear_reference(x, *args) for args in zip(ws, bs, a_s, b_s, [2.0, 0.5, 2.0])]  # type: ignore[call-overload]
+        gs = [torch.randn_like(r) for r in refs]
+        got = torch.autograd.grad(ys, [x, *a_s, *b_s], gs)  # type: ignore[misc]
+        exp = torch.autograd.grad(refs, [x, *a_s, *b_s], gs)  # type: ignore[misc]
+        for k, (a, b) in enumerate(zip(got, exp)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda e, k=k: f"input {k}: {e}")  # type: ignore[misc]
+
     def test_interp_epilogue_backend_rank_padding() -> None:
         # r=20 pads to a 32-wide block: the loaded t tile is masked beyond r.
         _check_fused(5, 32, 16, 20, "out_in", bias=True, p=0.0, lead=(3,), backend="triton_epilogue")

@@ -83,6 +83,36 @@ else:
         _check(producer, m, n, r, torch.float32, "cpu", 1e-5)
 
 
+def _check_dy(m: int, n: int, r: int, dtype: torch.dtype, device: str, tol: float) -> None:
+    from lit_accel.kernels.lowrank_reduce import dy_products
+
+    gen = torch.Generator(device=device).manual_seed(m + n + r)
+    dy = torch.randn(m, n, generator=gen, device=device, dtype=dtype)
+    b = torch.randn(n, r, generator=gen, device=device, dtype=dtype)
+    t_wide = torch.randn(m, r + 3, generator=gen, device=device, dtype=dtype)
+    t = t_wide[:, 1 : 1 + r]  # a column slice of a group's rank projection: row stride r + 3
+    u, db = dy_products(dy, b, t, 0.75)
+    assert u.dtype == dtype and u.shape == (m, r) and db.dtype == torch.float32 and db.shape == (n, r)
+    exp_u = dy.double() @ b.double()
+    exp_db = 0.75 * dy.double().t() @ t.double()
+    for name, got, exp in (("u", u, exp_u), ("dB", db, exp_db)):
+        err = ((got.double() - exp).norm() / exp.norm()).item()
+        assert err < tol, f"{name} m={m} n={n} r={r}: relative error {err:.3g}"
+
+
+if INTERPRET:
+
+    @pytest.mark.parametrize(("m", "n", "r"), [(1, 16, 1), (37, 40, 5), (100, 70, 33), (64, 48, 16)])
+    def test_interp_dy_products(m: int, n: int, r: int) -> None:
+        _check_dy(m, n, r, torch.float32, "cpu", 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "r"), [(2048, 16), (5632, 16), (256, 16), (2048, 20)])
+def test_gpu_dy_products_bf16_llama_1b_shapes(n: int, r: int) -> None:
+    _check_dy(8 * 2048, n, r, torch.bfloat16, "cuda", 1e-2)  # u is rounded to bf16 once, like cuBLAS's
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("producer", ["plain", "rms_norm", "swiglu"])
 @pytest.mark.parametrize(("n", "r"), [(2048, 48), (5632, 16), (2048, 32), (256, 16)])
