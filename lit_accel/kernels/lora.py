@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
-from lit_accel.kernels.lowrank_reduce import dy_products
+from lit_accel.kernels.lowrank_reduce import DY_PRODUCTS_MIN_N, dy_products
 from lit_accel.kernels.recompute import Recompute, recompute_recipe
 
 __all__ = [
@@ -520,13 +520,13 @@ def _base_views(weight: torch.Tensor, weight_layout: str) -> tuple[torch.Tensor,
     return w_t, w_t.t()
 
 
-def _dy_products_available(like: torch.Tensor) -> bool:
-    """Whether :func:`~lit_accel.kernels.lowrank_reduce.dy_products` runs on tensors like ``like``."""
+def _dy_products_available(dy: torch.Tensor) -> bool:
+    """Whether :func:`~lit_accel.kernels.lowrank_reduce.dy_products` runs on (and pays off for) this output gradient."""
     if not _HAS_TRITON:
         return False
-    if like.is_cuda:
-        return like.dtype in _GPU_DTYPES
-    return _interpret() and like.dtype == torch.float32
+    if dy.is_cuda:
+        return dy.dtype in _GPU_DTYPES and dy.shape[-1] >= DY_PRODUCTS_MIN_N
+    return _interpret() and dy.dtype == torch.float32
 
 
 # aten::addmm.dtype (cuBLAS writing a bf16/fp16 product in fp32) exists on CUDA in recent torch releases.
@@ -863,13 +863,12 @@ class LoRAGroupFunction(torch.autograd.Function):
         if live and (need_dx or need_da):
             # u_i = dY_i B_i, unscaled; a missing dY_i (output unused) contributes zeros. With dB_i wanted too, both
             # come from one read of dY_i.
-            fused = _dy_products_available(t)
             us = []
             start = 0
             for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
                 if i not in live:
                     us.append(t.new_zeros(m, r))
-                elif fused and need_db[i]:
+                elif need_db[i] and _dy_products_available(live[i]):
                     u_i, db_i = dy_products(live[i].contiguous(), lora_bs[i], t[:, start : start + r], s)
                     us.append(u_i)
                     d_bs[i] = db_i.to(ctx.adapter_dtypes[i][1])
