@@ -150,13 +150,6 @@ def _rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     op = _op("swiglu")
-    # LoRA on gate and up as one shared-input group: the adapters' low-rank terms go inside the SwiGLU kernel
-    # (lit_accel.kernels.lora_mlp) instead of being written into the projections' outputs first.
-    group = getattr(self.gate_proj, "shared_input_group", None)
-    if group is not None:
-        h = group.swiglu(self, x)
-        if h is not None:
-            return self.down_proj(h)
 
     gate = self.gate_proj(x)
     up = self.up_proj(x)

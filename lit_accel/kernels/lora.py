@@ -849,115 +849,67 @@ class LoRAGroupFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *dys: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        n = ctx.n
+        n, scalings, ranks = ctx.n, ctx.scalings, ctx.ranks
         x, a_cat, t, *rest = ctx.saved_tensors
         weights, lora_bs, producer_inputs = rest[:n], rest[n : 2 * n], rest[2 * n :]
-        rebuild = None
-        if x is None:
-            shape, dtype = ctx.x_meta
-            rebuild = (
-                lambda: ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype),
-                ctx.x_reduce,
-                producer_inputs,
-            )
-        dx, d_as, d_bs = shared_input_backward(
-            list(dys),
-            x,
-            a_cat,
-            t,
-            weights,
-            lora_bs,
-            ctx.scalings,
-            ctx.ranks,
-            ctx.adapter_dtypes,
-            need_dx=ctx.needs_input_grad[0],
-            need_da=any(ctx.needs_input_grad[4 + 2 * n : 4 + 3 * n]),
-            need_db=list(ctx.needs_input_grad[4 + 3 * n :]),
-            rebuild=rebuild,
-        )
-        return (dx, None, None, None, *([None] * (2 * n)), *d_as, *d_bs)
-
-
-def shared_input_backward(
-    dys: list[torch.Tensor | None],
-    x: torch.Tensor | None,
-    a_cat: torch.Tensor,
-    t: torch.Tensor,
-    weights: list[torch.Tensor],
-    lora_bs: list[torch.Tensor],
-    scalings: tuple[float, ...],
-    ranks: list[int],
-    adapter_dtypes: list[tuple[torch.dtype, torch.dtype]],
-    need_dx: bool,
-    need_da: bool,
-    need_db: list[bool],
-    rebuild: tuple[Any, Any, Any] | None = None,
-) -> tuple[torch.Tensor | None, list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """The backward of ``n`` LoRA linears on one input ``x`` (frozen bases): ``(dX, [dA_i], [dB_i])``.
-
-    ``dys`` are the output gradients (None: output unused), ``a_cat`` the adapters' ``[A_1; ...]`` and ``lora_bs``
-    the ``B_i`` in the compute dtype, ``t`` the forward's ``x a_cat^T``, ``weights`` the base ``W_i [out_i, in]``.
-    ``x`` may be None when ``rebuild = (rebuild_x, reduce_x, producer_inputs)`` says how to get it back: ``reduce_x``
-    (the producer's :attr:`~lit_accel.kernels.recompute.Recompute.reduce`, or None) gives every ``dA`` without
-    writing ``x`` out, else ``rebuild_x()`` returns ``x``. Gradients of the adapters come in ``adapter_dtypes``.
-    Shared by :class:`LoRAGroupFunction` and the fused LoRA SwiGLU MLP (:mod:`lit_accel.kernels.lora_mlp`).
-    """
-    n = len(weights)
-    m = t.shape[0]
-    live = {i: dy for i, dy in enumerate(dys) if dy is not None}
-    d_as: list[torch.Tensor | None] = [None] * n
-    d_bs: list[torch.Tensor | None] = [None] * n
-    dx = None
-    if live and (need_dx or need_da):
-        # u_i = dY_i B_i, unscaled; a missing dY_i (output unused) contributes zeros. With dB_i wanted too, both
-        # come from one read of dY_i where that pays off.
-        us = []
-        start = 0
-        for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
-            if i not in live:
-                us.append(t.new_zeros(m, r))
-            elif need_db[i] and _dy_products_available(live[i]):
-                u_i, db_i = dy_products(live[i].contiguous(), lora_bs[i], t[:, start : start + r], s)
-                us.append(u_i)
-                d_bs[i] = db_i.to(adapter_dtypes[i][1])
-            else:
-                us.append(live[i] @ lora_bs[i])
-            start += r
-        u = torch.cat(us, dim=1) if n > 1 else us[0]
-        if need_dx:
-            if len(set(scalings)) == 1:
-                dx = torch.empty((m, a_cat.shape[1]), device=t.device, dtype=t.dtype)
-                dx.addmm_(u, a_cat, beta=0, alpha=scalings[0])
-            else:
-                scale = torch.cat([t.new_full((r,), s) for r, s in zip(ranks, scalings, strict=True)])
-                dx = u @ (a_cat * scale[:, None])
-            for i, dy in live.items():
-                dx.addmm_(dy, weights[i])
-        if need_da:
-            a_dtypes = {d[0] for d in adapter_dtypes}
-            one_scale = len(set(scalings)) == 1
-            g_scale = scalings[0] if one_scale else 1.0
-            if x is None and rebuild is not None and rebuild[1] is not None:
-                # One s U^T x for every dA, x rebuilt tile by tile by its producer: x is never written out.
-                g = rebuild[1](*rebuild[2], u=u, scale=g_scale)
-            else:
-                if x is None:
-                    assert rebuild is not None
-                    x = rebuild[0]()
-                # One [R, in] product for every dA, in the adapters' dtype straight from cuBLAS when they share one.
-                g = _scaled_product(u.t(), x, g_scale, a_dtypes.pop() if len(a_dtypes) == 1 else x.dtype)
+        need_dx = ctx.needs_input_grad[0]
+        need_da = any(ctx.needs_input_grad[4 + 2 * n : 4 + 3 * n])
+        need_db = ctx.needs_input_grad[4 + 3 * n :]
+        m = t.shape[0]
+        live = {i: dy for i, dy in enumerate(dys) if dy is not None}
+        d_as: list[torch.Tensor | None] = [None] * n
+        d_bs: list[torch.Tensor | None] = [None] * n
+        dx = None
+        if live and (need_dx or need_da):
+            # u_i = dY_i B_i, unscaled; a missing dY_i (output unused) contributes zeros. With dB_i wanted too, both
+            # come from one read of dY_i.
+            us = []
             start = 0
             for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
-                if i in live:
-                    d_a = g[start : start + r]
-                    d_as[i] = (d_a if one_scale else d_a * s).to(adapter_dtypes[i][0])
+                if i not in live:
+                    us.append(t.new_zeros(m, r))
+                elif need_db[i] and _dy_products_available(live[i]):
+                    u_i, db_i = dy_products(live[i].contiguous(), lora_bs[i], t[:, start : start + r], s)
+                    us.append(u_i)
+                    d_bs[i] = db_i.to(ctx.adapter_dtypes[i][1])
+                else:
+                    us.append(live[i] @ lora_bs[i])
                 start += r
-    start = 0
-    for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
-        if need_db[i] and i in live and d_bs[i] is None:
-            d_bs[i] = _scaled_product(live[i].t(), t[:, start : start + r], s, adapter_dtypes[i][1])
-        start += r
-    return dx, d_as, d_bs
+            u = torch.cat(us, dim=1) if n > 1 else us[0]
+            if need_dx:
+                if len(set(scalings)) == 1:
+                    dx = torch.empty((m, a_cat.shape[1]), device=t.device, dtype=t.dtype)
+                    dx.addmm_(u, a_cat, beta=0, alpha=scalings[0])
+                else:
+                    scale = torch.cat([t.new_full((r,), s) for r, s in zip(ranks, scalings, strict=True)])
+                    dx = u @ (a_cat * scale[:, None])
+                for i, dy in live.items():
+                    dx.addmm_(dy, weights[i])
+            if need_da:
+                a_dtypes = {d[0] for d in ctx.adapter_dtypes}
+                one_scale = len(set(scalings)) == 1
+                g_scale = scalings[0] if one_scale else 1.0
+                if x is None and ctx.x_reduce is not None:
+                    # One s U^T x for every dA, x rebuilt tile by tile by its producer: x is never written out.
+                    g = ctx.x_reduce(*producer_inputs, u=u, scale=g_scale)
+                else:
+                    if x is None:
+                        shape, dtype = ctx.x_meta
+                        x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
+                    # One [R, in] product for every dA, in the adapters' dtype straight from cuBLAS when they share one.
+                    g = _scaled_product(u.t(), x, g_scale, a_dtypes.pop() if len(a_dtypes) == 1 else x.dtype)
+                start = 0
+                for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
+                    if i in live:
+                        d_a = g[start : start + r]
+                        d_as[i] = (d_a if one_scale else d_a * s).to(ctx.adapter_dtypes[i][0])
+                    start += r
+        start = 0
+        for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
+            if need_db[i] and i in live and d_bs[i] is None:
+                d_bs[i] = _scaled_product(live[i].t(), t[:, start : start + r], s, ctx.adapter_dtypes[i][1])
+            start += r
+        return (dx, None, None, None, *([None] * (2 * n)), *d_as, *d_bs)
 
 
 def lora_linear_group(

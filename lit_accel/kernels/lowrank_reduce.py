@@ -36,10 +36,10 @@ from lit_accel.kernels._triton import tl, triton
 
 __all__ = ["DY_PRODUCTS_MIN_N", "PRODUCERS", "dy_products", "lowrank_reduce"]
 
-PRODUCERS = ("plain", "rms_norm", "swiglu", "swiglu_lora")
+PRODUCERS = ("plain", "rms_norm", "swiglu")
 """What :func:`lowrank_reduce` can rebuild ``Y`` from."""
 
-_PLAIN, _RMS_NORM, _SWIGLU, _SWIGLU_LORA = 0, 1, 2, 3
+_PLAIN, _RMS_NORM, _SWIGLU = 0, 1, 2
 # Rounding codes: 0 keeps fp32, 1 rounds to bf16, 2 to fp16.
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -49,33 +49,22 @@ def _reduce_body(
     a_ptr,  # [M, N] plain: Y; rms_norm: x; swiglu: gate
     b_ptr,  # rms_norm: rstd [M] fp32; swiglu: up [M, N]; plain: unused
     w_ptr,  # rms_norm: weight [N]; else unused
-    t_ptr,  # swiglu_lora: [M, R_G + R_U] the MLP adapters' rank projections; else unused
-    bg_ptr,  # swiglu_lora: gate adapter's B [N, R_G]; else unused
-    bu_ptr,  # swiglu_lora: up adapter's B [N, R_U]; else unused
     out_ptr,  # [SPLIT, R, N] fp32 partial sums
     M,
     N,
     R,
-    R_G,
-    R_U,
     rows_per_split,
     stride_um,
     stride_ur,
     stride_am,
     stride_bm,
-    stride_t,
-    stride_bg,
-    stride_bu,
     stride_os,
     stride_or,
     scale,
-    s_g,
-    s_u,
     PRODUCER: tl.constexpr,
     PROD_ROUND: tl.constexpr,  # rms_norm: HF's rounding of the weight product to the promoted dtype
     Y_ROUND: tl.constexpr,  # the producer's output dtype
     BLOCK_R: tl.constexpr,
-    BLOCK_RA: tl.constexpr,  # swiglu_lora: the MLP adapters' rank, padded
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -112,22 +101,6 @@ def _reduce_body(
             # swiglu's forward: silu(g) * u in fp32, sigmoid written as the forward writes it.
             g = a.to(tl.float32)
             up = tl.load(b_ptr + rows64[:, None] * stride_bm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            y = g * (1.0 / (1.0 + tl.exp(-g))) * up
-        elif PRODUCER == 3:
-            # lit_accel.kernels.lora_mlp's forward: gate and up adapted by their rank-r terms, rounded to the base
-            # products' dtype, then silu(g) * u.
-            ra = tl.arange(0, BLOCK_RA)
-            tg = tl.load(t_ptr + rows64[:, None] * stride_t + ra[None, :],
-                         mask=row_ok[:, None] & (ra < R_G)[None, :], other=0.0)  # fmt: skip
-            tu = tl.load(t_ptr + rows64[:, None] * stride_t + (R_G + ra)[None, :],
-                         mask=row_ok[:, None] & (ra < R_U)[None, :], other=0.0)  # fmt: skip
-            bgt = tl.load(bg_ptr + cols[None, :] * stride_bg + ra[:, None],
-                          mask=(ra < R_G)[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
-            but = tl.load(bu_ptr + cols[None, :] * stride_bu + ra[:, None],
-                          mask=(ra < R_U)[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
-            g = (a.to(tl.float32) + s_g * tl.dot(tg, bgt)).to(a.dtype).to(tl.float32)
-            up = tl.load(b_ptr + rows64[:, None] * stride_bm + cols[None, :], mask=ok, other=0.0)
-            up = (up.to(tl.float32) + s_u * tl.dot(tu, but)).to(up.dtype).to(tl.float32)
             y = g * (1.0 / (1.0 + tl.exp(-g))) * up
         else:
             y = a.to(tl.float32)
@@ -180,7 +153,6 @@ def lowrank_reduce(
     scale: float,
     y_dtype: torch.dtype,
     prod_round: torch.dtype | None = None,
-    lora_scales: tuple[float, float] = (1.0, 1.0),
     _config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """``scale * u^T Y`` in fp32, ``[R, N]``, with ``Y`` rebuilt from ``producer``'s ``inputs`` tile by tile.
@@ -190,12 +162,10 @@ def lowrank_reduce(
             ``.to(dtype)`` of a recomputed ``Y`` would.
         producer: One of :data:`PRODUCERS`.
         inputs: ``plain``: ``(Y [M, N],)``; ``rms_norm``: ``(x [M, N], weight [N], rstd [M] fp32)`` as the RMSNorm
-            forward saved them; ``swiglu``: ``(gate [M, N], up [M, N])``; ``swiglu_lora``: ``(g, u, t, B_g, B_u)`` as
-            :class:`~lit_accel.kernels.lora_mlp.LoRASwiGLUFunction` saved them. Unit column stride.
+            forward saved them; ``swiglu``: ``(gate [M, N], up [M, N])``. Unit column stride.
         scale: Multiplies the result.
         y_dtype: The dtype the producer wrote ``Y`` in (its bits are rebuilt exactly).
         prod_round: ``rms_norm`` only: the promoted dtype HF rounds the weight product to.
-        lora_scales: ``swiglu_lora`` only: the gate and up adapters' scales.
 
     Returns:
         ``[R, N]`` fp32.
@@ -206,10 +176,8 @@ def lowrank_reduce(
     m, n = a.shape
     r = u.shape[1]
     kind = PRODUCERS.index(producer)
-    b = inputs[2] if kind == _RMS_NORM else inputs[1] if kind in (_SWIGLU, _SWIGLU_LORA) else a
+    b = inputs[2] if kind == _RMS_NORM else inputs[1] if kind == _SWIGLU else a
     w = inputs[1] if kind == _RMS_NORM else a
-    t, b_g, b_u = inputs[2:5] if kind == _SWIGLU_LORA else (a, a, a)
-    r_g, r_u = (b_g.shape[1], b_u.shape[1]) if kind == _SWIGLU_LORA else (1, 1)
     block_r, block_m, block_n, split, meta = _launch(m, n, r, u.device, _config)
     rows_per_split = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
     split = triton.cdiv(m, rows_per_split)
@@ -219,33 +187,22 @@ def lowrank_reduce(
         a,
         b,
         w,
-        t,
-        b_g,
-        b_u,
         out,
         m,
         n,
         r,
-        r_g,
-        r_u,
         rows_per_split,
         u.stride(0),
         u.stride(1),
         a.stride(0),
-        b.stride(0) if kind in (_SWIGLU, _SWIGLU_LORA) else 0,
-        t.stride(0),
-        b_g.stride(0),
-        b_u.stride(0),
+        b.stride(0) if kind == _SWIGLU else 0,
         out.stride(0),
         out.stride(1),
         float(scale),
-        float(lora_scales[0]),
-        float(lora_scales[1]),
         PRODUCER=kind,
         PROD_ROUND=_ROUND.get(prod_round, 0) if prod_round is not None else 0,
         Y_ROUND=_ROUND[y_dtype],
         BLOCK_R=block_r,
-        BLOCK_RA=max(16, triton.next_power_of_2(max(r_g, r_u))),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         **meta,

@@ -51,10 +51,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lit_accel.kernels._triton import HAS_TRITON
-from lit_accel.kernels._triton import interpret as triton_interpret
 from lit_accel.kernels.lora import lora_linear, lora_linear_group
-from lit_accel.kernels.lora_mlp import lora_swiglu
 from lit_accel.kernels.recompute import request_recompute
 from lit_accel.models.params import gathered, is_partitioned, is_rank_zero
 from lit_accel.models.structure import StructurePatterns, get_structure, linear_in_out_features
@@ -140,10 +137,8 @@ class SharedInputGroup:
     every member is still called through ``__call__``.
     """
 
-    def __init__(self, members: Sequence[LoRALinear], roles: Sequence[str] = ()) -> None:
+    def __init__(self, members: Sequence[LoRALinear]) -> None:
         self.members = list(members)
-        self.roles = tuple(roles)
-        """The members' roles in their sublayer (``("q", "k", "v")``, ``("gate", "up")``), when known."""
         self._pending: tuple[weakref.ref[torch.Tensor], int, dict[int, torch.Tensor]] | None = None
 
     def _settings(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
@@ -163,39 +158,6 @@ class SharedInputGroup:
             weights.append(w)
             biases.append(b)
         return weights, biases
-
-    def swiglu(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """``silu(gate(x)) * up(x)`` for the LLaMA MLP ``mlp`` whose gate and up projections are this group, with the
-        adapters' low-rank terms added inside the SwiGLU kernel (:func:`~lit_accel.kernels.lora_mlp.lora_swiglu`), or
-        None when that path does not apply (then the caller runs the projections as modules).
-
-        The projections' outputs are never materialised, so the path is refused while either projection (or its base
-        layer) has hooks of its own, or global module hooks exist: they would not see what they expect.
-        """
-        if self.roles != ("gate", "up") or self.members != [
-            getattr(mlp, "gate_proj", None),
-            getattr(mlp, "up_proj", None),
-        ]:
-            return None
-        if _hooked(self.members) or not _fused_mlp_supported(x):
-            return None
-        settings = self._settings(x)
-        if settings is None or any(b is not None for b in settings[1]):
-            return None
-        self._pending = None
-        gate, up = self.members
-        return lora_swiglu(
-            x,
-            settings[0][0],
-            settings[0][1],
-            gate.lora_A,
-            up.lora_A,
-            gate.lora_B,
-            up.lora_B,
-            gate.scaling,
-            up.scaling,
-            recompute_input=gate.recompute_input and up.recompute_input,
-        )
 
     def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output for ``x`` from the group, or None when the member must run on its own."""
@@ -222,26 +184,6 @@ class SharedInputGroup:
         others = {id(m): y for m, y in zip(self.members, outs, strict=True) if m is not member}
         self._pending = (weakref.ref(x), x._version, others)
         return outs[next(i for i, m in enumerate(self.members) if m is member)]
-
-
-def _hooked(layers: Sequence[nn.Module]) -> bool:
-    """Whether any module hook (own, of the base layer, or global) would observe these layers' calls."""
-    from torch.nn.modules import module as module_mod
-
-    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks or module_mod._global_backward_hooks:
-        return True
-    mods = [m for layer in layers for m in (layer, *layer.children())]
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in mods)
-
-
-def _fused_mlp_supported(x: torch.Tensor) -> bool:
-    """Whether the fused LoRA SwiGLU kernels take ``x`` (Triton on CUDA in bf16/fp16; fp32 under the interpreter)."""
-    if not HAS_TRITON:
-        return False
-    if x.is_cuda:
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        return dtype in (torch.bfloat16, torch.float16)
-    return triton_interpret() and x.dtype == torch.float32 and x.device.type in _GROUP_DEVICES
 
 
 class LoRALinear(nn.Module):
@@ -416,9 +358,7 @@ def group_shared_inputs(model: nn.Module, patterns: StructurePatterns | None = N
             members = [named[sub.roles[r]] for r in roles if r in sub.roles]
             members = [m for m in members if isinstance(m, LoRALinear)]
             if len(members) > 1:
-                group = SharedInputGroup(
-                    members, [r for r in roles if r in sub.roles and named[sub.roles[r]] in members]
-                )
+                group = SharedInputGroup(members)
                 for m in members:
                     m.shared_input_group = group
                 groups.append(group)

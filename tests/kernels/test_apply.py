@@ -430,42 +430,24 @@ def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
-def test_interp_lora_shared_input_groups_and_fused_mlp_match_the_per_layer_path(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_interp_lora_shared_input_groups_match_the_per_layer_path(monkeypatch: pytest.MonkeyPatch) -> None:
     import functools
 
     import lit_accel.lowrank.lora as lora_module
     from lit_accel.kernels.lora import lora_linear
 
     monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
-    calls: list[int] = []
-    real = lora_module.lora_swiglu
-
-    def counting(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(lora_module, "lora_swiglu", counting)
     ids, labels = _batch()
     results = []
     for groups in (False, True):
         monkeypatch.setattr(lora_module, "_GROUP_DEVICES", ("cuda", "cpu") if groups else ("cuda",))
-        model = _lora_on_kernels(recompute=True)
-        results.append(_loss_and_grads(model, ids, labels))
-        assert len(calls) == (2 if groups else 0)  # one fused MLP per block, and only with groups
-    # Not bit for bit: the groups add the low-rank term to the base product in another order (fp32 rounding).
+        results.append(_loss_and_grads(_lora_on_kernels(recompute=True), ids, labels))
+    # Not bit for bit: a group adds the low-rank term and the base product in another order, and reduces its dA
+    # over the rebuilt input in one product.
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     assert results[1][1].keys() == results[0][1].keys()
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-5, msg=name)
-    # A hook on the gate projection would never see an output on the fused path: the MLP then runs as modules.
-    model = _lora_on_kernels(recompute=True)
-    seen: list[tuple[int, ...]] = []
-    model.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
-    before = len(calls)
-    _loss_and_grads(model, ids, labels)
-    assert seen and len(calls) == before + 1  # block 0 ran its projections as modules, block 1 the fused path
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")

@@ -66,7 +66,7 @@ def test_unknown_producer_is_refused() -> None:
 
     with pytest.raises(ValueError, match="producer must be one of"):
         lowrank_reduce(torch.zeros(4, 2), "gelu", (torch.zeros(4, 8),), 1.0, torch.float32)
-    assert PRODUCERS == ("plain", "rms_norm", "swiglu", "swiglu_lora")
+    assert PRODUCERS == ("plain", "rms_norm", "swiglu")
 
 
 if not INTERPRET:
