@@ -139,7 +139,7 @@ class SharedInputGroup:
 
     def __init__(self, members: Sequence[LoRALinear]) -> None:
         self.members = list(members)
-        self._pending: tuple[weakref.ref[torch.Tensor], int, dict[int, torch.Tensor]] | None = None
+        self._pending: tuple[weakref.ref[torch.Tensor], tuple[Any, ...], dict[int, torch.Tensor]] | None = None
 
     def _settings(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
         """The members' base weights and biases as the group runs them, or None when it cannot take ``x``."""
@@ -162,7 +162,11 @@ class SharedInputGroup:
     def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output for ``x`` from the group, or None when the member must run on its own."""
         pending = self._pending
-        if pending is not None and pending[0]() is x and pending[1] == x._version and id(member) in pending[2]:
+        # Served only for the very tensor (unchanged since) under the same grad and autocast modes: an output made
+        # without autograd, or in another dtype, must not reach a call that expects otherwise.
+        key = (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
+               torch.get_autocast_dtype(x.device.type))  # fmt: skip
+        if pending is not None and pending[0]() is x and pending[1] == key and id(member) in pending[2]:
             y = pending[2].pop(id(member))
             if not pending[2]:
                 self._pending = None
@@ -182,7 +186,7 @@ class SharedInputGroup:
             recompute_input=all(m.recompute_input for m in self.members),
         )
         others = {id(m): y for m, y in zip(self.members, outs, strict=True) if m is not member}
-        self._pending = (weakref.ref(x), x._version, others)
+        self._pending = (weakref.ref(x), key, others)
         return outs[next(i for i, m in enumerate(self.members) if m is member)]
 
 

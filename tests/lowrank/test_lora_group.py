@@ -112,6 +112,11 @@ def test_group_falls_back_when_it_cannot_serve_the_call(groups_on_cpu: list[int]
     q(x2)
     x2.mul_(2)
     torch.testing.assert_close(k(x2), alone(k, x2), rtol=1e-12, atol=1e-12)
+    # Another grad mode: k is not served an output made without autograd.
+    with torch.no_grad():
+        q(x)
+    y_k = k(x)
+    assert y_k.grad_fn is not None and len(groups_on_cpu) == 7
     # Dropout in training mode: every layer draws its own mask, so no group.
     before = len(groups_on_cpu)
     for layer in (q, k, v):
