@@ -5,7 +5,8 @@ For each projection shape, forward and forward+backward time of:
 * ``base``   - frozen ``F.linear(x, W)`` with ``x`` requiring grad: the forward GEMM + the dX GEMM (the floor);
 * ``torch``  - :func:`lit_accel.kernels.lora_linear_reference` (PEFT's computation, unfused);
 * ``ours, triton kernel`` - the fused Triton GEMMs (``lora_linear(use_kernel=True)``);
-* ``ours, cublas in-place`` - cuBLAS GEMMs with the low-rank term accumulated in place (the CUDA default).
+* ``ours, cublas`` - the CUDA default: the low-rank term written first, the cuBLAS base GEMM adding into it
+  (beta = 1); in the backward ``u`` and ``dB`` from one read of ``dY`` (``dy_products``) where the output is wide.
 
 Usage::
 
@@ -76,7 +77,7 @@ def _steps(
         "torch LoRA (unfused)": pair(ref, [x, a, b]),
         "ours, triton kernel": pair(triton_fused, [x, a, b]),
         "ours, triton epilogue (cuBLAS rank projections)": pair(epilogue_fused, [x, a, b]),
-        "ours, cublas in-place (default)": pair(cublas_fused, [x, a, b]),
+        "ours, cublas (default)": pair(cublas_fused, [x, a, b]),
     }
 
 
