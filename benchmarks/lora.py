@@ -116,16 +116,8 @@ def main() -> None:
     results: list[Measurement] = [_run("floor: frozen base, no adapters", floor, args)]
     results.append(_run("PEFT LoRA", peft, args))
     keep_inputs = functools.partial(ours, recompute_inputs=False)
-    results.append(
-        _run("lit_accel LoRA (default CUDA path: groups, fused LoRA SwiGLU, recompute_inputs=True)", ours, args)
-    )
+    results.append(_run("lit_accel LoRA (default CUDA path: shared-input groups, recompute_inputs=True)", ours, args))
     results.append(_run("lit_accel LoRA, recompute_inputs=False", keep_inputs, args))
-    fused_mlp = lora_module.SharedInputGroup.swiglu
-    lora_module.SharedInputGroup.swiglu = lambda self, mlp, x: None  # type: ignore[method-assign]
-    try:
-        results.append(_run("lit_accel LoRA, groups without the fused LoRA SwiGLU", ours, args))
-    finally:
-        lora_module.SharedInputGroup.swiglu = fused_mlp  # type: ignore[method-assign]
     group_devices = lora_module._GROUP_DEVICES
     lora_module._GROUP_DEVICES = ()
     try:
