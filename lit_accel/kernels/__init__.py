@@ -24,7 +24,15 @@ from lit_accel.kernels.linear_cross_entropy import (
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
-from lit_accel.kernels.lora import LoRALinearFunction, kernel_available, lora_linear, lora_linear_reference
+from lit_accel.kernels.lora import (
+    LoRAGroupFunction,
+    LoRALinearFunction,
+    kernel_available,
+    lora_linear,
+    lora_linear_group,
+    lora_linear_reference,
+)
+from lit_accel.kernels.lowrank_reduce import dy_products, lowrank_reduce
 from lit_accel.kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
 from lit_accel.kernels.rope import RoPEFunction, apply_rope, apply_rope_reference
 from lit_accel.kernels.swiglu import SwiGLUFunction, swiglu, swiglu_reference
@@ -34,6 +42,7 @@ __all__ = [
     "KERNEL_NAMES",
     "FusedLinearCrossEntropyFunction",
     "KernelReport",
+    "LoRAGroupFunction",
     "LoRALinearFunction",
     "RMSNormFunction",
     "RoPEFunction",
@@ -41,12 +50,15 @@ __all__ = [
     "apply_kernels",
     "apply_rope",
     "apply_rope_reference",
+    "dy_products",
     "fused_linear_cross_entropy",
     "kernel_available",
     "kernels_applied",
     "linear_cross_entropy_reference",
     "lora_linear",
+    "lora_linear_group",
     "lora_linear_reference",
+    "lowrank_reduce",
     "remove_kernels",
     "rms_norm",
     "rms_norm_reference",

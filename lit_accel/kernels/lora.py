@@ -1,41 +1,43 @@
 """Fused LoRA linear: ``y = x W^T + b + s * dropout(x) A^T B^T`` with a frozen base and trainable adapters.
 
-Three layers, as every op in :mod:`lit_accel.kernels`:
+Layers, as every op in :mod:`lit_accel.kernels`:
 
 * :func:`lora_linear_reference` - plain PyTorch, operation for operation what PEFT's ``lora.Linear`` does
   (``base(x) + lora_B(lora_A(dropout(x))) * scaling``), used by the tests and as the CPU fallback.
 * :class:`LoRALinearFunction` - the ``torch.autograd.Function`` over three backends of the same fused GEMMs:
-  ``"triton"`` (the kernel below), ``"triton_epilogue"`` (the same kernel reading the rank projection that cuBLAS
-  computed, so its K loop is the base GEMM alone and the low-rank term is its epilogue) and ``"cublas"`` (cuBLAS
-  GEMMs with the low-rank term accumulated into their output in place).
+  ``"cublas"`` (the CUDA default, below), ``"triton"`` (the one-pass Triton kernel below) and ``"triton_epilogue"``
+  (that kernel reading the rank projection cuBLAS computed, the up-projection its epilogue).
 * :func:`lora_linear` - the entry point: the fused path on CUDA when the inputs are supported (backend
   ``CUDA_DEFAULT_BACKEND``; ``use_kernel=True`` forces Triton), else the reference.
+* :class:`LoRAGroupFunction` / :func:`lora_linear_group` - several LoRA linears on one input (a block's q/k/v, its
+  gate/up) as one node: one rank projection of the input, one ``dA`` product, one ``dX``
+  (:class:`lit_accel.lowrank.SharedInputGroup` runs them on CUDA).
 
-Measured on an H100 (torch 2.11, triton 3.6, M=16384, r=16, bf16; fwd+bwd, multiple of the frozen base
-matmul's forward + dX): unfused torch 1.6-2.8x (4.3x for 2048->256), cublas backend 1.45-1.9x (4.2x), Triton
-backend 2.0-2.7x (6.5x): this Triton GEMM runs at about half of cuBLAS's speed, hence the cublas default.
+The cuBLAS backend (and the groups). The output starts as the low-rank term, a rank-r GEMM that only writes it
+(``s`` as cuBLAS's alpha), and the base GEMM accumulates into it (beta = 1): the extra read of the output happens
+inside a compute-bound GEMM instead of a second memory-bound pass that re-reads and re-writes it, which profiled as
+more than half of the adapters' kernel time in a llama-1b step before (24.5 of 43.3 ms). The backward does the same
+for ``dX``; the adapter gradients are written in fp32 straight from cuBLAS (``out_dtype``); ``u = dY B`` and
+``dB`` come from one read of ``dY`` for wide outputs (:func:`~lit_accel.kernels.lowrank_reduce.dy_products`), and
+``dA = s u^T x`` for an input rebuilt from its fused producer never writes that input out
+(:func:`~lit_accel.kernels.lowrank_reduce.lowrank_reduce`). Measured in ``benchmarks/RESULTS.md`` (issue 4).
 
-Kernel design. One Triton GEMM kernel serves both directions. For output tile ``[BM, BN]`` it walks the
-reduction dimension ``K`` once; every ``a`` tile it loads feeds two dots: the base product (``a @ b``, into
-``acc``) and the low-rank projection (``a @ d``, into ``t_acc`` of width ``r``). After the loop ``t`` is
-complete for these rows, so the adapter's up-projection ``t @ c`` is one more dot into ``acc`` before the single
-store of the output: the low-rank add costs no extra read or write of ``x`` or ``y``, only the ``r``-wide dots
-(``r / BN`` extra tensor-core work, e.g. 16/128) and tiny adapter loads that stay in L2.
+The Triton kernel. One GEMM kernel serves both directions. For output tile ``[BM, BN]`` it walks the reduction
+dimension ``K`` once; every ``a`` tile it loads feeds two dots: the base product (``a @ b``, into ``acc``) and the
+low-rank projection (``a @ d``, into ``t_acc`` of width ``r``). After the loop ``t`` is complete for these rows, so
+the adapter's up-projection ``t @ c`` is one more dot into ``acc`` before the single store of the output.
 
 * forward:  ``a = x``,  ``b = W^T``, ``d = A^T``, ``c = B^T``: ``y = x W^T + s * t B^T``, ``t = drop(x) A^T``
 * backward: ``a = dY``, ``b = W``,   ``d = B``,   ``c = A``:   ``dX = dY W + s * mask(u A)``, ``u = dY B``
 
-Profiled in a llama-1b LoRA step (``benchmarks/profile_lora.py``), more than half of the cublas backend's extra
-kernel time (24.5 of 43.3 ms) is that in-place accumulate: a K=r GEMM that re-reads and re-writes every output.
-``"triton_epilogue"`` removes it while keeping the rank-r dots out of the main loop (an r-wide ``tl.dot`` per K
-step is what slowed the one-pass kernel); whether its base GEMM is close enough to cuBLAS's to win is what
-``benchmarks/lora_kernel.py`` measures.
-
 Programs in the first column of output tiles also store ``t`` (forward, saved for ``dB``) or ``u`` (backward,
-needed for ``dA``). ``dA = s * u^T drop(x)`` and ``dB = s * dY^T t`` are tall-skinny reductions over the tokens
-and are left to cuBLAS. Dropout uses a mask drawn with torch once in forward and reused in backward (so the
-kernel and the reference agree given the mask); the kernel's RNG stream therefore differs from PEFT's, which
-draws inside ``nn.Dropout``: the reference path is the one that equals PEFT bit for bit.
+needed for ``dA``). On an H100 and an H200 this GEMM runs at about half of cuBLAS's speed (forward 0.38 ms against
+0.18 at 16384x2048x2048 bf16), so it is not the default; it stays as the reference design and for ``use_kernel=True``.
+
+Dropout uses a mask drawn with torch once in forward and reused in backward (so the fused paths and the reference
+agree given the mask); its RNG stream therefore differs from PEFT's, which draws inside ``nn.Dropout``: the
+reference path is the one that equals PEFT bit for bit. Groups take no dropout (each adapter would need its own
+input).
 """
 
 from __future__ import annotations
@@ -739,11 +741,9 @@ def lora_linear(
                   "triton" if use_kernel else CUDA_DEFAULT_BACKEND, recompute_input)  # fmt: skip
 
 
-# What use_kernel=None runs on CUDA. On an H100 (torch 2.11, triton 3.6) the Triton kernel with the fused
-# low-rank dots ran its GEMMs at about half cuBLAS's speed (forward 0.38 ms vs cuBLAS's 0.18 ms at
-# 16384x2048x2048 bf16), slower than even the unfused torch LoRA; the cublas backend measured fastest at all four
-# llama-1b shapes (fwd+bwd 0.72 vs 1.04 Triton vs 1.06 unfused ms at 2048->2048), so it is the default and
-# use_kernel=True selects the Triton kernel explicitly.
+# What use_kernel=None runs on CUDA. The cublas backend measured fastest at all four llama-1b shapes (H200, fwd+bwd
+# at 2048->2048: 0.544 ms against 0.753 for the Triton kernel and 0.679 for the unfused torch LoRA; table "LoRA
+# kernel" in benchmarks/RESULTS.md), so it is the default and use_kernel=True selects the Triton kernel explicitly.
 CUDA_DEFAULT_BACKEND = "cublas"
 
 
