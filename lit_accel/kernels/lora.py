@@ -53,6 +53,7 @@ from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
 from lit_accel.kernels.lowrank_reduce import DY_PRODUCTS_MIN_N, dy_products
+from lit_accel.kernels.lowrank_reduce import takes as lowrank_kernels_take
 from lit_accel.kernels.recompute import Recompute, recompute_recipe
 
 __all__ = [
@@ -522,13 +523,9 @@ def _base_views(weight: torch.Tensor, weight_layout: str) -> tuple[torch.Tensor,
     return w_t, w_t.t()
 
 
-def _dy_products_available(dy: torch.Tensor) -> bool:
+def _dy_products_available(dy: torch.Tensor, r: int) -> bool:
     """Whether :func:`~lit_accel.kernels.lowrank_reduce.dy_products` runs on (and pays off for) this output gradient."""
-    if not _HAS_TRITON:
-        return False
-    if dy.is_cuda:
-        return dy.dtype in _GPU_DTYPES and dy.shape[-1] >= DY_PRODUCTS_MIN_N
-    return _interpret() and dy.dtype == torch.float32
+    return lowrank_kernels_take(dy, r) and (not dy.is_cuda or dy.shape[-1] >= DY_PRODUCTS_MIN_N)
 
 
 # aten::addmm.dtype (cuBLAS writing a bf16/fp16 product in fp32) exists on CUDA in recent torch releases.
@@ -542,9 +539,15 @@ def _scaled_product(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch
     gradient is not rounded to the low dtype first, and no scale or cast kernel runs (each of those is tiny but
     there are four per adapter per step: about 600 launches at llama-1b).
     """
+    global _ADDMM_OUT_DTYPE
     if _ADDMM_OUT_DTYPE and a.is_cuda and dtype == torch.float32 and a.dtype in _GPU_DTYPES:
         out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=dtype)
-        return torch.addmm(out, a, b, beta=0, alpha=scale, out_dtype=dtype)
+        try:
+            return torch.addmm(out, a, b, beta=0, alpha=scale, out_dtype=dtype)
+        except RuntimeError:
+            # Early releases of the overload required self in the inputs' dtype: the unfused form gives the same
+            # values rounded once more, so fall back for the rest of the run.
+            _ADDMM_OUT_DTYPE = False
     return (a @ b).mul_(scale).to(dtype)
 
 
@@ -613,7 +616,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
         u = db = None
-        if ctx.backend == "cublas" and need_db and _dy_products_available(dy):
+        if ctx.backend == "cublas" and need_db and _dy_products_available(dy, b_c.shape[1]):
             # u = dY B and dB = s dY^T t from one read of dY (cuBLAS would read it once for each).
             u, db32 = dy_products(dy, b_c, t, s)
             db = db32.to(ctx.adapter_dtypes[1])
@@ -626,7 +629,8 @@ class LoRALinearFunction(torch.autograd.Function):
             u = dy @ b_c
         da = None
         if need_da:
-            if x is None and dropout_mask is None and ctx.x_reduce is not None:
+            assert u is not None
+            if x is None and dropout_mask is None and ctx.x_reduce is not None and lowrank_kernels_take(u, u.shape[1]):
                 # s u^T x with x rebuilt tile by tile by its producer's reduction: x is never written out.
                 da = ctx.x_reduce(*producer_inputs, u=u, scale=s).to(ctx.adapter_dtypes[0])
             else:
@@ -634,7 +638,6 @@ class LoRALinearFunction(torch.autograd.Function):
                     shape, dtype = ctx.x_meta
                     x = ctx.x_recompute(*producer_inputs).reshape(shape).to(dtype)
                 xd = x if dropout_mask is None else x * dropout_mask * inv_keep
-                assert u is not None
                 # u was stored unscaled; s rides on the small [r, in] result.
                 da = _scaled_product(u.t(), xd, s, ctx.adapter_dtypes[0])
         if need_db and db is None:
@@ -868,7 +871,7 @@ class LoRAGroupFunction(torch.autograd.Function):
             for i, (r, s) in enumerate(zip(ranks, scalings, strict=True)):
                 if i not in live:
                     us.append(t.new_zeros(m, r))
-                elif need_db[i] and _dy_products_available(live[i]):
+                elif need_db[i] and _dy_products_available(live[i], r):
                     u_i, db_i = dy_products(live[i].contiguous(), lora_bs[i], t[:, start : start + r], s)
                     us.append(u_i)
                     d_bs[i] = db_i.to(ctx.adapter_dtypes[i][1])

@@ -34,10 +34,15 @@ import torch
 from lit_accel.kernels._triton import interpret as _interpret
 from lit_accel.kernels._triton import tl, triton
 
-__all__ = ["DY_PRODUCTS_MIN_N", "PRODUCERS", "dy_products", "lowrank_reduce"]
+__all__ = ["DY_PRODUCTS_MIN_N", "MAX_RANK", "PRODUCERS", "dy_products", "lowrank_reduce", "takes"]
 
 PRODUCERS = ("plain", "rms_norm", "swiglu")
 """What :func:`lowrank_reduce` can rebuild ``Y`` from."""
+
+MAX_RANK = 64
+"""Widest ``R`` the kernels take (a group's summed rank for :func:`lowrank_reduce`): beyond it their register and
+shared-memory tiles spill or exceed the per-block limit on an H100 (``R`` = 256 needs 256 KiB in ``dy_products``),
+so callers use cuBLAS (:func:`takes`)."""
 
 _PLAIN, _RMS_NORM, _SWIGLU = 0, 1, 2
 # Rounding codes: 0 keeps fp32, 1 rounds to bf16, 2 to fp16.
@@ -132,6 +137,19 @@ def _sm_count(device_index: int) -> int:
 _GPU_CONFIG = (128, 64, 8, 3, 2)
 
 
+def takes(like: torch.Tensor, r: int) -> bool:
+    """Whether these kernels run, and are meant to run, on tensors like ``like`` with rank ``r``.
+
+    On CUDA: bf16/fp16 only (an fp32 ``tl.dot`` would run in TF32, below torch's fp32 matmul precision) and
+    ``r <= MAX_RANK``; on the CPU only under ``TRITON_INTERPRET=1`` (tests). Never without triton.
+    """
+    if triton is None or r > MAX_RANK:
+        return False
+    if like.is_cuda:
+        return like.dtype in (torch.bfloat16, torch.float16)
+    return _interpret()
+
+
 def _launch(
     m: int, n: int, r: int, device: torch.device, config: tuple[int, int, int, int, int] | None = None
 ) -> tuple[int, int, int, int, dict[str, int]]:
@@ -176,6 +194,8 @@ def lowrank_reduce(
     m, n = a.shape
     r = u.shape[1]
     kind = PRODUCERS.index(producer)
+    if m == 0:
+        return torch.zeros((r, n), device=u.device, dtype=torch.float32)
     b = inputs[2] if kind == _RMS_NORM else inputs[1] if kind == _SWIGLU else a
     w = inputs[1] if kind == _RMS_NORM else a
     block_r, block_m, block_n, split, meta = _launch(m, n, r, u.device, _config)
@@ -261,10 +281,10 @@ def _dy_body(
         # The same dY tile feeds both products: its rank-R projection over this column stripe, and this stripe's
         # rows of dB over these tokens.
         part = tl.dot(dy, b)
-        tl.store(u_ptr + pid_n * stride_us + rows64[:, None] * stride_um + rr[None, :], part,
+        tl.store(u_ptr + pid_n.to(tl.int64) * stride_us + rows64[:, None] * stride_um + rr[None, :], part,
                  mask=row_ok[:, None] & r_ok[None, :])  # fmt: skip
         db = tl.dot(tl.trans(dy), tt, db)
-    tl.store(db_ptr + pid_s * stride_ds + cols[:, None] * stride_dn + rr[None, :], db * scale,
+    tl.store(db_ptr + pid_s.to(tl.int64) * stride_ds + cols[:, None] * stride_dn + rr[None, :], db * scale,
              mask=col_ok[:, None] & r_ok[None, :])  # fmt: skip
 
 
@@ -306,6 +326,8 @@ def dy_products(
     """
     m, n = dy.shape
     r = lora_b.shape[1]
+    if m == 0:
+        return dy.new_zeros((0, r)), torch.zeros((n, r), device=dy.device, dtype=torch.float32)
     block_r, block_m, block_n, split, meta = _launch(m, n, r, dy.device, _config or _DY_GPU_CONFIG)
     rows_per_split = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
     split = triton.cdiv(m, rows_per_split)

@@ -131,9 +131,11 @@ class SharedInputGroup:
     The first member called with an input computes every member's output with
     :func:`~lit_accel.kernels.lora.lora_linear_group` (one rank projection of the input, one input gradient, one
     rebuild of the input under ``recompute_input``) and hands the others theirs when they are called with that
-    very tensor (same object, not modified in place since). Any other call (another input, a member called twice,
-    dropout active, a CPU tensor, a ZeRO-3 partitioned weight, ``torch.compile``) runs the member on its own, so
-    the result never depends on the grouping beyond the rounding of the compute dtype. Module hooks still run:
+    very tensor (same object, not modified in place since, same grad and autocast modes). Any other call (another
+    input, a member called twice, dropout active, a CPU tensor, inference mode, a ZeRO-3 partitioned weight,
+    ``torch.compile``) runs the member on its own, so the result never depends on the grouping beyond the rounding of
+    the compute dtype. A pre-hook that hands each member a new tensor defeats the sharing (each member then computes
+    the group again: correct, but the shared work is repeated). Module hooks still run:
     every member is still called through ``__call__``.
     """
 
@@ -150,9 +152,11 @@ class SharedInputGroup:
         for m in self.members:
             if m.merged or m.weight_layout != "out_in" or (m.dropout > 0.0 and m.training):
                 return None
+            if any(is_partitioned(p) for p in m.base_layer.parameters(recurse=False)):
+                return None  # checked before _base_tensors: a cast copy of a partition no longer looks partitioned
             w, b = m._base_tensors(x)
             # ZeRO-3 gathers a member's weight only around its own forward; a trainable base needs dW.
-            if is_partitioned(w) or w.device != x.device or (torch.is_grad_enabled() and (
+            if w.device != x.device or (torch.is_grad_enabled() and (
                     w.requires_grad or (b is not None and b.requires_grad))):  # fmt: skip
                 return None
             weights.append(w)
@@ -161,6 +165,11 @@ class SharedInputGroup:
 
     def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output for ``x`` from the group, or None when the member must run on its own."""
+        if x.is_inference() or torch.is_inference_mode_enabled() or all(m is not member for m in self.members):
+            # Inference tensors keep no version counter to tell an in-place change; a member that is not this group's
+            # (an nn.DataParallel replica shares the group object) runs alone.
+            self._pending = None
+            return None
         pending = self._pending
         # Served only for the very tensor (unchanged since) under the same grad and autocast modes: an output made
         # without autograd, or in another dtype, must not reach a call that expects otherwise.

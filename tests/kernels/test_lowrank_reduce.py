@@ -60,6 +60,16 @@ def _check(producer: str, m: int, n: int, r: int, dtype: torch.dtype, device: st
     assert err < tol, f"{producer} m={m} n={n} r={r}: relative error {err:.3g}"
 
 
+def test_takes_only_low_precision_cuda_or_the_interpreter_and_small_ranks() -> None:
+    from lit_accel.kernels.lowrank_reduce import MAX_RANK, takes
+
+    cpu = torch.zeros(2, 2)
+    assert takes(cpu, 16) == INTERPRET
+    assert not takes(cpu, MAX_RANK + 1)
+    if torch.cuda.is_available():
+        assert takes(cpu.cuda().bfloat16(), 16) and not takes(cpu.cuda(), 16)  # fp32 would run in TF32
+
+
 def test_unknown_producer_is_refused() -> None:
     pytest.importorskip("triton")
     from lit_accel.kernels.lowrank_reduce import PRODUCERS, lowrank_reduce
@@ -105,6 +115,14 @@ if INTERPRET:
     @pytest.mark.parametrize(("m", "n", "r"), [(1, 16, 1), (37, 40, 5), (100, 70, 33), (64, 48, 16)])
     def test_interp_dy_products(m: int, n: int, r: int) -> None:
         _check_dy(m, n, r, torch.float32, "cpu", 1e-5)
+
+    def test_interp_no_rows() -> None:
+        from lit_accel.kernels.lowrank_reduce import dy_products, lowrank_reduce
+
+        u, db = dy_products(torch.zeros(0, 24), torch.randn(24, 4), torch.zeros(0, 4), 1.0)
+        assert u.shape == (0, 4) and db.shape == (24, 4) and not db.any()
+        g = lowrank_reduce(torch.zeros(0, 4), "plain", (torch.zeros(0, 24),), 1.0, torch.float32)
+        assert g.shape == (4, 24) and not g.any()
 
 
 @pytest.mark.gpu

@@ -142,3 +142,31 @@ def test_group_shared_inputs_without_a_known_structure_groups_nothing() -> None:
     assert layer.shared_input_group is None
     group = SharedInputGroup([layer])
     assert group.output(layer, torch.randn(2, 8)) is None  # a CPU tensor: the layer runs alone
+
+
+def test_inference_mode_and_foreign_members_run_alone(groups_on_cpu: list[int]) -> None:
+    model = _model().eval()
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    before = len(groups_on_cpu)
+    # Inference tensors have no version counter: the group steps aside instead of failing (Lightning validates,
+    # tests and predicts under inference_mode).
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert len(groups_on_cpu) == before
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # A layer that is not a member (e.g. an nn.DataParallel replica sharing the group object) runs alone.
+    attn = model.model.layers[0].self_attn
+    stranger = LoRALinear(torch.nn.Linear(64, 64).double(), r=2, alpha=4)
+    assert attn.q_proj.shared_input_group.output(stranger, torch.randn(2, 64, dtype=torch.float64)) is None
+
+
+def test_partitioned_sibling_is_refused_even_when_the_weight_is_cast(groups_on_cpu: list[int]) -> None:
+    model = tiny_llama(layers=1).float().train()
+    apply_lora(model, r=4, alpha=8)
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.base_layer.weight.ds_id = 7  # what a DeepSpeed ZeRO-3 partition carries
+    x = torch.randn(2, 3, 64, dtype=torch.float64)  # without autocast the base weight is cast to x's dtype
+    attn.q_proj(x)
+    assert groups_on_cpu == []
