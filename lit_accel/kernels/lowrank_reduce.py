@@ -142,6 +142,10 @@ def takes(like: torch.Tensor, r: int) -> bool:
 
     On CUDA: bf16/fp16 only (an fp32 ``tl.dot`` would run in TF32, below torch's fp32 matmul precision) and
     ``r <= MAX_RANK``; on the CPU only under ``TRITON_INTERPRET=1`` (tests). Never without triton.
+
+    Example:
+        >>> takes(torch.zeros(4, 4), MAX_RANK + 1)
+        False
     """
     if triton is None or r > MAX_RANK:
         return False
@@ -323,6 +327,13 @@ def dy_products(
 
     Returns:
         ``u`` ``[M, R]`` in ``dy``'s dtype and ``dB`` ``[N, R]`` fp32.
+
+    Example:
+        >>> # on CUDA (bf16/fp16), or on CPU under TRITON_INTERPRET=1
+        >>> dy, b, t = torch.randn(64, 32), torch.randn(32, 4), torch.randn(64, 4)  # doctest: +SKIP
+        >>> u, db = dy_products(dy, b, t, 2.0)  # doctest: +SKIP
+        >>> torch.allclose(u, dy @ b, atol=1e-4) and torch.allclose(db, 2.0 * dy.T @ t, atol=1e-4)  # doctest: +SKIP
+        True
     """
     m, n = dy.shape
     r = lora_b.shape[1]

@@ -139,8 +139,10 @@ class SharedInputGroup:
     every member is still called through ``__call__``.
     """
 
-    def __init__(self, members: Sequence[LoRALinear]) -> None:
+    def __init__(self, members: Sequence[LoRALinear], roles: Sequence[str] = ()) -> None:
         self.members = list(members)
+        self.roles = tuple(roles)
+        """The members' roles in their sublayer (``("q", "k", "v")``, ``("gate", "up")``), when known."""
         self._pending: tuple[weakref.ref[torch.Tensor], tuple[Any, ...], dict[int, torch.Tensor]] | None = None
 
     def _settings(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
@@ -353,8 +355,20 @@ def group_shared_inputs(model: nn.Module, patterns: StructurePatterns | None = N
     :func:`apply_lora` calls it; call it again after replacing layers by hand. A model whose structure is not
     known (no supported architecture, no ``patterns``) gets no groups: every layer then runs on its own.
 
+    Args:
+        model: The model holding the LoRA layers.
+        patterns: Module-name patterns for a model that is not a supported architecture.
+
     Returns:
         The groups formed (each of two or more layers); earlier groups of these layers are replaced.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        ...                                      num_attention_heads=4, vocab_size=128))
+        >>> _ = apply_lora(model, r=4, alpha=8)  # calls group_shared_inputs itself
+        >>> [g.roles for g in group_shared_inputs(model)]
+        [('q', 'k', 'v'), ('gate', 'up'), ('q', 'k', 'v'), ('gate', 'up')]
     """
     for layer in model.modules():
         if isinstance(layer, LoRALinear):
@@ -368,10 +382,11 @@ def group_shared_inputs(model: nn.Module, patterns: StructurePatterns | None = N
     for block in structure.blocks:
         for kind, roles in _SHARED_INPUT_ROLES:
             sub = block.attention if kind == "attention" else block.mlp
-            members = [named[sub.roles[r]] for r in roles if r in sub.roles]
-            members = [m for m in members if isinstance(m, LoRALinear)]
+            adapted = [(r, named[sub.roles[r]]) for r in roles if r in sub.roles]
+            adapted = [(r, m) for r, m in adapted if isinstance(m, LoRALinear)]
+            members = [m for _, m in adapted]
             if len(members) > 1:
-                group = SharedInputGroup(members)
+                group = SharedInputGroup(members, [r for r, _ in adapted])
                 for m in members:
                     m.shared_input_group = group
                 groups.append(group)

@@ -62,6 +62,7 @@ def test_apply_lora_groups_siblings_that_share_an_input() -> None:
     group = got["model.layers.0.self_attn.q_proj"].shared_input_group
     assert group is not None and group.members == [got["model.layers.0.self_attn.q_proj"],
                                                     got["model.layers.0.self_attn.v_proj"]]  # fmt: skip
+    assert group.roles == ("q", "v")
     assert got["model.layers.0.mlp.gate_proj"].shared_input_group is None
     # GPT-2's q/k/v is one Conv1D: nothing to group.
     gpt2 = tiny_gpt2(layers=1)
