@@ -3,9 +3,7 @@
 # its DeepSpeed checkpoint to a Hugging Face directory (loaded back and scored). Logs go to $OUT.
 #   bash benchmarks/gpu_foundation.sh            (carry .whl; see ../shared/gpu/README.md)
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python - <<'PY'
 import torch, lightning, transformers, deepspeed, wandb; print("torch", torch.__version__, "lightning", lightning.__version__,

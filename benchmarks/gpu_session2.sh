@@ -2,9 +2,7 @@
 # Device call 2: DeepSpeed GPU tests (foundation + DropBP), the CausalLM-vs-raw-loop benchmark, DropBP speed and
 # sequence-length benchmarks. Results are appended to $OUT/RESULTS.md.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 echo "== GPU tests"
 timeout 200 python -m pytest -q -m gpu tests/test_gpu.py tests/dropbp/test_dropbp_gpu.py -p no:cacheprovider -x \
   --tb=long > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"; grep -E "passed|failed|Error" "$OUT/gpu_tests.log" | tail -8

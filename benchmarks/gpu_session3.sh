@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # Device call 3: sync diagnostics of the CausalLM step, DropBP speed (with systematic sampling) and quality.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 echo "== syncs"; timeout 90 python benchmarks/find_syncs.py 2>&1 | tail -12
 echo "== dropbp speed"; timeout 220 python benchmarks/dropbp.py speed --results "$OUT/RESULTS.md" 2>&1 | grep -E "^\[|Error"
 echo "== dropbp quality"; timeout 300 python benchmarks/dropbp.py quality --results "$OUT/RESULTS.md" > "$OUT/quality.log" 2>&1

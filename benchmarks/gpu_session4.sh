@@ -2,9 +2,7 @@
 # Device call 4: GPU tests, CausalLM-vs-raw-loop benchmark (after removing the per-step progress-bar sync), and
 # the DropBP quality run. Results are appended to $OUT/RESULTS.md.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 echo "== GPU tests"
 timeout 150 python -m pytest -q -m gpu tests -p no:cacheprovider --tb=short > "$OUT/gpu_tests.log" 2>&1
 echo "tests exit $?"; grep -E "passed|failed|^E " "$OUT/gpu_tests.log" | tail -8

@@ -2,9 +2,7 @@
 # Next device call A (prepared in session 5, whose device time ran out): every GPU test, then the hot-path step
 # benchmark of issue 6. Results are appended to $OUT/RESULTS.md; logs in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 echo "== GPU tests"
 timeout 240 python -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -x --durations=15 > "$OUT/gpu_tests.log" 2>&1
 echo "tests exit $?"; grep -E "passed|failed|^E |FAILED" "$OUT/gpu_tests.log" | tail -12

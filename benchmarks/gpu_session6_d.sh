@@ -3,9 +3,7 @@
 # llama-1b-half, a 100-step smoke run of each training stage (issue 7); (2) DDP settings for the 2-GPU scaling of
 # dense llama-125m (issue 8). Logs and RESULTS.md in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 echo "== recipe: prune -> export -> continue -> export, llama-1b -> llama-1b-half, 1 GPU"
 start=$(date +%s)
 CUDA_VISIBLE_DEVICES=0 SOURCE=llama-1b LIT_ACCEL="python -m lit_accel.cli" \

@@ -2,9 +2,7 @@
 # Device call E (nvidia-h100-x2), session 6: DropBP and dense weak scaling with lit_ddp (issue 8), then a kernel
 # profile of the LoRA step against the frozen floor (issue 4, to aim the next optimisation).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 echo "== scaling with lit_ddp"
 timeout 170 python benchmarks/scaling.py --gpus 1 2 --strategy lit_ddp --variants dropbp dense --results "$OUT/RESULTS.md" 2>&1 | grep -E "^\[|FAILED|Error" | cut -c1-200
 echo "== LoRA profile"

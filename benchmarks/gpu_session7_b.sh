@@ -3,9 +3,7 @@
 # recompute_inputs equality test), benchmarks/lora_kernel.py per shape with the triton_epilogue backend, then the
 # llama-1b step benchmark with the recompute_inputs and triton_epilogue variants. Results are appended to $OUT/RESULTS.md.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 echo "== LoRA GPU tests"
 timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_lora_kernel.py tests/kernels/test_apply.py \
   > "$OUT/lora_tests.log" 2>&1

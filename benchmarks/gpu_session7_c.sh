@@ -3,9 +3,7 @@
 # times against torch's per-call plan and dense), then the quality figure: validation loss of 2:4 MLPs against dense
 # after the same 600 steps at llama-125m (masked kernel: the same numbers as the cuSPARSELt path).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 echo "== cuSPARSELt plan cache: GPU tests, then per-call times"
 timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_cusparselt.py > "$OUT/cusparselt_tests.log" 2>&1
 echo "tests exit $?"; grep -E "passed|failed|^E |FAILED|Warn" "$OUT/cusparselt_tests.log" | tail -8

@@ -3,9 +3,7 @@
 # SemiStructuredSparsity kernel="auto", LoRA recompute_inputs=True, 2:4 under DeepSpeed ZeRO-1/2/3), then the 2:4
 # probe's verify part (bf16 at llama-1b shapes and the fp16 case whose algorithm sweep used to fault the context).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 echo "== all gpu tests"
 start=$(date +%s)
 timeout 420 python -m pytest -q -p no:cacheprovider -m gpu -x --durations=8 tests > "$OUT/gpu_tests.log" 2>&1

@@ -3,9 +3,7 @@
 # bf16 only now), in three groups with their own time limits so that one hang cannot eat the call: 2:4 (incl.
 # DeepSpeed ZeRO-1/2/3) and the plan cache; LoRA (recompute_inputs on by default) and the kernel patches; the rest.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 group() {  # name, seconds, test paths...
   local name=$1 limit=$2; shift 2
   local start=$(date +%s)

@@ -3,9 +3,7 @@
 # loaded library, CONFIG_MAX_ID treated as exclusive, the id query off with the cache), the 2:4 + plan-cache GPU tests
 # and the per-call plan timings again.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/sparsity tests/kernels/test_cusparselt.py \
   > "$OUT/gpu_sparse24.log" 2>&1
 echo "2:4 gpu tests exit $?"; grep -E "passed|failed|^E |FAILED" "$OUT/gpu_sparse24.log" | cut -c1-220 | tail -6

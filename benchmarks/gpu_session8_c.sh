@@ -2,9 +2,7 @@
 # Device call C (session 8; one GPU): dA from the producers' inputs (lowrank_reduce) and fp32 adapter gradients from
 # cuBLAS: the LoRA/kernel `gpu` tests, the training step against PEFT and the floor, the per-group table.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/lowrank tests/kernels/test_apply.py \
   tests/kernels/test_lora_kernel.py tests/kernels/test_lowrank_reduce.py > "$OUT/gpu_lora.log" 2>&1

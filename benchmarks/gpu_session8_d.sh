@@ -2,9 +2,7 @@
 # Device call D (session 8; one GPU): u and dB from one read of dY (dy_products): the tile sweep, the LoRA/kernel
 # `gpu` tests, the training step against PEFT and the floor, the step profile.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 150 python benchmarks/lowrank_reduce_sweep.py 2>&1 | grep -v Warn | tail -45
 timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/lowrank tests/kernels/test_apply.py \

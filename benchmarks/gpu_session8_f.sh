@@ -2,9 +2,7 @@
 # Device call F (session 8; one GPU): the final state: the LoRA step against PEFT and the floor, the kernel table and
 # the per-group table, then every `gpu` test in three groups.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 200 python benchmarks/lora.py --results "$OUT/RESULTS.md" 2>&1 | grep -v Warning | grep -v "CausalLM kernels" | tail -8
 timeout 90 python benchmarks/lora_kernel.py --results "$OUT/RESULTS.md" 2>&1 | grep -v Warn | tail -3

@@ -2,9 +2,7 @@
 # Device call on nvidia-h100-x2 (issue 8): the two-GPU ZeRO-1/2/3 vs DDP test, then weak scaling 1 -> 2 GPUs of
 # every technique under DDP. Results are appended to $OUT/RESULTS.md; logs in $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source benchmarks/gpu_prelude.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "== two-GPU test"
 timeout 170 python -m pytest -q -p no:cacheprovider --tb=short \

@@ -62,6 +62,7 @@ __all__ = [
     "kernel_available",
     "lora_linear",
     "lora_linear_group",
+    "lora_linear_group_kernel",
     "lora_linear_reference",
 ]
 
@@ -828,15 +829,10 @@ class LoRAGroupFunction(torch.autograd.Function):
         t = x @ a_cat.t()
         outs = []
         start = 0
-        m = x.shape[0]
         for w, b, lb, s, r in zip(weights, biases, lora_bs, scalings, ranks, strict=True):
-            t_i, c = t[:, start : start + r], lb.t()
-            if b is not None:
-                y = torch.addmm(b, t_i, c, alpha=s)
-            else:
-                # beta = 0: the uninitialised output is not read; s rides on cuBLAS's alpha.
-                y = torch.empty((m, w.shape[0]), device=x.device, dtype=x.dtype).addmm_(t_i, c, beta=0, alpha=s)
-            outs.append(y.addmm_(x, w.t()))
+            # Each output as the cuBLAS backend makes it, from this member's slice of the shared projection.
+            y, _ = _lora_gemm_torch(x, w.t(), a_cat.t(), lb.t(), b, None, True, s, 1.0, t_in=t[:, start : start + r])
+            outs.append(y)
             start += r
         if x_recompute is None:
             ctx.save_for_backward(x, a_cat, t, *weights, *lora_bs)
@@ -892,7 +888,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 a_dtypes = {d[0] for d in ctx.adapter_dtypes}
                 one_scale = len(set(scalings)) == 1
                 g_scale = scalings[0] if one_scale else 1.0
-                if x is None and ctx.x_reduce is not None:
+                if x is None and ctx.x_reduce is not None and lowrank_kernels_take(u, u.shape[1]):
                     # One s U^T x for every dA, x rebuilt tile by tile by its producer: x is never written out.
                     g = ctx.x_reduce(*producer_inputs, u=u, scale=g_scale)
                 else:
@@ -960,6 +956,22 @@ def lora_linear_group(
         )
     for w, b, a, lb, s in zip(weights, biases, lora_as, lora_bs, scalings, strict=True):
         _check_args(x, w, b, a, lb, s, 0.0, "out_in")
+    return lora_linear_group_kernel(x, weights, biases, lora_as, lora_bs, scalings, recompute_input)
+
+
+def lora_linear_group_kernel(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    lora_as: list[torch.Tensor],
+    lora_bs: list[torch.Tensor],
+    scalings: list[float],
+    recompute_input: bool = False,
+) -> list[torch.Tensor]:
+    """The path of :func:`lora_linear_group` after its argument checks, for callers whose shapes are fixed by
+    construction (:class:`lit_accel.lowrank.SharedInputGroup`: its layers were validated when built), so the hot
+    path does not re-check every member on every call."""
+    n = len(weights)
     in_f = x.shape[-1]
     dtype = _compute_dtype(x)
     lead = x.shape[:-1]

@@ -168,6 +168,12 @@ def _launch(
     return block_r, block_m, block_n, split, {"num_warps": warps, "num_stages": stages}
 
 
+def _split_rows(m: int, split: int, block_m: int) -> tuple[int, int]:
+    """``(rows per program, programs)`` covering ``m`` rows in about ``split`` ranges of whole ``block_m`` tiles."""
+    rows_per_split = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
+    return rows_per_split, triton.cdiv(m, rows_per_split)
+
+
 def lowrank_reduce(
     u: torch.Tensor,
     producer: str,
@@ -203,8 +209,7 @@ def lowrank_reduce(
     b = inputs[2] if kind == _RMS_NORM else inputs[1] if kind == _SWIGLU else a
     w = inputs[1] if kind == _RMS_NORM else a
     block_r, block_m, block_n, split, meta = _launch(m, n, r, u.device, _config)
-    rows_per_split = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
-    split = triton.cdiv(m, rows_per_split)
+    rows_per_split, split = _split_rows(m, split, block_m)
     out = torch.empty((split, r, n), device=u.device, dtype=torch.float32)
     _kernel()[(triton.cdiv(n, block_n), split)](
         u,
@@ -340,8 +345,7 @@ def dy_products(
     if m == 0:
         return dy.new_zeros((0, r)), torch.zeros((n, r), device=dy.device, dtype=torch.float32)
     block_r, block_m, block_n, split, meta = _launch(m, n, r, dy.device, _config or _DY_GPU_CONFIG)
-    rows_per_split = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
-    split = triton.cdiv(m, rows_per_split)
+    rows_per_split, split = _split_rows(m, split, block_m)
     stripes = triton.cdiv(n, block_n)
     u_part = torch.empty((stripes, m, r), device=dy.device, dtype=torch.float32)
     db_part = torch.empty((split, n, r), device=dy.device, dtype=torch.float32)

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lit_accel.kernels.lora import lora_linear, lora_linear_group
+from lit_accel.kernels.lora import lora_linear, lora_linear_group_kernel
 from lit_accel.kernels.recompute import request_recompute
 from lit_accel.models.params import gathered, is_partitioned, is_rank_zero
 from lit_accel.models.structure import StructurePatterns, get_structure, linear_in_out_features
@@ -149,15 +149,19 @@ class SharedInputGroup:
         """The members' base weights and biases as the group runs them, or None when it cannot take ``x``."""
         if x.device.type not in _GROUP_DEVICES or x.numel() == 0 or torch.compiler.is_compiling():
             return None
+        if x.shape[-1] != self.members[0].in_features:
+            return None  # the layer's own path raises the clear error
         weights: list[torch.Tensor] = []
         biases: list[torch.Tensor | None] = []
         for m in self.members:
             if m.merged or m.weight_layout != "out_in" or (m.dropout > 0.0 and m.training):
                 return None
             if any(is_partitioned(p) for p in m.base_layer.parameters(recurse=False)):
-                return None  # checked before _base_tensors: a cast copy of a partition no longer looks partitioned
+                # ZeRO-3 gathers a member's weight only around its own forward. Checked on the stored parameters:
+                # a cast copy of a partition (_base_tensors) no longer looks partitioned.
+                return None
             w, b = m._base_tensors(x)
-            # ZeRO-3 gathers a member's weight only around its own forward; a trainable base needs dW.
+            # The group returns no dW / db: a trainable base runs per layer.
             if w.device != x.device or (torch.is_grad_enabled() and (
                     w.requires_grad or (b is not None and b.requires_grad))):  # fmt: skip
                 return None
@@ -167,7 +171,8 @@ class SharedInputGroup:
 
     def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output for ``x`` from the group, or None when the member must run on its own."""
-        if x.is_inference() or torch.is_inference_mode_enabled() or all(m is not member for m in self.members):
+        index = next((i for i, m in enumerate(self.members) if m is member), None)
+        if index is None or x.is_inference() or torch.is_inference_mode_enabled():
             # Inference tensors keep no version counter to tell an in-place change; a member that is not this group's
             # (an nn.DataParallel replica shares the group object) runs alone.
             self._pending = None
@@ -187,7 +192,7 @@ class SharedInputGroup:
         if settings is None:
             return None
         weights, biases = settings
-        outs = lora_linear_group(
+        outs = lora_linear_group_kernel(
             x,
             weights,
             biases,
@@ -198,7 +203,7 @@ class SharedInputGroup:
         )
         others = {id(m): y for m, y in zip(self.members, outs, strict=True) if m is not member}
         self._pending = (weakref.ref(x), key, others)
-        return outs[next(i for i, m in enumerate(self.members) if m is member)]
+        return outs[index]
 
 
 class LoRALinear(nn.Module):

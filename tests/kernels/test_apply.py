@@ -11,7 +11,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lightning as L
 import pytest
@@ -374,20 +374,28 @@ def _lora_on_kernels(recompute: bool, dropout: float = 0.0) -> nn.Module:
     return model.train()
 
 
-@pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
-@pytest.mark.parametrize("groups", [False, True])
-def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
-    monkeypatch: pytest.MonkeyPatch, groups: bool
-) -> None:
+@pytest.fixture
+def fused_lora_path(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """LoRA layers on the CPU take the fused path, as on CUDA (by default they run the PEFT-exact reference there);
+    yields the lowrank.lora module for further patches."""
     import functools
 
     import lit_accel.lowrank.lora as lora_module
     from lit_accel.kernels.lora import lora_linear
+
+    monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
+    return lora_module
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
+@pytest.mark.parametrize("groups", [False, True])
+def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
+    monkeypatch: pytest.MonkeyPatch, fused_lora_path: Any, groups: bool
+) -> None:
     from lit_accel.lowrank.lora import lora_layers
 
-    # On CPU the LoRA layers default to the PEFT-exact reference; take the fused path, as on CUDA (and with groups,
-    # the q/k/v and gate/up shared-input groups CUDA runs).
-    monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
+    lora_module = fused_lora_path
+    # With groups, the q/k/v and gate/up shared-input groups CUDA runs.
     monkeypatch.setattr(lora_module, "_GROUP_DEVICES", ("cuda", "cpu") if groups else ("cuda",))
     ids, labels = _batch()
     results = {}
@@ -430,18 +438,24 @@ def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
-def test_interp_lora_shared_input_groups_match_the_per_layer_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    import functools
+def test_interp_lora_shared_input_groups_match_the_per_layer_path(
+    monkeypatch: pytest.MonkeyPatch, fused_lora_path: Any
+) -> None:
+    lora_module = fused_lora_path
+    calls: list[int] = []
+    real = lora_module.lora_linear_group_kernel
 
-    import lit_accel.lowrank.lora as lora_module
-    from lit_accel.kernels.lora import lora_linear
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
+    monkeypatch.setattr(lora_module, "lora_linear_group_kernel", counting)
     ids, labels = _batch()
     results = []
     for groups in (False, True):
         monkeypatch.setattr(lora_module, "_GROUP_DEVICES", ("cuda", "cpu") if groups else ("cuda",))
         results.append(_loss_and_grads(_lora_on_kernels(recompute=True), ids, labels))
+        assert len(calls) == (4 if groups else 0)  # q/k/v and gate/up of both blocks, only with groups
     # Not bit for bit: a group adds the low-rank term and the base product in another order, and reduces its dA
     # over the rebuilt input in one product.
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
@@ -451,13 +465,7 @@ def test_interp_lora_shared_input_groups_match_the_per_layer_path(monkeypatch: p
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs under TRITON_INTERPRET=1 (see the subprocess test)")
-def test_interp_lora_recompute_inputs_with_dropout_and_checkpointing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import functools
-
-    import lit_accel.lowrank.lora as lora_module
-    from lit_accel.kernels.lora import lora_linear
-
-    monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
+def test_interp_lora_recompute_inputs_with_dropout_and_checkpointing(fused_lora_path: Any) -> None:
     ids, labels = _batch()
     results = []
     for recompute in (False, True):

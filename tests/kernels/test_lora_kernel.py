@@ -48,6 +48,10 @@ def _make(
     }
 
 
+class _Consumer:
+    """Stands for a LoRA layer asking the fused kernels to record recompute recipes (while it is alive)."""
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
@@ -346,6 +350,37 @@ else:
         for k, (a, b) in enumerate(zip(got, exp)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda e, k=k: f"input {k}: {e}")  # type: ignore[misc]
 
+    @pytest.mark.parametrize(("ranks", "reduced"), [([4, 8], True), ([40, 40], False)])
+    def test_interp_group_reduces_over_the_producer_only_within_the_kernel_rank_limit(
+        ranks: list[int], reduced: bool
+    ) -> None:
+        # A recipe with a reduce: the group takes it for a summed rank <= lowrank_reduce.MAX_RANK, else it rebuilds
+        # x and multiplies with cuBLAS (the kernel's tiles would spill or overflow shared memory on the GPU).
+        from lit_accel.kernels.lowrank_reduce import lowrank_reduce
+        from lit_accel.kernels.recompute import register_recompute, request_recompute
+
+        consumer = _Consumer()
+        request_recompute(consumer)
+        c = _group_case([48, 48], ranks, [False, False], dtype=torch.float32)
+        h = c["x"]
+        reductions: list[int] = []
+
+        def reduce(t: torch.Tensor, *, u: torch.Tensor, scale: float) -> torch.Tensor:
+            reductions.append(1)
+            return lowrank_reduce(u, "plain", (t.reshape(-1, t.shape[-1]) * 3.0,), scale, torch.float32)
+
+        grads = {}
+        for recompute in (False, True):
+            x = h * 3.0  # type: ignore[operator]
+            register_recompute(x, lambda t: t * 3.0, h, reduce=reduce)
+            ys = lora_linear_group(x, c["weights"], c["biases"], c["lora_as"], c["lora_bs"], [1.5, 1.5],  # type: ignore[arg-type]
+                                   recompute_input=recompute)  # fmt: skip
+            grads[recompute] = torch.autograd.grad(sum(y.sum() for y in ys), [h, *c["lora_as"]])  # type: ignore[misc]
+        assert len(reductions) == (1 if reduced else 0)
+        for a, b in zip(grads[False], grads[True]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        del consumer
+
     def test_interp_epilogue_backend_rank_padding() -> None:
         # r=20 pads to a 32-wide block: the loaded t tile is masked beyond r.
         _check_fused(5, 32, 16, 20, "out_in", bias=True, p=0.0, lead=(3,), backend="triton_epilogue")
@@ -521,10 +556,7 @@ def test_group_recomputes_input_from_its_producer() -> None:
     """With recompute_input the group saves the producer's inputs, reruns it once in backward, and equals saving x."""
     from lit_accel.kernels.recompute import register_recompute, request_recompute
 
-    class Consumer:
-        pass
-
-    consumer = Consumer()
+    consumer = _Consumer()
     request_recompute(consumer)
     c = _group_case([16, 8], [2, 3], [False, False])
     h = c["x"]

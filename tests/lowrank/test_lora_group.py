@@ -20,14 +20,14 @@ from lit_accel.lowrank.lora import LoRALinear, SharedInputGroup, apply_lora, gro
 def groups_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Groups run on the CPU; yields a list that grows by one per group computation."""
     calls: list[int] = []
-    real = lora_mod.lora_linear_group
+    real = lora_mod.lora_linear_group_kernel
 
     def counting(*args: object, **kwargs: object) -> object:
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(lora_mod, "_GROUP_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(lora_mod, "lora_linear_group", counting)
+    monkeypatch.setattr(lora_mod, "lora_linear_group_kernel", counting)
     yield calls
 
 
