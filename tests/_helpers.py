@@ -50,6 +50,11 @@ def tiny_llama(
 def quiet_trainer(**overrides: Any) -> L.Trainer:
     """A Trainer on one CPU device without logger, progress bar, checkpoints, model summary or validation, logging
     every step; ``overrides`` replace or add any argument (``accelerator="gpu"``, ``strategy=...``)."""
+    return L.Trainer(**quiet_trainer_kwargs(**overrides))
+
+
+def quiet_trainer_kwargs(**overrides: Any) -> dict[str, Any]:
+    """The arguments :func:`quiet_trainer` passes to ``L.Trainer``, for tests that build the Trainer themselves."""
     kw: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
@@ -62,7 +67,7 @@ def quiet_trainer(**overrides: Any) -> L.Trainer:
         log_every_n_steps=1,
     )
     kw.update(overrides)
-    return L.Trainer(**kw)
+    return kw
 
 
 def finish_distributed() -> None:

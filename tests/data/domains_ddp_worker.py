@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from _helpers import finish_distributed
+from _helpers import finish_distributed, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_accel.data import DynamicBatchLoading, MultiDomainDataModule
@@ -60,18 +60,12 @@ def fit(out_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
     module = CausalLM("llama-tiny", config_overrides={"vocab_size": 512}, learning_rate=1e-3, warmup_steps=0)
     record = Record()
     ckpts = ModelCheckpoint(dirpath=out_dir / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_steps=6,
         callbacks=[DynamicBatchLoading(), record, *([] if ckpt_path else [ckpts])],
-        logger=False,
-        enable_progress_bar=False,
         enable_checkpointing=ckpt_path is None,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     weights = hashlib.sha256()

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from _helpers import finish_distributed
+from _helpers import finish_distributed, quiet_trainer
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
@@ -56,19 +56,12 @@ def main(out_dir: Path, mode: str = "") -> None:
     log = MaskLog(dropbp)
     # Buckets of about one parameter each, so that some hold only dropped sublayers' parameters.
     strategy = resolve_strategy("lit_ddp", bucket_cap_mb=0.001) if accum else DDPStrategy(bucket_cap_mb=0.001)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy=strategy,
         accumulate_grad_batches=2 if accum else 1,
         max_steps=6,
         callbacks=[dropbp, log],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
     )
     trainer.fit(module, loader)
     hashes = {

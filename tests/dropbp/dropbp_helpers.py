@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _helpers import quiet_trainer_kwargs as trainer_kwargs  # noqa: F401  (re-exported for the DropBP tests)
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -91,19 +92,3 @@ class Recorder(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         self.losses.append(float(outputs["loss"]))
-
-
-def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    kw.update(overrides)
-    return kw

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from _helpers import finish_distributed
+from _helpers import finish_distributed, quiet_trainer
 from torch.utils.data import DataLoader
 
 from lit_accel.lowrank.lora import lora_state_dict
@@ -33,18 +33,11 @@ def main(base_dir: str, out_dir: Path) -> None:
     data = torch.randint(0, VOCAB, (32, 16), generator=torch.Generator().manual_seed(0))
     loader: DataLoader[Any] = DataLoader([{"input_ids": x} for x in data], batch_size=4)  # type: ignore[arg-type]
     lora = LoRA(r=4, alpha=8, dropout=0.1, export_dir=str(out_dir / "export"), export="adapter")
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_steps=3,
         callbacks=[lora],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
     )
     trainer.fit(module, loader)
     assert module.model is not None

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from _helpers import finish_distributed
+from _helpers import finish_distributed, quiet_trainer
 from torch.utils.data import DataLoader
 
 from lit_accel.models import CausalLM
@@ -43,18 +43,11 @@ def main(out_dir: Path) -> None:
     data = torch.randint(0, VOCAB, (32, 12), generator=torch.Generator().manual_seed(0))
     loader: DataLoader[Any] = DataLoader([{"input_ids": x} for x in data], batch_size=4)  # type: ignore[arg-type]
     cb = StructuredPruning(num_layers=2, num_kv_heads=1, intermediate_size=64, export_dir=str(out_dir / "pruned"))
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_steps=3,
         callbacks=[cb],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
     )
     trainer.fit(module, loader)
     hashes = {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in module.state_dict().items()}

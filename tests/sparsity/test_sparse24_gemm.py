@@ -10,9 +10,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
+from _helpers import quiet_trainer
 
 from lit_accel.kernels import sparse24_gemm as sg
 from lit_accel.kernels.sparse24 import transposable_24_mask
@@ -188,17 +188,11 @@ def _tiny_fit(accelerator: str, precision: str, callback: SemiStructuredSparsity
     module = CausalLM("llama-tiny", learning_rate=1e-2, warmup_steps=0)
     data = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
     loader: Any = torch.utils.data.DataLoader([{"input_ids": x} for x in data], batch_size=4)  # type: ignore[arg-type]
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=accelerator,
         devices=1,
         precision=precision,  # type: ignore[arg-type]
         max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[callback],
     )
     trainer.fit(module, train_dataloaders=loader)
