@@ -1,5 +1,5 @@
 """cuSPARSELt plans kept across calls (issue 5): wall time of a 2:4 product with torch's per-call plan, with a
-cached plan (lit_accel.kernels.cusparselt) and of the dense matmul, at the llama-1b MLP / attention shapes.
+cached plan (lit_accel.ops.cusparselt) and of the dense matmul, at the llama-1b MLP / attention shapes.
 
 Each variant runs back to back in windows of ``--iters`` calls bracketed by CUDA events (so host time that the GPU
 cannot hide shows up, as in training), plus the host time per call (the Python + library time to issue it). The
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import measure, write_results
 
-from lit_accel.kernels import cusparselt
-from lit_accel.kernels.sparse24 import transposable_24_mask
-from lit_accel.kernels.sparse24_gemm import select_alg
+from lit_accel.ops import cusparselt
+from lit_accel.ops.sparse24 import transposable_24_mask
+from lit_accel.ops.sparse24_gemm import select_alg
 
 SHAPES = [("gate/up 2048->5632", 5632, 2048), ("down 5632->2048", 2048, 5632), ("q/o 2048->2048", 2048, 2048)]
 

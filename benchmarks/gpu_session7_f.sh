@@ -9,7 +9,7 @@ timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/sparsity tests/
 echo "2:4 gpu tests exit $?"; grep -E "passed|failed|^E |FAILED" "$OUT/gpu_sparse24.log" | cut -c1-220 | tail -6
 python - <<'PY'
 import torch
-from lit_accel.kernels import cusparselt as c
+from lit_accel.ops import cusparselt as c
 print("unavailable:", c.plan_cache_unavailable_reason(), "loaded version:", c._loaded_version(),
       "max ids:", [c.max_alg_id(m, k, 16384, torch.bfloat16, torch.device("cuda")) for m, k in ((5632, 2048), (2048, 5632), (2048, 2048))])
 PY

@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import write_results
 from sparse24 import LAYER_HEADER, LLAMA_1B_SHAPES, STEP_HEADER, time_layers, time_mlp, time_train_step
 
-from lit_accel.kernels import sparse24_gemm as sg
-from lit_accel.kernels.sparse24 import transposable_24_mask
+from lit_accel.ops import sparse24_gemm as sg
+from lit_accel.ops.sparse24 import transposable_24_mask
 from lit_accel.sparsity.functional import SparseLinear, masked_linear
 
 

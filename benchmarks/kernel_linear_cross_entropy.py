@@ -3,9 +3,9 @@
 For each shape (tokens N x hidden H x vocabulary V, bf16 hidden and head), forward and forward+backward time and
 peak memory above the inputs of:
 
-* ``HF (lm_head + fp32 CE)`` - :func:`lit_accel.kernels.linear_cross_entropy_reference`: ``F.linear`` then
+* ``HF (lm_head + fp32 CE)`` - :func:`lit_accel.ops.linear_cross_entropy_reference`: ``F.linear`` then
   ``F.cross_entropy`` on ``logits.float()``, what ``LlamaForCausalLM`` + ``ForCausalLMLoss`` run;
-* ``ours`` - :func:`lit_accel.kernels.linear_cross_entropy.fused_linear_cross_entropy` with the automatic chunk
+* ``ours`` - :func:`lit_accel.ops.linear_cross_entropy.fused_linear_cross_entropy` with the automatic chunk
   and with each ``--chunks`` size;
 * ``Liger`` - ``LigerFusedLinearCrossEntropyFunction`` with its default bf16 weight-gradient accumulation and with
   ``accum_dtype=torch.float32`` (ours always accumulates in fp32), when ``import liger_kernel`` works.
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import measure, write_results
 
-from lit_accel.kernels.linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+from lit_accel.ops.linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
 
 # llama-1b: 8 x 2048 tokens of hidden 2048; llama-125m: 16 x 2048 tokens of hidden 768; LLaMA-2's vocabulary.
 SHAPES = [("llama-1b", 16384, 2048, 32000), ("llama-125m", 32768, 768, 32000)]

@@ -7,7 +7,7 @@ At llama-1b (16384 tokens x hidden 2048) and llama-125m (32768 x 768) shapes, fo
 * ``torch F.rms_norm`` - torch's own op on ``x`` and the weight cast to ``x``'s dtype (not HF's rounding; a
   speed reference only; skipped where torch lacks it);
 * ``torch.compile(HF)`` - with ``--compile`` only (compilation takes device time);
-* ``ours`` - :func:`lit_accel.kernels.rms_norm.rms_norm` with HF's output dtype;
+* ``ours`` - :func:`lit_accel.ops.rms_norm.rms_norm` with HF's output dtype;
 * ``ours, out bf16`` - the same with ``out_dtype=bf16``, what the integration layer passes under autocast (fp32
   weight only: with a bf16 weight it is the row above);
 * ``Liger LigerRMSNorm`` - when ``import liger_kernel`` works (``casting_mode="llama"``, HF's rounding).
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import _fmt, measure, write_results
 
 # By module path: the package re-exports the function under the module's name.
-rms_mod = importlib.import_module("lit_accel.kernels.rms_norm")
+rms_mod = importlib.import_module("lit_accel.ops.rms_norm")
 
 SHAPES = [("llama-1b 16384x2048", 16384, 2048), ("llama-125m 32768x768", 32768, 768)]
 DTYPES = [("bf16 x, fp32 w", torch.bfloat16, torch.float32), ("bf16 x, bf16 w", torch.bfloat16, torch.bfloat16)]

@@ -3,7 +3,7 @@
 For each op and shape, forward and forward+backward time (CUDA events, medians of repeats, see harness.py) of:
 
 * ``HF``    - the composition HF LLaMA runs (``F.silu(gate) * up``; ``apply_rotary_pos_emb``);
-* ``ours``  - :func:`lit_accel.kernels.swiglu.swiglu` / :func:`lit_accel.kernels.rope.apply_rope`;
+* ``ours``  - :func:`lit_accel.ops.swiglu.swiglu` / :func:`lit_accel.ops.rope.apply_rope`;
 * ``liger`` - ``liger_kernel.ops.swiglu.LigerSiLUMulFunction`` / ``liger_kernel.ops.rope.LigerRopeFunction``
   when ``import liger_kernel`` works (skipped otherwise).
 
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import _fmt, measure, write_results
 
-from lit_accel.kernels.rope import apply_rope
-from lit_accel.kernels.swiglu import swiglu
+from lit_accel.ops.rope import apply_rope
+from lit_accel.ops.swiglu import swiglu
 
 # (label, tokens, intermediate): llama-1b (TinyLlama-1.1B, 8 x 2048 tokens) and llama-125m (16 x 2048 tokens).
 SWIGLU_SHAPES = [("llama-1b", 16384, 5632), ("llama-125m", 32768, 2048)]

@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Measurement, measure, write_results
 
-import lit_accel.kernels.lora as lora_kernel_module
 import lit_accel.lowrank.lora as lora_module
-from lit_accel.kernels.lora import lora_linear
+import lit_accel.ops.lora as lora_kernel_module
 from lit_accel.lowrank import apply_lora
 from lit_accel.models import CausalLM
+from lit_accel.ops.lora import lora_linear
 
 
 def _base(preset: str) -> torch.nn.Module:

@@ -5,7 +5,7 @@ For each sublayer input, forward + backward time of:
 * ``floor``     - the frozen projections alone (``F.linear``, the input requiring grad; autograd sums the dX);
 * ``per layer`` - one ``lora_linear`` per projection (the cuBLAS backend: base GEMM, then the low-rank term
   accumulated into its output);
-* ``group``     - :func:`lit_accel.kernels.lora.lora_linear_group` (one rank projection of the shared input, the
+* ``group``     - :func:`lit_accel.ops.lora.lora_linear_group` (one rank projection of the shared input, the
   low-rank term written first and the base GEMMs accumulating into it, one ``dX`` for the group).
 
 The input is produced by the fused RMSNorm (q/k/v, gate/up) or SwiGLU (down) kernel, so ``recompute_input`` works as
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import measure, write_results
 
-from lit_accel.kernels import rms_norm, swiglu
-from lit_accel.kernels.lora import lora_linear, lora_linear_group
-from lit_accel.kernels.recompute import request_recompute
+from lit_accel.ops import rms_norm, swiglu
+from lit_accel.ops.lora import lora_linear, lora_linear_group
+from lit_accel.ops.recompute import request_recompute
 
 HIDDEN, MLP, KV = 2048, 5632, 256  # llama-1b (TinyLlama-1.1B)
 GROUPS = [("q/k/v", "norm", [HIDDEN, KV, KV]), ("gate/up", "norm", [MLP, MLP]), ("o", "plain", [HIDDEN]),

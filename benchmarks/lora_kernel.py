@@ -3,7 +3,7 @@
 For each projection shape, forward and forward+backward time of:
 
 * ``base``   - frozen ``F.linear(x, W)`` with ``x`` requiring grad: the forward GEMM + the dX GEMM (the floor);
-* ``torch``  - :func:`lit_accel.kernels.lora_linear_reference` (PEFT's computation, unfused);
+* ``torch``  - :func:`lit_accel.ops.lora_linear_reference` (PEFT's computation, unfused);
 * ``ours, triton kernel`` - the fused Triton GEMMs (``lora_linear(use_kernel=True)``);
 * ``ours, cublas`` - the CUDA default: the low-rank term written first, the cuBLAS base GEMM adding into it
   (beta = 1); in the backward ``u`` and ``dB`` from one read of ``dY`` (``dy_products``) where the output is wide.
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import measure, write_results
 
-from lit_accel.kernels import lora_linear_reference
-from lit_accel.kernels.lora import _fused
+from lit_accel.ops import lora_linear_reference
+from lit_accel.ops.lora import _fused
 
 # llama-1b (TinyLlama-1.1B): hidden 2048, MLP 5632, 32 query heads / 4 KV heads of 64 -> k/v project to 256.
 SHAPES = [("q/o 2048->2048", 2048, 2048), ("gate/up 2048->5632", 2048, 5632), ("down 5632->2048", 5632, 2048),

@@ -1,4 +1,4 @@
-"""Tile sweeps for the kernels of :mod:`lit_accel.kernels.lowrank_reduce` at llama-1b shapes (GPU only).
+"""Tile sweeps for the kernels of :mod:`lit_accel.ops.lowrank_reduce` at llama-1b shapes (GPU only).
 
 Times every (BLOCK_M, BLOCK_N, warps, stages, programs per SM) of a small grid for ``lowrank_reduce`` with the
 SwiGLU producer (down's dA, N=5632, r=16) and the RMSNorm producer (q/k/v's dA, N=2048, R=48; gate/up's, R=32),
@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import measure
 
-from lit_accel.kernels.lowrank_reduce import _DY_GPU_CONFIG, _GPU_CONFIG, dy_products, lowrank_reduce
+from lit_accel.ops.lowrank_reduce import _DY_GPU_CONFIG, _GPU_CONFIG, dy_products, lowrank_reduce
 
-rms_mod = importlib.import_module("lit_accel.kernels.rms_norm")
-swiglu_mod = importlib.import_module("lit_accel.kernels.swiglu")
+rms_mod = importlib.import_module("lit_accel.ops.rms_norm")
+swiglu_mod = importlib.import_module("lit_accel.ops.swiglu")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Three levels, each dense against sparse in the same process on the same GPU:
 
 * ``layers``: per weight shape, forward and input gradient, GPU time with the launch queue kept full (host
-  overhead hidden) from :func:`lit_accel.kernels.sparse24_gemm.compare_layer`, plus the wall time of a whole
+  overhead hidden) from :func:`lit_accel.ops.sparse24_gemm.compare_layer`, plus the wall time of a whole
   ``SparseLinear`` forward + backward (dense weight gradient included) with the packed operands refreshed every
   iteration, as training does (bf16 autocast over fp32 master weights).
 * ``mlp``: a LLaMA MLP block (gate, up, SiLU * up, down), forward + backward, refresh every iteration.
@@ -30,8 +30,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import measure, write_results
 
-from lit_accel.kernels.sparse24 import transposable_24_mask
-from lit_accel.kernels.sparse24_gemm import compare_layer, mark_weights_updated
+from lit_accel.ops.sparse24 import transposable_24_mask
+from lit_accel.ops.sparse24_gemm import compare_layer, mark_weights_updated
 from lit_accel.sparsity.functional import SparseLinear
 
 LLAMA_1B_SHAPES = [(5632, 2048), (2048, 5632), (2048, 2048)]

@@ -16,13 +16,23 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
-__all__ = ["export_checkpoint", "load_lightning_checkpoint", "lora_settings_from_checkpoint", "main"]
+from lit_accel.checkpoint import load_lightning_checkpoint
+from lit_accel.lowrank.factorize import rebuild_factorization, save_merged
+from lit_accel.lowrank.lora import apply_lora, merged_state_dict, save_peft_adapter
+from lit_accel.models.causal_lm import CausalLM
+from lit_accel.models.hf_directory import save_hf_directory
+from lit_accel.models.params import load_full_state_dict
+from lit_accel.models.structure import StructurePatterns
+from lit_accel.pruning.export import export_loaded_pruning_checkpoint, is_pruning_checkpoint_dict
+
+__all__ = ["export_checkpoint", "lora_settings_from_checkpoint", "main"]
 
 
 def lora_settings_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -38,38 +48,6 @@ def lora_settings_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] 
             adapter_only = not any(".base_layer." in k for k in checkpoint.get("state_dict", {}))
             return {**value, "adapter_only": adapter_only}
     return None
-
-
-def load_lightning_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
-    """Loads a Lightning checkpoint file, or consolidates a DeepSpeed checkpoint directory into one, on CPU.
-
-    Raises:
-        ValueError: If the path does not exist, or is neither a checkpoint file nor a DeepSpeed checkpoint folder.
-    """
-    path = Path(ckpt)
-    if not path.exists():
-        raise ValueError(
-            f"--ckpt {str(path)!r} does not exist; pass a Lightning .ckpt file or a DeepSpeed checkpoint folder."
-        )
-    if path.is_dir():
-        if not (path / "latest").is_file() and not any(path.glob("*/mp_rank_*_model_states.pt")):
-            raise ValueError(
-                f"--ckpt {str(path)!r} is a directory but not a DeepSpeed checkpoint (no 'latest' file and no"
-                " */mp_rank_*_model_states.pt); pass a Lightning .ckpt file or the folder DeepSpeed wrote."
-            )
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "consolidated.ckpt")
-            convert_zero_checkpoint_to_fp32_state_dict(str(path), out)
-            return torch.load(out, map_location="cpu", weights_only=False)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several unrelated types for a non-checkpoint file
-        raise ValueError(f"--ckpt {str(path)!r} is not a readable PyTorch/Lightning checkpoint: {err}") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"--ckpt {str(path)!r} holds no 'state_dict': it is not a Lightning checkpoint.")
-    return checkpoint
 
 
 def export_checkpoint(
@@ -92,11 +70,6 @@ def export_checkpoint(
     Returns:
         The output directory.
     """
-    from transformers import AutoTokenizer
-
-    from lit_accel.models.causal_lm import CausalLM, save_hf_directory
-    from lit_accel.models.params import load_full_state_dict
-
     out_path = Path(out)
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
         raise FileExistsError(
@@ -106,8 +79,6 @@ def export_checkpoint(
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "model" not in hparams:
         raise ValueError(f"--ckpt {str(ckpt)!r} has no CausalLM hyper-parameters; was it written by lit_accel?")
-    from lit_accel.pruning.export import export_loaded_pruning_checkpoint, is_pruning_checkpoint_dict
-
     if is_pruning_checkpoint_dict(checkpoint):
         # A StructuredPruning run: the model to hand back is the physically smaller one its masks describe
         # (built there: the full CausalLM below is not needed).
@@ -146,8 +117,6 @@ def export_checkpoint(
                 " not supported. Export in the run instead: LoRA(export_dir=..., export='merged')."
             )
         # A LowRankFactorization run: the rebuilt model gets the trained factorised structure before loading.
-        from lit_accel.lowrank.factorize import rebuild_factorization
-
         rebuild_factorization(module.model, ranks)
     if lora is not None:
         return _export_lora(module, hparams, state, lora, out_path, overwrite, tokenizer, checkpoint, peft_adapter)
@@ -159,8 +128,6 @@ def export_checkpoint(
     elif tokenizer:
         raise ValueError(f"--tokenizer {tokenizer!r} is not a directory.")
     if ranks:
-        from lit_accel.lowrank.factorize import save_merged
-
         # Written dense (factors multiplied out) so plain from_pretrained loads it with no config change.
         return save_merged(module.model, out_path, tokenizer=tok, overwrite=overwrite)
     return save_hf_directory(module.model, module.model.state_dict(), out_path, tokenizer=tok, overwrite=overwrite)
@@ -187,13 +154,6 @@ def _export_lora(
     checkpoint: dict[str, Any],
     peft_adapter: bool,
 ) -> Path:
-    import re
-
-    from lit_accel.lowrank.lora import apply_lora, merged_state_dict, save_peft_adapter
-    from lit_accel.models.causal_lm import save_hf_directory
-    from lit_accel.models.params import load_full_state_dict
-    from lit_accel.models.structure import StructurePatterns
-
     settings = dict(lora["settings"])
     layers = list(lora.get("layers") or [])
     if lora.get("adapter_only") and module.source.pretrained_dir is None:
@@ -231,8 +191,6 @@ def _export_lora(
     tok_dir = tokenizer or (checkpoint.get("lit_accel") or {}).get("tokenizer_dir") or module.source.pretrained_dir
     tok = None
     if tok_dir and Path(tok_dir).is_dir() and (Path(tok_dir) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(tok_dir)
     elif tokenizer:
         raise ValueError(f"--tokenizer {tokenizer!r} is not a tokenizer directory.")

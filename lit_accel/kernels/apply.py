@@ -2,8 +2,8 @@
 
 :func:`apply_kernels` swaps, per module instance (the class and every other model are untouched):
 
-- each ``*RMSNorm`` (the pre-norms and the final norm) for :func:`lit_accel.kernels.rms_norm`;
-- each MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` for :func:`lit_accel.kernels.swiglu` (the three projections are
+- each ``*RMSNorm`` (the pre-norms and the final norm) for :func:`lit_accel.ops.rms_norm`;
+- each MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` for :func:`lit_accel.ops.swiglu` (the three projections are
   still called as modules, so LoRA, 2:4 or factorised linears and their hooks keep working);
 - the rotary embedding of q and k for :func:`lit_accel.kernels.apply_rope`;
 - in training mode with ``labels``, the LM head and loss for :func:`lit_accel.kernels.fused_linear_cross_entropy`,
@@ -117,8 +117,8 @@ def _kernel_device(t: torch.Tensor) -> bool:
 
 
 def _op(name: str) -> Any:
-    # importlib, not `from lit_accel.kernels import rms_norm`: the package re-exports functions of those names.
-    return importlib.import_module(f"lit_accel.kernels.{name}")
+    # importlib, not `from lit_accel.ops import rms_norm`: the package re-exports functions of those names.
+    return importlib.import_module(f"lit_accel.ops.{name}")
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:

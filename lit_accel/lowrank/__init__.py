@@ -1,7 +1,7 @@
 """Low-rank techniques: LoRA adapters (PEFT-compatible) and SVD factorisation of linear layers.
 
 ``lora`` / ``factorize`` hold the algorithms (usable without Lightning); ``lora_callback`` /
-``factorize_callback`` the Lightning callbacks. The fused LoRA matmul lives in :mod:`lit_accel.kernels.lora`.
+``factorize_callback`` the Lightning callbacks. The fused LoRA matmul lives in :mod:`lit_accel.ops.lora`.
 
 Example:
     >>> import lightning as L

@@ -53,8 +53,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from lit_accel.models.hf_directory import read_hf_weights, save_hf_directory
 from lit_accel.models.params import full_state_dict, gathered, is_rank_zero, load_full_state_dict
 from lit_accel.models.structure import StructurePatterns, get_structure, linear_in_out_features
 from lit_accel.models.surgery import match_linears, replace_module
@@ -824,8 +826,6 @@ class _ExtraFiles:
 def _save_dir(
     model: nn.Module, state: dict[str, torch.Tensor], directory: str | os.PathLike[str], extra: Any, overwrite: bool
 ) -> Path:
-    from lit_accel.models.causal_lm import save_hf_directory
-
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} is not a Hugging Face PreTrainedModel (no save_pretrained)")
     return save_hf_directory(model, state, Path(directory), tokenizer=extra, overwrite=overwrite)  # type: ignore[arg-type]
@@ -880,18 +880,6 @@ def save_factorized(
     return _save_dir(model, state, directory, _ExtraFiles(factorization_ranks(model), tokenizer), overwrite)
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{str(directory)!r} holds no *.safetensors weight files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
 def load_factorized(directory: str | os.PathLike[str], dtype: torch.dtype = torch.float32, **kwargs: Any) -> nn.Module:
     """Loads a directory written by :func:`save_factorized`, keeping the factors (and the saving).
 
@@ -914,8 +902,6 @@ def load_factorized(directory: str | os.PathLike[str], dtype: torch.dtype = torc
     Example:
         >>> model = load_factorized("out/llama-factorized")  # doctest: +SKIP
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(directory)
     spec = path / FACTORIZATION_FILE
     if not spec.is_file():
@@ -927,6 +913,6 @@ def load_factorized(directory: str | os.PathLike[str], dtype: torch.dtype = torc
     config = AutoConfig.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     rebuild_factorization(model, ranks)
-    load_full_state_dict(model, _read_weights(path))
+    load_full_state_dict(model, read_hf_weights(str(path)))
     model.eval()
     return model

@@ -10,7 +10,7 @@ A wrapped linear keeps the original module at ``.base_layer`` (so :func:`~lit_ac
 still sees one linear under its original name) and holds two parameters: ``lora_A`` ``[r, in]`` and ``lora_B``
 ``[out, r]``. Its state-dict keys are ``<name>.base_layer.weight`` (``.bias``), ``<name>.lora_A`` and
 ``<name>.lora_B``. The forward is ``base(x) + scaling * (dropout(x) @ A^T) @ B^T`` with ``scaling = alpha / r``
-(``alpha / sqrt(r)`` with rsLoRA), computed by :func:`lit_accel.kernels.lora.lora_linear` (a fused Triton kernel on
+(``alpha / sqrt(r)`` with rsLoRA), computed by :func:`lit_accel.ops.lora.lora_linear` (a fused Triton kernel on
 CUDA, PyTorch elsewhere); dropout draws one ``F.dropout`` mask per call, as PEFT does, so a seeded run consumes the
 same random numbers.
 
@@ -51,11 +51,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lit_accel.kernels.lora import lora_linear, lora_linear_group_kernel
-from lit_accel.kernels.recompute import request_recompute
 from lit_accel.models.params import gathered, is_partitioned, is_rank_zero
 from lit_accel.models.structure import StructurePatterns, get_structure, linear_in_out_features
 from lit_accel.models.surgery import match_linears, replace_module
+from lit_accel.ops.lora import lora_linear, lora_linear_group_kernel
+from lit_accel.ops.recompute import request_recompute
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -129,7 +129,7 @@ class SharedInputGroup:
     """LoRA layers that read the same input (a block's q/k/v, its gate/up), computed together on CUDA.
 
     The first member called with an input computes every member's output with
-    :func:`~lit_accel.kernels.lora.lora_linear_group` (one rank projection of the input, one input gradient, one
+    :func:`~lit_accel.ops.lora.lora_linear_group` (one rank projection of the input, one input gradient, one
     rebuild of the input under ``recompute_input``) and hands the others theirs when they are called with that
     very tensor (same object, not modified in place since, same grad and autocast modes). Any other call (another
     input, a member called twice, dropout active, a CPU tensor, inference mode, a ZeRO-3 partitioned weight,
@@ -221,7 +221,7 @@ class LoRALinear(nn.Module):
         init: ``"gaussian"`` or ``"pissa"`` (recorded; used by :func:`save_peft_adapter`).
         recompute_input: On the fused CUDA path, rebuild the input in the backward from the saved inputs of the
             fused kernel that produced it (RMSNorm, SwiGLU) instead of keeping it from the forward (see
-            :func:`~lit_accel.kernels.lora.lora_linear`): less activation memory, one extra memory-bound kernel.
+            :func:`~lit_accel.ops.lora.lora_linear`): less activation memory, one extra memory-bound kernel.
             Off for a layer built directly; :func:`apply_lora` and the LoRA callback turn it on by default.
     """
 

@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from transformers import AutoTokenizer
 
 from lit_accel.lowrank.lora import (
     LORA_INITS,
@@ -41,6 +42,7 @@ from lit_accel.lowrank.lora import (
     parse_dtype,
     save_peft_adapter,
 )
+from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.structure import StructurePatterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
 
@@ -399,15 +401,11 @@ class LoRA(L.Callback):
 
 
 def _save_merged(trainer: L.Trainer, model: nn.Module, path: Path, overwrite: bool) -> None:
-    from lit_accel.models.causal_lm import save_hf_directory
-
     state = merged_state_dict(model)  # gathers on every rank under ZeRO-3
     if not trainer.is_global_zero:
         return
     tok = None
     tok_dir = getattr(getattr(trainer, "datamodule", None), "tokenizer_dir", None)
     if tok_dir and Path(tok_dir).is_dir():
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
     save_hf_directory(model, state, path, tokenizer=tok, overwrite=overwrite)  # type: ignore[arg-type]

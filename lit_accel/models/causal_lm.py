@@ -15,11 +15,8 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +30,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+# The one deliberate upward import: CausalLM applies the fused kernels by default on CUDA (kernels sit above models
+# because they patch per-family forwards found through lit_accel.models.structure).
+from lit_accel.kernels.apply import KERNEL_ARCHS, apply_kernels
+from lit_accel.models.hf_directory import read_hf_weights, save_hf_directory
 from lit_accel.models.params import (
     full_shape,
     full_state_dict,
@@ -156,7 +157,7 @@ class CausalLM(L.LightningModule):
                     stacklevel=2,
                 )
             else:
-                load_full_state_dict(model, _read_hf_weights(self.source.pretrained_dir))
+                load_full_state_dict(model, read_hf_weights(self.source.pretrained_dir))
         if self._hp.gradient_checkpointing:
             # transformers >= 5.x renamed gradient_checkpointing_enable (the old name warns); support both.
             enable = getattr(model, "activation_checkpointing_enable", None)
@@ -178,8 +179,6 @@ class CausalLM(L.LightningModule):
         return torch.cuda.is_available()
 
     def _apply_kernels(self, model: nn.Module) -> None:
-        from lit_accel.kernels.apply import KERNEL_ARCHS, apply_kernels
-
         if getattr(model.config, "model_type", None) not in KERNEL_ARCHS and getattr(self._hp, "kernels", None) is None:
             return  # the default quietly keeps Hugging Face's code for architectures without kernels
         with warnings.catch_warnings(record=True) as caught:
@@ -419,62 +418,6 @@ class CausalLM(L.LightningModule):
         if not is_rank_zero():
             return out
         return save_hf_directory(self.model, state, out, tokenizer=tokenizer, overwrite=overwrite)
-
-
-def save_hf_directory(
-    model: PreTrainedModel, state: dict[str, torch.Tensor], out: Path, tokenizer: Any | None, overwrite: bool
-) -> Path:
-    """Writes ``model``'s config and the given full ``state`` as safetensors into ``out`` atomically."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {str(out)!r} exists and is not empty; pass overwrite=True or a new path."
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            backup.rmdir()
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    rank_zero_info(f"lit_accel: wrote Hugging Face model to {out}")
-    return out
-
-
-def _read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
-    """Reads every weight file of a Hugging Face model directory (safetensors or PyTorch bins)."""
-    from safetensors.torch import load_file
-
-    path = Path(directory)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        # Sharded checkpoints: read exactly the shards the index names (a directory may also hold, e.g., a
-        # consolidated copy of the same weights).
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    state: dict[str, torch.Tensor] = {}
-    if files:
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if not bins:
-        raise ValueError(f"model={directory!r} holds no *.safetensors or pytorch_model*.bin weight files.")
-    for f in bins:
-        state.update(torch.load(f, map_location="cpu", weights_only=True))
-    return state
 
 
 def _on_meta(model: nn.Module) -> bool:

@@ -18,6 +18,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_accel.models.flops import flops_per_token
+from lit_accel.models.structure import get_structure
+
 __all__ = ["PEAK_FLOPS", "Throughput", "device_peak_flops", "model_flops_per_token"]
 
 # Dense (non-sparse) tensor-core peaks per device, from the vendors' datasheets (SXM parts where both exist).
@@ -49,9 +52,6 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
 
 def model_flops_per_token(module: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token of the Hugging Face model inside ``module`` (PaLM's 6N + attention formula)."""
-    from lit_accel.models.flops import flops_per_token
-    from lit_accel.models.structure import get_structure
-
     model = getattr(module, "model", module)
     return float(flops_per_token(get_structure(model), seq_len, training=True))
 

@@ -49,7 +49,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from lit_accel.models.causal_lm import save_hf_directory
+from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.surgery import find_hf_model, run_after_configure_model
 from lit_accel.pruning.apply import MaskHooks, apply_masks
 from lit_accel.pruning.export import export_pruned

@@ -47,11 +47,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lit_accel.models.params import is_partitioned
+from lit_accel.checkpoint import load_lightning_checkpoint
+from lit_accel.models.causal_lm import CausalLM
+from lit_accel.models.hf_directory import save_hf_directory
+from lit_accel.models.params import is_partitioned, load_full_state_dict
 from lit_accel.models.structure import Block, ModelStructure, get_structure
+from lit_accel.pruning.apply import apply_masks
 from lit_accel.pruning.masks import MASK_GROUPS, L0Masks
 
 __all__ = [
@@ -315,8 +320,6 @@ def export_pruned_checkpoint(
         FileExistsError: ``out`` is not empty and ``overwrite`` is False.
         RuntimeError: ``verify`` found logits that differ from the masked model's.
     """
-    from lit_accel.export import load_lightning_checkpoint
-
     out_path = Path(out)
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
         raise FileExistsError(
@@ -334,15 +337,9 @@ def export_loaded_pruning_checkpoint(
     tokenizer: str | None = None,
     verify: bool = True,
 ) -> Path:
-    """:func:`export_pruned_checkpoint` on a checkpoint already read by ``lit_accel.export.load_lightning_checkpoint``
-    (``ckpt`` only names it in messages), so ``lit-accel export`` reads a large checkpoint once; ``out_path`` has
-    been checked by the caller."""
-    from lightning.pytorch.utilities import rank_zero_info
-    from transformers import AutoTokenizer
-
-    from lit_accel.models.causal_lm import CausalLM, save_hf_directory
-    from lit_accel.models.params import load_full_state_dict
-
+    """:func:`export_pruned_checkpoint` on a checkpoint already read by
+    :func:`lit_accel.checkpoint.load_lightning_checkpoint` (``ckpt`` only names it in messages), so ``lit-accel
+    export`` reads a large checkpoint once; ``out_path`` has been checked by the caller."""
     extra = checkpoint.get("lit_accel") or {}
     state = checkpoint["state_dict"]
     prefix = "pruning.masks."
@@ -401,10 +398,6 @@ def export_loaded_pruning_checkpoint(
 @torch.no_grad()
 def _check_reloaded(out: Path, model: PreTrainedModel, masks: L0Masks) -> float:
     """Reload ``out`` with plain ``from_pretrained`` and compare its logits with the masked model's (relative)."""
-    from transformers import AutoModelForCausalLM
-
-    from lit_accel.pruning.apply import apply_masks
-
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))

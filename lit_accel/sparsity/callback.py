@@ -35,8 +35,16 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.params import full_shape, full_state_dict, gathered
 from lit_accel.models.surgery import find_hf_model, match_linears, replace_module, run_after_configure_model
+from lit_accel.ops.sparse24 import transposable_24_mask
+from lit_accel.ops.sparse24_gemm import (
+    check_gemm_shape,
+    compare_layer,
+    cusparselt_unsupported_reason,
+    mark_weights_updated,
+)
 from lit_accel.sparsity.functional import (
     SparseLinear,
     check_24_shape,
@@ -94,7 +102,7 @@ class SemiStructuredSparsitySettings:
     """How the sparse layers compute: ``"auto"`` (the default: on a CUDA GPU with bf16 compute, time dense
     against the 2:4 sparse tensor cores (cuSPARSELt) once per distinct layer shape at the start of the sparse phase,
     GPU time and wall time with cuSPARSELt's host overhead (see
-    :attr:`~lit_accel.kernels.sparse24_gemm.LayerTiming.speedup`), and use cuSPARSELt where it is at least
+    :attr:`~lit_accel.ops.sparse24_gemm.LayerTiming.speedup`), and use cuSPARSELt where it is at least
     ``min_speedup`` times faster, the masked dense path elsewhere and on CPU; on an H200 at llama-1b shapes it put
     all 66 MLP linears on cuSPARSELt and the step ran 1.09x dense, see benchmarks/RESULTS.md), ``"masked"`` (the
     masked dense path everywhere: dense speed, no timing) or ``"cusparselt"`` (every layer that can take it,
@@ -265,7 +273,7 @@ class SemiStructuredSparsity(L.Callback):
         self._decay_hooks: list[Any] = []
         self._hook_decay = 0.0  # masked_decay per micro-batch under DeepSpeed (0: hooks idle)
         self.kernel_timings: dict[tuple[int, int], Any] = {}
-        """With ``kernel="auto"``: the :class:`~lit_accel.kernels.sparse24_gemm.LayerTiming` per weight shape."""
+        """With ``kernel="auto"``: the :class:`~lit_accel.ops.sparse24_gemm.LayerTiming` per weight shape."""
 
     # ------------------------------------------------------------------ surgery
     def _apply(self, model: nn.Module) -> None:
@@ -372,9 +380,8 @@ class SemiStructuredSparsity(L.Callback):
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The mask of ``weight`` under the settings (transposable or row-wise)."""
         if self.settings.transposable:
-            # Imported here: lit_accel.kernels.sparse24 imports lit_accel.sparsity.functional, whose package
+            # Imported here: lit_accel.ops.sparse24 imports lit_accel.sparsity.functional, whose package
             # imports this module; a top-level import would be circular when the kernel module is imported first.
-            from lit_accel.kernels.sparse24 import transposable_24_mask
 
             return transposable_24_mask(weight)
         return rowwise_24_mask(weight)
@@ -411,7 +418,6 @@ class SemiStructuredSparsity(L.Callback):
             layer.set_mask(self.masks[name] if self.phase == "sparse" else None)
         if step != self._last_batch_step and any(k == "cusparselt" for k in self.kernels.values()):
             # The optimizer step hook already marks the packed operands stale; this covers optimizers that bypass it.
-            from lit_accel.kernels.sparse24_gemm import mark_weights_updated
 
             mark_weights_updated()
         self._last_batch_step = step
@@ -435,7 +441,6 @@ class SemiStructuredSparsity(L.Callback):
         Under ``kernel="auto"`` rank 0 times each distinct weight shape and broadcasts the result, so all ranks
         choose alike.
         """
-        from lit_accel.kernels.sparse24_gemm import check_gemm_shape, compare_layer, cusparselt_unsupported_reason
 
         s = self.settings
         dtype = _compute_dtype(trainer)
@@ -561,8 +566,6 @@ class SemiStructuredSparsity(L.Callback):
     # ------------------------------------------------------------------ export, state
     def export(self, trainer: L.Trainer, model: nn.Module, out: Path) -> None:
         """Writes ``model`` as a plain HF model (pruned weights as zeros while a mask is in use) and the masks."""
-        from lit_accel.models.causal_lm import save_hf_directory
-
         state = full_state_dict(model)  # gathers on every rank under ZeRO-3
         if not trainer.is_global_zero:
             return

@@ -381,7 +381,7 @@ def fused_lora_path(monkeypatch: pytest.MonkeyPatch) -> Any:
     import functools
 
     import lit_accel.lowrank.lora as lora_module
-    from lit_accel.kernels.lora import lora_linear
+    from lit_accel.ops.lora import lora_linear
 
     monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
     return lora_module
@@ -416,7 +416,7 @@ def test_interp_lora_recompute_inputs_same_gradients_without_keeping_the_inputs(
         kept = {name for name, x in inputs.items() if x.untyped_storage().data_ptr() in saved}
         results[recompute] = (loss, grads, kept)
         # The producers forget their outputs in their own backward: nothing is left registered after a step.
-        from lit_accel.kernels import recompute as registry
+        from lit_accel.ops import recompute as registry
 
         assert not registry._REGISTRY
     # Same loss and the same gradients bit for bit: the inputs are rebuilt by the kernels that made them. Only dA of
@@ -483,9 +483,9 @@ def test_interp_lora_recompute_inputs_with_dropout_and_checkpointing(fused_lora_
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_recompute_recipes_rebuild_the_outputs_bit_for_bit(dtype: torch.dtype) -> None:
-    from lit_accel.kernels.recompute import recompute_recipe, request_recompute
-    from lit_accel.kernels.rms_norm import rms_norm
-    from lit_accel.kernels.swiglu import swiglu
+    from lit_accel.ops.recompute import recompute_recipe, request_recompute
+    from lit_accel.ops.rms_norm import rms_norm
+    from lit_accel.ops.swiglu import swiglu
 
     consumer = torch.nn.Identity()  # the kernels record their outputs only while a consumer asked for recipes
     request_recompute(consumer)

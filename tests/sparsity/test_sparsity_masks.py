@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_accel.kernels.sparse24 import transposable_24_mask, transposable_24_mask_triton
+from lit_accel.ops.sparse24 import transposable_24_mask, transposable_24_mask_triton
 from lit_accel.sparsity.functional import (
     check_24_shape,
     flip_rate,

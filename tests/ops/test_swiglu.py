@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from lit_accel.kernels.swiglu import (
+from lit_accel.ops.swiglu import (
     SwiGLUFunction,
     swiglu,
     swiglu_fallback_reason,

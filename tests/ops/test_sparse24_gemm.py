@@ -14,8 +14,8 @@ import pytest
 import torch
 from _helpers import quiet_trainer
 
-from lit_accel.kernels import sparse24_gemm as sg
-from lit_accel.kernels.sparse24 import transposable_24_mask
+from lit_accel.ops import sparse24_gemm as sg
+from lit_accel.ops.sparse24 import transposable_24_mask
 from lit_accel.sparsity import SemiStructuredSparsity, SparseLinear
 from lit_accel.sparsity.callback import _tokens_in
 from lit_accel.sparsity.functional import masked_linear, transposable_24_mask_reference

@@ -14,7 +14,7 @@ tile alone gives too few programs to fill the GPU); their fp32 partial sums are 
 order, so the result is the same run to run (no atomics).
 
 Producers (``PRODUCERS``): ``"plain"`` (``Y`` read as is; tests and any other input), ``"rms_norm"``
-(:mod:`lit_accel.kernels.rms_norm`'s forward) and ``"swiglu"`` (:mod:`lit_accel.kernels.swiglu`'s forward).
+(:mod:`lit_accel.ops.rms_norm`'s forward) and ``"swiglu"`` (:mod:`lit_accel.ops.swiglu`'s forward).
 
 Example:
     >>> # on CUDA, or on CPU under TRITON_INTERPRET=1
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from lit_accel.kernels._triton import interpret as _interpret
-from lit_accel.kernels._triton import tl, triton
+from lit_accel.ops._triton import interpret as _interpret
+from lit_accel.ops._triton import tl, triton
 
 __all__ = ["DY_PRODUCTS_MIN_N", "MAX_RANK", "PRODUCERS", "dy_products", "lowrank_reduce", "takes"]
 

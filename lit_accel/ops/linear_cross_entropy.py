@@ -1,6 +1,6 @@
 """Fused LM head + cross-entropy: the loss of ``hidden @ weight.T + bias`` without the ``(tokens x vocab)`` logits.
 
-Three layers, as every op in :mod:`lit_accel.kernels`:
+Three layers, as every op in :mod:`lit_accel.ops`:
 
 * :func:`linear_cross_entropy_reference` - plain PyTorch, what Hugging Face causal LMs compute (``lm_head`` then
   ``F.cross_entropy`` on ``logits.float()``), plus the optional z-loss; used by the tests and as the fallback.
@@ -54,9 +54,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
-from lit_accel.kernels._triton import interpret as _interpret
-from lit_accel.kernels._triton import tl, triton
+from lit_accel.ops._triton import HAS_TRITON as _HAS_TRITON
+from lit_accel.ops._triton import interpret as _interpret
+from lit_accel.ops._triton import tl, triton
 
 __all__ = [
     "FusedLinearCrossEntropyFunction",

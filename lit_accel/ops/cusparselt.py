@@ -10,7 +10,7 @@ keeps one plan per (sparse operand shape, token count, dtype, algorithm id), so 
 
 The descriptors are the ones ``torch._cslt_sparse_mm`` builds for ``transpose_result=True`` with a transposed
 contiguous dense operand, so the packed buffers of ``torch._cslt_compress`` (and of the in-place refresh in
-:mod:`lit_accel.kernels.sparse24_gemm`) are used unchanged:
+:mod:`lit_accel.ops.sparse24_gemm`) are used unchanged:
 
 * ``A`` (the packed 2:4 operand, ``m x k``): structured, row-major, leading dimension ``k``, 50% sparsity;
 * ``B`` (the dense ``rows`` ``[n, k]``, used transposed): dense ``n x k`` row-major, ``op(B) = transpose``;

@@ -1,6 +1,6 @@
 """Rotary position embedding on queries and keys (HF's ``apply_rotary_pos_emb``) in one Triton launch.
 
-Three layers, as every op in :mod:`lit_accel.kernels`:
+Three layers, as every op in :mod:`lit_accel.ops`:
 
 * :func:`apply_rope_reference` - plain PyTorch, operation for operation HF LLaMA's ``apply_rotary_pos_emb``
   (``x * cos + rotate_half(x) * sin``, the "rotate half" / GPT-NeoX convention), used by the tests and as the
@@ -43,9 +43,9 @@ from typing import Any
 
 import torch
 
-from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
-from lit_accel.kernels._triton import interpret as _interpret
-from lit_accel.kernels._triton import tl, triton
+from lit_accel.ops._triton import HAS_TRITON as _HAS_TRITON
+from lit_accel.ops._triton import interpret as _interpret
+from lit_accel.ops._triton import tl, triton
 
 __all__ = [
     "RoPEFunction",

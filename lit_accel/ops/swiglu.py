@@ -1,7 +1,7 @@
 """SwiGLU gating ``silu(gate) * up``, the activation of LLaMA's MLP, as one Triton pass forward and backward.
 
 Hugging Face's ``LlamaMLP.forward`` is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with ``act_fn = SiLU``.
-Three layers, as every op in :mod:`lit_accel.kernels`:
+Three layers, as every op in :mod:`lit_accel.ops`:
 
 * :func:`swiglu_reference` - plain PyTorch, exactly HF's ``F.silu(gate) * up`` (used by the tests and as the
   CPU fallback).
@@ -33,10 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
-from lit_accel.kernels._triton import interpret as _interpret
-from lit_accel.kernels._triton import tl, triton
-from lit_accel.kernels.recompute import forget_recompute, register_recompute
+from lit_accel.ops._triton import HAS_TRITON as _HAS_TRITON
+from lit_accel.ops._triton import interpret as _interpret
+from lit_accel.ops._triton import tl, triton
+from lit_accel.ops.lowrank_reduce import lowrank_reduce
+from lit_accel.ops.recompute import forget_recompute, register_recompute
 
 __all__ = [
     "SwiGLUFunction",
@@ -271,8 +272,6 @@ def _recompute_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _recompute_reduce(gate: torch.Tensor, up: torch.Tensor, *, u: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * u^T y`` (fp32) from the saved ``gate`` and ``up``, ``y`` rebuilt in registers only."""
-    from lit_accel.kernels.lowrank_reduce import lowrank_reduce
-
     return lowrank_reduce(u, "swiglu", (_rows(gate), _rows(up)), scale, torch.promote_types(gate.dtype, up.dtype))
 
 

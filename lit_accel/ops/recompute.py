@@ -50,7 +50,7 @@ class Recompute:
     """The producer's saved inputs; a consumer saves these (``ctx.save_for_backward``) in place of the output."""
     reduce: Callable[..., torch.Tensor] | None = None
     """``reduce(*inputs, u=u, scale=s)``: ``s * u^T @ output`` in fp32 (``u`` ``[rows, R]``, the output seen as
-    ``[rows, N]``) without writing the output out (:func:`lit_accel.kernels.lowrank_reduce.lowrank_reduce`), for a
+    ``[rows, N]``) without writing the output out (:func:`lit_accel.ops.lowrank_reduce.lowrank_reduce`), for a
     consumer that needs the output only in such a product (a LoRA layer's ``dA``); None when the producer has none."""
 
 

@@ -4,7 +4,7 @@ Forward ``y = x (W*M)^T + b`` and input gradient ``dX = dY (W*M)`` run on the sp
 gradient ``dW = dY^T x`` stays a dense matmul (the pruned weights keep learning, as in the masked dense
 reference :class:`~lit_accel.sparsity.functional.MaskedLinearFunction`, whose numerics this path reproduces).
 
-Three layers, as every op in :mod:`lit_accel.kernels`:
+Three layers, as every op in :mod:`lit_accel.ops`:
 
 * the reference: the masked dense path of :func:`~lit_accel.sparsity.functional.masked_linear` (CPU, fp32, and
   every case this path refuses);
@@ -48,7 +48,7 @@ against 0.04 ms for a cuBLAS call, and in training that is not hidden: wall time
 backward 0.19-0.45x dense, the MLP block 0.61x, a llama-1b Lightning step (8 x 2048) with all 66 MLP linears on
 cuSPARSELt 0.78x (349.6 against 271.0 ms/step). So :attr:`LayerTiming.speedup`, which ``kernel="auto"`` of the
 callback uses, weighs the wall time too. The products therefore go through cuSPARSELt plans cached across calls
-(:mod:`lit_accel.kernels.cusparselt`, which binds the library directly; PyTorch 2.11's ops rebuild the plan per
+(:mod:`lit_accel.ops.cusparselt`, which binds the library directly; PyTorch 2.11's ops rebuild the plan per
 call): on an H200 the host time per product fell to 0.03-0.05 ms, a ``SparseLinear`` forward + backward (dense
 weight gradient and refresh included) ran 1.16x dense in wall time, the MLP block 1.22x, and the llama-1b step
 with all 66 MLP linears on cuSPARSELt 1.09x (227.2 against 247.5 ms/step).
@@ -76,11 +76,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
-from lit_accel.kernels._triton import interpret as _interpret
-from lit_accel.kernels._triton import tl, triton
-from lit_accel.kernels.cusparselt import SparsePlanCache, max_alg_id
-from lit_accel.sparsity.functional import masked_linear
+from lit_accel.ops._triton import HAS_TRITON as _HAS_TRITON
+from lit_accel.ops._triton import interpret as _interpret
+from lit_accel.ops._triton import tl, triton
+from lit_accel.ops.cusparselt import SparsePlanCache, max_alg_id
+from lit_accel.ops.masked_linear import masked_linear
 
 __all__ = [
     "DIM_MULTIPLE",
@@ -303,7 +303,7 @@ def select_alg(packed: torch.Tensor, rows: torch.Tensor, *, with_bias: bool = Fa
 
     Cached per (sparse shape, tokens, dtype, bias, device): the sweep (about 21 ids, a few ms each) runs once per
     distinct shape. It covers the ids cuSPARSELt itself reports for the shape
-    (:func:`lit_accel.kernels.cusparselt.max_alg_id`): an id past the last one is not always refused and can fault
+    (:func:`lit_accel.ops.cusparselt.max_alg_id`): an id past the last one is not always refused and can fault
     the CUDA context. Ids past :data:`_LAST_SAFE_ALG_ID` are never tried either: for fp16 cuSPARSELt 0.8 reports a
     maximum of 52, and on an H200 ids 36-47 (all tried) faulted the CUDA context (illegal instruction) at a shape
     where 0..35 ran correctly. Where the query cannot run (no binding, or the plan cache turned off) and for dtypes
@@ -430,7 +430,7 @@ class CusparseltWeight:
         """Number of refreshes so far (a backward checks that its forward's operands are still in place)."""
         self.alg_fwd: dict[int, int] = {}
         self.alg_bwd: dict[int, int] = {}
-        # cuSPARSELt plans kept across calls (lit_accel.kernels.cusparselt), when that cache is enabled.
+        # cuSPARSELt plans kept across calls (lit_accel.ops.cusparselt), when that cache is enabled.
         self.plans_fwd = SparsePlanCache(f"{name} forward")
         self.plans_bwd = SparsePlanCache(f"{name} input gradient")
 
@@ -705,7 +705,7 @@ def compare_layer(
     """Times forward and input gradient, dense (cuBLAS) against cuSPARSELt with a random transposable mask, plus
     the per-step refresh of the packed operands, at ``tokens`` rows: GPU times with the launch queue kept full, and
     wall times of the three back to back with host overhead included (see :attr:`LayerTiming.speedup`)."""
-    from lit_accel.kernels.sparse24 import transposable_24_mask
+    from lit_accel.ops.sparse24 import transposable_24_mask
 
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)

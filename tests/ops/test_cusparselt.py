@@ -1,4 +1,4 @@
-"""cuSPARSELt plans kept across calls (lit_accel.kernels.cusparselt): off and explained on CPU; on the GPU, products
+"""cuSPARSELt plans kept across calls (lit_accel.ops.cusparselt): off and explained on CPU; on the GPU, products
 bit-equal to torch._cslt_sparse_mm for the forward and input-gradient layouts, and a SparseLinear through them."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from lit_accel.kernels import cusparselt
-from lit_accel.kernels.sparse24 import transposable_24_mask
+from lit_accel.ops import cusparselt
+from lit_accel.ops.sparse24 import transposable_24_mask
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_binding_refuses_releases_whose_enums_differ(plan_cache: None, monkeypat
 )
 def test_gpu_cached_plan_equals_torch(plan_cache: None, m: int, k: int, n: int) -> None:
     dtype = torch.bfloat16  # the only dtype bound (fp16 faulted or hung in cuSPARSELt 0.8 on Hopper)
-    from lit_accel.kernels.sparse24_gemm import select_alg
+    from lit_accel.ops.sparse24_gemm import select_alg
 
     assert cusparselt.plan_cache_enabled(), cusparselt.plan_cache_unavailable_reason()
     w = torch.randn(m, k, device="cuda")

@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from lit_accel.kernels.rms_norm import (
+from lit_accel.ops.rms_norm import (
     RMSNormFunction,
     rms_norm,
     rms_norm_fallback_reason,
@@ -28,7 +28,7 @@ from lit_accel.kernels.rms_norm import (
 )
 
 # By module path: the package re-exports the function under the module's name.
-rms_module = importlib.import_module("lit_accel.kernels.rms_norm")
+rms_module = importlib.import_module("lit_accel.ops.rms_norm")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 EPS = 1e-6
 

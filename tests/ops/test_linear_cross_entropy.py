@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_accel.kernels.linear_cross_entropy import (
+from lit_accel.ops.linear_cross_entropy import (
     FusedLinearCrossEntropyFunction,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_fallback_reason,

@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from lit_accel.kernels.rope import (
+from lit_accel.ops.rope import (
     RoPEFunction,
     apply_rope,
     apply_rope_reference,

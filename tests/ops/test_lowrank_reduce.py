@@ -20,8 +20,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def _producer_output(producer: str, inputs: tuple[torch.Tensor, ...], y_dtype: torch.dtype) -> torch.Tensor:
     """Y as the producer's forward kernel writes it (the recompute path of rms_norm / swiglu)."""
-    rms_mod = importlib.import_module("lit_accel.kernels.rms_norm")  # the package re-exports a function of that name
-    swiglu_mod = importlib.import_module("lit_accel.kernels.swiglu")
+    rms_mod = importlib.import_module("lit_accel.ops.rms_norm")  # the package re-exports a function of that name
+    swiglu_mod = importlib.import_module("lit_accel.ops.swiglu")
 
     if producer == "plain":
         return inputs[0]
@@ -38,7 +38,7 @@ def _inputs(producer: str, m: int, n: int, dtype: torch.dtype, device: str) -> t
         return (x,)
     if producer == "swiglu":
         return (x, torch.randn(m, n, generator=gen, device=device, dtype=dtype))
-    rms_mod = importlib.import_module("lit_accel.kernels.rms_norm")
+    rms_mod = importlib.import_module("lit_accel.ops.rms_norm")
     w = torch.rand(n, generator=gen, device=device) + 0.5
     _, rstd = rms_mod._forward(x, w, 1e-5, dtype, x.shape, store_rstd=True)
     assert rstd is not None
@@ -46,7 +46,7 @@ def _inputs(producer: str, m: int, n: int, dtype: torch.dtype, device: str) -> t
 
 
 def _check(producer: str, m: int, n: int, r: int, dtype: torch.dtype, device: str, tol: float) -> None:
-    from lit_accel.kernels.lowrank_reduce import lowrank_reduce
+    from lit_accel.ops.lowrank_reduce import lowrank_reduce
 
     inputs = _inputs(producer, m, n, dtype, device)
     y_dtype = dtype
@@ -61,7 +61,7 @@ def _check(producer: str, m: int, n: int, r: int, dtype: torch.dtype, device: st
 
 
 def test_takes_only_low_precision_cuda_or_the_interpreter_and_small_ranks() -> None:
-    from lit_accel.kernels.lowrank_reduce import MAX_RANK, takes
+    from lit_accel.ops.lowrank_reduce import MAX_RANK, takes
 
     cpu = torch.zeros(2, 2)
     assert takes(cpu, 16) == INTERPRET
@@ -72,7 +72,7 @@ def test_takes_only_low_precision_cuda_or_the_interpreter_and_small_ranks() -> N
 
 def test_unknown_producer_is_refused() -> None:
     pytest.importorskip("triton")
-    from lit_accel.kernels.lowrank_reduce import PRODUCERS, lowrank_reduce
+    from lit_accel.ops.lowrank_reduce import PRODUCERS, lowrank_reduce
 
     with pytest.raises(ValueError, match="producer must be one of"):
         lowrank_reduce(torch.zeros(4, 2), "gelu", (torch.zeros(4, 8),), 1.0, torch.float32)
@@ -94,7 +94,7 @@ else:
 
 
 def _check_dy(m: int, n: int, r: int, dtype: torch.dtype, device: str, tol: float) -> None:
-    from lit_accel.kernels.lowrank_reduce import dy_products
+    from lit_accel.ops.lowrank_reduce import dy_products
 
     gen = torch.Generator(device=device).manual_seed(m + n + r)
     dy = torch.randn(m, n, generator=gen, device=device, dtype=dtype)
@@ -117,7 +117,7 @@ if INTERPRET:
         _check_dy(m, n, r, torch.float32, "cpu", 1e-5)
 
     def test_interp_no_rows() -> None:
-        from lit_accel.kernels.lowrank_reduce import dy_products, lowrank_reduce
+        from lit_accel.ops.lowrank_reduce import dy_products, lowrank_reduce
 
         u, db = dy_products(torch.zeros(0, 24), torch.randn(24, 4), torch.zeros(0, 4), 1.0)
         assert u.shape == (0, 4) and db.shape == (24, 4) and not db.any()

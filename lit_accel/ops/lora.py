@@ -1,6 +1,6 @@
 """Fused LoRA linear: ``y = x W^T + b + s * dropout(x) A^T B^T`` with a frozen base and trainable adapters.
 
-Layers, as every op in :mod:`lit_accel.kernels`:
+Layers, as every op in :mod:`lit_accel.ops`:
 
 * :func:`lora_linear_reference` - plain PyTorch, operation for operation what PEFT's ``lora.Linear`` does
   (``base(x) + lora_B(lora_A(dropout(x))) * scaling``), used by the tests and as the CPU fallback.
@@ -18,9 +18,9 @@ The cuBLAS backend (and the groups). The output starts as the low-rank term, a r
 inside a compute-bound GEMM instead of a second memory-bound pass that re-reads and re-writes it, which profiled as
 more than half of the adapters' kernel time in a llama-1b step before (24.5 of 43.3 ms). The backward does the same
 for ``dX``; the adapter gradients are written in fp32 straight from cuBLAS (``out_dtype``); ``u = dY B`` and
-``dB`` come from one read of ``dY`` for wide outputs (:func:`~lit_accel.kernels.lowrank_reduce.dy_products`), and
+``dB`` come from one read of ``dY`` for wide outputs (:func:`~lit_accel.ops.lowrank_reduce.dy_products`), and
 ``dA = s u^T x`` for an input rebuilt from its fused producer never writes that input out
-(:func:`~lit_accel.kernels.lowrank_reduce.lowrank_reduce`). Measured in ``benchmarks/RESULTS.md`` (issue 4).
+(:func:`~lit_accel.ops.lowrank_reduce.lowrank_reduce`). Measured in ``benchmarks/RESULTS.md`` (issue 4).
 
 The Triton kernel. One GEMM kernel serves both directions. For output tile ``[BM, BN]`` it walks the reduction
 dimension ``K`` once; every ``a`` tile it loads feeds two dots: the base product (``a @ b``, into ``acc``) and the
@@ -49,12 +49,12 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
-from lit_accel.kernels._triton import interpret as _interpret
-from lit_accel.kernels._triton import tl, triton
-from lit_accel.kernels.lowrank_reduce import DY_PRODUCTS_MIN_N, dy_products
-from lit_accel.kernels.lowrank_reduce import takes as lowrank_kernels_take
-from lit_accel.kernels.recompute import Recompute, recompute_recipe
+from lit_accel.ops._triton import HAS_TRITON as _HAS_TRITON
+from lit_accel.ops._triton import interpret as _interpret
+from lit_accel.ops._triton import tl, triton
+from lit_accel.ops.lowrank_reduce import DY_PRODUCTS_MIN_N, dy_products
+from lit_accel.ops.lowrank_reduce import takes as lowrank_kernels_take
+from lit_accel.ops.recompute import Recompute, recompute_recipe
 
 __all__ = [
     "LoRAGroupFunction",
@@ -525,7 +525,7 @@ def _base_views(weight: torch.Tensor, weight_layout: str) -> tuple[torch.Tensor,
 
 
 def _dy_products_available(dy: torch.Tensor, r: int) -> bool:
-    """Whether :func:`~lit_accel.kernels.lowrank_reduce.dy_products` runs on (and pays off for) this output gradient."""
+    """Whether :func:`~lit_accel.ops.lowrank_reduce.dy_products` runs on (and pays off for) this output gradient."""
     return lowrank_kernels_take(dy, r) and (not dy.is_cuda or dy.shape[-1] >= DY_PRODUCTS_MIN_N)
 
 
@@ -709,7 +709,7 @@ def lora_linear(
             Triton kernel (ValueError saying why when it cannot run; on CPU it runs under ``TRITON_INTERPRET=1``);
             False forces the reference.
         recompute_input: On the fused path, when ``x`` is the output of one of the fused kernels (RMSNorm,
-            SwiGLU; :mod:`lit_accel.kernels.recompute`), keep that kernel's saved inputs instead of ``x`` and rerun
+            SwiGLU; :mod:`lit_accel.ops.recompute`), keep that kernel's saved inputs instead of ``x`` and rerun
             it in the backward for ``dA``: the same result, without holding ``x`` from the forward to the backward.
             Elsewhere (the reference path, any other ``x``) ``x`` is saved as usual.
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_accel.kernels import LoRALinearFunction, kernel_available, lora_linear, lora_linear_reference
-from lit_accel.kernels.lora import _fused, lora_linear_group
+from lit_accel.ops import LoRALinearFunction, kernel_available, lora_linear, lora_linear_reference
+from lit_accel.ops.lora import _fused, lora_linear_group
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,7 +222,7 @@ def test_bad_input_raises(change: dict[str, object], match: str) -> None:
 
 
 def test_use_kernel_true_unsupported_raises() -> None:
-    from lit_accel.kernels.lora import _kernel_unsupported_reason
+    from lit_accel.ops.lora import _kernel_unsupported_reason
 
     # in_features=24 is not a multiple of 16 (and, without the interpreter, x is not on CUDA).
     with pytest.raises(ValueError, match=r"use_kernel=True"):
@@ -356,8 +356,8 @@ else:
     ) -> None:
         # A recipe with a reduce: the group takes it for a summed rank <= lowrank_reduce.MAX_RANK, else it rebuilds
         # x and multiplies with cuBLAS (the kernel's tiles would spill or overflow shared memory on the GPU).
-        from lit_accel.kernels.lowrank_reduce import lowrank_reduce
-        from lit_accel.kernels.recompute import register_recompute, request_recompute
+        from lit_accel.ops.lowrank_reduce import lowrank_reduce
+        from lit_accel.ops.recompute import register_recompute, request_recompute
 
         consumer = _Consumer()
         request_recompute(consumer)
@@ -554,7 +554,7 @@ def test_group_low_precision_and_adapter_dtypes() -> None:
 
 def test_group_recomputes_input_from_its_producer() -> None:
     """With recompute_input the group saves the producer's inputs, reruns it once in backward, and equals saving x."""
-    from lit_accel.kernels.recompute import register_recompute, request_recompute
+    from lit_accel.ops.recompute import register_recompute, request_recompute
 
     consumer = _Consumer()
     request_recompute(consumer)

@@ -3,7 +3,7 @@
 ``y = weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)``: the normalised value is rounded to the input
 dtype *before* the weight multiply, and the product has the promoted dtype of ``weight`` and ``x`` (fp32 under
 Lightning's bf16-mixed, where the weight is an fp32 parameter). Three layers, as every op in
-:mod:`lit_accel.kernels`:
+:mod:`lit_accel.ops`:
 
 * :func:`rms_norm_reference` - plain PyTorch, operation for operation ``LlamaRMSNorm.forward`` (plus an optional
   final cast to ``out_dtype``); the tests compare it with transformers, and CPU runs use it.
@@ -48,10 +48,11 @@ from typing import Any
 
 import torch
 
-from lit_accel.kernels._triton import HAS_TRITON as _HAS_TRITON
-from lit_accel.kernels._triton import interpret as _interpret
-from lit_accel.kernels._triton import tl, triton
-from lit_accel.kernels.recompute import forget_recompute, register_recompute
+from lit_accel.ops._triton import HAS_TRITON as _HAS_TRITON
+from lit_accel.ops._triton import interpret as _interpret
+from lit_accel.ops._triton import tl, triton
+from lit_accel.ops.lowrank_reduce import lowrank_reduce
+from lit_accel.ops.recompute import forget_recompute, register_recompute
 
 __all__ = [
     "RMSNormFunction",
@@ -464,8 +465,6 @@ def _recompute_reduce(
     scale: float,
 ) -> torch.Tensor:
     """``scale * u^T y`` (fp32) from the saved ``x2``, ``w`` and ``rstd``, ``y`` rebuilt in registers only."""
-    from lit_accel.kernels.lowrank_reduce import lowrank_reduce
-
     return lowrank_reduce(u, "rms_norm", (x2, w, rstd), scale, out_dtype, torch.promote_types(x2.dtype, w.dtype))
 
 
