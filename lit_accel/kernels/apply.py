@@ -42,8 +42,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lit_accel.models.structure import get_structure
+from lit_accel.ops.linear_cross_entropy import (
+    fused_linear_cross_entropy_fallback_reason,
+    fused_linear_cross_entropy_kernel,
+    linear_cross_entropy_reference,
+)
+from lit_accel.ops.rms_norm import rms_norm_fallback_reason, rms_norm_kernel, rms_norm_reference
+from lit_accel.ops.rope import rope_fallback_reason, rope_kernel
+from lit_accel.ops.swiglu import swiglu_fallback_reason, swiglu_kernel
 
 __all__ = ["KERNEL_ARCHS", "KERNEL_NAMES", "KernelReport", "apply_kernels", "kernels_applied", "remove_kernels"]
 
@@ -81,14 +90,14 @@ class KernelReport:
 # Per-call dispatch helpers
 # --------------------------------------------------------------------------------------------------------------
 
-_warned: set[tuple[int, str]] = set()
-
 
 def _warn_fallback(module: nn.Module, kernel: str, reason: str) -> None:
-    key = (id(module), kernel)
-    if key in _warned:
+    # Once per module instance and kernel: the record lives on the module, so another model in the process (or a
+    # new module at a recycled id) still gets its own warning.
+    warned = module.__dict__.setdefault("_lit_accel_warned", set())
+    if kernel in warned:
         return
-    _warned.add(key)
+    warned.add(kernel)
     name = getattr(module, "_lit_accel_name", type(module).__name__)
     warnings.warn(
         f"lit_accel kernels: {name} runs the PyTorch reference instead of the {kernel} Triton kernel: {reason}",
@@ -100,8 +109,9 @@ _reasons: dict[tuple[Any, ...], str | None] = {}
 
 
 def _cached_reason(key: tuple[Any, ...], compute: Callable[[], str | None]) -> str | None:
-    # Whether a kernel takes an input depends only on dtypes, devices and widths, so the argument checks run once
-    # per combination instead of on every call (each patched forward runs dozens of times per step).
+    # Whether a kernel takes an input depends only on dtypes, devices, widths and flags that are all in the key, so
+    # the argument checks run once per combination instead of on every call (each patched forward runs dozens of
+    # times per step). The answer is a pure function of the key: sharing it between models is safe.
     if key not in _reasons:
         _reasons[key] = compute()
     return _reasons[key]
@@ -116,11 +126,6 @@ def _kernel_device(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _op(name: str) -> Any:
-    # importlib, not `from lit_accel.ops import rms_norm`: the package re-exports functions of those names.
-    return importlib.import_module(f"lit_accel.ops.{name}")
-
-
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     if t.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         return torch.get_autocast_dtype("cuda")
@@ -128,8 +133,6 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 
 
 def _rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
-    op = _op("rms_norm")
-
     weight = self.weight
     eps = float(self.variance_epsilon)
     if _kernel_device(hidden_states):
@@ -139,24 +142,22 @@ def _rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
         out_dtype = _autocast_dtype(hidden_states)
         reason = _cached_reason(
             ("rms_norm", out_dtype, *_sig(hidden_states, weight)),
-            lambda: op.rms_norm_fallback_reason(hidden_states, weight, out_dtype),
+            lambda: rms_norm_fallback_reason(hidden_states, weight, out_dtype),
         )
         if reason is not None:
             _warn_fallback(self, "rms_norm", reason)
-            return op.rms_norm_reference(hidden_states, weight, eps)
-        return op.rms_norm_kernel(hidden_states, weight, eps, out_dtype)  # checked once per signature above
-    return op.rms_norm_reference(hidden_states, weight, eps)
+            return rms_norm_reference(hidden_states, weight, eps)
+        return rms_norm_kernel(hidden_states, weight, eps, out_dtype)  # checked once per signature above
+    return rms_norm_reference(hidden_states, weight, eps)
 
 
 def _swiglu_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    op = _op("swiglu")
-
     gate = self.gate_proj(x)
     up = self.up_proj(x)
     if _kernel_device(gate):
-        reason = _cached_reason(("swiglu", *_sig(gate, up)), lambda: op.swiglu_fallback_reason(gate, up))
+        reason = _cached_reason(("swiglu", *_sig(gate, up)), lambda: swiglu_fallback_reason(gate, up))
         if reason is None:
-            return self.down_proj(op.swiglu_kernel(gate, up))  # checked once per signature above
+            return self.down_proj(swiglu_kernel(gate, up))  # checked once per signature above
         _warn_fallback(self, "swiglu", reason)
     return self.down_proj(self.act_fn(gate) * up)
 
@@ -184,20 +185,18 @@ def _make_rope_dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
             if position_ids is None:
                 return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)  # type: ignore[no-any-return]
             return original(q, k, cos, sin, position_ids, unsqueeze_dim)  # type: ignore[no-any-return]
-        op = _op("rope")
-
         # HF's result is fp32 under bf16-mixed (bf16 q times fp32 cos); attention casts it to the autocast dtype
         # anyway, so the kernel writes that dtype directly (same values: fp32 math, one rounding).
         out_dtype = _autocast_dtype(q)
         grad_cos = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
         reason = _cached_reason(
             ("rope", unsqueeze_dim, out_dtype, grad_cos, *_sig(q, k, cos, sin)),
-            lambda: op.rope_fallback_reason(q, k, cos, sin, unsqueeze_dim, out_dtype),
+            lambda: rope_fallback_reason(q, k, cos, sin, unsqueeze_dim, out_dtype),
         )
         if reason is not None:
             _warn_fallback(_rope_state.module, "rope", reason)
             return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)  # type: ignore[no-any-return]
-        return op.apply_rope(q, k, cos, sin, unsqueeze_dim, out_dtype=out_dtype)  # type: ignore[no-any-return]
+        return rope_kernel(q, k, cos, sin, unsqueeze_dim, out_dtype)  # checked once per signature above
 
     apply_rotary_pos_emb._lit_accel_original = original  # type: ignore[attr-defined]
     return apply_rotary_pos_emb
@@ -247,10 +246,6 @@ def _causal_lm_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         # its own forward must run, or the fused loss would silently skip the adapter.
         _warn_fallback(self, "linear_cross_entropy", f"lm_head is now a {type(head).__name__} or partitioned")
         return inner(*args, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    op = _op("linear_cross_entropy")
-
     kwargs = dict(kwargs)
     if args:
         kwargs["input_ids"] = args[0]
@@ -266,19 +261,20 @@ def _causal_lm_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     if _kernel_device(hidden):
         reason = _cached_reason(
             ("linear_cross_entropy", _autocast_dtype(flat_hidden), *_sig(flat_hidden, head.weight, head.bias)),
-            lambda: op.fused_linear_cross_entropy_fallback_reason(flat_hidden, head.weight, flat_targets, head.bias),
+            lambda: fused_linear_cross_entropy_fallback_reason(flat_hidden, head.weight, flat_targets, head.bias),
         )
         if reason is None:
-            loss = op.fused_linear_cross_entropy(
+            # Checked once per signature above; labels come from HF's shift and lie in [0, V) or are ignored.
+            loss = fused_linear_cross_entropy_kernel(
                 flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
             )
         else:
             _warn_fallback(self, "linear_cross_entropy", reason)
-            loss = op.linear_cross_entropy_reference(
+            loss = linear_cross_entropy_reference(
                 flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
             )
     else:
-        loss = op.linear_cross_entropy_reference(
+        loss = linear_cross_entropy_reference(
             flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
         )
     return CausalLMOutputWithPast(

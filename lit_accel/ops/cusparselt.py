@@ -1,8 +1,8 @@
 """cuSPARSELt matmul plans kept across calls, for the 2:4 layers' forward and input-gradient products.
 
 ``torch._cslt_sparse_mm`` builds its descriptors and a cuSPARSELt matmul plan inside every call and destroys them
-after it: about 1 ms of host time per call on an H100 (measured in session 5), more than the sparse GEMM saves at
-the llama-1b MLP shapes, so a 2:4 training step ran at 0.78x dense. A plan depends only on the shapes, dtype and
+after it: host time per call that is larger than what the sparse GEMM saves at the llama-1b MLP shapes, so a 2:4
+training step ran slower than dense. A plan depends only on the shapes, dtype and
 algorithm, none of which change between training steps; the operands are passed at the matmul call. This module
 binds the handful of cuSPARSELt C functions with :mod:`ctypes` (cuSPARSELt ships with PyTorch's CUDA builds) and
 keeps one plan per (sparse operand shape, token count, dtype, algorithm id), so each product is a single
@@ -23,9 +23,9 @@ from the version of the library actually loaded (``cusparseLtGetProperty``), nev
 Releases before 0.6 are not bound (:func:`plan_cache_unavailable_reason` says so). Every new plan's first product
 is compared with ``torch._cslt_sparse_mm``'s bit for bit (:meth:`SparsePlanCache.matmul`); a disagreement or an
 error turns the cache off for the process with a warning, and the products go back to ``torch._cslt_sparse_mm``.
-At most 8 plans are kept per operand (one per token count). The cache is on by default (measured on an H200: host
-time per product 0.035-0.050 ms against 0.53-0.67 ms through torch's op, and a llama-1b step with 2:4 MLPs went
-from 0.78x to 1.09x dense); ``LIT_ACCEL_CUSPARSELT_PLANS=0`` or ``set_plan_cache(False)`` turns it off.
+At most 8 plans are kept per operand (one per token count). The cache is on by default: it is what makes a 2:4
+step faster than dense (``benchmarks/RESULTS.md``, "cuSPARSELt plans kept across calls");
+``LIT_ACCEL_CUSPARSELT_PLANS=0`` or ``set_plan_cache(False)`` turns it off.
 
 Example:
     >>> plan_cache_unavailable_reason() is not None or torch.cuda.is_available()  # CPU: a reason

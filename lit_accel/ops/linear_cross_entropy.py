@@ -13,11 +13,9 @@ Three layers, as every op in :mod:`lit_accel.ops`:
   :func:`fused_linear_cross_entropy_kernel_available` says so (CUDA tensors; CPU fp32 under ``TRITON_INTERPRET=1``
   for tests), else the reference.
 
-Measured on an H100 (torch 2.11, triton 3.6, bf16, fwd+bwd, ``benchmarks/kernel_linear_cross_entropy.py``):
-16384 x 2048 x 32000: 11.1 ms and 0.43 GiB above the inputs, against HF's 16.8 ms / 5.9 GiB and Liger-Kernel
-0.8.5's 12.0 ms / 0.25 GiB (bf16 weight-gradient accumulation) or 14.0 ms / 0.43 GiB (fp32 accumulation);
-32768 x 768 x 32000: 9.95 ms / 0.26 GiB against 23.8 ms / 11.7 GiB (HF) and 11.5 ms / 0.15 GiB or 15.6 ms /
-0.20 GiB (Liger). The extra memory over Liger's default is the fp32 accumulator (V x H x 4 bytes).
+Time and memory against HF and Liger-Kernel are in ``benchmarks/RESULTS.md`` ("Fused linear + cross-entropy"). The
+memory above the inputs is one logits chunk plus the fp32 weight-gradient accumulator (V x H x 4 bytes), which
+Liger's default keeps in bf16.
 
 Numerics. Logits are produced in the GEMM's dtype (bf16 under bf16 inputs or CUDA autocast, as HF's ``lm_head``),
 every softmax/loss quantity is fp32, the logits gradient is rounded once to the GEMM dtype (as the backward of
@@ -32,11 +30,10 @@ with ``s`` the reduction's scale: ``1 / #valid`` (mean), ``1`` (sum) or ``1 / nu
 
 Kernel design. One program per row, two passes over the row in 16384-wide blocks: an online-softmax pass (running
 max, sum of exponentials, row sum for smoothing) and a gradient pass whose re-read of the row (64 KB in bf16 for a
-32000-word vocabulary) mostly hits L2, so HBM sees about one read and one write of the logits. Measured on an H100
-(2048 x 32000 bf16 chunk): 0.110 ms, 2.4 TB/s counting one read and one write (a plain copy of the chunk: 0.091
-ms); holding the whole row in registers for a single pass was slower (0.144 ms): 32 warps a row leave one program
-per SM and nothing overlaps its load with its reductions. Small vocabularies (``V <= 8192``) take one block.
-Nothing needs a host-device sync: the number of valid tokens stays on the device and the kernel reads the scale
+32000-word vocabulary) mostly hits L2, so HBM sees about one read and one write of the logits (close to a plain
+copy of the chunk); holding the whole row in registers for a single pass was slower: 32 warps a row leave one
+program per SM and nothing overlaps its load with its reductions. Small vocabularies (``V <= 8192``) take one
+block. Nothing needs a host-device sync: the number of valid tokens stays on the device and the kernel reads the scale
 through a pointer.
 
 Memory above the inputs during the forward: ``d hidden`` (N x H, hidden's dtype), the fp32 weight-gradient
@@ -62,6 +59,7 @@ __all__ = [
     "FusedLinearCrossEntropyFunction",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_fallback_reason",
+    "fused_linear_cross_entropy_kernel",
     "fused_linear_cross_entropy_kernel_available",
     "linear_cross_entropy_reference",
 ]
@@ -711,7 +709,41 @@ def fused_linear_cross_entropy(
             num_items_in_batch=num_items_in_batch,
             return_z_loss=return_z_loss,
         )
+    return fused_linear_cross_entropy_kernel(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss_weight=z_loss_weight,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+        return_z_loss=return_z_loss,
+    )
 
+
+def fused_linear_cross_entropy_kernel(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss_weight: float = 0.0,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    return_z_loss: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The fused path of :func:`fused_linear_cross_entropy` without its argument checks.
+
+    For callers that decided once per input signature that the fused path takes these inputs
+    (:func:`fused_linear_cross_entropy_fallback_reason` returned None), e.g. the patched ``*ForCausalLM`` forward
+    of :func:`lit_accel.kernels.apply_kernels`, so the hot path does not re-check every step.
+    """
     h_dim = hidden.shape[-1]
     x2 = hidden.reshape(-1, h_dim)
     y1 = labels.reshape(-1)

@@ -52,6 +52,7 @@ __all__ = [
     "apply_rope",
     "apply_rope_reference",
     "rope_fallback_reason",
+    "rope_kernel",
     "rope_kernel_available",
 ]
 
@@ -507,6 +508,24 @@ def apply_rope(
         if use_kernel:
             raise ValueError(f"apply_rope(use_kernel=True) cannot use the Triton kernel: {reason}")
         return apply_rope_reference(q, k, cos, sin, unsqueeze_dim, out_dtype)
+    return rope_kernel(q, k, cos, sin, dim, out_dtype)
+
+
+def rope_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of :func:`apply_rope` without its argument checks.
+
+    For callers that decided once per input signature that the kernel takes these inputs
+    (:func:`rope_fallback_reason` returned None), e.g. the patched attention of :func:`lit_accel.kernels.apply_kernels`,
+    so the hot path does not re-check every call. Inputs the kernel cannot take give undefined results.
+    """
+    dim = unsqueeze_dim % 4
 
     def result_dtype(x: torch.Tensor) -> torch.dtype:
         if out_dtype is not None:

@@ -39,19 +39,13 @@ dense operand ``dY^T`` likewise. The algorithm id (cuSPARSELt 0.8 on an H100 off
 fastest differs by 2x from the slowest) is chosen per (shape, tokens, dtype) by timing each one once
 (:func:`select_alg`); ``split_k`` was refused for these shapes there.
 
-Measured on an H100 (torch 2.11+cu130, cuSPARSELt 0.8.0, bf16, 16384 tokens; ``benchmarks/gpu_sparse24_probe.py``).
-GPU time with the launch queue kept full: forward 1.32-1.41x and input gradient 1.32-1.47x dense for the llama-1b
-MLP (2048 <-> 5632) and attention (2048 -> 2048) shapes, 1.18-1.28x with the refresh of both operands (0.03-0.09
-ms) counted; masking + re-compressing instead costs 0.23-0.26 ms of GPU time per operand. But each
-``_cslt_sparse_mm`` call costs about 1.0-1.3 ms of *host* time (plan set-up inside cuSPARSELt, on every call),
-against 0.04 ms for a cuBLAS call, and in training that is not hidden: wall time of a ``SparseLinear`` forward +
-backward 0.19-0.45x dense, the MLP block 0.61x, a llama-1b Lightning step (8 x 2048) with all 66 MLP linears on
-cuSPARSELt 0.78x (349.6 against 271.0 ms/step). So :attr:`LayerTiming.speedup`, which ``kernel="auto"`` of the
-callback uses, weighs the wall time too. The products therefore go through cuSPARSELt plans cached across calls
-(:mod:`lit_accel.ops.cusparselt`, which binds the library directly; PyTorch 2.11's ops rebuild the plan per
-call): on an H200 the host time per product fell to 0.03-0.05 ms, a ``SparseLinear`` forward + backward (dense
-weight gradient and refresh included) ran 1.16x dense in wall time, the MLP block 1.22x, and the llama-1b step
-with all 66 MLP linears on cuSPARSELt 1.09x (227.2 against 247.5 ms/step).
+Why plans are cached. The sparse products beat dense in GPU time at llama shapes, but each ``_cslt_sparse_mm`` call
+sets up a cuSPARSELt plan on the host, which costs more than the GEMM saves, and in training that host time is not
+hidden. So :attr:`LayerTiming.speedup`, which ``kernel="auto"`` of the callback uses, weighs the wall time too, and
+the products go through cuSPARSELt plans cached across calls (:mod:`lit_accel.ops.cusparselt`, which binds the
+library directly; PyTorch's ops rebuild the plan per call). The figures (per product, per layer, per MLP block and
+per llama-1b step, with and without the plan cache) are in ``benchmarks/RESULTS.md`` ("2:4 cuSPARSELt linears",
+"2:4 MLPs: llama-1b training step", "cuSPARSELt plans kept across calls").
 
 **Constraints** (measured on the same H100): the sparse operand's two dims must be multiples of 16 (8, 24 and 40
 were refused), so both dims of ``W`` must be (``W`` and ``W^T`` are both the sparse operand); the token count
@@ -576,12 +570,11 @@ class Sparse24LinearFunction(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-_WARNED: set[tuple[str, str]] = set()
-
-
-def _warn_once(name: str, reason: str) -> None:
-    if (name, reason) not in _WARNED:
-        _WARNED.add((name, reason))
+def _warn_once(holder: dict[str, Any], name: str, reason: str) -> None:
+    # The record lives in the layer's own cache: another model with layers of the same names still warns.
+    warned = holder.setdefault("warned", set())
+    if reason not in warned:
+        warned.add(reason)
         warnings.warn(f"SparseLinear {name!r}: {reason}; this layer uses the masked dense path.", stacklevel=4)
 
 
@@ -600,17 +593,22 @@ def sparse24_linear(
         weight: The dense weight ``[out, in]`` (e.g. the fp32 master weight); read, never modified.
         bias: Optional bias ``[out]``.
         mask: bool ``[out, in]``, transposable 2:4.
-        holder: Per-layer cache; holds the :class:`CusparseltWeight` for this mask and dtype.
+        holder: Per-layer cache: the :class:`CusparseltWeight` for this mask and dtype, and the path decided per
+            device and compute dtype (the capability checks run once per layer and signature, not every forward).
         name: Layer name for messages.
     """
     dev = x.device.type
     autocast = torch.is_autocast_enabled(dev) and x.is_floating_point()
     dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
-    reason = cusparselt_unsupported_reason(x.device, dtype) or check_gemm_shape(*weight.shape)
+    reasons: dict[tuple[Any, ...], str | None] = holder.setdefault("reasons", {})
+    key = (x.device, dtype, tuple(weight.shape))
+    if key not in reasons:
+        reasons[key] = cusparselt_unsupported_reason(x.device, dtype) or check_gemm_shape(*weight.shape)
+    reason = reasons[key]
     if reason is None and holder.get("failed") is not None:
         reason = holder["failed"]
     if reason is not None:
-        _warn_once(name, reason)
+        _warn_once(holder, name, reason)
         return masked_linear(x, weight, bias, mask)
     op: CusparseltWeight | None = holder.get("op")
     if op is None or op.mask is not mask or op.dtype != dtype:
@@ -618,7 +616,7 @@ def sparse24_linear(
             op = CusparseltWeight(mask, dtype, name=name)
         except ValueError as err:
             holder["failed"] = str(err)
-            _warn_once(name, str(err))
+            _warn_once(holder, name, str(err))
             return masked_linear(x, weight, bias, mask)
         holder["op"] = op
     with torch.autocast(dev, enabled=False):

@@ -10,10 +10,9 @@ differ, as between any two DDP bucket settings):
 - ``bucket_cap_mb=100`` (PyTorch's default is 25): a quarter as many all-reduce calls, each large enough to run at
   NVLink bandwidth, still overlapping the backward.
 
-Measured on two H100s (nvidia-h100-x2, ``benchmarks/scaling.py``, llama-125m, 16 x 2048 per GPU, bf16-mixed): dense
-weak-scaling efficiency 0.88 with ``ddp``, 0.92 with these settings (79.4 ms against 83.2 ms per step; 73.2 ms on
-one GPU), and 0.90 in a later run of ``--strategy lit_ddp`` itself (78.3 against 70.6 ms). Every ``DDPStrategy``
-argument can still be given, and wins over these defaults.
+Measured on two GPUs with ``benchmarks/scaling.py`` (llama-125m): a higher weak-scaling efficiency than plain
+``ddp`` (``benchmarks/RESULTS.md``, "Scaling"). Every ``DDPStrategy`` argument can still be given, and wins over
+these defaults.
 
 Example:
     >>> from lightning.pytorch.strategies import StrategyRegistry
