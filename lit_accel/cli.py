@@ -26,6 +26,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lit_accel.data import TextDataModule
+from lit_accel.export import main as export_main
 from lit_accel.models import CausalLM
 from lit_accel.observe.wandb import WandbLogger
 from lit_accel.strategies import check_cli_strategy  # importing it registers the lit_deepspeed_* names
@@ -104,8 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lit-accel``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "export":
-        from lit_accel.export import main as export_main
-
         export_main(args[1:])
         return
     # LightningCLI reads sys.argv itself when args is None (and warns when given both).

@@ -69,6 +69,7 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> It
     if not part:
         yield
         return
+    # deferred: importing deepspeed is slow (and it is absent off Linux); only DeepSpeed runs reach here
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(part, modifier_rank=modifier_rank):
@@ -164,6 +165,7 @@ def _write_master(param: nn.Parameter, before: torch.Tensor) -> None:
     new = param.data.flatten()
     old = before.flatten()
     if is_partitioned(param):
+        # deferred: importing deepspeed is slow (and it is absent off Linux); only DeepSpeed runs reach here
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
         local = safe_get_local_fp32_param(param)  # this rank's partition, padded to the partition size

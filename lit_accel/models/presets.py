@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
 __all__ = ["PRESETS", "ModelSource", "preset_config", "resolve_model_source"]
@@ -118,10 +119,6 @@ def preset_config(name: str, **overrides: Any) -> LlamaConfig:
 
 def _hub_cache_dir(repo_id: str) -> str | None:
     """Returns the snapshot directory of ``repo_id`` in the local Hugging Face cache, if a copy exists."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers always ships it
-        return None
     found = try_to_load_from_cache(repo_id, "config.json")
     if isinstance(found, str) and os.path.isfile(found):
         return os.path.dirname(found)

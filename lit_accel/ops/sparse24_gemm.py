@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lit_accel.ops._triton import HAS_TRITON as _HAS_TRITON
 from lit_accel.ops._triton import interpret as _interpret
@@ -346,8 +347,6 @@ def mark_weights_updated() -> None:
 
 def _ensure_step_hook() -> None:
     if not _STEP_HOOK:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
         _STEP_HOOK.append(register_optimizer_step_post_hook(lambda *_: mark_weights_updated()))
 
 

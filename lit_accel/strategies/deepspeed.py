@@ -427,6 +427,7 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
     def _setup_model_and_optimizer(
         self, model: Module, optimizer: Optimizer | None, lr_scheduler: Any = None
     ) -> tuple[Any, Optimizer]:
+        # deferred: importing deepspeed is slow (and it is absent off Linux); only DeepSpeed runs reach here
         import deepspeed
 
         if optimizer is not None and self._cpu_adam and _offloads_optimizer(self.config):
@@ -448,6 +449,7 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
         if not self._on_cpu:
             super()._initialize_deepspeed_inference(model)
             return
+        # deferred: importing deepspeed is slow (and it is absent off Linux); only DeepSpeed runs reach here
         import deepspeed
         from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
@@ -490,6 +492,7 @@ def _to_cpu_adam(optimizer: Optimizer, lr_scheduler: Any) -> Optimizer:
             f" the torch optimizer with optimizer offload (got amsgrad={defaults.get('amsgrad')},"
             f" maximize={defaults.get('maximize')})."
         )
+    # deferred: importing deepspeed is slow (and it is absent off Linux); only DeepSpeed runs reach here
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     groups = [dict(group) for group in optimizer.param_groups]  # lr, betas, eps, weight_decay, initial_lr ...
@@ -542,6 +545,7 @@ def _drop_lightning_autos(config: dict[str, Any]) -> None:
 
 
 def _require_deepspeed_cpu_accelerator() -> None:
+    # deferred: importing deepspeed is slow (and it is absent off Linux); only DeepSpeed runs reach here
     from deepspeed.accelerator import get_accelerator
 
     name = get_accelerator().device_name()
@@ -558,6 +562,7 @@ def _skip_shm_comm_build() -> None:
     The op serves only ``inference_all_reduce`` (tensor-parallel inference), never training's collectives, which go
     through gloo; building it needs a C++ toolchain and takes about 90 s on a 2-core machine the first time.
     """
+    # deferred: importing deepspeed is slow (and it is absent off Linux); only DeepSpeed runs reach here
     import deepspeed.ops
 
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
