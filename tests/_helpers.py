@@ -1,8 +1,13 @@
-"""Test-only callbacks, importable by class path from CLI configs, and tiny models shared by the tests (pytest
-puts tests/ on sys.path)."""
+"""Shared by the tests (pytest puts tests/ on sys.path): test-only callbacks importable by class path from CLI
+configs, tiny models, a quiet Trainer, and the launcher of multi-process (torchrun) workers."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -78,3 +83,46 @@ def finish_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+REPO = Path(__file__).resolve().parents[1]
+DDP_PROCESSES = 2
+"""Processes of a multi-process test: 2 CPU processes over gloo, the most the 2-core CI machine runs well."""
+
+
+def torchrun_command(script: Path, *args: object, nproc: int = DDP_PROCESSES) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node NPROC SCRIPT ARGS...``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*launcher, str(script), *map(str, args)]
+
+
+def worker_env(**extra: str | None) -> dict[str, str]:
+    """The environment of a worker: the repository and ``tests/`` (for ``_helpers``) importable, one thread per
+    process, no W&B, DeepSpeed's CPU accelerator (also on a machine with a GPU); ``extra`` adds or replaces
+    variables, and removes those given as None."""
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env["DS_ACCELERATOR"] = "cpu"
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def run_torchrun(
+    script: Path, out: Path, *args: object, nproc: int = DDP_PROCESSES, timeout: float = 300, **env: str | None
+) -> list[dict[str, Any]]:
+    """Runs ``script OUT ARGS...`` on ``nproc`` local processes, fails the test with the output's tail if any rank
+    fails, and returns each rank's record (``OUT/rank<r>.json``, which every worker writes)."""
+    proc = subprocess.run(
+        torchrun_command(script, out, *args, nproc=nproc),
+        env=worker_env(**env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -33,13 +32,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from _helpers import REPO, torchrun_command, worker_env
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 WORKER = HERE / "matrix_worker.py"
 
 STRATEGIES: tuple[str, ...] = ("single", "ddp")
 """The CPU strategies of the matrix: one device, and DDP over gloo with :data:`DDP_PROCESSES` processes."""
-DDP_PROCESSES = 2
 DEEPSPEED_STAGES: tuple[int, ...] = (1, 2, 3)
 DEEPSPEED_RUNS: tuple[str, ...] = tuple(f"zero{s}" for s in DEEPSPEED_STAGES)
 """The DeepSpeed columns (``LitDeepSpeedStrategy``, fp32, on the CPU over gloo, :data:`DDP_PROCESSES` processes):
@@ -287,13 +286,6 @@ def row_for(row: Row, strategy: str | None) -> Row:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def torchrun_command(script: Path, *args: object, nproc: int = DDP_PROCESSES) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node NPROC SCRIPT ARGS...``: ``script`` on
-    ``nproc`` local processes (the other tests' DDP workers are launched with it too, with :func:`worker_env`)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return [*launcher, str(script), *map(str, args)]
-
-
 def worker_command(strategy: str, out_dir: Path, base_dir: Path) -> list[str]:
     """The command line that runs every row under ``strategy`` (one of :data:`STRATEGIES`)."""
     if strategy == "single":
@@ -301,15 +293,6 @@ def worker_command(strategy: str, out_dir: Path, base_dir: Path) -> list[str]:
     if strategy in ("ddp", "deepspeed"):
         return torchrun_command(WORKER, strategy, out_dir, base_dir)
     raise ValueError(f"strategy={strategy!r}; allowed: {LAUNCHES}")
-
-
-def worker_env() -> dict[str, str]:
-    """The environment of a worker: the repository and ``tests/`` (for ``_helpers``) importable, one thread per
-    process, no W&B."""
-    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, also on a machine with a GPU
-    return env
 
 
 @dataclass

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
-from matrix.matrix_common import torchrun_command
+from _helpers import run_torchrun
 
 WORKER = Path(__file__).with_name("deepspeed_cpu_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -21,24 +18,12 @@ def run_worker(
     out: Path, mode: str, nproc: int, accelerator: str = "cpu", timeout: float = 300
 ) -> list[dict[str, Any]]:
     """Runs the worker under torchrun and returns each rank's record."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "LIT_ACCEL_TEST_ACCELERATOR": accelerator,
-    }
-    if accelerator == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"  # also on a machine that has a GPU
-    proc = subprocess.run(
-        torchrun_command(WORKER, out, mode, nproc=nproc),
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    # DeepSpeed's CPU accelerator only for CPU runs: a GPU run must find the CUDA one.
+    ds_accelerator = "cpu" if accelerator == "cpu" else None
+    return run_torchrun(
+        WORKER, out, mode, nproc=nproc, timeout=timeout, LIT_ACCEL_TEST_ACCELERATOR=accelerator,
+        DS_ACCELERATOR=ds_accelerator,
+    )  # fmt: skip
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -3,13 +3,11 @@ everywhere under DDP (the DeepSpeed ZeRO-1/2/3 rows are in test_deepspeed_cpu.py
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from matrix.matrix_common import torchrun_command, worker_env
+from _helpers import run_torchrun
 from torch import nn
 
 from lit_accel.models import CausalLM
@@ -62,11 +60,7 @@ def test_gathered_is_unchanged_a_no_op_for_ordinary_parameters() -> None:
 
 
 def test_ddp_replicas_take_the_modifier_ranks_values(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        torchrun_command(WORKER, tmp_path), env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = run_torchrun(WORKER, tmp_path, timeout=120)
     # Read-only use synchronises nothing: each rank keeps its own values.
     assert r0["read_only"]["0.bias"] == [0.0, 0.0] and r1["read_only"]["0.bias"] == [1.0, 1.0]
     assert r0["after_read"] != r1["after_read"]
