@@ -20,9 +20,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# Run as a script, only tests/matrix is on sys.path; the shared test helpers live one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _helpers import DDP_PROCESSES
 from matrix_common import (
     ALL_RUNS,
-    DDP_PROCESSES,
     DDP_SINGLE_ATOL,
     DEEPSPEED_RUNS,
     GLOBAL_BATCH,
