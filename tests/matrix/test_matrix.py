@@ -23,10 +23,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from _helpers import DDP_PROCESSES
 from make_table import DOC, README, TABLE_END, TABLE_START, render_table
 from matrix_common import (
     ALL_RUNS,
-    DDP_PROCESSES,
     DDP_SINGLE_ATOL,
     DEEPSPEED_REFUSED,
     KNOWN_FAILURES,
