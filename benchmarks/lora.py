@@ -1,4 +1,4 @@
-"""LoRA training step on the GPU: ours (Triton kernel and plain-PyTorch path) against PEFT and the floor.
+"""LoRA training step on the GPU: ours (fused path and PEFT-equal path) against PEFT and the floor.
 
 The floor is the same frozen bf16 base with the backward through the activations and no adapters at all
 (what any adapter method must at least pay). Same model, batch and optimizer settings for all, one process.
@@ -14,18 +14,15 @@ import gc
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Measurement, measure, write_results
 
-import lit_accel.lowrank.lora as lora_module
-import lit_accel.ops.lora as lora_kernel_module
-from lit_accel.lowrank import apply_lora
+import lit_accel.lowrank.lora_groups as groups_module
+from lit_accel.lowrank import apply_lora, lora_layers
 from lit_accel.models import CausalLM
-from lit_accel.ops.lora import lora_linear
 
 
 def _base(preset: str) -> torch.nn.Module:
@@ -44,10 +41,13 @@ def floor_model(preset: str) -> torch.nn.Module:
     return model
 
 
-def lora_model(preset: str, r: int, recompute_inputs: bool = True) -> torch.nn.Module:
-    """The frozen base with our adapters on all linears (alpha = 2 r); ``recompute_inputs`` as ``apply_lora``'s."""
+def lora_model(preset: str, r: int, recompute_inputs: bool = True, use_kernel: bool | None = None) -> torch.nn.Module:
+    """The frozen base with our adapters on all linears (alpha = 2 r); ``recompute_inputs`` as ``apply_lora``'s,
+    ``use_kernel`` as ``LoRALinear.use_kernel`` (False: PEFT's computation)."""
     model = _base(preset)
     apply_lora(model, targets="all-linear", r=r, alpha=2 * r, recompute_inputs=recompute_inputs)
+    for layer in lora_layers(model).values():
+        layer.use_kernel = use_kernel
     return model
 
 
@@ -100,7 +100,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     parser.add_argument("--pytorch-path", action="store_true", help="also time the plain-PyTorch (PEFT-equal) path")
-    parser.add_argument("--triton-epilogue", action="store_true", help="also time the triton_epilogue backend")
     args = parser.parse_args()
     r, alpha = args.r, 2 * args.r
 
@@ -118,26 +117,15 @@ def main() -> None:
     keep_inputs = functools.partial(ours, recompute_inputs=False)
     results.append(_run("lit_accel LoRA (default CUDA path: shared-input groups, recompute_inputs=True)", ours, args))
     results.append(_run("lit_accel LoRA, recompute_inputs=False", keep_inputs, args))
-    group_devices = lora_module._GROUP_DEVICES
-    lora_module._GROUP_DEVICES = ()
+    group_devices = groups_module._GROUP_DEVICES
+    groups_module._GROUP_DEVICES = ()
     try:
         results.append(_run("lit_accel LoRA, no shared-input groups (one node per linear)", ours, args))
     finally:
-        lora_module._GROUP_DEVICES = group_devices
-    if args.triton_epilogue:
-        default_backend = lora_kernel_module.CUDA_DEFAULT_BACKEND
-        lora_kernel_module.CUDA_DEFAULT_BACKEND = "triton_epilogue"
-        try:
-            results.append(_run("lit_accel LoRA, triton_epilogue backend, no groups", ours, args))
-        finally:
-            lora_kernel_module.CUDA_DEFAULT_BACKEND = default_backend
+        groups_module._GROUP_DEVICES = group_devices
     if args.pytorch_path:
-        original: Any = lora_module.lora_linear
-        lora_module.lora_linear = functools.partial(lora_linear, use_kernel=False)  # type: ignore[assignment]
-        try:
-            results.append(_run("lit_accel LoRA (PyTorch path)", ours, args))
-        finally:
-            lora_module.lora_linear = original
+        peft_equal = functools.partial(ours, use_kernel=False)
+        results.append(_run("lit_accel LoRA (PyTorch path)", peft_equal, args))
     base = results[0]
     rows = [
         [

@@ -3,8 +3,8 @@
 For each sublayer input, forward + backward time of:
 
 * ``floor``     - the frozen projections alone (``F.linear``, the input requiring grad; autograd sums the dX);
-* ``per layer`` - one ``lora_linear`` per projection (the cuBLAS backend: base GEMM, then the low-rank term
-  accumulated into its output);
+* ``per layer`` - one ``lora_linear`` per projection (the fused path: the low-rank term written first, the base
+  GEMM accumulating into it);
 * ``group``     - :func:`lit_accel.ops.lora.lora_linear_group` (one rank projection of the shared input, the
   low-rank term written first and the base GEMMs accumulating into it, one ``dX`` for the group).
 

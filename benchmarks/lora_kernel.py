@@ -1,12 +1,12 @@
-"""Fused LoRA kernel vs unfused torch LoRA vs the frozen base matmul alone, at llama-1b shapes (GPU only).
+"""Fused LoRA linear vs unfused torch LoRA vs the frozen base matmul alone, at llama-1b shapes (GPU only).
 
 For each projection shape, forward and forward+backward time of:
 
 * ``base``   - frozen ``F.linear(x, W)`` with ``x`` requiring grad: the forward GEMM + the dX GEMM (the floor);
 * ``torch``  - :func:`lit_accel.ops.lora_linear_reference` (PEFT's computation, unfused);
-* ``ours, triton kernel`` - the fused Triton GEMMs (``lora_linear(use_kernel=True)``);
-* ``ours, cublas`` - the CUDA default: the low-rank term written first, the cuBLAS base GEMM adding into it
-  (beta = 1); in the backward ``u`` and ``dB`` from one read of ``dY`` (``dy_products``) where the output is wide.
+* ``ours, fused`` - the CUDA default (:class:`lit_accel.ops.LoRALinearFunction`): the low-rank term written first,
+  the cuBLAS base GEMM adding into it (beta = 1); in the backward ``u`` and ``dB`` from one read of ``dY``
+  (``dy_products``) where the output is wide.
 
 Usage::
 
@@ -52,14 +52,8 @@ def _steps(
     def ref() -> torch.Tensor:
         return lora_linear_reference(x, w, None, a, b, s, p, True)
 
-    def triton_fused() -> torch.Tensor:
-        return _fused(x, w, None, a, b, s, p, True, "out_in", "triton")
-
-    def epilogue_fused() -> torch.Tensor:
-        return _fused(x, w, None, a, b, s, p, True, "out_in", "triton_epilogue")
-
-    def cublas_fused() -> torch.Tensor:
-        return _fused(x, w, None, a, b, s, p, True, "out_in", "cublas")
+    def fused() -> torch.Tensor:
+        return _fused(x, w, None, a, b, s, p, True, "out_in")
 
     def pair(
         fn: Callable[[], torch.Tensor], params: list[torch.Tensor]
@@ -75,9 +69,7 @@ def _steps(
     return {
         "base (frozen, dX only)": pair(base, [x]),
         "torch LoRA (unfused)": pair(ref, [x, a, b]),
-        "ours, triton kernel": pair(triton_fused, [x, a, b]),
-        "ours, triton epilogue (cuBLAS rank projections)": pair(epilogue_fused, [x, a, b]),
-        "ours, cublas (default)": pair(cublas_fused, [x, a, b]),
+        "ours, fused (default)": pair(fused, [x, a, b]),
     }
 
 
@@ -114,7 +106,7 @@ def main() -> None:
              f"{args.adapter_dtype} adapters")  # fmt: skip
     notes = (
         "base = frozen F.linear with x requiring grad (forward GEMM + dX GEMM), the floor a LoRA layer adds to; "
-        "torch LoRA = lora_linear_reference (PEFT's computation); ours = LoRALinearFunction with each backend."
+        "torch LoRA = lora_linear_reference (PEFT's computation); ours = LoRALinearFunction (cuBLAS GEMMs)."
     )
     if args.results:
         text = write_results(title, header, rows, args.results, notes)

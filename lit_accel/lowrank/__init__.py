@@ -27,20 +27,18 @@ from lit_accel.lowrank.factorize_callback import FactorizationSettings, LowRankF
 from lit_accel.lowrank.lora import (
     LORA_INITS,
     LoRALinear,
-    SharedInputGroup,
     apply_lora,
     group_shared_inputs,
-    load_peft_adapter,
     lora_layers,
     lora_parameters,
     lora_state_dict,
     merge_lora,
-    read_peft_adapter,
     remove_lora,
-    save_peft_adapter,
     unmerge_lora,
 )
 from lit_accel.lowrank.lora_callback import LoRA, LoRASettings
+from lit_accel.lowrank.lora_groups import SharedInputGroup
+from lit_accel.lowrank.lora_io import load_peft_adapter, read_peft_adapter, save_peft_adapter
 
 __all__ = [
     "FACTORIZATION_FILE",

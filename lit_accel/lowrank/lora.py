@@ -1,18 +1,18 @@
-"""LoRA: low-rank adapters on the linears of a causal LM, numerically equal to PEFT's, with PEFT's file format.
+"""LoRA: low-rank adapters on the linears of a causal LM, numerically equal to PEFT's.
 
 The functional core (no Lightning): :func:`apply_lora` wraps the selected linears in :class:`LoRALinear` and freezes
 everything else; :func:`merge_lora` / :func:`unmerge_lora` fold the adapters into the base weights and back;
-:func:`remove_lora` gives back a plain Hugging Face model; :func:`save_peft_adapter` / :func:`load_peft_adapter`
-write and read ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as ``peft`` does, so
-``PeftModel.from_pretrained(base, directory)`` gives the same logits (``peft`` itself is not needed at run time).
+:func:`remove_lora` gives back a plain Hugging Face model. PEFT's adapter files and the merged state dict of an
+export are in :mod:`lit_accel.lowrank.lora_io`; the q/k/v and gate/up layers that share an input run as a
+:class:`~lit_accel.lowrank.lora_groups.SharedInputGroup` on CUDA.
 
 A wrapped linear keeps the original module at ``.base_layer`` (so :func:`~lit_accel.models.structure.is_linear`
 still sees one linear under its original name) and holds two parameters: ``lora_A`` ``[r, in]`` and ``lora_B``
 ``[out, r]``. Its state-dict keys are ``<name>.base_layer.weight`` (``.bias``), ``<name>.lora_A`` and
 ``<name>.lora_B``. The forward is ``base(x) + scaling * (dropout(x) @ A^T) @ B^T`` with ``scaling = alpha / r``
-(``alpha / sqrt(r)`` with rsLoRA), computed by :func:`lit_accel.ops.lora.lora_linear` (a fused Triton kernel on
-CUDA, PyTorch elsewhere); dropout draws one ``F.dropout`` mask per call, as PEFT does, so a seeded run consumes the
-same random numbers.
+(``alpha / sqrt(r)`` with rsLoRA), computed as :func:`lit_accel.ops.lora.lora_linear` does (the fused cuBLAS path
+on CUDA, PEFT's own computation elsewhere; ``LoRALinear.use_kernel`` chooses otherwise); on the PEFT path dropout
+draws one ``F.dropout`` mask per call, as PEFT does, so a seeded run consumes the same random numbers.
 
 Adapters are kept in fp32 (as PEFT's default ``autocast_adapter_dtype=True``) so the optimizer updates fp32 values;
 under autocast the matmuls run in the autocast dtype. ``base_dtype=torch.bfloat16`` stores the frozen base weights
@@ -36,55 +36,39 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
-import re
-import shutil
-import tempfile
-import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lit_accel.models.params import gathered, is_partitioned, is_rank_zero
+from lit_accel.lowrank.lora_groups import SharedInputGroup
+from lit_accel.models.params import gathered, is_partitioned
 from lit_accel.models.structure import StructurePatterns, get_structure, linear_in_out_features
 from lit_accel.models.surgery import match_linears, replace_module
-from lit_accel.ops.lora import lora_linear, lora_linear_group_kernel
+from lit_accel.ops.lora import lora_linear, lora_linear_unchecked, lora_linear_uses_fused
 from lit_accel.ops.recompute import request_recompute
 
 __all__ = [
-    "ADAPTER_CONFIG_NAME",
-    "ADAPTER_WEIGHTS_NAME",
     "LORA_INITS",
     "LoRALinear",
-    "SharedInputGroup",
     "apply_lora",
+    "gathered_lora_layers",
     "group_shared_inputs",
-    "load_peft_adapter",
     "lora_layers",
     "lora_parameters",
     "lora_state_dict",
     "merge_lora",
-    "merged_state_dict",
     "parse_dtype",
-    "read_peft_adapter",
     "remove_lora",
-    "save_peft_adapter",
     "unmerge_lora",
 ]
 
 LORA_INITS = ("gaussian", "pissa")
 """Adapter initialisations: ``gaussian`` (PEFT's default ``init_lora_weights=True``: A kaiming-uniform, B zero)
 and ``pissa`` (principal singular vectors; the base keeps the residual)."""
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -120,90 +104,6 @@ def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
 
 # Roles of the linears that read one sublayer input (the attention's normed input, the MLP's).
 _SHARED_INPUT_ROLES = (("attention", ("q", "k", "v")), ("mlp", ("gate", "up")))
-# Where groups run: on CUDA the per-layer path is cuBLAS too, so grouping only changes the rounding order; on the
-# CPU the per-layer path is PEFT's computation, bit for bit, and stays so (tests add "cpu" to run groups there).
-_GROUP_DEVICES: tuple[str, ...] = ("cuda",)
-
-
-class SharedInputGroup:
-    """LoRA layers that read the same input (a block's q/k/v, its gate/up), computed together on CUDA.
-
-    The first member called with an input computes every member's output with
-    :func:`~lit_accel.ops.lora.lora_linear_group` (one rank projection of the input, one input gradient, one
-    rebuild of the input under ``recompute_input``) and hands the others theirs when they are called with that
-    very tensor (same object, not modified in place since, same grad and autocast modes). Any other call (another
-    input, a member called twice, dropout active, a CPU tensor, inference mode, a ZeRO-3 partitioned weight,
-    ``torch.compile``) runs the member on its own, so the result never depends on the grouping beyond the rounding of
-    the compute dtype. A pre-hook that hands each member a new tensor defeats the sharing (each member then computes
-    the group again: correct, but the shared work is repeated). Module hooks still run:
-    every member is still called through ``__call__``.
-    """
-
-    def __init__(self, members: Sequence[LoRALinear], roles: Sequence[str] = ()) -> None:
-        self.members = list(members)
-        self.roles = tuple(roles)
-        """The members' roles in their sublayer (``("q", "k", "v")``, ``("gate", "up")``), when known."""
-        self._pending: tuple[weakref.ref[torch.Tensor], tuple[Any, ...], dict[int, torch.Tensor]] | None = None
-
-    def _settings(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
-        """The members' base weights and biases as the group runs them, or None when it cannot take ``x``."""
-        if x.device.type not in _GROUP_DEVICES or x.numel() == 0 or torch.compiler.is_compiling():
-            return None
-        if x.shape[-1] != self.members[0].in_features:
-            return None  # the layer's own path raises the clear error
-        weights: list[torch.Tensor] = []
-        biases: list[torch.Tensor | None] = []
-        for m in self.members:
-            if m.merged or m.weight_layout != "out_in" or (m.dropout > 0.0 and m.training):
-                return None
-            if any(is_partitioned(p) for p in m.base_layer.parameters(recurse=False)):
-                # ZeRO-3 gathers a member's weight only around its own forward. Checked on the stored parameters:
-                # a cast copy of a partition (_base_tensors) no longer looks partitioned.
-                return None
-            w, b = m._base_tensors(x)
-            # The group returns no dW / db: a trainable base runs per layer.
-            if w.device != x.device or (torch.is_grad_enabled() and (
-                    w.requires_grad or (b is not None and b.requires_grad))):  # fmt: skip
-                return None
-            weights.append(w)
-            biases.append(b)
-        return weights, biases
-
-    def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor | None:
-        """``member``'s output for ``x`` from the group, or None when the member must run on its own."""
-        index = next((i for i, m in enumerate(self.members) if m is member), None)
-        if index is None or x.is_inference() or torch.is_inference_mode_enabled():
-            # Inference tensors keep no version counter to tell an in-place change; a member that is not this group's
-            # (an nn.DataParallel replica shares the group object) runs alone.
-            self._pending = None
-            return None
-        pending = self._pending
-        # Served only for the very tensor (unchanged since) under the same grad and autocast modes: an output made
-        # without autograd, or in another dtype, must not reach a call that expects otherwise.
-        key = (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
-               torch.get_autocast_dtype(x.device.type))  # fmt: skip
-        if pending is not None and pending[0]() is x and pending[1] == key and id(member) in pending[2]:
-            y = pending[2].pop(id(member))
-            if not pending[2]:
-                self._pending = None
-            return y
-        self._pending = None
-        settings = self._settings(x)
-        if settings is None:
-            return None
-        weights, biases = settings
-        outs = lora_linear_group_kernel(
-            x,
-            weights,
-            biases,
-            [m.lora_A for m in self.members],
-            [m.lora_B for m in self.members],
-            [m.scaling for m in self.members],
-            recompute_input=all(m.recompute_input for m in self.members),
-        )
-        others = {id(m): y for m, y in zip(self.members, outs, strict=True) if m is not member}
-        self._pending = (weakref.ref(x), key, others)
-        return outs[index]
 
 
 class LoRALinear(nn.Module):
@@ -218,15 +118,29 @@ class LoRALinear(nn.Module):
         alpha: LoRA alpha; ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: Dropout probability on the adapter's input, in ``[0, 1)``.
         use_rslora: Rank-stabilised scaling.
-        init: ``"gaussian"`` or ``"pissa"`` (recorded; used by :func:`save_peft_adapter`).
+        init: ``"gaussian"`` or ``"pissa"`` (recorded; used by :func:`~lit_accel.lowrank.save_peft_adapter`).
         recompute_input: On the fused CUDA path, rebuild the input in the backward from the saved inputs of the
             fused kernel that produced it (RMSNorm, SwiGLU) instead of keeping it from the forward (see
             :func:`~lit_accel.ops.lora.lora_linear`): less activation memory, one extra memory-bound kernel.
             Off for a layer built directly; :func:`apply_lora` and the LoRA callback turn it on by default.
+
+    Raises:
+        TypeError: ``base_layer`` is not an ``nn.Linear`` or ``Conv1D``.
+        ValueError: ``r``, ``alpha`` or ``dropout`` out of range (the message names it and what is allowed).
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(16, 8), r=2, alpha=4)
+        >>> layer(torch.randn(3, 16)).shape, layer.scaling
+        (torch.Size([3, 8]), 2.0)
     """
 
     lora_A0: torch.Tensor | None
     lora_B0: torch.Tensor | None
+
+    use_kernel: bool | None = None
+    """The forward's path, as :func:`~lit_accel.ops.lora.lora_linear`'s ``use_kernel``: None (default) the fused
+    cuBLAS path on CUDA in bf16/fp16 and PEFT's exact computation elsewhere; True the fused path on any device (how
+    the CPU tests run it); False PEFT's computation everywhere (the layer's shared-input group steps aside too)."""
 
     def __init__(
         self,
@@ -247,6 +161,10 @@ class LoRALinear(nn.Module):
                 f"r={r} is not allowed for a linear of in={self.in_features}, out={self.out_features}; r must be in"
                 f" [1, {min(self.in_features, self.out_features)}]"
             )
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout={dropout!r} is not allowed; dropout must be in [0, 1)")
+        if not math.isfinite(_scaling(int(r), float(alpha), bool(use_rslora))):
+            raise ValueError(f"alpha={alpha!r} is not allowed; alpha must be a finite number")
         self.base_layer = base_layer
         self.r = int(r)
         self.alpha = float(alpha)
@@ -261,6 +179,8 @@ class LoRALinear(nn.Module):
         # Set by apply_lora for layers that share their input with siblings (a plain attribute, not a submodule).
         self.shared_input_group: SharedInputGroup | None = None
         self.weight_layout: Literal["out_in", "in_out"] = "in_out" if isinstance(base_layer, Conv1D) else "out_in"
+        # Input signature -> whether the forward takes the fused path (see _uses_fused).
+        self._paths: dict[tuple[Any, ...], bool] = {}
         weight = base_layer.weight
         device = weight.device
         self.lora_A = nn.Parameter(torch.zeros(self.r, self.in_features, device=device, dtype=torch.float32))
@@ -272,7 +192,7 @@ class LoRALinear(nn.Module):
         if is_partitioned(weight):
             # ZeRO-3 gathers a module's own parameters before its forward; the base weight belongs to the child,
             # whose forward is not called here, so it is registered as an external parameter of this module.
-            import deepspeed
+            import deepspeed  # deferred: a heavy optional dependency, present whenever a weight is partitioned
 
             for p in base_layer.parameters(recurse=False):
                 deepspeed.zero.register_external_parameter(self, p)
@@ -320,7 +240,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     # ------------------------------------------------------------------ forward
-    def _base_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def base_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base weight and bias as the forward computes with them for input ``x``."""
         weight: torch.Tensor = self.base_layer.weight
         bias: torch.Tensor | None = self.base_layer.bias
@@ -332,6 +252,41 @@ class LoRALinear(nn.Module):
             bias = bias if bias is None else bias.to(x.dtype)
         return weight, bias
 
+    def _uses_fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Whether this call takes the fused path, decided (and the arguments checked) once per input signature.
+
+        The key holds everything :func:`~lit_accel.ops.lora.lora_linear_uses_fused` looks at (dtypes, devices,
+        widths, ``requires_grad``, the grad and autocast modes, the settings a user may reassign), never values.
+        """
+        dev = x.device
+        key = (
+            x.dtype,
+            dev,
+            x.shape[-1:],
+            x.numel() == 0,
+            torch.is_grad_enabled(),
+            torch.is_autocast_enabled(dev.type),
+            torch.get_autocast_dtype(dev.type),
+            weight.dtype,
+            weight.device,
+            weight.requires_grad,
+            None if bias is None else (bias.dtype, bias.requires_grad),
+            self.lora_A.device,
+            self.lora_B.device,
+            self.dropout,
+            self.use_kernel,
+        )
+        fused = self._paths.get(key)
+        if fused is None:
+            fused = lora_linear_uses_fused(
+                x, weight, bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.weight_layout,
+                self.use_kernel,
+            )  # fmt: skip
+            if len(self._paths) >= 64:  # a layer meets a handful of signatures; never let the table grow unbounded
+                self._paths.clear()
+            self._paths[key] = fused
+        return fused
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
@@ -339,19 +294,17 @@ class LoRALinear(nn.Module):
             y = self.shared_input_group.output(self, x)
             if y is not None:
                 return y
-        weight, bias = self._base_tensors(x)
-        return lora_linear(
-            x,
-            weight,
-            bias,
-            self.lora_A,
-            self.lora_B,
-            self.scaling,
-            dropout_p=self.dropout,
-            training=self.training,
-            weight_layout=self.weight_layout,
-            recompute_input=self.recompute_input,
-        )
+        weight, bias = self.base_tensors(x)
+        if torch.compiler.is_compiling():
+            # A traced graph guards on what the choice depends on anyway; a dict on the module would only add guards.
+            return lora_linear(
+                x, weight, bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training,
+                self.weight_layout, self.use_kernel, self.recompute_input,
+            )  # fmt: skip
+        return lora_linear_unchecked(
+            x, weight, bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training, self.weight_layout,
+            self._uses_fused(x, weight, bias), self.recompute_input,
+        )  # fmt: skip
 
 
 def group_shared_inputs(model: nn.Module, patterns: StructurePatterns | None = None) -> list[SharedInputGroup]:
@@ -600,7 +553,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
-def _gathered_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+def gathered_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """Yields each LoRA layer with its parameters gathered (read-only) under ZeRO-3."""
     for name, layer in lora_layers(model).items():
         with gathered(layer._params()):
@@ -610,311 +563,7 @@ def _gathered_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<name>.lora_A": ..., "<name>.lora_B": ...}``: the adapters on CPU (whole under ZeRO-3: call on all ranks)."""
     state: dict[str, torch.Tensor] = {}
-    for name, layer in _gathered_layers(model):
+    for name, layer in gathered_lora_layers(model):
         state[f"{name}.lora_A"] = layer.lora_A.detach().to("cpu").clone()
         state[f"{name}.lora_B"] = layer.lora_B.detach().to("cpu").clone()
     return state
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the plain model with every adapter folded in, on CPU; the model is not changed.
-
-    Keys are those of the original model (``<name>.weight``, not ``<name>.base_layer.weight``). Merged weights are
-    ``promote(base dtype, fp32)``. Under ZeRO-3 call it on all ranks (ranks other than 0 get an empty dict).
-    """
-    from lit_accel.models.params import full_state_dict
-
-    state = full_state_dict(model)
-    deltas: dict[str, torch.Tensor] = {}
-    for name, layer in _gathered_layers(model):
-        if not layer.merged:
-            deltas[name] = layer.delta_weight().to("cpu")
-    if not state:
-        return state
-    for name in lora_layers(model):
-        state.pop(f"{name}.lora_A", None)
-        state.pop(f"{name}.lora_B", None)
-        for key in [k for k in state if k.startswith(f"{name}.base_layer.")]:
-            value = state.pop(key)
-            plain = f"{name}.{key[len(name) + len('.base_layer.') :]}"
-            if key == f"{name}.base_layer.weight" and name in deltas:
-                value = (value.float() + deltas[name]).to(torch.promote_types(value.dtype, torch.float32))
-            state[plain] = value
-    return state
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# PEFT format
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _AdapterSettings:
-    r: int
-    alpha: float
-    dropout: float
-    use_rslora: bool
-    init: str
-    fan_in_fan_out: bool
-
-
-def _common_settings(layers: Mapping[str, LoRALinear]) -> _AdapterSettings:
-    first = next(iter(layers.values()))
-    for name, layer in layers.items():
-        mine = (layer.r, layer.alpha, layer.dropout, layer.use_rslora, layer.init)
-        theirs = (first.r, first.alpha, first.dropout, first.use_rslora, first.init)
-        if mine != theirs:
-            raise ValueError(
-                f"LoRA layer {name} has (r, alpha, dropout, use_rslora, init)={mine} but others have {theirs}; a PEFT"
-                " adapter file holds one setting for all layers"
-            )
-    return _AdapterSettings(
-        r=first.r,
-        alpha=first.alpha,
-        dropout=first.dropout,
-        use_rslora=first.use_rslora,
-        init=first.init,
-        fan_in_fan_out=any(layer.weight_layout == "in_out" for layer in layers.values()),
-    )
-
-
-def _target_modules(model: nn.Module, names: Sequence[str]) -> list[str] | str:
-    """PEFT ``target_modules``: module-name suffixes when they select exactly ``names``, else a full-match regex."""
-    chosen = set(names)
-    inner = tuple(f"{n}." for n in chosen)
-    candidates = [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in chosen})
-    selected = {n for n in candidates if any(n == s or n.endswith("." + s) for s in suffixes)}
-    if selected == chosen:
-        return suffixes
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
-
-
-def _num(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def _check_out_dir(directory: Path, overwrite: bool) -> None:
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"directory {str(directory)!r} exists and is not empty; pass overwrite=True or a new path"
-        )
-
-
-def _write_atomically(directory: Path, files: Mapping[str, Any], overwrite: bool) -> None:
-    from safetensors.torch import save_file
-
-    _check_out_dir(directory, overwrite)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        for fname, content in files.items():
-            if fname.endswith(".safetensors"):
-                save_file(content, str(tmp / fname), metadata={"format": "pt"})
-            else:
-                (tmp / fname).write_text(content)
-        if directory.exists():
-            backup = directory.with_name(directory.name + ".replaced")
-            shutil.rmtree(backup, ignore_errors=True)
-            directory.rename(backup)
-            tmp.rename(directory)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_peft_adapter(
-    model: nn.Module,
-    directory: str | Path,
-    base_model_name_or_path: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Writes the adapters as a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
-
-    ``PeftModel.from_pretrained(base, directory)`` on the original base model then gives the same logits. Keys are
-    ``base_model.model.<name>.lora_A.weight`` / ``.lora_B.weight``. A PiSSA adapter is written as PEFT's converted
-    LoRA (``path_initial_model_for_weight_conversion``): rank ``2r`` with ``A' = [A; A0]``, ``B' = [B, -B0]`` and
-    doubled alpha, so it applies to the original (not the residual) base weights.
-
-    Under DeepSpeed ZeRO-3 call it on every rank: the adapters are gathered (never written empty) and rank 0 writes.
-    The directory is written next to its destination and renamed into place.
-
-    Args:
-        model: The model holding :class:`LoRALinear` layers (the Hugging Face model, not the LightningModule, so
-            that names match the base model PEFT will load).
-        directory: Output directory; must not exist or be empty unless ``overwrite``.
-        base_model_name_or_path: Recorded in the config (e.g. the base model's directory).
-        overwrite: Replace a non-empty directory.
-
-    Raises:
-        ValueError: The model has no LoRA layer.
-        FileExistsError: ``directory`` is not empty and ``overwrite`` is False.
-    """
-    out = Path(directory)
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("save_peft_adapter: the model has no LoRA layer (call apply_lora first); nothing to save")
-    partitioned = any(is_partitioned(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B))
-    if partitioned or is_rank_zero():
-        # Under ZeRO-3 on every rank, before the collective gathering (so that no rank is left waiting in it). Else
-        # on rank 0 only, the rank that writes: another rank reaching this line after rank 0 wrote would see the
-        # directory it just filled and refuse.
-        _check_out_dir(out, overwrite)
-    settings = _common_settings(layers)
-    pissa = any(layer.lora_A0 is not None for layer in layers.values())
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in _gathered_layers(model):
-        a, b = layer.lora_A.detach().float().cpu(), layer.lora_B.detach().float().cpu()
-        if a.numel() == 0 or b.numel() == 0:
-            raise RuntimeError(f"LoRA layer {name} has an empty adapter after gathering; refusing to save it")
-        if pissa:
-            assert layer.lora_A0 is not None and layer.lora_B0 is not None
-            a = torch.cat([a, layer.lora_A0.float().cpu()], dim=0)
-            b = torch.cat([b, -layer.lora_B0.float().cpu()], dim=1)
-        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
-    if not is_rank_zero():
-        return out
-    r, alpha = settings.r, settings.alpha
-    if pissa:
-        r, alpha = 2 * r, alpha * (math.sqrt(2) if settings.use_rslora else 2)
-    config: dict[str, Any] = {
-        "alpha_pattern": {},
-        "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none",
-        "exclude_modules": None,
-        "fan_in_fan_out": settings.fan_in_fan_out,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "lora_alpha": _num(alpha),
-        "lora_bias": False,
-        "lora_dropout": settings.dropout,
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": {},
-        "revision": None,
-        "target_modules": _target_modules(model, list(layers)),
-        "task_type": "CAUSAL_LM",
-        "use_dora": False,
-        "use_rslora": settings.use_rslora,
-    }
-    files = {ADAPTER_WEIGHTS_NAME: tensors, ADAPTER_CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n"}
-    _write_atomically(out, files, overwrite)
-    return out
-
-
-def read_peft_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Reads a PEFT LoRA adapter directory: its config and ``{module name: {"A": ..., "B": ...}}``.
-
-    Raises:
-        ValueError: Missing files, a non-LoRA adapter, or settings this module cannot reproduce (DoRA, biases,
-            per-layer ranks, embedding adapters); the message names them.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(directory)
-    cfg_path = path / ADAPTER_CONFIG_NAME
-    if not cfg_path.is_file():
-        raise ValueError(f"{str(path)!r} holds no {ADAPTER_CONFIG_NAME}: it is not a PEFT adapter directory")
-    config = json.loads(cfg_path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"adapter at {str(path)!r} has peft_type={config.get('peft_type')!r}; only LORA is supported")
-    for key, ok in (("use_dora", False), ("lora_bias", False)):
-        if config.get(key, ok) != ok:
-            raise ValueError(f"adapter at {str(path)!r} has {key}={config.get(key)!r}; only {key}={ok} is supported")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"adapter at {str(path)!r} has bias={config.get('bias')!r}; only 'none' is supported")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise ValueError(f"adapter at {str(path)!r} has a {key}; per-layer ranks/alphas are not supported")
-    weights = path / ADAPTER_WEIGHTS_NAME
-    if weights.is_file():
-        flat = load_file(str(weights))
-    elif (path / "adapter_model.bin").is_file():
-        flat = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"{str(path)!r} holds no {ADAPTER_WEIGHTS_NAME} (or adapter_model.bin)")
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in flat.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
-        if m is None:
-            raise ValueError(f"adapter at {str(path)!r} holds {key!r}, which is not a LoRA A/B weight of a linear")
-        modules.setdefault(m.group(1), {})[m.group(2)] = tensor
-    incomplete = [n for n, t in modules.items() if set(t) != {"A", "B"}]
-    if incomplete:
-        raise ValueError(f"adapter at {str(path)!r} lacks lora_A or lora_B for {incomplete[:5]}")
-    if not modules:
-        raise ValueError(f"adapter at {str(path)!r} holds no LoRA weights")
-    return config, modules
-
-
-@torch.no_grad()
-def load_peft_adapter(model: nn.Module, directory: str | Path, patterns: StructurePatterns | None = None) -> None:
-    """Loads a PEFT LoRA adapter (``PeftModel.save_pretrained`` output) into ``model``.
-
-    If the model has no LoRA layers yet they are applied with the adapter's settings (rank from the weights;
-    ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and ``init_lora_weights`` from the config, so a PiSSA adapter
-    saved without conversion gets its residual base as PEFT would). Under ZeRO-3 call it on every rank.
-
-    Raises:
-        ValueError: A module named in the adapter is missing or not a linear, or its shape does not fit the
-            adapter (the message names the module, the adapter's shapes and the base's shape); or the adapter has
-            settings that are not supported (see :func:`read_peft_adapter`).
-    """
-    config, modules = read_peft_adapter(directory)
-    present = dict(model.named_modules())
-    for name, t in modules.items():
-        module = present.get(name)
-        if module is None:
-            raise ValueError(f"the adapter adapts {name!r}, which this model does not have")
-        if not isinstance(module, (nn.Linear, Conv1D, LoRALinear)):
-            raise ValueError(f"the adapter adapts {name!r}, which is a {type(module).__name__}, not a linear")
-        fin, fout = linear_in_out_features(module)
-        a_shape, b_shape = tuple(t["A"].shape), tuple(t["B"].shape)
-        if (
-            len(a_shape) != 2
-            or len(b_shape) != 2
-            or a_shape[1] != fin
-            or b_shape[0] != fout
-            or a_shape[0] != b_shape[1]
-        ):
-            raise ValueError(
-                f"adapter shapes do not fit module {name!r}: lora_A {a_shape} and lora_B {b_shape} need a base of"
-                f" in={a_shape[1] if len(a_shape) == 2 else '?'}, out={b_shape[0] if b_shape else '?'}, but the"
-                f" model's {name} has in={fin}, out={fout}; is this the base model the adapter was trained on?"
-            )
-    ranks = {int(t["A"].shape[0]) for t in modules.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"the adapter has layers of different ranks {sorted(ranks)}; one rank is supported")
-    r = ranks.pop()
-    existing = lora_layers(model)
-    if existing:
-        missing = sorted(set(modules) - set(existing))
-        if missing:
-            raise ValueError(f"the model has LoRA layers but not on {missing[:5]}, which the adapter adapts")
-        layers = {n: existing[n] for n in modules}
-        for name, layer in layers.items():
-            if layer.r != r:
-                raise ValueError(f"LoRA layer {name} has r={layer.r} but the adapter has r={r}")
-    else:
-        init_cfg = str(config.get("init_lora_weights", True)).lower()
-        layers = apply_lora(
-            model,
-            targets=["^" + re.escape(n) + "$" for n in modules],
-            r=r,
-            alpha=float(config.get("lora_alpha", 8)),
-            dropout=float(config.get("lora_dropout", 0.0)),
-            init="pissa" if init_cfg.startswith("pissa") else "gaussian",
-            use_rslora=bool(config.get("use_rslora", False)),
-            patterns=patterns,
-        )
-    for name, layer in layers.items():
-        with gathered([layer.lora_A, layer.lora_B], modifier_rank=0):
-            layer.lora_A.copy_(modules[name]["A"].to(layer.lora_A.dtype))
-            layer.lora_B.copy_(modules[name]["B"].to(layer.lora_B.dtype))

@@ -34,14 +34,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from transformers import AutoTokenizer
 
-from lit_accel.lowrank.lora import (
-    LORA_INITS,
-    apply_lora,
-    lora_layers,
-    merged_state_dict,
-    parse_dtype,
-    save_peft_adapter,
-)
+from lit_accel.lowrank.lora import LORA_INITS, apply_lora, lora_layers, parse_dtype
+from lit_accel.lowrank.lora_io import merged_state_dict, save_peft_adapter
 from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.structure import StructurePatterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model

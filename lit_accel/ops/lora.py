@@ -3,38 +3,33 @@
 Layers, as every op in :mod:`lit_accel.ops`:
 
 * :func:`lora_linear_reference` - plain PyTorch, operation for operation what PEFT's ``lora.Linear`` does
-  (``base(x) + lora_B(lora_A(dropout(x))) * scaling``), used by the tests and as the CPU fallback.
-* :class:`LoRALinearFunction` - the ``torch.autograd.Function`` over three backends of the same fused GEMMs:
-  ``"cublas"`` (the CUDA default, below), ``"triton"`` (the one-pass Triton kernel below) and ``"triton_epilogue"``
-  (that kernel reading the rank projection cuBLAS computed, the up-projection its epilogue).
-* :func:`lora_linear` - the entry point: the fused path on CUDA when the inputs are supported (backend
-  ``CUDA_DEFAULT_BACKEND``; ``use_kernel=True`` forces Triton), else the reference.
+  (``base(x) + lora_B(lora_A(dropout(x))) * scaling``), used by the tests and as the CPU default.
+* :class:`LoRALinearFunction` - the ``torch.autograd.Function`` of the fused path: cuBLAS GEMMs composed so that no
+  output is written twice (below). It is plain torch, so it runs on any device; CUDA is where it pays.
+* :func:`lora_linear` - the entry point: checks its arguments, picks the path (:func:`lora_linear_uses_fused`) and
+  runs it (:func:`lora_linear_unchecked`, which callers with fixed shapes may call directly).
 * :class:`LoRAGroupFunction` / :func:`lora_linear_group` - several LoRA linears on one input (a block's q/k/v, its
   gate/up) as one node: one rank projection of the input, one ``dA`` product, one ``dX``
   (:class:`lit_accel.lowrank.SharedInputGroup` runs them on CUDA).
 
-The cuBLAS backend (and the groups). The output starts as the low-rank term, a rank-r GEMM that only writes it
-(``s`` as cuBLAS's alpha), and the base GEMM accumulates into it (beta = 1): the extra read of the output happens
-inside a compute-bound GEMM instead of a second memory-bound pass that re-reads and re-writes it, which profiled as
-more than half of the adapters' kernel time in a llama-1b step before (24.5 of 43.3 ms). The backward does the same
-for ``dX``; the adapter gradients are written in fp32 straight from cuBLAS (``out_dtype``); ``u = dY B`` and
-``dB`` come from one read of ``dY`` for wide outputs (:func:`~lit_accel.ops.lowrank_reduce.dy_products`), and
-``dA = s u^T x`` for an input rebuilt from its fused producer never writes that input out
-(:func:`~lit_accel.ops.lowrank_reduce.lowrank_reduce`). Measured in ``benchmarks/RESULTS.md`` (issue 4).
+Which path runs is ``use_kernel``'s choice, as for the other ops (here the "kernel" is the fused cuBLAS path):
 
-The Triton kernel. One GEMM kernel serves both directions. For output tile ``[BM, BN]`` it walks the reduction
-dimension ``K`` once; every ``a`` tile it loads feeds two dots: the base product (``a @ b``, into ``acc``) and the
-low-rank projection (``a @ d``, into ``t_acc`` of width ``r``). After the loop ``t`` is complete for these rows, so
-the adapter's up-projection ``t @ c`` is one more dot into ``acc`` before the single store of the output.
+* ``None`` (default): the fused path on CUDA when the compute dtype is bf16 or fp16 (where it was measured), the
+  reference elsewhere, so CPU and fp32 runs stay equal to PEFT bit for bit;
+* ``True``: the fused path on any device and float dtype (how the CPU tests exercise it), or a ``ValueError`` saying
+  why it cannot take these inputs (a base that requires grad, tensors on different devices, an empty input);
+* ``False``: the reference.
 
-* forward:  ``a = x``,  ``b = W^T``, ``d = A^T``, ``c = B^T``: ``y = x W^T + s * t B^T``, ``t = drop(x) A^T``
-* backward: ``a = dY``, ``b = W``,   ``d = B``,   ``c = A``:   ``dX = dY W + s * mask(u A)``, ``u = dY B``
+The fused path. The output starts as the low-rank term, a rank-r GEMM that only writes it (``s`` as cuBLAS's
+alpha), and the base GEMM accumulates into it (beta = 1): the extra read of the output happens inside a
+compute-bound GEMM instead of a second memory-bound pass that re-reads and re-writes it (the profile that showed
+that pass as the adapters' largest cost, and the timings of both orders, are in ``benchmarks/RESULTS.md``, section
+"Low-rank adapters"). The backward does the same for ``dX``; the adapter gradients are written in fp32 straight
+from cuBLAS (``out_dtype``); ``u = dY B`` and ``dB`` come from one read of ``dY`` for wide outputs
+(:func:`~lit_accel.ops.lowrank_reduce.dy_products`), and ``dA = s u^T x`` for an input rebuilt from its fused
+producer never writes that input out (:func:`~lit_accel.ops.lowrank_reduce.lowrank_reduce`).
 
-Programs in the first column of output tiles also store ``t`` (forward, saved for ``dB``) or ``u`` (backward,
-needed for ``dA``). On an H100 and an H200 this GEMM runs at about half of cuBLAS's speed (forward 0.38 ms against
-0.18 at 16384x2048x2048 bf16), so it is not the default; it stays as the reference design and for ``use_kernel=True``.
-
-Dropout uses a mask drawn with torch once in forward and reused in backward (so the fused paths and the reference
+Dropout uses a mask drawn with torch once in forward and reused in backward (so the fused path and the reference
 agree given the mask); its RNG stream therefore differs from PEFT's, which draws inside ``nn.Dropout``: the
 reference path is the one that equals PEFT bit for bit. Groups take no dropout (each adapter would need its own
 input).
@@ -49,9 +44,6 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from lit_accel.ops._triton import HAS_TRITON as _HAS_TRITON
-from lit_accel.ops._triton import interpret as _interpret
-from lit_accel.ops._triton import tl, triton
 from lit_accel.ops.lowrank_reduce import DY_PRODUCTS_MIN_N, dy_products
 from lit_accel.ops.lowrank_reduce import takes as lowrank_kernels_take
 from lit_accel.ops.recompute import Recompute, recompute_recipe
@@ -64,19 +56,18 @@ __all__ = [
     "lora_linear_group",
     "lora_linear_group_kernel",
     "lora_linear_reference",
+    "lora_linear_unchecked",
+    "lora_linear_uses_fused",
 ]
 
 _LAYOUTS = ("out_in", "in_out")
-# tl.dot needs every dimension >= 16; the rank is padded up to a power of two in registers. 128 keeps the
-# extra accumulator (BM x r fp32) and the adapter tiles small enough not to cost the base GEMM occupancy.
-_MAX_RANK = 128
-# 16-element multiples keep every row start 32-byte aligned in bf16/fp16, so loads vectorise.
-_DIM_MULTIPLE = 16
+# The compute dtypes the fused path is the CUDA default for: the ones it was measured in. fp32 keeps PEFT's exact
+# computation unless use_kernel=True asks otherwise.
 _GPU_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Argument checks
+# Argument checks and the choice of path
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -125,39 +116,73 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _kernel_unsupported_reason(
+def _fused_unsupported_reason(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
-    in_f: int,
-    out_f: int,
+    lora_b: torch.Tensor,
 ) -> str | None:
-    """Why the Triton path cannot take these (already shape-checked) inputs, or None when it can."""
-    if not _HAS_TRITON:
-        return "triton is not installed"
-    interp = _interpret()
-    if not x.is_cuda and not interp:
-        return f"x is on {x.device}; the kernel needs CUDA (or TRITON_INTERPRET=1 for CPU tests)"
+    """Why the fused path cannot take these (already shape-checked) inputs on any device, or None when it can."""
     dtype = _compute_dtype(x)
-    allowed = (*_GPU_DTYPES, torch.float32) if interp else _GPU_DTYPES
-    if dtype not in allowed:
-        return f"compute dtype {dtype} is not supported (allowed: {', '.join(map(str, allowed))})"
+    if not dtype.is_floating_point:
+        return f"compute dtype {dtype} is not a floating-point dtype"
     # Without autocast the base GEMM mixes no dtypes (F.linear would raise); keep the same contract.
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             return f"{name} dtype {t.dtype} differs from the compute dtype {dtype}"
-    if in_f % _DIM_MULTIPLE or out_f % _DIM_MULTIPLE:
-        return f"in_features={in_f} and out_features={out_f} must be multiples of {_DIM_MULTIPLE}"
-    if lora_a.shape[0] > _MAX_RANK:
-        return f"rank r={lora_a.shape[0]} exceeds the kernel's limit {_MAX_RANK}"
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return "weight/bias require grad; the kernel treats the base layer as frozen (no dW/db)"
+        return "weight/bias require grad; the fused path treats the base layer as frozen (no dW/db)"
     if x.numel() == 0:
         return "x is empty"
-    if x.device != weight.device or x.device != lora_a.device:
-        return "x, weight and lora_a are on different devices"
+    if not x.device == weight.device == lora_a.device == lora_b.device:
+        return "x, weight, lora_a and lora_b are not all on one device"
     return None
+
+
+def lora_linear_uses_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    weight_layout: str = "out_in",
+    use_kernel: bool | None = None,
+) -> bool:
+    """Checks :func:`lora_linear`'s arguments and says which path it takes: True for the fused one.
+
+    The choice depends on the inputs' dtypes, devices, shapes and ``requires_grad``, and on the grad and autocast
+    modes, never on their values: a caller whose shapes are fixed (:class:`lit_accel.lowrank.LoRALinear`) can make
+    it once per such signature and then call :func:`lora_linear_unchecked`.
+
+    Args:
+        x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight_layout, use_kernel: As :func:`lora_linear`'s.
+
+    Returns:
+        True when :func:`lora_linear` runs the fused path, False when it runs the reference.
+
+    Raises:
+        ValueError: On inconsistent shapes or settings, or ``use_kernel=True`` with inputs the fused path cannot
+            take (the message says why).
+
+    Example:
+        >>> x, w, a, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(2, 16), torch.zeros(8, 2)
+        >>> lora_linear_uses_fused(x, w, None, a, b, 1.0)  # CPU: the PEFT-exact reference by default
+        False
+        >>> lora_linear_uses_fused(x, w, None, a, b, 1.0, use_kernel=True)
+        True
+    """
+    _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight_layout)
+    if use_kernel is False:
+        return False
+    reason = _fused_unsupported_reason(x, weight, bias, lora_a, lora_b)
+    if use_kernel:
+        if reason is not None:
+            raise ValueError(f"lora_linear(use_kernel=True) cannot take the fused path: {reason}")
+        return True
+    return reason is None and x.is_cuda and _compute_dtype(x) in _GPU_DTYPES
 
 
 def kernel_available(
@@ -168,11 +193,11 @@ def kernel_available(
     lora_b: torch.Tensor | None = None,
     weight_layout: str = "out_in",
 ) -> bool:
-    """Whether :func:`lora_linear` with ``use_kernel=None`` would use the Triton kernel.
+    """Whether :func:`lora_linear` with ``use_kernel=None`` takes the fused path.
 
-    With no arguments: whether triton is importable and CUDA is present. With tensors: whether these particular
-    inputs take the kernel. CPU tensors never do by default; under ``TRITON_INTERPRET=1`` they run it only when
-    asked with ``use_kernel=True`` (tests), so default CPU runs stay on the PEFT-exact reference.
+    With no arguments: whether CUDA is present. With tensors: whether these particular inputs take it (CUDA, bf16
+    or fp16 compute dtype, a frozen base). CPU tensors never do by default: they run the fused path only when asked
+    with ``use_kernel=True``, so default CPU runs stay on the PEFT-exact reference.
 
     Args:
         x: Input ``[..., in]``.
@@ -183,20 +208,15 @@ def kernel_available(
         weight_layout: ``"out_in"`` (nn.Linear) or ``"in_out"`` (GPT-2 Conv1D).
 
     Returns:
-        True when the fused kernel can run.
+        True when the fused path runs by default.
 
     Example:
         >>> kernel_available(torch.randn(4, 16), torch.randn(16, 16), None, torch.randn(2, 16), torch.zeros(16, 2))
         False
     """
-    if not _HAS_TRITON:
-        return False
     if x is None or weight is None or lora_a is None or lora_b is None:
         return torch.cuda.is_available()
-    if not x.is_cuda:
-        return False
-    in_f, out_f, _ = _check_args(x, weight, bias, lora_a, lora_b, 1.0, 0.0, weight_layout)
-    return _kernel_unsupported_reason(x, weight, bias, lora_a, in_f, out_f) is None
+    return lora_linear_uses_fused(x, weight, bias, lora_a, lora_b, 1.0, 0.0, weight_layout)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,6 +266,21 @@ def lora_linear_reference(
         True
     """
     _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight_layout)
+    return _reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, weight_layout)
+
+
+def _reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    weight_layout: str,
+) -> torch.Tensor:
+    """:func:`lora_linear_reference` after its argument checks."""
     if weight_layout == "out_in":
         result = F.linear(x, weight, bias)
     else:
@@ -262,148 +297,8 @@ def lora_linear_reference(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Triton kernel
+# Fused path
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _lora_gemm_body(
-    a_ptr,  # [M, K]   x (forward) / dY (backward)
-    b_ptr,  # [K, N]   W^T / W, via strides
-    d_ptr,  # [K, R]   A^T / B, via strides (low-rank down-projection of a)
-    c_ptr,  # [R, N]   B^T / A, via strides (low-rank up-projection of t)
-    bias_ptr,  # [N] or dummy
-    mask_ptr,  # [M, K] (IN_MASK) or [M, N] (OUT_MASK) uint8, or dummy
-    out_ptr,  # [M, N]
-    t_ptr,  # [M, R] written by the programs of the first N tile
-    M,
-    N,
-    K,
-    R,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_dk,
-    stride_dr,
-    stride_cr,
-    stride_cn,
-    stride_maskm,
-    stride_maskc,
-    stride_om,
-    stride_on,
-    stride_tm,
-    stride_tr,
-    scale,
-    inv_keep,
-    HAS_BIAS: tl.constexpr,
-    IN_MASK: tl.constexpr,
-    OUT_MASK: tl.constexpr,
-    LOAD_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """out = a @ b + scale * maskout((maskin(a) @ d) @ c) + bias; also stores t = maskin(a) @ d.
-
-    With LOAD_T, t is read from t_ptr (computed beforehand) and the K loop is the base GEMM alone: the low-rank
-    term is then an epilogue of one [BM, R] x [R, BN] dot (IN_MASK must be off: t already holds the dropout).
-    """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles share each column of b while it sits in L2 (b is the large weight).
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % group_size)
-    pid_n = (pid % group) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    r_ok = offs_r < R
-
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    d_ptrs = d_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr
-    if IN_MASK:
-        mk_ptrs = mask_ptr + offs_m[:, None] * stride_maskm + offs_k[None, :] * stride_maskc
-
-    # fp32 accumulators: the base product and the rank-r projection of the same a tiles.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
-        if not LOAD_T:
-            d = tl.load(d_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            if IN_MASK:
-                # Dropout feeds the adapter only; the base GEMM sees the undropped x (as in PEFT).
-                keep = tl.load(mk_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
-                a_d = tl.where(keep != 0, a.to(tl.float32) * inv_keep, 0.0).to(a.dtype)
-                t_acc = tl.dot(a_d, d, t_acc)
-                mk_ptrs += BLOCK_K * stride_maskc
-            else:
-                t_acc = tl.dot(a, d, t_acc)
-            d_ptrs += BLOCK_K * stride_dk
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
-    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
-    if LOAD_T:
-        t = tl.load(t_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    else:
-        # t rounds to the input dtype before the up-projection, as the unfused path's intermediate does.
-        t = t_acc.to(a_ptr.dtype.element_ty)
-        if pid_n == 0:
-            tl.store(t_ptrs, t, mask=m_ok[:, None] & r_ok[None, :])
-
-    c_ptrs = c_ptr + offs_r[:, None] * stride_cr + offs_n[None, :] * stride_cn
-    c = tl.load(c_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-    low = tl.dot(t, c)
-    if OUT_MASK:
-        mo_ptrs = mask_ptr + offs_m[:, None] * stride_maskm + offs_n[None, :] * stride_maskc
-        keep_o = tl.load(mo_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0)
-        low = tl.where(keep_o != 0, low * inv_keep, 0.0)
-    acc += low * scale
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-
-    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-def _configs(interpret: bool) -> list[Any]:
-    if interpret:
-        # The CPU interpreter runs every config it is given: one tiny config keeps tests fast and still
-        # exercises several M/N/K tiles and their edge masks on the small test shapes.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1)]
-    # H100: 128x128x64 / 128x256x64 bf16 tiles keep wgmma busy with 3-4 smem stages in 228 KB; 64-row tiles
-    # help the narrow k/v projections (N = 256) fill 132 SMs.
-    # 256x128 with 8 warps is cuBLAS's own choice for these shapes (nvjet 256x128 in the step profile).
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
-
-
-@functools.cache
-def _kernel(interpret: bool) -> Any:
-    # Built at first use so that importing this module never needs triton (CPU-only installs use the reference).
-    jitted = triton.jit(_lora_gemm_body)
-    key = ["M", "N", "K", "BLOCK_R", "IN_MASK", "OUT_MASK", "LOAD_T"]
-    return triton.autotune(configs=_configs(interpret), key=key)(jitted)
 
 
 def _lora_gemm(
@@ -420,91 +315,20 @@ def _lora_gemm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a @ b + scale * mask?(mask?(a) @ d) @ c + bias, mask?(a) @ d)`` for 2-D views with any strides.
 
-    ``a`` [M, K], ``b`` [K, N], ``d`` [K, R], ``c`` [R, N]; ``mask`` (uint8) is [M, K] when ``mask_on_input``
-    else [M, N]. Returns ``out`` [M, N] and ``t`` [M, R], both in ``a``'s dtype. With ``t_in`` (the [M, R]
-    projection, computed by the caller) the kernel reads it instead of computing it; ``mask`` may then only gate
-    the output (``mask_on_input=False``).
-    """
-    M, K = a.shape
-    N = b.shape[1]
-    R = d.shape[1]
-    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    t = torch.empty((M, R), device=a.device, dtype=a.dtype) if t_in is None else t_in
-    block_r = max(16, triton.next_power_of_2(R))
-    mask_arg = mask if mask is not None else out  # dummy pointer, never read when both mask flags are off
-    mstride = mask.stride() if mask is not None else (0, 0)
-
-    def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _kernel(_interpret())[grid](
-        a,
-        b,
-        d,
-        c,
-        bias if bias is not None else out,
-        mask_arg,
-        out,
-        t,
-        M,
-        N,
-        K,
-        R,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        d.stride(0),
-        d.stride(1),
-        c.stride(0),
-        c.stride(1),
-        mstride[0],
-        mstride[1],
-        out.stride(0),
-        out.stride(1),
-        t.stride(0),
-        t.stride(1),
-        float(scale),
-        float(inv_keep),
-        HAS_BIAS=bias is not None,
-        IN_MASK=mask is not None and mask_on_input,
-        OUT_MASK=mask is not None and not mask_on_input,
-        LOAD_T=t_in is not None,
-        BLOCK_R=block_r,
-    )
-    return out, t
-
-
-def _rank_projection(
-    a: torch.Tensor, d: torch.Tensor, mask: torch.Tensor | None, mask_on_input: bool, inv_keep: float
-) -> torch.Tensor:
-    """``mask?(a) @ d`` by cuBLAS: the [M, R] rank projection (dropout applied to ``a`` when the mask gates it)."""
-    a_d = a if mask is None or not mask_on_input else a * mask * inv_keep
-    return a_d @ d
-
-
-def _lora_gemm_torch(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    d: torch.Tensor,
-    c: torch.Tensor,
-    bias: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    mask_on_input: bool,
-    scale: float,
-    inv_keep: float,
-    t_in: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`_lora_gemm` (``mask`` bool here, ``t_in`` a precomputed rank projection), composed
-    from cuBLAS calls.
+    One routine serves both directions: forward ``a = x``, ``b = W^T``, ``d = A^T``, ``c = B^T`` (the second result
+    is ``t``, saved for ``dB``); backward ``a = dY``, ``b = W``, ``d = B``, ``c = A`` (it is ``u``, needed for
+    ``dA``). ``a`` [M, K], ``b`` [K, N], ``d`` [K, R], ``c`` [R, N]; ``mask`` (bool) is [M, K] when
+    ``mask_on_input`` else [M, N]. With ``t_in`` (the [M, R] projection, computed by the caller) it is used as is.
 
     The output starts as the low-rank term (a rank-r GEMM that only writes it, the scale applied by cuBLAS's
     alpha) and the big GEMM accumulates into it with beta = 1: the output is written once by the rank-r GEMM and
-    read once more inside the big, compute-bound GEMM. Measured on an H200 at llama-1b shapes this beats the other
-    order (big GEMM first, then a memory-bound rank-r GEMM that re-reads and re-writes the whole output), and no
-    output-sized tensor is kept for backward.
+    read once more inside the big, compute-bound GEMM, instead of a memory-bound rank-r pass that re-reads and
+    re-writes the whole output after it; no output-sized tensor is kept for backward.
     """
-    t = _rank_projection(a, d, mask, mask_on_input, inv_keep) if t_in is None else t_in
+    if t_in is not None:
+        t = t_in
+    else:
+        t = (a if mask is None or not mask_on_input else a * mask * inv_keep) @ d
     m, n = a.shape[0], b.shape[1]
     if mask is None or mask_on_input:
         if bias is not None:
@@ -529,45 +353,50 @@ def _dy_products_available(dy: torch.Tensor, r: int) -> bool:
     return lowrank_kernels_take(dy, r) and (not dy.is_cuda or dy.shape[-1] >= DY_PRODUCTS_MIN_N)
 
 
-# aten::addmm.dtype (cuBLAS writing a bf16/fp16 product in fp32) exists on CUDA in recent torch releases.
-_ADDMM_OUT_DTYPE = "dtype" in torch.ops.aten.addmm.overloads()
+@functools.cache
+def _addmm_writes_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` runs for ``dtype`` operands on ``device``.
+
+    ``aten::addmm.dtype`` (cuBLAS writing a bf16/fp16 product in fp32) exists on CUDA in recent torch releases, and
+    its early releases required ``self`` in the inputs' dtype; one 1x1 product per device and dtype tells.
+    """
+    if device.type != "cuda" or dtype not in _GPU_DTYPES or "dtype" not in torch.ops.aten.addmm.overloads():
+        return False
+    one = torch.ones((1, 1), device=device, dtype=dtype)
+    try:
+        torch.addmm(torch.empty((1, 1), device=device), one, one, beta=0, out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _scaled_product(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """``scale * a @ b`` in ``dtype``: an adapter gradient (``dA = s u^T x``, ``dB = s dY^T t``) in the adapter's dtype.
 
     On CUDA a bf16/fp16 product for fp32 adapters is written in fp32 by cuBLAS itself with ``alpha = scale``: the
-    gradient is not rounded to the low dtype first, and no scale or cast kernel runs (each of those is tiny but
-    there are four per adapter per step: about 600 launches at llama-1b).
+    gradient is not rounded to the low dtype first, and no scale or cast kernel runs (each of those is tiny, but
+    there are four per adapter per step). Where torch cannot, the unfused form gives the same values rounded once
+    more.
     """
-    global _ADDMM_OUT_DTYPE
-    if _ADDMM_OUT_DTYPE and a.is_cuda and dtype == torch.float32 and a.dtype in _GPU_DTYPES:
+    if dtype == torch.float32 and _addmm_writes_fp32(a.device, a.dtype):
         out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=dtype)
-        try:
-            return torch.addmm(out, a, b, beta=0, alpha=scale, out_dtype=dtype)
-        except RuntimeError:
-            # Early releases of the overload required self in the inputs' dtype: the unfused form gives the same
-            # values rounded once more, so fall back for the rest of the run.
-            _ADDMM_OUT_DTYPE = False
+        return torch.addmm(out, a, b, beta=0, alpha=scale, out_dtype=dtype)
     return (a @ b).mul_(scale).to(dtype)
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd function over the fused LoRA GEMMs (frozen base, trainable adapters).
+    """Autograd function of the fused LoRA path (frozen base, trainable adapters), on any device.
 
-    ``apply(x, weight, bias, lora_a, lora_b, scaling, dropout_mask, dropout_p, weight_layout, backend)``:
-    ``backend`` is ``"triton"`` (the fused kernel), ``"triton_epilogue"`` (the rank projections by cuBLAS, the
-    low-rank up-projection in the Triton base GEMM's epilogue) or ``"cublas"`` (cuBLAS GEMMs with the low-rank term
-    accumulated in place; any device). ``x`` is
-    ``[M, in]`` (2-D), ``weight`` and ``bias`` in ``x``'s dtype, the adapters in any float dtype (cast to ``x``'s
-    for the kernel, gradients returned in their own dtype), ``dropout_mask`` a bool ``[M, in]`` keep-mask or None.
-    No gradients flow to ``weight`` or ``bias``.
+    ``apply(x, weight, bias, lora_a, lora_b, scaling, dropout_mask, dropout_p, weight_layout, x_recompute=None)``:
+    ``x`` is ``[M, in]`` (2-D), ``weight`` and ``bias`` in ``x``'s dtype, the adapters in any float dtype (cast to
+    ``x``'s for the GEMMs, gradients returned in their own dtype), ``dropout_mask`` a bool ``[M, in]`` keep-mask or
+    None, ``x_recompute`` a recipe that rebuilds ``x`` in the backward (:mod:`lit_accel.ops.recompute`). No
+    gradients flow to ``weight`` or ``bias``.
 
     Example:
-        >>> # under TRITON_INTERPRET=1 on CPU, or on CUDA with bf16 tensors
         >>> x, w = torch.randn(6, 16, requires_grad=True), torch.randn(8, 16)
         >>> a, b = torch.randn(2, 16, requires_grad=True), torch.randn(8, 2, requires_grad=True)
-        >>> y = LoRALinearFunction.apply(x, w, None, a, b, 2.0, None, 0.0, "out_in", "cublas")
+        >>> y = LoRALinearFunction.apply(x, w, None, a, b, 2.0, None, 0.0, "out_in")
         >>> torch.allclose(y, lora_linear_reference(x, w, None, a, b, 2.0), atol=1e-5)
         True
     """
@@ -584,17 +413,14 @@ class LoRALinearFunction(torch.autograd.Function):
         dropout_mask: torch.Tensor | None,
         dropout_p: float,
         weight_layout: str,
-        backend: str = "triton",
         x_recompute: Recompute | None = None,
     ) -> torch.Tensor:
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         dtype = x.dtype
         a_c, b_c = lora_a.to(dtype), lora_b.to(dtype)
         w_t, _ = _base_views(weight, weight_layout)
         inv_keep = 1.0 / (1.0 - dropout_p)
         # forward: a = x, b = W^T [in, out], d = A^T [in, r], c = B^T [r, out]
-        y, t = _gemm(backend, x, w_t, a_c.t(), b_c.t(), bias, dropout_mask, True, scaling, inv_keep)
+        y, t = _lora_gemm(x, w_t, a_c.t(), b_c.t(), bias, dropout_mask, True, scaling, inv_keep)
         if x_recompute is None:
             ctx.save_for_backward(x, weight, a_c, b_c, t, dropout_mask)
         else:
@@ -606,7 +432,6 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.inv_keep = inv_keep
         ctx.weight_layout = weight_layout
-        ctx.backend = backend
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
         return y
 
@@ -617,7 +442,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         need_dx, _, _, need_da, need_db = ctx.needs_input_grad[:5]
         u = db = None
-        if ctx.backend == "cublas" and need_db and _dy_products_available(dy, b_c.shape[1]):
+        if need_db and _dy_products_available(dy, b_c.shape[1]):
             # u = dY B and dB = s dY^T t from one read of dY (cuBLAS would read it once for each).
             u, db32 = dy_products(dy, b_c, t, s)
             db = db32.to(ctx.adapter_dtypes[1])
@@ -625,7 +450,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_dx:
             _, w = _base_views(weight, ctx.weight_layout)
             # backward: a = dY, b = W [out, in], d = B [out, r], c = A [r, in]; the mask gates the low-rank term.
-            dx, u = _gemm(ctx.backend, dy, w, b_c, a_c, None, dropout_mask, False, s, inv_keep, t_in=u)
+            dx, u = _lora_gemm(dy, w, b_c, a_c, None, dropout_mask, False, s, inv_keep, t_in=u)
         elif need_da and u is None:
             u = dy @ b_c
         da = None
@@ -643,35 +468,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 da = _scaled_product(u.t(), xd, s, ctx.adapter_dtypes[0])
         if need_db and db is None:
             db = _scaled_product(dy.t(), t, s, ctx.adapter_dtypes[1])
-        return dx, None, None, da, db, None, None, None, None, None, None
-
-
-_BACKENDS = ("triton", "triton_epilogue", "cublas")
-
-
-def _gemm(
-    backend: str,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    d: torch.Tensor,
-    c: torch.Tensor,
-    bias: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    mask_on_input: bool,
-    scale: float,
-    inv_keep: float,
-    t_in: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "cublas":
-        return _lora_gemm_torch(a, b, d, c, bias, mask, mask_on_input, scale, inv_keep, t_in)
-    # triton reads the bool mask as bytes
-    mask_u8 = mask.view(torch.uint8) if mask is not None else None
-    if backend == "triton_epilogue":
-        # The rank projection by cuBLAS (a tall-skinny GEMM it runs at bandwidth), the low-rank up-projection in
-        # the Triton base GEMM's epilogue: no second pass over the output as the cublas backend's addmm_ makes.
-        t = _rank_projection(a, d, mask, mask_on_input, inv_keep)
-        return _lora_gemm(a, b, d, c, bias, None if mask_on_input else mask_u8, False, scale, inv_keep, t_in=t)
-    return _lora_gemm(a, b, d, c, bias, mask_u8, mask_on_input, scale, inv_keep)
+        return dx, None, None, da, db, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -692,22 +489,21 @@ def lora_linear(
     use_kernel: bool | None = None,
     recompute_input: bool = False,
 ) -> torch.Tensor:
-    """LoRA linear ``x W^T + b + scaling * dropout(x) A^T B^T``, fused in Triton on CUDA.
+    """LoRA linear ``x W^T + b + scaling * dropout(x) A^T B^T``, fused on CUDA.
 
     Args:
         x: Input ``[..., in]``.
         weight: Frozen base weight ``[out, in]`` (``weight_layout="out_in"``) or ``[in, out]`` (``"in_out"``).
         bias: Frozen base bias ``[out]`` or None.
-        lora_a: ``[r, in]`` (trainable, any float dtype; cast to the compute dtype in the kernel).
+        lora_a: ``[r, in]`` (trainable, any float dtype; cast to the compute dtype on the fused path).
         lora_b: ``[out, r]``.
         scaling: Adapter scale.
         dropout_p: Adapter dropout probability in [0, 1).
         training: Whether dropout is active.
         weight_layout: ``"out_in"`` (nn.Linear) or ``"in_out"`` (GPT-2 Conv1D).
-        use_kernel: None takes the fused path when :func:`kernel_available` says so (CUDA, supported shapes and
-            dtypes; the backend is ``CUDA_DEFAULT_BACKEND``, see there), else the reference; True requires the
-            Triton kernel (ValueError saying why when it cannot run; on CPU it runs under ``TRITON_INTERPRET=1``);
-            False forces the reference.
+        use_kernel: None takes the fused path when :func:`kernel_available` says so (CUDA, bf16/fp16 compute dtype,
+            a frozen base), else the reference; True requires the fused path on whatever device the inputs are
+            (ValueError saying why when it cannot take them); False forces the reference.
         recompute_input: On the fused path, when ``x`` is the output of one of the fused kernels (RMSNorm,
             SwiGLU; :mod:`lit_accel.ops.recompute`), keep that kernel's saved inputs instead of ``x`` and rerun
             it in the backward for ``dA``: the same result, without holding ``x`` from the forward to the backward.
@@ -720,9 +516,9 @@ def lora_linear(
         ValueError: On inconsistent shapes or settings, or ``use_kernel=True`` with unsupported inputs.
 
     Note:
-        The reference path equals PEFT's ``lora.Linear`` bit for bit (same RNG draws for dropout). The kernel
-        path draws its dropout mask with ``bernoulli_`` (a different RNG stream than PEFT's when
-        ``dropout_p > 0``) and casts the adapters to the compute dtype, as autocast would.
+        The reference path equals PEFT's ``lora.Linear`` bit for bit (same RNG draws for dropout). The fused path
+        draws its dropout mask with ``bernoulli_`` (a different RNG stream than PEFT's when ``dropout_p > 0``) and
+        casts the adapters to the compute dtype, as autocast would.
 
     Example:
         >>> x = torch.randn(2, 5, 16)
@@ -730,25 +526,39 @@ def lora_linear(
         >>> lora_linear(x, w, None, a, b, scaling=2.0).shape
         torch.Size([2, 5, 32])
     """
-    in_f, out_f, _ = _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight_layout)
-    if use_kernel is False:
-        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, weight_layout)
-    reason = _kernel_unsupported_reason(x, weight, bias, lora_a, in_f, out_f)
-    if use_kernel is None and not x.is_cuda:
-        reason = "the interpreter is for tests: CPU inputs take the kernel only with use_kernel=True"
-    if reason is not None:
-        if use_kernel:
-            raise ValueError(f"lora_linear(use_kernel=True) cannot use the Triton kernel: {reason}")
-        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, weight_layout)
-
-    return _fused(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, weight_layout,
-                  "triton" if use_kernel else CUDA_DEFAULT_BACKEND, recompute_input)  # fmt: skip
+    fused = lora_linear_uses_fused(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight_layout, use_kernel)
+    return lora_linear_unchecked(
+        x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, weight_layout, fused, recompute_input
+    )
 
 
-# What use_kernel=None runs on CUDA. The cublas backend measured fastest at all four llama-1b shapes (H200, fwd+bwd
-# at 2048->2048: 0.544 ms against 0.753 for the Triton kernel and 0.679 for the unfused torch LoRA; table "LoRA
-# kernel" in benchmarks/RESULTS.md), so it is the default and use_kernel=True selects the Triton kernel explicitly.
-CUDA_DEFAULT_BACKEND = "cublas"
+def lora_linear_unchecked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    weight_layout: str,
+    fused: bool,
+    recompute_input: bool = False,
+) -> torch.Tensor:
+    """:func:`lora_linear` without its checks: the path is ``fused`` (a :func:`lora_linear_uses_fused` answer).
+
+    For callers that checked these arguments' signature before (:class:`lit_accel.lowrank.LoRALinear` does once
+    per dtype, device, width and mode), so the hot path does not repeat the checks on every call.
+
+    Example:
+        >>> x, w, a, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(2, 16), torch.zeros(8, 2)
+        >>> fused = lora_linear_uses_fused(x, w, None, a, b, 1.0)
+        >>> lora_linear_unchecked(x, w, None, a, b, 1.0, 0.0, False, "out_in", fused).shape
+        torch.Size([4, 8])
+    """
+    if not fused:
+        return _reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, weight_layout)
+    return _fused(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, weight_layout, recompute_input)
 
 
 def _fused(
@@ -761,7 +571,6 @@ def _fused(
     dropout_p: float,
     training: bool,
     weight_layout: str,
-    backend: str,
     recompute_input: bool = False,
 ) -> torch.Tensor:
     """Flattens, casts as autocast would, draws the dropout mask and applies :class:`LoRALinearFunction`."""
@@ -769,7 +578,7 @@ def _fused(
     out_f = weight.shape[0] if weight_layout == "out_in" else weight.shape[1]
     dtype = _compute_dtype(x)
     lead = x.shape[:-1]
-    # Autocast would cast the base operands inside F.linear; do it here and run the kernel with autocast off.
+    # Autocast would cast the base operands inside F.linear; do it here and run the GEMMs with autocast off.
     x2 = x.reshape(-1, in_f).to(dtype).contiguous()
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
@@ -781,9 +590,8 @@ def _fused(
     use_recipe = recompute_input and torch.is_grad_enabled() and x.grad_fn is not None
     x_recompute = recompute_recipe(x) if use_recipe else None  # none recorded over ZeRO-3 partitioned inputs
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFunction.apply(
-            x2, w, b, lora_a, lora_b, float(scaling), mask, float(dropout_p), weight_layout, backend, x_recompute
-        )
+        y = LoRALinearFunction.apply(x2, w, b, lora_a, lora_b, float(scaling), mask, float(dropout_p), weight_layout,
+                                     x_recompute)  # fmt: skip
     return y.view(*lead, out_f)
 
 
@@ -830,8 +638,8 @@ class LoRAGroupFunction(torch.autograd.Function):
         outs = []
         start = 0
         for w, b, lb, s, r in zip(weights, biases, lora_bs, scalings, ranks, strict=True):
-            # Each output as the cuBLAS backend makes it, from this member's slice of the shared projection.
-            y, _ = _lora_gemm_torch(x, w.t(), a_cat.t(), lb.t(), b, None, True, s, 1.0, t_in=t[:, start : start + r])
+            # Each output as the per-layer fused path makes it, from this member's slice of the shared projection.
+            y, _ = _lora_gemm(x, w.t(), a_cat.t(), lb.t(), b, None, True, s, 1.0, t_in=t[:, start : start + r])
             outs.append(y)
             start += r
         if x_recompute is None:

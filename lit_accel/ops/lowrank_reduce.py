@@ -130,10 +130,9 @@ def _sm_count(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU: the best of a 56-point sweep for the SwiGLU
-# producer (N=5632, r=16: 0.103 ms against 0.153 for 64x128 tiles of 4 warps, and 0.189 for the rebuild + cuBLAS
-# product it replaces) and within 2% of the best for the RMSNorm producer (N=2048, R=32/48) on an H200
-# (benchmarks/lowrank_reduce_sweep.py).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU: chosen by benchmarks/lowrank_reduce_sweep.py
+# at llama-1b shapes as the fastest for the SwiGLU producer and near the best for the RMSNorm one (figures in
+# benchmarks/RESULTS.md, "Low-rank adapters").
 _GPU_CONFIG = (128, 64, 8, 3, 2)
 
 
@@ -302,13 +301,14 @@ def _dy_kernel() -> Any:
     return triton.jit(_dy_body, do_not_specialize=["rows_per_split"])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU: the sweep's best for llama-1b's gate/up
-# gradients (N=5632, r=16: 0.090 ms against 0.103 for cuBLAS's two GEMMs, one H200). Wide stripes keep the fp32
-# partial sums of u (one [M, R] slab per stripe) small next to dY itself.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU: the same sweep's best for llama-1b's gate/up
+# gradients (benchmarks/RESULTS.md). Wide stripes keep the fp32 partial sums of u (one [M, R] slab per stripe) small
+# next to dY itself.
 _DY_GPU_CONFIG = (64, 256, 8, 2, 2)
 DY_PRODUCTS_MIN_N = 4096
-"""Narrowest output on which :func:`dy_products` beats cuBLAS on the GPU. At N=2048 (q, o, down) the partial sums
-of ``u`` cost more than the second read of ``dY`` saves (0.089 ms against cuBLAS's 0.039, same sweep)."""
+"""Narrowest output on which :func:`dy_products` beats cuBLAS's two GEMMs on the GPU: on narrower ones (q, o, down
+at 2048) the partial sums of ``u`` cost more than the second read of ``dY`` saves (measured in
+``benchmarks/RESULTS.md``, "Low-rank adapters")."""
 
 
 def dy_products(

@@ -377,13 +377,11 @@ def _lora_on_kernels(recompute: bool, dropout: float = 0.0) -> nn.Module:
 @pytest.fixture
 def fused_lora_path(monkeypatch: pytest.MonkeyPatch) -> Any:
     """LoRA layers on the CPU take the fused path, as on CUDA (by default they run the PEFT-exact reference there);
-    yields the lowrank.lora module for further patches."""
-    import functools
+    yields the lowrank.lora_groups module for further patches."""
+    import lit_accel.lowrank.lora_groups as lora_module
+    from lit_accel.lowrank.lora import LoRALinear
 
-    import lit_accel.lowrank.lora as lora_module
-    from lit_accel.ops.lora import lora_linear
-
-    monkeypatch.setattr(lora_module, "lora_linear", functools.partial(lora_linear, use_kernel=True))
+    monkeypatch.setattr(LoRALinear, "use_kernel", True)
     return lora_module
 
 

@@ -22,19 +22,18 @@ from lora_helpers import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import lit_accel.lowrank.lora as lora_mod
 from lit_accel.lowrank.lora import (
     LoRALinear,
     apply_lora,
-    load_peft_adapter,
     lora_layers,
     lora_parameters,
     lora_state_dict,
     merge_lora,
-    merged_state_dict,
     remove_lora,
-    save_peft_adapter,
     unmerge_lora,
 )
+from lit_accel.lowrank.lora_io import load_peft_adapter, merged_state_dict, save_peft_adapter
 from lit_accel.models.structure import is_linear
 
 pytest.importorskip("peft")
@@ -323,3 +322,76 @@ def test_bad_adapter_and_bad_arguments(tmp_path: Path) -> None:
 def test_lora_linear_rejects_non_linears() -> None:
     with pytest.raises(TypeError, match="Embedding"):
         LoRALinear(nn.Embedding(4, 4), r=1, alpha=1)  # type: ignore[arg-type]
+
+
+def test_lora_linear_validates_its_settings_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"dropout=1.0.*\[0, 1\)"):
+        LoRALinear(nn.Linear(8, 8), r=2, alpha=4, dropout=1.0)
+    with pytest.raises(ValueError, match="alpha=inf"):
+        LoRALinear(nn.Linear(8, 8), r=2, alpha=float("inf"))
+
+
+# ------------------------------------------------------------------ choice of path
+
+
+def _took_fused_path(y: torch.Tensor) -> bool:
+    node = y.grad_fn
+    return node is not None and any("LoRALinearFunction" in type(f).__name__ for f, _ in node.next_functions)
+
+
+def test_layer_decides_its_path_once_per_input_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool | None] = []
+    real = lora_mod.lora_linear_uses_fused
+
+    def counting(*args: object, **kwargs: object) -> bool:
+        calls.append(None)  # a call that raises stays None
+        calls[-1] = fused = real(*args, **kwargs)  # type: ignore[arg-type]
+        return fused
+
+    monkeypatch.setattr(lora_mod, "lora_linear_uses_fused", counting)
+    layer = LoRALinear(nn.Linear(16, 8).requires_grad_(False), r=2, alpha=4)
+    x = torch.randn(3, 16, requires_grad=True)
+    for _ in range(3):
+        layer(x)
+    layer(torch.randn(2, 5, 16))  # other leading dims: the same signature
+    assert calls == [False]  # checked and decided once; the CPU default is PEFT's computation
+    with torch.no_grad():
+        layer(x)
+    layer(x.double())
+    assert len(calls) == 3  # another grad mode, another dtype
+    layer.use_kernel = True  # a setting the choice depends on
+    y = layer(x)
+    assert calls[-1] is True and _took_fused_path(y) and len(calls) == 4
+    torch.testing.assert_close(y, layer.base_layer(x), rtol=0, atol=0)  # B = 0 at construction
+    layer(x)
+    assert len(calls) == 4
+    # A wrong width is reported on every call, never remembered as a path.
+    for _ in range(2):
+        with pytest.raises(ValueError, match="in_features=16"):
+            layer(torch.randn(3, 15))
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_path_in_a_model_matches_the_peft_path(arch: str) -> None:
+    """``use_kernel=True`` runs the fused path on the CPU, layer by layer; another model in the process keeps PEFT's."""
+    peft_path = MODELS[arch]()
+    apply_lora(peft_path, targets="all-linear", r=4, alpha=8)
+    randomize_adapters(peft_path)
+    fused = MODELS[arch]()
+    apply_lora(fused, targets="all-linear", r=4, alpha=8)
+    randomize_adapters(fused)
+    for layer in lora_layers(fused).values():
+        layer.use_kernel = True
+    results = []
+    for model in (peft_path, fused):
+        out = model.train()(input_ids=IDS).logits
+        params = lora_parameters(model)
+        results.append((out, torch.autograd.grad(out.square().mean(), params)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for got, exp in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
+    # Each layer keeps its own choice: the first model's layers still take PEFT's computation.
+    x = torch.randn(2, 64, requires_grad=True)
+    first, twin = (next(iter(lora_layers(m).values())) for m in (peft_path, fused))
+    assert not _took_fused_path(first(x)) and _took_fused_path(twin(x))

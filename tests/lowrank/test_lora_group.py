@@ -12,22 +12,23 @@ import pytest
 import torch
 from lora_helpers import VOCAB, randomize_adapters, tiny_gpt2, tiny_llama
 
-import lit_accel.lowrank.lora as lora_mod
-from lit_accel.lowrank.lora import LoRALinear, SharedInputGroup, apply_lora, group_shared_inputs, lora_layers
+import lit_accel.lowrank.lora_groups as groups_mod
+from lit_accel.lowrank.lora import LoRALinear, apply_lora, group_shared_inputs, lora_layers
+from lit_accel.lowrank.lora_groups import SharedInputGroup
 
 
 @pytest.fixture
 def groups_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Groups run on the CPU; yields a list that grows by one per group computation."""
     calls: list[int] = []
-    real = lora_mod.lora_linear_group_kernel
+    real = groups_mod.lora_linear_group_kernel
 
     def counting(*args: object, **kwargs: object) -> object:
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(lora_mod, "_GROUP_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(lora_mod, "lora_linear_group_kernel", counting)
+    monkeypatch.setattr(groups_mod, "_GROUP_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(groups_mod, "lora_linear_group_kernel", counting)
     yield calls
 
 
@@ -170,4 +171,13 @@ def test_partitioned_sibling_is_refused_even_when_the_weight_is_cast(groups_on_c
     attn.k_proj.base_layer.weight.ds_id = 7  # what a DeepSpeed ZeRO-3 partition carries
     x = torch.randn(2, 3, 64, dtype=torch.float64)  # without autocast the base weight is cast to x's dtype
     attn.q_proj(x)
+    assert groups_on_cpu == []
+
+
+def test_a_member_on_the_peft_path_keeps_the_group_aside(groups_on_cpu: list[int]) -> None:
+    model = _model()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    attn.k_proj.use_kernel = False  # PEFT's computation for k: the group (a fused path) steps aside for all
+    attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     assert groups_on_cpu == []

@@ -40,7 +40,7 @@ from lit_accel.lowrank import (
     save_peft_adapter,
     unmerge_lora,
 )
-from lit_accel.lowrank.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from lit_accel.lowrank.lora_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from lit_accel.models import CausalLM, full_state_dict
 from lit_accel.models.params import gathered, is_partitioned
 

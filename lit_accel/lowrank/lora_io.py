@@ -1,0 +1,352 @@
+"""LoRA in files: PEFT adapter directories (write, read, load) and the merged state dict an export writes.
+
+:func:`save_peft_adapter` / :func:`load_peft_adapter` write and read ``adapter_config.json`` +
+``adapter_model.safetensors`` exactly as ``peft`` does, so ``PeftModel.from_pretrained(base, directory)`` gives the
+same logits (``peft`` itself is not needed at run time); :func:`merged_state_dict` is the plain model's state dict
+with every adapter folded in, for a Hugging Face directory. Under DeepSpeed ZeRO-3 every one of them gathers the
+adapters (never writing them empty): call it on every rank.
+
+Example:
+    >>> import tempfile
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from lit_accel.lowrank import apply_lora
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    ...                                      num_attention_heads=4, vocab_size=128))
+    >>> _ = apply_lora(model, targets="attention", r=4, alpha=8)
+    >>> out = save_peft_adapter(model, tempfile.mkdtemp() + "/adapter")
+    >>> config, modules = read_peft_adapter(out)
+    >>> config["r"], config["target_modules"], len(modules)
+    (4, ['k_proj', 'o_proj', 'q_proj', 'v_proj'], 4)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lit_accel.lowrank.lora import LoRALinear, apply_lora, gathered_lora_layers, lora_layers
+from lit_accel.models.params import full_state_dict, gathered, is_partitioned, is_rank_zero
+from lit_accel.models.structure import StructurePatterns, linear_in_out_features
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "load_peft_adapter",
+    "merged_state_dict",
+    "read_peft_adapter",
+    "save_peft_adapter",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model with every adapter folded in, on CPU; the model is not changed.
+
+    Keys are those of the original model (``<name>.weight``, not ``<name>.base_layer.weight``). Merged weights are
+    ``promote(base dtype, fp32)``. Under ZeRO-3 call it on all ranks (ranks other than 0 get an empty dict).
+    """
+    state = full_state_dict(model)
+    deltas: dict[str, torch.Tensor] = {}
+    for name, layer in gathered_lora_layers(model):
+        if not layer.merged:
+            deltas[name] = layer.delta_weight().to("cpu")
+    if not state:
+        return state
+    for name in lora_layers(model):
+        state.pop(f"{name}.lora_A", None)
+        state.pop(f"{name}.lora_B", None)
+        for key in [k for k in state if k.startswith(f"{name}.base_layer.")]:
+            value = state.pop(key)
+            plain = f"{name}.{key[len(name) + len('.base_layer.') :]}"
+            if key == f"{name}.base_layer.weight" and name in deltas:
+                value = (value.float() + deltas[name]).to(torch.promote_types(value.dtype, torch.float32))
+            state[plain] = value
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT format
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _AdapterSettings:
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    init: str
+    fan_in_fan_out: bool
+
+
+def _common_settings(layers: Mapping[str, LoRALinear]) -> _AdapterSettings:
+    first = next(iter(layers.values()))
+    for name, layer in layers.items():
+        mine = (layer.r, layer.alpha, layer.dropout, layer.use_rslora, layer.init)
+        theirs = (first.r, first.alpha, first.dropout, first.use_rslora, first.init)
+        if mine != theirs:
+            raise ValueError(
+                f"LoRA layer {name} has (r, alpha, dropout, use_rslora, init)={mine} but others have {theirs}; a PEFT"
+                " adapter file holds one setting for all layers"
+            )
+    return _AdapterSettings(
+        r=first.r,
+        alpha=first.alpha,
+        dropout=first.dropout,
+        use_rslora=first.use_rslora,
+        init=first.init,
+        fan_in_fan_out=any(layer.weight_layout == "in_out" for layer in layers.values()),
+    )
+
+
+def _target_modules(model: nn.Module, names: Sequence[str]) -> list[str] | str:
+    """PEFT ``target_modules``: module-name suffixes when they select exactly ``names``, else a full-match regex."""
+    chosen = set(names)
+    inner = tuple(f"{n}." for n in chosen)
+    candidates = [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+    selected = {n for n in candidates if any(n == s or n.endswith("." + s) for s in suffixes)}
+    if selected == chosen:
+        return suffixes
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _num(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _check_out_dir(directory: Path, overwrite: bool) -> None:
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"directory {str(directory)!r} exists and is not empty; pass overwrite=True or a new path"
+        )
+
+
+def _write_atomically(directory: Path, files: Mapping[str, Any], overwrite: bool) -> None:
+    _check_out_dir(directory, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        for fname, content in files.items():
+            if fname.endswith(".safetensors"):
+                save_file(content, str(tmp / fname), metadata={"format": "pt"})
+            else:
+                (tmp / fname).write_text(content)
+        if directory.exists():
+            backup = directory.with_name(directory.name + ".replaced")
+            shutil.rmtree(backup, ignore_errors=True)
+            directory.rename(backup)
+            tmp.rename(directory)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes the adapters as a PEFT LoRA adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    ``PeftModel.from_pretrained(base, directory)`` on the original base model then gives the same logits. Keys are
+    ``base_model.model.<name>.lora_A.weight`` / ``.lora_B.weight``. A PiSSA adapter is written as PEFT's converted
+    LoRA (``path_initial_model_for_weight_conversion``): rank ``2r`` with ``A' = [A; A0]``, ``B' = [B, -B0]`` and
+    doubled alpha, so it applies to the original (not the residual) base weights.
+
+    Under DeepSpeed ZeRO-3 call it on every rank: the adapters are gathered (never written empty) and rank 0 writes.
+    The directory is written next to its destination and renamed into place.
+
+    Args:
+        model: The model holding :class:`LoRALinear` layers (the Hugging Face model, not the LightningModule, so
+            that names match the base model PEFT will load).
+        directory: Output directory; must not exist or be empty unless ``overwrite``.
+        base_model_name_or_path: Recorded in the config (e.g. the base model's directory).
+        overwrite: Replace a non-empty directory.
+
+    Raises:
+        ValueError: The model has no LoRA layer.
+        FileExistsError: ``directory`` is not empty and ``overwrite`` is False.
+    """
+    out = Path(directory)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_peft_adapter: the model has no LoRA layer (call apply_lora first); nothing to save")
+    partitioned = any(is_partitioned(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B))
+    if partitioned or is_rank_zero():
+        # Under ZeRO-3 on every rank, before the collective gathering (so that no rank is left waiting in it). Else
+        # on rank 0 only, the rank that writes: another rank reaching this line after rank 0 wrote would see the
+        # directory it just filled and refuse.
+        _check_out_dir(out, overwrite)
+    settings = _common_settings(layers)
+    pissa = any(layer.lora_A0 is not None for layer in layers.values())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in gathered_lora_layers(model):
+        a, b = layer.lora_A.detach().float().cpu(), layer.lora_B.detach().float().cpu()
+        if a.numel() == 0 or b.numel() == 0:
+            raise RuntimeError(f"LoRA layer {name} has an empty adapter after gathering; refusing to save it")
+        if pissa:
+            assert layer.lora_A0 is not None and layer.lora_B0 is not None
+            a = torch.cat([a, layer.lora_A0.float().cpu()], dim=0)
+            b = torch.cat([b, -layer.lora_B0.float().cpu()], dim=1)
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    if not is_rank_zero():
+        return out
+    r, alpha = settings.r, settings.alpha
+    if pissa:
+        r, alpha = 2 * r, alpha * (math.sqrt(2) if settings.use_rslora else 2)
+    config: dict[str, Any] = {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "exclude_modules": None,
+        "fan_in_fan_out": settings.fan_in_fan_out,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": _num(alpha),
+        "lora_bias": False,
+        "lora_dropout": settings.dropout,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": _target_modules(model, list(layers)),
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": settings.use_rslora,
+    }
+    files = {ADAPTER_WEIGHTS_NAME: tensors, ADAPTER_CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n"}
+    _write_atomically(out, files, overwrite)
+    return out
+
+
+def read_peft_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Reads a PEFT LoRA adapter directory: its config and ``{module name: {"A": ..., "B": ...}}``.
+
+    Raises:
+        ValueError: Missing files, a non-LoRA adapter, or settings this module cannot reproduce (DoRA, biases,
+            per-layer ranks, embedding adapters); the message names them.
+    """
+    path = Path(directory)
+    cfg_path = path / ADAPTER_CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ValueError(f"{str(path)!r} holds no {ADAPTER_CONFIG_NAME}: it is not a PEFT adapter directory")
+    config = json.loads(cfg_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter at {str(path)!r} has peft_type={config.get('peft_type')!r}; only LORA is supported")
+    for key, ok in (("use_dora", False), ("lora_bias", False)):
+        if config.get(key, ok) != ok:
+            raise ValueError(f"adapter at {str(path)!r} has {key}={config.get(key)!r}; only {key}={ok} is supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"adapter at {str(path)!r} has bias={config.get('bias')!r}; only 'none' is supported")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ValueError(f"adapter at {str(path)!r} has a {key}; per-layer ranks/alphas are not supported")
+    weights = path / ADAPTER_WEIGHTS_NAME
+    if weights.is_file():
+        flat = load_file(str(weights))
+    elif (path / "adapter_model.bin").is_file():
+        flat = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{str(path)!r} holds no {ADAPTER_WEIGHTS_NAME} (or adapter_model.bin)")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            raise ValueError(f"adapter at {str(path)!r} holds {key!r}, which is not a LoRA A/B weight of a linear")
+        modules.setdefault(m.group(1), {})[m.group(2)] = tensor
+    incomplete = [n for n, t in modules.items() if set(t) != {"A", "B"}]
+    if incomplete:
+        raise ValueError(f"adapter at {str(path)!r} lacks lora_A or lora_B for {incomplete[:5]}")
+    if not modules:
+        raise ValueError(f"adapter at {str(path)!r} holds no LoRA weights")
+    return config, modules
+
+
+@torch.no_grad()
+def load_peft_adapter(model: nn.Module, directory: str | Path, patterns: StructurePatterns | None = None) -> None:
+    """Loads a PEFT LoRA adapter (``PeftModel.save_pretrained`` output) into ``model``.
+
+    If the model has no LoRA layers yet they are applied with the adapter's settings (rank from the weights;
+    ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and ``init_lora_weights`` from the config, so a PiSSA adapter
+    saved without conversion gets its residual base as PEFT would). Under ZeRO-3 call it on every rank.
+
+    Raises:
+        ValueError: A module named in the adapter is missing or not a linear, or its shape does not fit the
+            adapter (the message names the module, the adapter's shapes and the base's shape); or the adapter has
+            settings that are not supported (see :func:`read_peft_adapter`).
+    """
+    config, modules = read_peft_adapter(directory)
+    present = dict(model.named_modules())
+    for name, t in modules.items():
+        module = present.get(name)
+        if module is None:
+            raise ValueError(f"the adapter adapts {name!r}, which this model does not have")
+        if not isinstance(module, (nn.Linear, Conv1D, LoRALinear)):
+            raise ValueError(f"the adapter adapts {name!r}, which is a {type(module).__name__}, not a linear")
+        fin, fout = linear_in_out_features(module)
+        a_shape, b_shape = tuple(t["A"].shape), tuple(t["B"].shape)
+        if (
+            len(a_shape) != 2
+            or len(b_shape) != 2
+            or a_shape[1] != fin
+            or b_shape[0] != fout
+            or a_shape[0] != b_shape[1]
+        ):
+            raise ValueError(
+                f"adapter shapes do not fit module {name!r}: lora_A {a_shape} and lora_B {b_shape} need a base of"
+                f" in={a_shape[1] if len(a_shape) == 2 else '?'}, out={b_shape[0] if b_shape else '?'}, but the"
+                f" model's {name} has in={fin}, out={fout}; is this the base model the adapter was trained on?"
+            )
+    ranks = {int(t["A"].shape[0]) for t in modules.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"the adapter has layers of different ranks {sorted(ranks)}; one rank is supported")
+    r = ranks.pop()
+    existing = lora_layers(model)
+    if existing:
+        missing = sorted(set(modules) - set(existing))
+        if missing:
+            raise ValueError(f"the model has LoRA layers but not on {missing[:5]}, which the adapter adapts")
+        layers = {n: existing[n] for n in modules}
+        for name, layer in layers.items():
+            if layer.r != r:
+                raise ValueError(f"LoRA layer {name} has r={layer.r} but the adapter has r={r}")
+    else:
+        init_cfg = str(config.get("init_lora_weights", True)).lower()
+        layers = apply_lora(
+            model,
+            targets=["^" + re.escape(n) + "$" for n in modules],
+            r=r,
+            alpha=float(config.get("lora_alpha", 8)),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            init="pissa" if init_cfg.startswith("pissa") else "gaussian",
+            use_rslora=bool(config.get("use_rslora", False)),
+            patterns=patterns,
+        )
+    for name, layer in layers.items():
+        with gathered([layer.lora_A, layer.lora_B], modifier_rank=0):
+            layer.lora_A.copy_(modules[name]["A"].to(layer.lora_A.dtype))
+            layer.lora_B.copy_(modules[name]["B"].to(layer.lora_B.dtype))
