@@ -37,7 +37,7 @@ import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -278,7 +278,10 @@ def _causal_lm_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
             flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
         )
     return CausalLMOutputWithPast(
-        loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        loss=cast("torch.Tensor", loss),  # without return_z_loss both paths return the loss alone
+        logits=None,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
     )
 
 
