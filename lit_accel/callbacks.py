@@ -6,7 +6,7 @@ Example:
     >>> trainer = L.Trainer(callbacks=[DropBP(target=0.5), Throughput()])  # doctest: +SKIP
 """
 
-from lit_accel.data.domains import DynamicBatchLoading
+from lit_accel.data.dynamic_batch import DynamicBatchLoading
 from lit_accel.dropbp.callback import DropBP
 from lit_accel.kernels.callback import FusedKernels
 from lit_accel.lowrank.factorize_callback import LowRankFactorization

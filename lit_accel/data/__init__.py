@@ -26,11 +26,11 @@ from lit_accel.data.datamodule import (
 )
 from lit_accel.data.domains import (
     DomainBatchSampler,
-    DynamicBatchLoading,
     MultiDomainDataModule,
     reference_losses_from_checkpoint,
     update_domain_weights,
 )
+from lit_accel.data.dynamic_batch import DynamicBatchLoading
 from lit_accel.data.shards import PackedTokenDataset, TokenShards, build_shards, split_runs
 from lit_accel.data.tokenizer import EOS_TOKEN, load_tokenizer, token_dtype, train_bpe_tokenizer
 

@@ -188,7 +188,7 @@ def _iter_jsonl(path: Path, name: str, text_field: str) -> Iterator[tuple[str, s
 
 
 def _iter_parquet(path: Path, name: str, text_field: str) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq  # lazy: an optional dependency
+    import pyarrow.parquet as pq  # deferred: pyarrow is optional (the datasets extra), needed only for .parquet
 
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
@@ -202,7 +202,7 @@ def _iter_parquet(path: Path, name: str, text_field: str) -> Iterator[tuple[str,
 
 
 def _iter_saved_dataset(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    import datasets  # lazy: an optional dependency
+    import datasets  # deferred: datasets is optional (the datasets extra), needed only for save_to_disk folders
 
     loaded: Any = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):

@@ -1,4 +1,4 @@
-"""Dynamic batch loading (Sheared LLaMA, Xia et al. 2023, Alg. 1): a multi-domain DataModule whose domain weights
+"""A multi-domain DataModule for dynamic batch loading (Sheared LLaMA, Xia et al. 2023, Alg. 1): its domain weights
 follow the per-domain validation loss against a reference loss.
 
 Domains are named corpora. Each is a corpus accepted by :func:`~lit_accel.data.load_documents` (``"stdlib"``, a
@@ -11,8 +11,9 @@ Every training batch draws its ``batch_size`` domains i.i.d. from the current we
 ``(seed, step)``: all ranks draw the same domains, and take disjoint sequences of them (rank ``r`` takes element
 ``k * world_size + r`` of the domain's shuffled order, ``k`` counting that domain's draws so far).
 
-Updates (:func:`update_domain_weights`) are applied by the :class:`DynamicBatchLoading` callback every
-``update_every`` optimizer steps, from losses it measures itself on each domain's validation split.
+Updates (:func:`update_domain_weights`) are applied by the :class:`~lit_accel.data.DynamicBatchLoading` callback
+(:mod:`lit_accel.data.dynamic_batch`) every ``update_every`` optimizer steps, from losses it measures itself on each
+domain's validation split.
 
 **Reference losses** (``MultiDomainDataModule(reference_losses=...)``), the per-domain losses the update compares
 against, come from one of:
@@ -20,15 +21,16 @@ against, come from one of:
 * a dict ``{domain: loss}`` given in the config: the paper's choice, the losses of a reference model (for pruning:
   what a model of the target size reaches, e.g. predicted by a scaling law or measured on a model trained from
   scratch at that size);
-* ``"initial"``: :class:`DynamicBatchLoading` measures each domain's validation loss of the model as it is when
-  training starts, before the first step. For a pruning run these are the *source* model's losses (the masks are
-  switched off while measuring, through ``StructuredPruning.bypass``), so the weights shift towards the domains
-  that pruning has hurt the most. They are saved in checkpoints (a resumed run keeps them) and logged as
+* ``"initial"``: :class:`~lit_accel.data.DynamicBatchLoading` measures each domain's validation loss of the model as
+  it is when training starts, before the first step. For a pruning run these are the *source* model's losses (the
+  masks are switched off while measuring, through ``StructuredPruning.bypass``), so the weights shift towards the
+  domains that pruning has hurt the most. They are saved in checkpoints (a resumed run keeps them) and logged as
   ``data/reference_loss/<domain>``;
 * the path of a checkpoint of a run that had them (either way): :func:`reference_losses_from_checkpoint` reads them,
   e.g. to continue pre-training a pruned model against the source model's losses.
 
 Example:
+    >>> import lightning as L
     >>> from lit_accel.data import MultiDomainDataModule, DynamicBatchLoading
     >>> dm = MultiDomainDataModule(
     ...     {"text": "stdlib:email,html,xml", "net": "stdlib:asyncio,http,urllib", "rest": "stdlib:*"},
@@ -40,10 +42,10 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
+import sys
 import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,9 +53,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lit_accel.data.corpus import STDLIB, corpus_fingerprint, load_documents, stdlib_corpus_files, validate_corpus
@@ -70,7 +70,6 @@ from lit_accel.data.tokenizer import bpe_training_texts, hash_tokenizer_dir, loa
 __all__ = [
     "INITIAL",
     "DomainBatchSampler",
-    "DynamicBatchLoading",
     "MultiDomainDataModule",
     "reference_losses_from_checkpoint",
     "update_domain_weights",
@@ -400,18 +399,19 @@ class MultiDomainDataModule(TextDataModule):
     Training batches are ``{"input_ids": LongTensor[batch, seq_len], "domain": LongTensor[batch]}`` (see
     :class:`DomainBatchSampler`). :meth:`val_dataloader` is one in-order loader over every domain's validation
     sequences (so a model's single ``val/loss`` is the loss on the union); :meth:`domain_val_dataloaders` gives one
-    loader per domain, which :class:`DynamicBatchLoading` evaluates every ``update_every`` steps and passes to
-    :meth:`update`. The checkpoint state (:meth:`state_dict`) holds the resume position and the whole weight
+    loader per domain, which :class:`~lit_accel.data.DynamicBatchLoading` evaluates every ``update_every`` steps and
+    passes to :meth:`update`. The checkpoint state (:meth:`state_dict`) holds the resume position and the whole weight
     schedule, so a resumed run draws exactly the batches an uninterrupted one would.
 
     Args:
         domains: ``{name: spec}``; a spec (or a list of specs, concatenated) is a corpus for
             :func:`~lit_accel.data.load_documents`, ``"stdlib:<pkg>[,<pkg>...]"`` (top-level standard-library
             packages/modules) or ``"stdlib:*"`` (the top-level packages/modules no other ``stdlib:`` spec names).
-        reference_losses: ``{name: loss}`` for every domain; ``"initial"``: :class:`DynamicBatchLoading` measures
-            them on the model when training starts (for pruning, the source model); the path of a checkpoint that
-            holds them (:func:`reference_losses_from_checkpoint`); None: :meth:`update` is not allowed (fixed
-            weights). See the module docstring.
+        reference_losses: ``{name: loss}`` for every domain; ``"initial"``:
+            :class:`~lit_accel.data.DynamicBatchLoading` measures them on the model when training starts (for
+            pruning, the source model); the path of a checkpoint that holds them
+            (:func:`reference_losses_from_checkpoint`); None: :meth:`update` is not allowed (fixed weights). See the
+            module docstring.
         update_every: optimizer steps between updates (>= 1).
         eta: update step size (> 0).
         smoothing: weight of the uniform distribution mixed in after each update, in [0, 1].
@@ -471,7 +471,7 @@ class MultiDomainDataModule(TextDataModule):
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f"smoothing={smoothing} must be in [0, 1].")
         self.measure_reference = reference_losses == INITIAL
-        """Whether :class:`DynamicBatchLoading` measures the reference losses when training starts."""
+        """Whether :class:`~lit_accel.data.DynamicBatchLoading` measures the reference losses when training starts."""
         if isinstance(reference_losses, (str, os.PathLike)):
             reference_losses = None if self.measure_reference else reference_losses_from_checkpoint(reference_losses)
         if reference_losses is not None and set(reference_losses) != set(self.names):
@@ -537,8 +537,6 @@ class MultiDomainDataModule(TextDataModule):
         return self.cache_dir / "tokenizers" / f"bpe-{self.bpe_vocab_size}-{key}"
 
     def _domain_shard_path(self, name: str, tokenizer_dir: Path) -> Path:
-        import sys
-
         key = _key(SHARD_FORMAT_VERSION, self._domain_infos()[name][0], hash_tokenizer_dir(tokenizer_dir), sys.version)
         return self.cache_dir / "shards" / key
 
@@ -694,7 +692,8 @@ class MultiDomainDataModule(TextDataModule):
 
     # ------------------------------------------------------------------------------------------------- state
     def set_reference_losses(self, losses: dict[str, float]) -> None:
-        """Set the reference losses (:class:`DynamicBatchLoading` does, with ``reference_losses="initial"``)."""
+        """Set the reference losses (:class:`~lit_accel.data.DynamicBatchLoading` does, with
+        ``reference_losses="initial"``)."""
         if set(losses) != set(self.names) or not all(math.isfinite(float(v)) for v in losses.values()):
             raise ValueError(f"reference losses {losses} must be finite numbers for exactly the domains {self.names}.")
         self.reference_losses = {n: float(losses[n]) for n in self.names}
@@ -740,88 +739,3 @@ class MultiDomainDataModule(TextDataModule):
                 f"domains have {[len(t) for t in self._train_sets]}; use more text or a smaller batch_size/seq_len."
             )
         return steps
-
-
-class DynamicBatchLoading(L.Callback):
-    """Every ``datamodule.update_every`` optimizer steps, measure each domain's validation loss and update the
-    weights of a :class:`MultiDomainDataModule` (dynamic batch loading, Sheared LLaMA).
-
-    The loss is measured here (one pass of ``pl_module(input_ids, labels=input_ids).loss`` over each domain's
-    validation loader under ``torch.no_grad()``, summed over ranks with ``trainer.strategy.reduce``) because a
-    model's ``validation_step`` logs one aggregated ``val/loss``. Logs ``data/weight/<domain>`` and
-    ``data/val_loss/<domain>``. Runs on every rank (the reductions need them all); parameters must be readable
-    as-is (not ZeRO-3 partitioned).
-
-    With ``MultiDomainDataModule(reference_losses="initial")`` the reference losses are measured the same way when
-    training starts (``on_train_start``, unless a resumed checkpoint holds them), with every callback that has a
-    ``bypass(pl_module)`` context manager entered: such a callback (``StructuredPruning``) then leaves the model
-    as the source model. They are logged as ``data/reference_loss/<domain>``.
-
-    Example:
-        >>> trainer = L.Trainer(callbacks=[DynamicBatchLoading()])  # doctest: +SKIP
-    """
-
-    def _dm(self, trainer: L.Trainer) -> MultiDomainDataModule:
-        dm = getattr(trainer, "datamodule", None)
-        if not isinstance(dm, MultiDomainDataModule):
-            raise ValueError(
-                f"DynamicBatchLoading needs trainer.fit(..., datamodule=MultiDomainDataModule(...)); got {type(dm)}."
-            )
-        return dm
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = self._dm(trainer)
-        if dm.reference_losses is None and not dm.measure_reference:
-            raise ValueError(
-                "DynamicBatchLoading needs MultiDomainDataModule(reference_losses=...): a dict, 'initial' (measured "
-                "when training starts) or a checkpoint path."
-            )
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = self._dm(trainer)
-        if dm.reference_losses is not None or not dm.measure_reference:
-            return
-        with contextlib.ExitStack() as stack:
-            for cb in trainer.callbacks:  # type: ignore[attr-defined]
-                bypass = getattr(cb, "bypass", None)
-                if callable(bypass):
-                    stack.enter_context(bypass(pl_module))
-            losses = self.domain_losses(trainer, pl_module)
-        dm.set_reference_losses(losses)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
-        rank_zero_info(f"lit_accel: reference losses (the model as training starts): {shown}")
-        for logger in trainer.loggers:
-            logger.log_metrics({f"data/reference_loss/{n}": v for n, v in losses.items()}, step=trainer.global_step)
-
-    @torch.no_grad()
-    def domain_losses(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Mean next-token loss per domain, over all ranks."""
-        was_training = pl_module.training
-        pl_module.eval()
-        losses = {}
-        try:
-            for name, loader in self._dm(trainer).domain_val_dataloaders().items():
-                total = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
-                for batch in loader:
-                    ids = batch["input_ids"].to(pl_module.device)
-                    loss = pl_module(ids, labels=ids).loss
-                    total += torch.stack([loss.double() * len(ids), torch.tensor(float(len(ids)), device=total.device)])
-                total = trainer.strategy.reduce(total, reduce_op="sum")
-                losses[name] = float(total[0] / total[1].clamp(min=1))
-        finally:
-            pl_module.train(was_training)
-        return losses
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        dm = self._dm(trainer)
-        step = trainer.global_step
-        if step == 0 or step % dm.update_every or getattr(self, "_last_step", -1) == step:
-            return
-        self._last_step = step  # with gradient accumulation, several batches end at one global step
-        losses = self.domain_losses(trainer, pl_module)
-        weights = dm.update(step, losses)
-        metrics = {f"data/weight/{n}": w for n, w in weights.items()}
-        metrics.update({f"data/val_loss/{n}": v for n, v in losses.items()})
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)

@@ -18,7 +18,9 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 __all__ = [
     "EOS_TOKEN",
@@ -40,8 +42,6 @@ def token_dtype(vocab_size: int) -> type:
         >>> token_dtype(32000).__name__, token_dtype(70000).__name__
         ('uint16', 'uint32')
     """
-    import numpy as np
-
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
@@ -92,8 +92,6 @@ def train_bpe_tokenizer(
     Raises:
         ValueError: if ``vocab_size`` is below 257.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 257:
         raise ValueError(f"bpe_vocab_size={vocab_size} must be at least 257 (256 bytes + the eos token).")
     tok = Tokenizer(models.BPE())
@@ -138,8 +136,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
         Traceback (most recent call last):
         ValueError: tokenizer='gpt2' is not a local directory ...
     """
-    from transformers import AutoTokenizer
-
     p = Path(path)
     if not p.is_dir():
         raise ValueError(
