@@ -24,7 +24,8 @@ import torch
 from transformers import AutoTokenizer
 
 from lit_accel.checkpoint import load_lightning_checkpoint
-from lit_accel.lowrank.factorize import rebuild_factorization, save_merged
+from lit_accel.lowrank.factorize import rebuild_factorization
+from lit_accel.lowrank.factorize_io import save_merged
 from lit_accel.lowrank.lora import apply_lora
 from lit_accel.lowrank.lora_io import merged_state_dict, save_peft_adapter
 from lit_accel.models.causal_lm import CausalLM

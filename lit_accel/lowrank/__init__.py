@@ -10,20 +10,14 @@ Example:
 """
 
 from lit_accel.lowrank.factorize import (
-    FACTORIZATION_FILE,
-    FactorizationReport,
-    LowRankLinear,
     apply_factorization,
-    factorization_ranks,
     factorize_linear,
-    format_report,
-    load_factorized,
     merge_factorization,
     rebuild_factorization,
-    save_factorized,
-    save_merged,
 )
 from lit_accel.lowrank.factorize_callback import FactorizationSettings, LowRankFactorization
+from lit_accel.lowrank.factorize_io import FACTORIZATION_FILE, load_factorized, save_factorized, save_merged
+from lit_accel.lowrank.factorize_layer import FactorizationReport, LowRankLinear, factorization_ranks, format_report
 from lit_accel.lowrank.lora import (
     LORA_INITS,
     LoRALinear,

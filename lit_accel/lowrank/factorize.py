@@ -7,20 +7,15 @@ approximation in the Frobenius norm, with relative error ``sqrt(sum of dropped S
 
 Functions (pure, usable without Lightning; :mod:`lit_accel.lowrank.factorize_callback` decides *when*):
 
-- :func:`factorize_linear`: one ``nn.Linear`` / GPT-2 ``Conv1D`` -> :class:`LowRankLinear` + a
-  :class:`FactorizationReport`.
-- :func:`apply_factorization`: the matched linears of a model, in place; :func:`format_report` prints the result.
-- :func:`merge_factorization` / :func:`merged_state_dict` / :func:`save_merged`: back to dense layers, i.e. a plain
-  Hugging Face model (exact logits, no size saving).
-- :func:`save_factorized` / :func:`load_factorized`: keep the factors on disk (keeps the saving).
+- :func:`factorize_linear`: one ``nn.Linear`` / GPT-2 ``Conv1D`` ->
+  :class:`~lit_accel.lowrank.factorize_layer.LowRankLinear` + a
+  :class:`~lit_accel.lowrank.factorize_layer.FactorizationReport`.
+- :func:`apply_factorization`: the matched linears of a model, in place
+  (:func:`~lit_accel.lowrank.factorize_layer.format_report` prints the result).
+- :func:`merge_factorization`: back to dense layers, i.e. a plain Hugging Face model (exact logits, no size saving).
 - :func:`rebuild_factorization`: give a model the factorised *structure* of saved ranks, before loading weights.
 
-The config change needed to load a factorised model: a Hugging Face config cannot say "this projection is two
-matrices of rank r", so a directory written by :func:`save_factorized` loads with :func:`load_factorized` (which
-builds the model from its config, applies the ranks stored in ``lit_accel_factorization.json``, then loads the
-weights). Plain ``AutoModelForCausalLM.from_pretrained`` would not fail on it but would warn about unexpected
-``down``/``up`` keys and leave the projections randomly initialised; for plain-HF users export merged
-(:func:`save_merged`) instead.
+Saving and loading (merged, or keeping the factors) is :mod:`lit_accel.lowrank.factorize_io`.
 
 Distributed: under DeepSpeed ZeRO-3 every weight is gathered before it is read (``modifier_rank=None``), and
 the new factors are written with ``modifier_rank=0``, so whatever each rank computed, rank 0's values are the ones
@@ -42,227 +37,34 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from lit_accel.models.hf_directory import read_hf_weights, save_hf_directory
-from lit_accel.models.params import full_state_dict, gathered, is_rank_zero, load_full_state_dict
-from lit_accel.models.structure import StructurePatterns, get_structure, linear_in_out_features
+from lit_accel.lowrank.factorize_layer import (
+    DenseType,
+    FactorizationReport,
+    LowRankLinear,
+    dense_placeholders,
+    factorized_layers,
+)
+from lit_accel.models.params import gathered
+from lit_accel.models.structure import StructurePatterns, linear_in_out_features
 from lit_accel.models.surgery import match_linears, replace_module
 
 __all__ = [
-    "FACTORIZATION_FILE",
-    "FactorizationReport",
-    "LowRankLinear",
     "apply_factorization",
-    "factorization_ranks",
     "factorize_linear",
-    "format_report",
-    "load_factorized",
     "merge_factorization",
-    "merged_state_dict",
-    "model_matmul_flops_per_token",
     "rebuild_factorization",
-    "save_factorized",
-    "save_merged",
 ]
-
-FACTORIZATION_FILE = "lit_accel_factorization.json"
-"""Name of the file :func:`save_factorized` writes next to the weights: ``{"version": 1, "ranks": {name: r}}``."""
 
 _FLOAT64_MAX_NUMEL = 1 << 22
 # Matrices up to 4M entries (2048 x 2048) are decomposed in float64: it costs well under a second there and makes
 # the reported errors exact to print precision; larger ones use float32, whose SVD is accurate to ~1e-6 relative.
-
-DenseType = Literal["linear", "conv1d"]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The layer
-# --------------------------------------------------------------------------------------------------------------
-
-
-class LowRankLinear(nn.Module):
-    """``y = up(down(x))``: a rank-``r`` linear map stored as two factors.
-
-    ``down`` is ``nn.Linear(in_features, rank, bias=False)`` and ``up`` is ``nn.Linear(rank, out_features)`` with
-    the original layer's bias, so a layer named ``q_proj`` has state-dict keys ``q_proj.down.weight``,
-    ``q_proj.up.weight`` and ``q_proj.up.bias``. It deliberately has no ``base_layer`` (there is no dense weight
-    any more), so adapter code that expects one does not mistake it for a wrapped linear.
-
-    Args:
-        in_features: Input features.
-        out_features: Output features.
-        rank: Inner dimension ``r``.
-        bias: Whether ``up`` has a bias.
-        dense_type: What the layer merges back into: ``"linear"`` (``nn.Linear``) or ``"conv1d"`` (GPT-2's
-            ``Conv1D``, whose weight is stored ``[in, out]``).
-        device: Device of the new parameters.
-        dtype: Dtype of the new parameters.
-
-    Example:
-        >>> layer = LowRankLinear(64, 32, rank=4)
-        >>> layer.down.weight.shape, layer.up.weight.shape, layer.flops_per_token()
-        (torch.Size([4, 64]), torch.Size([32, 4]), 768)
-    """
-
-    is_factorized_linear = True
-    """Marker for duck-typed checks (e.g. a LoRA implementation refusing to wrap a factorised layer)."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = True,
-        dense_type: DenseType = "linear",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        if dense_type not in ("linear", "conv1d"):
-            raise ValueError(f"LowRankLinear dense_type={dense_type!r}; allowed: 'linear', 'conv1d'")
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.rank = int(rank)
-        self.dense_type: DenseType = dense_type
-        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    def flops_per_token(self) -> int:
-        """Forward matmul FLOPs per token, ``2 * r * (in + out)`` (bias not counted, as for dense layers)."""
-        return 2 * self.rank * (self.in_features + self.out_features)
-
-    def dense_weight(self) -> torch.Tensor:
-        """``up.weight @ down.weight`` as an ``[out, in]`` tensor (computed in float32, cast back).
-
-        Under ZeRO-3 call it inside ``gathered(list(layer.parameters()))``.
-        """
-        up, down = self.up.weight, self.down.weight
-        return (up.float() @ down.float()).to(up.dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.up.bias is not None}, dense_type={self.dense_type!r}"
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FactorizationReport:
-    """What factorising one layer did (or why it was skipped).
-
-    Example:
-        >>> r = FactorizationReport("q", 64, 64, rank=8, factorized=True, bias=False, rel_error=0.1, energy_kept=0.9)
-        >>> r.params_before, r.params_after, r.flops_before, r.flops_after
-        (4096, 1024, 8192, 2048)
-    """
-
-    name: str
-    """Qualified module name, relative to the model given."""
-    in_features: int
-    """Input features of the layer."""
-    out_features: int
-    """Output features of the layer."""
-    rank: int
-    """Chosen rank (also given for a skipped layer: the rank that was asked for or that ``energy`` chose)."""
-    factorized: bool
-    """False when the layer was left dense; :attr:`reason` says why."""
-    bias: bool = False
-    """Whether the layer has a bias (counted in both parameter numbers, not in FLOPs)."""
-    rel_error: float | None = None
-    """``||W - up @ down||_F / ||W||_F`` of the factors actually built (None when skipped)."""
-    energy_kept: float | None = None
-    """Fraction of ``sum S_i^2`` that the kept singular values hold (None when no SVD was computed)."""
-    reason: str | None = None
-    """Why the layer was skipped; None when factorised."""
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(out_features, in_features)``, the ``nn.Linear`` weight shape."""
-        return self.out_features, self.in_features
-
-    @property
-    def params_before(self) -> int:
-        """Parameters of the dense layer: ``in * out`` (+ ``out`` for a bias)."""
-        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
-
-    @property
-    def params_after(self) -> int:
-        """Parameters after: ``r * (in + out)`` (+ bias) if factorised, else :attr:`params_before`."""
-        if not self.factorized:
-            return self.params_before
-        return self.rank * (self.in_features + self.out_features) + (self.out_features if self.bias else 0)
-
-    @property
-    def flops_before(self) -> int:
-        """Forward matmul FLOPs per token of the dense layer, ``2 * in * out``."""
-        return 2 * self.in_features * self.out_features
-
-    @property
-    def flops_after(self) -> int:
-        """Forward matmul FLOPs per token after: ``2 * r * (in + out)`` if factorised, else :attr:`flops_before`."""
-        return 2 * self.rank * (self.in_features + self.out_features) if self.factorized else self.flops_before
-
-
-def format_report(reports: Sequence[FactorizationReport]) -> str:
-    """A text table of :func:`apply_factorization`'s reports, one row per layer, with totals.
-
-    Example:
-        >>> table = format_report([FactorizationReport("q", 64, 64, 8, True, rel_error=0.5)])
-        >>> print(table.splitlines()[1])
-        q                          64 x 64           8     4,096 -> 1,024          8,192 -> 2,048               0.5000
-    """
-    header = ("layer", "shape (out x in)", "rank", "params before -> after", "FLOPs/token before -> after")
-    rows = [
-        (
-            r.name,
-            f"{r.out_features} x {r.in_features}",
-            str(r.rank),
-            f"{r.params_before:,} -> {r.params_after:,}",
-            f"{r.flops_before:,} -> {r.flops_after:,}",
-            f"{r.rel_error:.4f}" if r.rel_error is not None else "-",
-            r.reason or "",
-        )
-        for r in reports
-    ]
-    done = [r for r in reports if r.factorized]
-    p0, p1 = sum(r.params_before for r in reports), sum(r.params_after for r in reports)
-    f0, f1 = sum(r.flops_before for r in reports), sum(r.flops_after for r in reports)
-    mean_err = sum(r.rel_error or 0.0 for r in done) / len(done) if done else 0.0
-    rows.append(
-        (
-            f"total ({len(done)} of {len(reports)} factorised)",
-            "",
-            "",
-            f"{p0:,} -> {p1:,}",
-            f"{f0:,} -> {f1:,}",
-            f"{mean_err:.4f} mean" if done else "-",
-            f"saves {1 - p1 / p0:.1%} params, {1 - f1 / f0:.1%} FLOPs" if p0 and f0 else "",
-        )
-    )
-    table = [(*header, "rel. error", "note"), *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -330,92 +132,6 @@ def _params_of(module: nn.Module) -> list[nn.Parameter]:
     return list(module.parameters())
 
 
-@contextlib.contextmanager
-def _zero_init_paused() -> Iterator[None]:
-    """Suspends an active ``deepspeed.zero.Init`` (its module and tensor-constructor patches) for the block.
-
-    The callback factorises inside ``configure_model``, which Lightning runs inside ``zero.Init`` under ZeRO-3.
-    DeepSpeed (0.19) takes a module built with ``device="meta"`` there for ``torch.nn.utils.skip_init`` and patches
-    ``_apply`` of every module class until that module's ``to_empty`` is called, which a placeholder's never is:
-    from then on every ``.to()`` / ``.cuda()`` in the process would partition the module it moves (a plain
-    Hugging Face model loaded after training, say). Nothing is imported: without DeepSpeed loaded, no ``Init`` is
-    active.
-    """
-    pp: Any = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    context = getattr(pp, "top_level_context", None)
-    if context is None or not getattr(context, "patched", False):
-        yield
-        return
-    pp.shutdown_init_context()
-    try:
-        yield
-    finally:
-        pp.restore_init_context()
-
-
-@contextlib.contextmanager
-def _dense_placeholders(model: nn.Module) -> Iterator[dict[str, LowRankLinear]]:
-    """Temporarily swaps every :class:`LowRankLinear` for a meta-device ``nn.Linear`` of the same shape.
-
-    :func:`~lit_accel.models.structure.get_structure` only knows dense linears (and ``base_layer`` wrappers), so a
-    factorised model would fail its role checks; seen through placeholders it has its original structure again,
-    which makes :func:`apply_factorization` idempotent and lets the FLOPs count see every layer. Meta tensors cost
-    no memory. Yields name -> the factorised layer that the placeholder stands for.
-    """
-    found = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    with _zero_init_paused():
-        placeholders = {
-            name: nn.Linear(layer.in_features, layer.out_features, bias=layer.up.bias is not None, device="meta")
-            for name, layer in found.items()
-        }
-    for name, placeholder in placeholders.items():
-        replace_module(model, name, placeholder)
-    try:
-        yield found
-    finally:
-        for name, layer in found.items():
-            replace_module(model, name, layer)
-
-
-def factorization_ranks(model: nn.Module) -> dict[str, int]:
-    """Qualified name -> rank of every :class:`LowRankLinear` in ``model``.
-
-    Example:
-        >>> factorization_ranks(nn.Sequential(LowRankLinear(8, 8, rank=2)))
-        {'0': 2}
-    """
-    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-
-
-def model_matmul_flops_per_token(model: nn.Module, patterns: StructurePatterns | None = None) -> int:
-    """Forward weight-matmul FLOPs per token of a whole model (decoder linears + LM head), factorised or not.
-
-    Dense layers count ``2 * in * out``, factorised ones ``2 * r * (in + out)``; attention scores, norms and
-    embeddings are not counted (they do not change with factorisation).
-
-    Args:
-        model: A supported Hugging Face causal LM, or any model described by ``patterns``.
-        patterns: Module-name patterns for a model that is not a supported architecture.
-
-    Returns:
-        FLOPs per token.
-    """
-    with _dense_placeholders(model) as factorized:
-        structure = get_structure(model, patterns)
-        total = 0
-        for name, module in structure.linears().items():
-            if name in factorized:
-                total += factorized[name].flops_per_token()
-            else:
-                fin, fout = linear_in_out_features(module)
-                total += 2 * fin * fout
-        head = model.get_submodule(structure.lm_head_name) if structure.lm_head_name else None
-        if head is not None:
-            fin, fout = linear_in_out_features(head)
-            total += 2 * fin * fout
-    return total
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Factorising
 # --------------------------------------------------------------------------------------------------------------
@@ -468,8 +184,7 @@ def _build(
     down_w = root[:, None] * svd.vh[:rank]
     norm = float(torch.linalg.matrix_norm(svd.weight))
     err = float(torch.linalg.matrix_norm(svd.weight - up_w @ down_w)) / norm if norm > 0 else 0.0
-    sq = svd.s.double() ** 2
-    energy_kept = float(sq[:rank].sum() / sq.sum()) if float(sq.sum()) > 0 else 1.0
+    energy_kept = _energy_kept(svd, rank)
     with gathered(_params_of(new), modifier_rank=0), torch.no_grad():
         new.up.weight.copy_(up_w.to(new.up.weight.dtype))
         new.down.weight.copy_(down_w.to(new.down.weight.dtype))
@@ -578,8 +293,9 @@ def apply_factorization(
             ``up``, ``down``, GPT-2 ``qkv``), module-name suffixes or regular expressions (see
             :func:`~lit_accel.models.surgery.match_linears`). Ignored when ``rank`` is a dict.
         rank: One rank for every target (``1 <= rank < min(in, out)`` for each), or a dict qualified layer name ->
-            rank that factorises exactly those layers (e.g. the ranks saved by :func:`save_factorized`; a saved
-            rank may be ``min(in, out)`` and is never skipped).
+            rank that factorises exactly those layers (e.g. the ranks saved by
+            :func:`~lit_accel.lowrank.factorize_io.save_factorized`; a saved rank may be ``min(in, out)`` and is
+            never skipped).
         energy: Instead of ``rank``: per layer, the smallest rank keeping this fraction, in ``(0, 1]``, of the sum
             of squared singular values.
         patterns: Module-name patterns for a model that is not a supported architecture.
@@ -603,7 +319,7 @@ def apply_factorization(
         ['q_proj', 'k_proj', 'v_proj', 'o_proj']
     """
     _check_rank_energy(rank, energy)
-    with _dense_placeholders(model) as already:
+    with dense_placeholders(model) as already:
         if isinstance(rank, Mapping):
             chosen: dict[str, nn.Module] = {}
             for name in rank:
@@ -688,17 +404,18 @@ def rebuild_factorization(model: nn.Module, ranks: Mapping[str, int]) -> None:
 
     Layers named in ``ranks`` become :class:`LowRankLinear` of that rank; factorised layers not named become
     dense again. The values of every layer changed are fresh initialisations: load the matching weights right
-    after (a checkpoint's state dict, a :func:`save_factorized` directory). This is how a resumed run gets the
-    structure of the run that wrote the checkpoint, whatever ranks ``energy`` would choose on its new weights.
+    after (a checkpoint's state dict, a :func:`~lit_accel.lowrank.factorize_io.save_factorized` directory). This is
+    how a resumed run gets the structure of the run that wrote the checkpoint, whatever ranks ``energy`` would
+    choose on its new weights.
 
     Args:
         model: The model to change in place.
-        ranks: Qualified layer name -> rank, as :func:`factorization_ranks` returns.
+        ranks: Qualified layer name -> rank, as :func:`~lit_accel.lowrank.factorize_layer.factorization_ranks` returns.
 
     Raises:
         ValueError: A name that is not a linear or factorised layer of the model, or a rank out of range.
     """
-    for name, layer in _factorized_modules(model).items():
+    for name, layer in factorized_layers(model).items():
         if name not in ranks:
             replace_module(model, name, _empty_dense(layer))
     for name, r in ranks.items():
@@ -724,11 +441,6 @@ def rebuild_factorization(model: nn.Module, ranks: Mapping[str, int]) -> None:
         replace_module(model, name, new)
 
 
-def _factorized_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    # Collected up front: replacing modules while iterating named_modules() would skip or revisit some.
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-
-
 def _empty_dense(layer: LowRankLinear) -> nn.Module:
     weight = layer.up.weight
     has_bias = layer.up.bias is not None
@@ -741,7 +453,7 @@ def _empty_dense(layer: LowRankLinear) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Export
+# Merging back
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -751,8 +463,8 @@ def merge_factorization(model: nn.Module) -> list[str]:
     The dense layer is an ``nn.Linear``, or a GPT-2 ``Conv1D`` where the original was one, so the model is a plain
     Hugging Face model again: ``save_pretrained`` writes a directory that ``AutoModelForCausalLM.from_pretrained``
     loads, with the factorised model's logits (up to float rounding). The size saving is gone.
-    :func:`save_merged` writes the same directory without changing the model. Under ZeRO-3 call it on every rank
-    inside the partitioning context.
+    :func:`~lit_accel.lowrank.factorize_io.save_merged` writes the same directory without changing the model. Under
+    ZeRO-3 call it on every rank inside the partitioning context.
 
     Args:
         model: A model holding factorised layers.
@@ -765,7 +477,7 @@ def merge_factorization(model: nn.Module) -> list[str]:
         >>> merge_factorization(model), type(model[0]).__name__
         (['0'], 'Linear')
     """
-    layers = _factorized_modules(model)
+    layers = factorized_layers(model)
     for name, layer in layers.items():
         dense = _empty_dense(layer)
         with gathered(_params_of(layer), modifier_rank=None), torch.no_grad():
@@ -780,139 +492,3 @@ def merge_factorization(model: nn.Module) -> list[str]:
                 target_bias.copy_(bias.to(target_bias.dtype))
         replace_module(model, name, dense)
     return list(layers)
-
-
-def merged_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The state dict of the merged (dense) model, computed from the factors without changing ``model``.
-
-    Each ``<name>.down.weight`` / ``<name>.up.weight`` / ``<name>.up.bias`` becomes ``<name>.weight`` /
-    ``<name>.bias`` (transposed to ``[in, out]`` for a GPT-2 ``Conv1D``).
-
-    Args:
-        model: A model holding factorised layers.
-        state: Its full state dict if already at hand (under ZeRO-3 from
-            :func:`~lit_accel.models.params.full_state_dict`, on rank 0); read from ``model`` otherwise.
-
-    Returns:
-        A state dict with the model's original (dense) keys, on CPU.
-    """
-    full = dict(state) if state is not None else full_state_dict(model)
-    for name, layer in _factorized_modules(model).items():
-        down = full.pop(f"{name}.down.weight")
-        up = full.pop(f"{name}.up.weight")
-        w = (up.float() @ down.float()).to(up.dtype)
-        full[f"{name}.weight"] = (w.t() if layer.dense_type == "conv1d" else w).contiguous()
-        bias = full.pop(f"{name}.up.bias", None)
-        if bias is not None:
-            full[f"{name}.bias"] = bias
-    return full
-
-
-class _ExtraFiles:
-    """Writes ``lit_accel_factorization.json`` (and a tokenizer) through ``save_hf_directory``'s tokenizer slot,
-    so the file lands inside the same atomic write as the weights (no directory with weights but no ranks)."""
-
-    def __init__(self, ranks: Mapping[str, int], tokenizer: Any | None) -> None:
-        self.ranks = dict(ranks)
-        self.tokenizer = tokenizer
-
-    def save_pretrained(self, directory: str) -> None:
-        payload = {"format": "lit_accel.factorization", "version": 1, "ranks": self.ranks}
-        Path(directory, FACTORIZATION_FILE).write_text(json.dumps(payload, indent=2) + "\n")
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(directory)
-
-
-def _save_dir(
-    model: nn.Module, state: dict[str, torch.Tensor], directory: str | os.PathLike[str], extra: Any, overwrite: bool
-) -> Path:
-    if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"{type(model).__name__} is not a Hugging Face PreTrainedModel (no save_pretrained)")
-    return save_hf_directory(model, state, Path(directory), tokenizer=extra, overwrite=overwrite)  # type: ignore[arg-type]
-
-
-def save_merged(
-    model: nn.Module, directory: str | os.PathLike[str], tokenizer: Any | None = None, overwrite: bool = False
-) -> Path:
-    """Writes a plain Hugging Face directory of the merged (dense) model; ``model`` itself is not changed.
-
-    ``AutoModelForCausalLM.from_pretrained(directory)`` then gives the factorised model's logits, with no config
-    change and no ``lit_accel`` needed; the file is as large as the original dense model. Under ZeRO-3 call it
-    on every rank (only rank 0 writes).
-
-    Args:
-        model: A Hugging Face model holding factorised layers.
-        directory: Destination (written atomically).
-        tokenizer: Optional tokenizer written alongside.
-        overwrite: Replace an existing non-empty directory.
-
-    Returns:
-        The directory.
-    """
-    state = full_state_dict(model)
-    if not is_rank_zero():
-        return Path(directory)
-    return _save_dir(model, merged_state_dict(model, state), directory, tokenizer, overwrite)
-
-
-def save_factorized(
-    model: nn.Module, directory: str | os.PathLike[str], tokenizer: Any | None = None, overwrite: bool = False
-) -> Path:
-    """Writes the factorised model: config, factor weights, and ``lit_accel_factorization.json`` (name -> rank).
-
-    Load it with :func:`load_factorized`. The config is the unchanged Hugging Face config, which cannot express a
-    factorised projection; plain ``from_pretrained`` on this directory would warn about unexpected ``down``/``up``
-    keys and leave those projections randomly initialised, so use :func:`save_merged` for plain-HF consumers.
-    Under ZeRO-3 call it on every rank (only rank 0 writes).
-
-    Args:
-        model: A Hugging Face model holding factorised layers.
-        directory: Destination (written atomically, ranks file included).
-        tokenizer: Optional tokenizer written alongside.
-        overwrite: Replace an existing non-empty directory.
-
-    Returns:
-        The directory.
-    """
-    state = full_state_dict(model)
-    if not is_rank_zero():
-        return Path(directory)
-    return _save_dir(model, state, directory, _ExtraFiles(factorization_ranks(model), tokenizer), overwrite)
-
-
-def load_factorized(directory: str | os.PathLike[str], dtype: torch.dtype = torch.float32, **kwargs: Any) -> nn.Module:
-    """Loads a directory written by :func:`save_factorized`, keeping the factors (and the saving).
-
-    Builds the model from its config (``AutoModelForCausalLM.from_config``), gives it the factorised structure
-    from ``lit_accel_factorization.json`` (:func:`rebuild_factorization`), then loads the weights, checking that
-    every parameter is present with the right shape.
-
-    Args:
-        directory: A :func:`save_factorized` directory.
-        dtype: Parameter dtype of the model built.
-        **kwargs: Passed to ``AutoModelForCausalLM.from_config`` (e.g. ``attn_implementation``).
-
-    Returns:
-        The factorised Hugging Face model, in eval mode as ``from_pretrained`` returns it.
-
-    Raises:
-        FileNotFoundError: No ``lit_accel_factorization.json`` in ``directory`` (for a merged or plain directory,
-            use ``AutoModelForCausalLM.from_pretrained``).
-
-    Example:
-        >>> model = load_factorized("out/llama-factorized")  # doctest: +SKIP
-    """
-    path = Path(directory)
-    spec = path / FACTORIZATION_FILE
-    if not spec.is_file():
-        raise FileNotFoundError(
-            f"{str(spec)!r} does not exist: {str(path)!r} was not written by save_factorized. A merged or plain "
-            "Hugging Face directory loads with AutoModelForCausalLM.from_pretrained."
-        )
-    ranks = {str(k): int(v) for k, v in json.loads(spec.read_text())["ranks"].items()}
-    config = AutoConfig.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-    rebuild_factorization(model, ranks)
-    load_full_state_dict(model, read_hf_weights(str(path)))
-    model.eval()
-    return model

@@ -40,15 +40,13 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lit_accel.lowrank.factorize import (
+from lit_accel.lowrank.factorize import apply_factorization, rebuild_factorization
+from lit_accel.lowrank.factorize_io import save_factorized, save_merged
+from lit_accel.lowrank.factorize_layer import (
     FactorizationReport,
-    apply_factorization,
     factorization_ranks,
     format_report,
     model_matmul_flops_per_token,
-    rebuild_factorization,
-    save_factorized,
-    save_merged,
 )
 from lit_accel.models.structure import StructurePatterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model

@@ -22,21 +22,20 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from lit_accel.lowrank.factorize import (
-    FACTORIZATION_FILE,
-    FactorizationReport,
-    LowRankLinear,
     apply_factorization,
-    factorization_ranks,
     factorize_linear,
-    format_report,
-    load_factorized,
     merge_factorization,
-    model_matmul_flops_per_token,
     rebuild_factorization,
-    save_factorized,
-    save_merged,
 )
 from lit_accel.lowrank.factorize_callback import LowRankFactorization
+from lit_accel.lowrank.factorize_io import FACTORIZATION_FILE, load_factorized, save_factorized, save_merged
+from lit_accel.lowrank.factorize_layer import (
+    FactorizationReport,
+    LowRankLinear,
+    factorization_ranks,
+    format_report,
+    model_matmul_flops_per_token,
+)
 from lit_accel.models import CausalLM
 
 # --------------------------------------------------------------------------------------------------------------
