@@ -1,4 +1,4 @@
-"""Scaling: tokens/s per GPU from 1 to N GPUs, dense and with each technique (issue 8, goal >= 90% efficiency).
+"""Scaling: tokens/s per GPU from 1 to N GPUs, dense and with each technique (goal >= 90% efficiency).
 
 Each (GPU count, strategy, variant) runs in its own process: Lightning's launcher then starts one process per GPU
 from that command, as in any Lightning script. The per-GPU batch is fixed (weak scaling), so efficiency =
@@ -11,7 +11,6 @@ table appended to RESULTS.md.
     python benchmarks/scaling.py --gpus 2 --variants dense --ddp gradient_as_bucket_view=true bucket_cap_mb=100
     python benchmarks/scaling.py --gpus 2 --variants dense --ddp comm_hook=bf16   # bf16-compressed all-reduce
     python benchmarks/scaling.py --gpus 1 2 --strategy lit_ddp --results $OUT/RESULTS.md   # lit_accel's DDP defaults
-    python benchmarks/scaling.py --gpus 1 2 --strategy lit_ddp --variants dropbp dropbp_skip --ddp bucket_cap_mb=20
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-DEFAULT_VARIANTS = ("dense", "dropbp", "lora", "factorize", "sparsity24", "pruning")
-VARIANTS = (*DEFAULT_VARIANTS, "dropbp_skip")  # dropbp_skip on request: pair it with sublayer-sized buckets
+VARIANTS = ("dense", "dropbp", "lora", "factorize", "sparsity24", "pruning")
 
 
 def _callbacks(variant: str) -> list[Any]:
@@ -37,8 +35,6 @@ def _callbacks(variant: str) -> list[Any]:
         return []
     if variant == "dropbp":
         return [DropBP(target=0.5, sensitivity="uniform")]
-    if variant == "dropbp_skip":  # not in the default list: pair it with sublayer-sized buckets (--ddp bucket_cap_mb)
-        return [DropBP(target=0.5, sensitivity="uniform", skip_dropped_allreduce=True)]
     if variant == "lora":
         return [LoRA(targets="all-linear", r=16, alpha=32)]
     if variant == "factorize":
@@ -106,7 +102,7 @@ def _child(args: argparse.Namespace) -> None:
     world = args.devices
     ds = RandomTokens(args.batch * world * (steps + 1), args.seq, module.config.vocab_size)
     trainer.fit(module, train_dataloaders=loader(ds, args.batch))
-    if trainer.global_rank == 0:
+    if trainer.is_global_zero:
         times = [s.elapsed_time(e) / args.iters for s, e in timer.events]
         with open(args.out, "w") as f:
             json.dump({"times_ms": times, "peak_gib": timer.peak_gib}, f)
@@ -121,7 +117,7 @@ def main() -> None:
     parser.add_argument(
         "--ddp", nargs="*", default=[], metavar="KEY=VALUE", help="DDPStrategy arguments for the multi-GPU ddp runs"
     )
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--preset", default="llama-125m")
     parser.add_argument("--batch", type=int, default=16, help="sequences per GPU")
     parser.add_argument("--seq", type=int, default=2048)

@@ -29,26 +29,27 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from lit_accel.dropbp.functional import (
     DropBPController,
-    DroppedBucketSkipper,
     all_reduce_mean,
     allocate_drop_rates,
     apply_dropbp,
     draw_mask,
     dropped_fraction,
-    exclusive_sublayer_parameters,
     measure_sensitivity,
     sublayer_backward_flops,
     uniform_drop_rates,
 )
+from lit_accel.models.params import world_size
 from lit_accel.models.structure import StructurePatterns
 from lit_accel.models.surgery import find_hf_model
+from lit_accel.observe.wandb import BarChart, WandbCharts, other_loggers
+from lit_accel.settings import settings_from, takes_settings
 
 __all__ = ["MAX_TARGET", "DropBP", "DropBPSettings"]
 
@@ -61,7 +62,7 @@ _RATE_STEP = 0.1
 
 @dataclass
 class DropBPSettings:
-    """Validated settings of :class:`DropBP` (see its docstring for how to choose them).
+    """The arguments of :class:`DropBP`, one field each, validated (its docstring says how to choose them).
 
     Example:
         >>> DropBPSettings(target=0.5, sensitivity="uniform").target
@@ -76,23 +77,21 @@ class DropBPSettings:
     """When to measure: an int is an optimizer step (0 = before the first step); a float in ``[0, 1)`` is a
     fraction of the run's total steps (``trainer.estimated_stepping_batches``)."""
     sensitivity_batches: int = 1
-    """Number of training batches (micro-batches) the sensitivities are averaged over."""
+    """Number of training batches (micro-batches) the sensitivities are averaged over (``L + 1`` passes each)."""
     decide_every: Literal["step", "micro_batch"] = "step"
     """Draw a new drop mask every optimizer step (shared by its gradient-accumulation micro-batches) or every
     micro-batch."""
     seed: int = 0
     """Seed of the mask generator (the same on every rank) and of the measurement passes."""
     patterns: StructurePatterns | None = None
-    """Module names of a model that :func:`~lit_accel.models.structure.get_structure` does not know."""
+    """Module names of a model that :func:`~lit_accel.models.structure.get_structure` does not know (a
+    :class:`~lit_accel.models.structure.StructurePatterns` or a dict of its fields); None for a supported Hugging
+    Face architecture."""
     log_every_n_steps: int | None = None
     """Interval of the ``dropbp/*`` scalars in optimizer steps; None uses the trainer's."""
     before_measurement: Literal["uniform", "dense"] = "uniform"
     """Rates until the measurement (``sensitivity="auto"``): ``"uniform"`` drops every sublayer at ``target``
     (as the reference code does), ``"dense"`` drops nothing."""
-    skip_dropped_allreduce: bool = False
-    """Under DDP, skip the all-reduce of gradient buckets whose parameters all belong to dropped sublayers (they
-    hold zeros on every rank): fewer bytes sent, same results. Pays with buckets about a sublayer's size
-    (``bucket_cap_mb``); not yet measured on GPUs, hence off by default."""
     sampling: Literal["systematic", "independent"] = "systematic"
     """How masks are drawn from the rates; both drop sublayer ``i`` with probability ``rate_i``.
     ``"systematic"`` fixes how many sublayers drop each step, so step time and peak memory stay steady;
@@ -135,8 +134,6 @@ class DropBPSettings:
             raise bad("before_measurement", "'uniform' or 'dense'")
         if self.sampling not in ("systematic", "independent"):
             raise bad("sampling", "'systematic' or 'independent'")
-        if not isinstance(self.skip_dropped_allreduce, bool):
-            raise bad("skip_dropped_allreduce", "a bool")
         if isinstance(self.patterns, Mapping):
             try:
                 self.patterns = StructurePatterns(**self.patterns)
@@ -147,7 +144,7 @@ class DropBPSettings:
 
 
 def _max_over_ranks(value: int, device: torch.device) -> int:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -180,6 +177,7 @@ def _mute_logging(pl_module: L.LightningModule) -> Iterator[None]:
             pl_module.__dict__.pop(name, None)
 
 
+@takes_settings(DropBPSettings)
 class DropBP(L.Callback):
     """Drops the backward pass of residual sublayers at per-sublayer rates set from measured sensitivity.
 
@@ -211,22 +209,7 @@ class DropBP(L.Callback):
     allocation a W&B table and bar charts of the per-sublayer rates and sensitivities (other loggers:
     ``dropbp/rate/<i>``, ``dropbp/sensitivity/<i>``).
 
-    Args:
-        target: Fraction of the sublayers' backward FLOPs to drop, in expectation, in ``[0, 0.9]``.
-        sensitivity: ``"auto"`` (measure, then allocate) or ``"uniform"`` (every rate = target, no measurement).
-        sensitivity_at: Optimizer step (int) or fraction of the run's steps (float in ``[0, 1)``) at which to
-            measure.
-        sensitivity_batches: Training batches the sensitivities are averaged over.
-        decide_every: ``"step"``: one mask per optimizer step, shared by its gradient-accumulation micro-batches;
-            ``"micro_batch"``: a new mask every micro-batch.
-        seed: Seed of the mask generator (same on all ranks) and of the measurement passes.
-        patterns: :class:`~lit_accel.models.structure.StructurePatterns` (or a dict of its fields) for a model
-            that is not a supported Hugging Face architecture.
-        log_every_n_steps: Interval of the ``dropbp/*`` scalars; None uses the trainer's.
-        before_measurement: ``"uniform"`` or ``"dense"`` rates until the measurement.
-        sampling: ``"systematic"`` or ``"independent"`` mask draws (see :class:`DropBPSettings`).
-        skip_dropped_allreduce: Under DDP, skip the all-reduce of gradient buckets that only dropped sublayers'
-            parameters fill (zeros on every rank); logs ``dropbp/allreduce_skipped_fraction``.
+    Args: see :class:`DropBPSettings`.
 
     Raises:
         ValueError: At construction, for any argument outside what is allowed (the message names it); at the
@@ -247,29 +230,14 @@ class DropBP(L.Callback):
         sensitivity_batches: int = 1,
         decide_every: Literal["step", "micro_batch"] = "step",
         seed: int = 0,
-        patterns: StructurePatterns | dict[str, Any] | None = None,
+        patterns: StructurePatterns | None = None,
         log_every_n_steps: int | None = None,
         before_measurement: Literal["uniform", "dense"] = "uniform",
         sampling: Literal["systematic", "independent"] = "systematic",
-        skip_dropped_allreduce: bool = False,
     ) -> None:
         super().__init__()
-        self.settings = DropBPSettings(
-            target=target,
-            sensitivity=sensitivity,
-            sensitivity_at=sensitivity_at,
-            sensitivity_batches=sensitivity_batches,
-            decide_every=decide_every,
-            seed=seed,
-            patterns=patterns,  # type: ignore[arg-type]  # a dict is converted in __post_init__
-            log_every_n_steps=log_every_n_steps,
-            before_measurement=before_measurement,
-            sampling=sampling,
-            skip_dropped_allreduce=skip_dropped_allreduce,
-        )
+        self.settings = settings_from(DropBPSettings, locals())
         self.controller: DropBPController | None = None
-        self.bucket_skipper: DroppedBucketSkipper | None = None
-        """The DDP communication hook registered with ``skip_dropped_allreduce``, else None."""
         self.generator = torch.Generator().manual_seed(seed)
         self.sensitivity_step: int | None = None
         """Optimizer step at which the measurement runs (resolved at the start of fit)."""
@@ -296,8 +264,7 @@ class DropBP(L.Callback):
         self._trainable: tuple[bool, ...] | None = None
         self._log_fraction_sum = 0.0
         self._log_count = 0
-        self._window_step = -1
-        self._window_dropped: list[bool] = []
+        self._charts = WandbCharts("DropBP")
 
     # ------------------------------------------------------------------ rates
     @property
@@ -327,6 +294,7 @@ class DropBP(L.Callback):
         return self._flops_cache[length]
 
     # ------------------------------------------------------------------ set-up
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -360,8 +328,8 @@ class DropBP(L.Callback):
                 "use sensitivity='uniform' with manual optimization."
             )
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.bucket_skipper = None
         model = find_hf_model(pl_module)
         if self.controller is not None:
             self.controller.remove()
@@ -386,39 +354,18 @@ class DropBP(L.Callback):
                 f"DropBP sensitivity_at={at!r} is step {self.sensitivity_step}, at or after the end of the run "
                 f"({int(total)} optimizer steps); use a smaller sensitivity_at, or sensitivity='uniform'."
             )
-        if s.skip_dropped_allreduce:
-            self._register_bucket_skipper(trainer)
         rank_zero_info(
             f"DropBP: {self.controller.num_sublayers} sublayers, target {s.target}, sensitivity={s.sensitivity}"
             + (f" measured at step {self.sensitivity_step}" if s.sensitivity == "auto" else "")
         )
 
-    def _register_bucket_skipper(self, trainer: L.Trainer) -> None:
-        assert self.controller is not None
-        strategy = trainer.strategy
-        ddp = getattr(strategy, "model", None)
-        if not isinstance(ddp, nn.parallel.DistributedDataParallel):  # DeepSpeed's engine is not one either
-            rank_zero_warn(
-                f"DropBP skip_dropped_allreduce=True does nothing under {type(strategy).__name__}: it is a DDP "
-                "communication hook (use strategy='ddp' or 'lit_ddp' with two or more processes)."
-            )
-            return
-        if getattr(strategy, "_ddp_comm_hook", None) is not None:
-            raise ValueError(
-                "DropBP skip_dropped_allreduce=True registers a DDP communication hook, but the strategy already has "
-                "ddp_comm_hook set; DDP takes one hook. Drop one of the two."
-            )
-        # Count uses over everything DDP buckets (the LightningModule), not only the HF model inside it.
-        exclusive = exclusive_sublayer_parameters(self.controller, ddp.module)
-        self.bucket_skipper = DroppedBucketSkipper(lambda: self._window_dropped, exclusive)
-        ddp.register_comm_hook(ddp.process_group, self.bucket_skipper)
-        rank_zero_info("DropBP: DDP skips the all-reduce of buckets that only dropped sublayers fill.")
-
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.settings.sensitivity == "uniform":
             self._log_allocation(trainer)
 
     # ------------------------------------------------------------------ per batch
+    @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -436,22 +383,11 @@ class DropBP(L.Callback):
             self._measure(trainer, pl_module, batch, batch_idx)
         if s.decide_every == "step" and self.mask is not None and self._decided_step == step:
             self.controller.set_mask(self.mask)  # a later micro-batch of the same optimizer step
-            self._update_window(step)
             return
         self.mask = draw_mask(self.rates, self.generator, self.settings.sampling, self._trainable)
         self._decided_step = step
         self.controller.set_mask(self.mask)
-        self._update_window(step)
         self._log_decision(trainer)
-
-    def _update_window(self, step: int) -> None:
-        # Sublayers dropped in every micro-batch of this optimizer step so far: only their gradients are still
-        # zero when DDP syncs (decide_every="micro_batch" with gradient accumulation changes the mask in between).
-        assert self.mask is not None
-        if self._window_step != step:
-            self._window_step, self._window_dropped = step, list(self.mask)
-        else:
-            self._window_dropped = [a and b for a, b in zip(self._window_dropped, self.mask)]
 
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.controller is not None
@@ -515,10 +451,6 @@ class DropBP(L.Callback):
         }
         if self.measured:
             metrics["dropbp/sensitivity_seconds"] = self.sensitivity_seconds
-        skipper = self.bucket_skipper
-        if skipper is not None and skipper.total_bytes:
-            metrics["dropbp/allreduce_skipped_fraction"] = skipper.skipped_bytes / skipper.total_bytes
-            skipper.reset_counts()
         self.last_metrics = metrics
         self._log_fraction_sum, self._log_count = 0.0, 0
         if trainer.is_global_zero:
@@ -544,49 +476,30 @@ class DropBP(L.Callback):
             ]
             for i, sub in enumerate(self.controller.sublayers)
         ]
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                try:
-                    import wandb
-
-                    columns: list[str | int] = [
-                        "sublayer",
-                        "index",
-                        "name",
-                        "rate",
-                        "sensitivity",
-                        "backward_flops_share",
-                    ]
-                    table = wandb.Table(columns=columns, data=rows)
-                    payload: dict[str, Any] = {
-                        "dropbp/allocation": table,
-                        "dropbp/rates": wandb.plot.bar(
-                            table, "sublayer", "rate", title="DropBP drop rate per sublayer"
-                        ),
-                    }
-                    if sens is not None:
-                        payload["dropbp/sensitivities"] = wandb.plot.bar(
-                            table, "sublayer", "sensitivity", title="DropBP sensitivity per sublayer"
-                        )
-                    logger.experiment.log({**payload, "trainer/global_step": trainer.global_step})
-                except Exception as err:  # a chart must never stop training
-                    rank_zero_warn(f"DropBP: could not log the W&B allocation chart ({err!r}).")
-            else:
-                scalars = {f"dropbp/rate/{i}": r for i, r in enumerate(rates)}
-                if sens is not None:
-                    scalars.update({f"dropbp/sensitivity/{i}": float(v) for i, v in enumerate(sens)})
-                logger.log_metrics(scalars, step=trainer.global_step)
+        columns = ["sublayer", "index", "name", "rate", "sensitivity", "backward_flops_share"]
+        charts = {"dropbp/rates": BarChart("sublayer", "rate", "DropBP drop rate per sublayer")}
+        if sens is not None:
+            charts["dropbp/sensitivities"] = BarChart("sublayer", "sensitivity", "DropBP sensitivity per sublayer")
+        self._charts.log(trainer, "dropbp/allocation", columns, rows, charts)
+        scalars = {f"dropbp/rate/{i}": r for i, r in enumerate(rates)}
+        if sens is not None:
+            scalars.update({f"dropbp/sensitivity/{i}": float(v) for i, v in enumerate(sens)})
+        for logger in other_loggers(trainer):
+            logger.log_metrics(scalars, step=trainer.global_step)
 
     # ------------------------------------------------------------------ end, state
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.controller is not None:
             self.controller.keep_all()
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.controller is not None:
             self.controller.remove()
             self.controller = None
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning's exception path skips teardown: leave no hooks behind (a retry in the same process would
         # keep dropping silently), and turn autograd back on in case the exception left a dropped sublayer's
@@ -594,6 +507,7 @@ class DropBP(L.Callback):
         self.teardown(trainer, pl_module, "fit")
         torch.set_grad_enabled(True)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "target": self.settings.target,
@@ -610,6 +524,7 @@ class DropBP(L.Callback):
             "decided_step": self._decided_step,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.measured = bool(state_dict.get("measured", False))
         self.sensitivities = state_dict.get("sensitivities")

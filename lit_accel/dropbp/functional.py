@@ -51,17 +51,16 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lit_accel.models.flops import backward_flops
+from lit_accel.models.params import world_size
 from lit_accel.models.structure import ModelStructure, StructurePatterns, Sublayer, get_structure
 
 __all__ = [
     "DropBPController",
-    "DroppedBucketSkipper",
     "all_reduce_mean",
     "allocate_drop_rates",
     "apply_dropbp",
     "draw_mask",
     "dropped_fraction",
-    "exclusive_sublayer_parameters",
     "grad_norms",
     "measure_sensitivity",
     "sublayer_backward_flops",
@@ -480,104 +479,11 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     The mean is then broadcast from rank 0, so every rank holds bit-identical values whatever the
     backend's reduction order, and every rank computes the same allocation from it.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    world = world_size()
+    if world == 1:
         return tensor
-    world = torch.distributed.get_world_size()
     out = tensor.clone()
     torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
     out /= world
     torch.distributed.broadcast(out, src=0)
     return out
-
-
-def exclusive_sublayer_parameters(controller: DropBPController, model: nn.Module) -> list[frozenset[int]]:
-    """Per sublayer, the ids of the parameters used nowhere else in ``model`` (a shared or tied parameter, used by
-    another sublayer or outside them, still gets a gradient when its sublayer is dropped, so it is left out).
-
-    Example:
-        >>> controller = apply_dropbp(model)  # doctest: +SKIP
-        >>> exclusive_sublayer_parameters(controller, model)[0]  # doctest: +SKIP
-        frozenset({...})  # block 0's attention and input norm
-    """
-    total: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        total[id(p)] = total.get(id(p), 0) + 1
-    out = []
-    for sub in controller.sublayers:
-        inside: dict[int, int] = {}
-        for module in (sub.norm, sub.module):
-            if module is not None:
-                for _, p in module.named_parameters(remove_duplicate=False):
-                    inside[id(p)] = inside.get(id(p), 0) + 1
-        out.append(frozenset(pid for pid, n in inside.items() if n == total.get(pid)))
-    return out
-
-
-class DroppedBucketSkipper:
-    """A DDP communication hook that skips the all-reduce of a bucket whose parameters all belong to sublayers
-    dropped in every micro-batch since the last gradient sync; other buckets are averaged as DDP does by default
-    (each rank's values times ``1 / world size``, then summed).
-
-    Every rank drops the same sublayers (the mask generator is seeded alike and never draws from rank-local state),
-    so such a bucket holds zeros on every rank (DDP with ``find_unused_parameters`` zero-fills unused parameters'
-    slots) and its mean is zeros: skipping it changes nothing but the bytes sent.
-
-    Args:
-        dropped_mask: Returns, per sublayer, whether it was dropped in every micro-batch since the last sync (read
-            at every bucket; :class:`~lit_accel.dropbp.DropBP` keeps it).
-        exclusive: :func:`exclusive_sublayer_parameters` of the module DDP wraps.
-
-    Attributes:
-        skipped_bytes, total_bytes: Bucket bytes skipped / seen since :meth:`reset_counts`.
-        skipped_buckets: Buckets skipped since the hook was made (never reset).
-    """
-
-    def __init__(self, dropped_mask: Callable[[], Sequence[bool]], exclusive: Sequence[frozenset[int]]) -> None:
-        self.dropped_mask = dropped_mask
-        self.exclusive = list(exclusive)
-        self.skipped_bytes = 0
-        self.total_bytes = 0
-        self.skipped_buckets = 0
-        self._cached: tuple[tuple[bool, ...], frozenset[int]] = ((), frozenset())
-        self.__name__ = "dropbp_skip_dropped_buckets"  # DDP logs a hook by its name
-        self.__qualname__ = self.__name__
-
-    def reset_counts(self) -> None:
-        """Zeroes :attr:`skipped_bytes` and :attr:`total_bytes`."""
-        self.skipped_bytes = self.total_bytes = 0
-
-    def dropped_parameters(self) -> frozenset[int]:
-        """Ids of the parameters no gradient has reached since the last sync (rebuilt only when the mask changes:
-        the hook runs once per bucket on the autograd thread)."""
-        mask = tuple(self.dropped_mask())
-        if mask != self._cached[0]:
-            ids = frozenset(pid for i, drop in enumerate(mask) if drop for pid in self.exclusive[i])
-            self._cached = (mask, ids)
-        return self._cached[1]
-
-    def __call__(self, state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-        buffer = bucket.buffer()
-        nbytes = buffer.numel() * buffer.element_size()
-        self.total_bytes += nbytes
-        dropped = self.dropped_parameters()
-        if dropped and all(id(p) in dropped for p in bucket.parameters()):
-            self.skipped_bytes += nbytes
-            self.skipped_buckets += 1
-            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-            done.set_result(buffer)
-            return done
-        # As DDP's built-in reduction: scale by the reciprocal of the world size, then sum (bit-equal to it).
-        group = state if state is not None else torch.distributed.group.WORLD
-        buffer.mul_(1.0 / torch.distributed.get_world_size(group))
-        work = torch.distributed.all_reduce(buffer, group=group, async_op=True)
-        assert work is not None
-        return work.get_future().then(lambda fut: fut.value()[0])
-
-
-if torch.distributed.is_available():
-    # DDP checks a hook's annotations against the real classes; this module's are strings (postponed evaluation).
-    DroppedBucketSkipper.__call__.__annotations__ = {
-        "state": Any,
-        "bucket": torch.distributed.GradBucket,
-        "return": torch.futures.Future[torch.Tensor],
-    }

@@ -19,16 +19,18 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lit_accel.kernels.apply import KERNEL_NAMES, KernelReport, apply_kernels
 from lit_accel.models.surgery import run_after_configure_model
+from lit_accel.settings import settings_from, takes_settings
 
 __all__ = ["FusedKernels", "FusedKernelsSettings"]
 
 
 @dataclass
 class FusedKernelsSettings:
-    """Validated settings of :class:`FusedKernels`.
+    """The arguments of :class:`FusedKernels`, one field each, validated.
 
     Example:
         >>> FusedKernelsSettings(rope=False).rope
@@ -55,15 +57,19 @@ class FusedKernelsSettings:
                 raise ValueError(f"FusedKernels: {key} must be true or false; got {value!r}")
 
 
+@takes_settings(FusedKernelsSettings)
 class FusedKernels(L.Callback):
     """Patch the Hugging Face model of a LightningModule with the Triton kernels (see the module docstring).
 
-    Args:
-        rms_norm: See :class:`FusedKernelsSettings`.
-        swiglu: See :class:`FusedKernelsSettings`.
-        rope: See :class:`FusedKernelsSettings`.
-        linear_cross_entropy: See :class:`FusedKernelsSettings`.
-        strict: See :class:`FusedKernelsSettings`.
+    Args: see :class:`FusedKernelsSettings`.
+
+    Raises:
+        ValueError: At construction, for an argument that is not a bool; at set-up with ``strict=True``, for a
+            requested kernel that cannot be applied.
+
+    Example:
+        >>> FusedKernels(rope=False).settings.rope
+        False
     """
 
     def __init__(
@@ -74,7 +80,8 @@ class FusedKernels(L.Callback):
         linear_cross_entropy: bool = True,
         strict: bool = False,
     ) -> None:
-        self.settings = FusedKernelsSettings(rms_norm, swiglu, rope, linear_cross_entropy, strict)
+        super().__init__()
+        self.settings = settings_from(FusedKernelsSettings, locals())
         self.report: KernelReport | None = None
         self._logged = False
 
@@ -90,9 +97,11 @@ class FusedKernels(L.Callback):
         )
         rank_zero_info(f"FusedKernels: patched {self.report.counts()}; skipped {self.report.skipped or 'none'}")
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         run_after_configure_model(pl_module, self._apply, "kernels")
 
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lit_accel.lowrank.factorize import apply_factorization, rebuild_factorization
 from lit_accel.lowrank.factorize_io import save_factorized, save_merged
@@ -50,13 +50,15 @@ from lit_accel.lowrank.factorize_layer import (
 )
 from lit_accel.models.structure import StructurePatterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
+from lit_accel.observe.wandb import BarChart, WandbCharts, other_loggers
+from lit_accel.settings import settings_from, takes_settings
 
 __all__ = ["FactorizationSettings", "LowRankFactorization"]
 
 
 @dataclass
 class FactorizationSettings:
-    """Validated settings of :class:`LowRankFactorization`.
+    """The arguments of :class:`LowRankFactorization`, one field each, validated.
 
     Example:
         >>> FactorizationSettings(targets="mlp", energy=0.9).energy
@@ -72,7 +74,8 @@ class FactorizationSettings:
     energy: float | None = None
     """Per layer, the smallest rank keeping this fraction, in ``(0, 1]``, of the sum of squared singular values."""
     patterns: StructurePatterns | None = None
-    """Module names of a model that :func:`~lit_accel.models.structure.get_structure` does not know."""
+    """Module names of a model that :func:`~lit_accel.models.structure.get_structure` does not know (a
+    :class:`~lit_accel.models.structure.StructurePatterns` or a dict of its fields)."""
     skip_if_not_smaller: bool = True
     """Leave a layer dense (reported, with the reason) when ``r * (in + out) >= in * out``: no saving."""
     export_dir: str | None = None
@@ -136,6 +139,7 @@ class FactorizationSettings:
             raise bad("patterns", "a StructurePatterns, a dict of its fields, or None")
 
 
+@takes_settings(FactorizationSettings)
 class LowRankFactorization(L.Callback):
     """Replaces the targeted linears by their truncated SVD (two thin linears) before training, and trains on.
 
@@ -151,14 +155,7 @@ class LowRankFactorization(L.Callback):
     ``factorize/layers_factorized`` and ``factorize/layers_skipped``; per layer a W&B table and bar chart of the
     relative errors with a ``WandbLogger``, else ``factorize/rank/<layer>`` and ``factorize/rel_error/<layer>``.
 
-    Args:
-        targets: See :attr:`FactorizationSettings.targets`.
-        rank: See :attr:`FactorizationSettings.rank`.
-        energy: See :attr:`FactorizationSettings.energy`.
-        patterns: See :attr:`FactorizationSettings.patterns`.
-        skip_if_not_smaller: See :attr:`FactorizationSettings.skip_if_not_smaller`.
-        export_dir: See :attr:`FactorizationSettings.export_dir`.
-        export: See :attr:`FactorizationSettings.export`.
+    Args: see :class:`FactorizationSettings`.
 
     Raises:
         ValueError: Invalid arguments (at construction); targets matching nothing, a rank out of range for a
@@ -176,20 +173,13 @@ class LowRankFactorization(L.Callback):
         targets: str | list[str] = "attention",
         rank: int | dict[str, int] | None = None,
         energy: float | None = None,
-        patterns: StructurePatterns | dict[str, Any] | None = None,
+        patterns: StructurePatterns | None = None,
         skip_if_not_smaller: bool = True,
         export_dir: str | None = None,
         export: Literal["merged", "factorized"] = "merged",
     ) -> None:
-        self.settings = FactorizationSettings(
-            targets=targets,
-            rank=rank,
-            energy=energy,
-            patterns=patterns,  # type: ignore[arg-type]  # a dict is turned into StructurePatterns
-            skip_if_not_smaller=skip_if_not_smaller,
-            export_dir=export_dir,
-            export=export,
-        )
+        super().__init__()
+        self.settings = settings_from(FactorizationSettings, locals())
         self.reports: list[FactorizationReport] = []
         """Per-layer reports of the last factorisation (empty until ``configure_model`` ran)."""
         self.ranks: dict[str, int] = {}
@@ -197,8 +187,10 @@ class LowRankFactorization(L.Callback):
         self.metrics: dict[str, float] = {}
         """The ``factorize/*`` totals of the last factorisation."""
         self._pending_log = False
+        self._charts = WandbCharts("LowRankFactorization")
 
     # ------------------------------------------------------------------ set-up
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         export_dir = self.settings.export_dir
         if stage == "fit" and export_dir is not None and Path(export_dir).is_dir() and any(Path(export_dir).iterdir()):
@@ -248,12 +240,15 @@ class LowRankFactorization(L.Callback):
             )
 
     # ------------------------------------------------------------------ logging
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer)
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer)
 
+    @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer)
 
@@ -266,62 +261,49 @@ class LowRankFactorization(L.Callback):
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(dict(self.metrics), step=step)
-            if isinstance(logger, WandbLogger):
-                try:
-                    import wandb
-
-                    columns: list[str | int] = ["layer", "out", "in", "rank", "factorized", "params_before"]
-                    columns += ["params_after", "flops_before", "flops_after", "rel_error", "energy_kept", "note"]
-                    rows = [
-                        [
-                            *(r.name, r.out_features, r.in_features, r.rank, r.factorized, r.params_before),
-                            *(
-                                r.params_after,
-                                r.flops_before,
-                                r.flops_after,
-                                r.rel_error,
-                                r.energy_kept,
-                                r.reason or "",
-                            ),
-                        ]
-                        for r in self.reports
-                    ]
-                    table = wandb.Table(columns=columns, data=rows)
-                    payload = {
-                        "factorize/layers": table,
-                        "factorize/rel_error_per_layer": wandb.plot.bar(
-                            table, "layer", "rel_error", title="SVD factorisation: relative error per layer"
-                        ),
-                        "factorize/rank_per_layer": wandb.plot.bar(
-                            table, "layer", "rank", title="SVD factorisation: rank per layer"
-                        ),
-                    }
-                    logger.experiment.log({**payload, "trainer/global_step": step})
-                except Exception as err:  # a chart must never stop training
-                    rank_zero_warn(f"LowRankFactorization: could not log the W&B table ({err!r}).")
-            else:
-                per_layer: dict[str, float] = {}
-                for r in self.reports:
-                    per_layer[f"factorize/rank/{r.name}"] = float(r.rank if r.factorized else 0)
-                    if r.rel_error is not None:
-                        per_layer[f"factorize/rel_error/{r.name}"] = r.rel_error
-                logger.log_metrics(per_layer, step=step)
+        columns = ["layer", "out", "in", "rank", "factorized", "params_before", "params_after", "flops_before"]
+        columns += ["flops_after", "rel_error", "energy_kept", "note"]
+        rows = [
+            [
+                *(r.name, r.out_features, r.in_features, r.rank, r.factorized, r.params_before, r.params_after),
+                *(r.flops_before, r.flops_after, r.rel_error, r.energy_kept, r.reason or ""),
+            ]
+            for r in self.reports
+        ]
+        charts = {
+            "factorize/rel_error_per_layer": BarChart(
+                "layer", "rel_error", "SVD factorisation: relative error per layer"
+            ),
+            "factorize/rank_per_layer": BarChart("layer", "rank", "SVD factorisation: rank per layer"),
+        }
+        self._charts.log(trainer, "factorize/layers", columns, rows, charts)
+        per_layer: dict[str, float] = {}
+        for r in self.reports:
+            per_layer[f"factorize/rank/{r.name}"] = float(r.rank if r.factorized else 0)
+            if r.rel_error is not None:
+                per_layer[f"factorize/rel_error/{r.name}"] = r.rel_error
+        for logger in other_loggers(trainer):
+            logger.log_metrics(per_layer, step=step)
 
     # ------------------------------------------------------------------ checkpoints
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint.setdefault("lit_accel", {})["factorization"] = {"ranks": dict(self.ranks)}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # Kept here too: the callback state survives even if a module's own on_save_checkpoint (which Lightning
         # calls after the callbacks') replaces checkpoint["lit_accel"].
         return {"ranks": dict(self.ranks)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         ranks = state_dict.get("ranks")
         if isinstance(ranks, Mapping):
             self.ranks = {str(k): int(v) for k, v in ranks.items()}
 
     # ------------------------------------------------------------------ export
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         s = self.settings
         if s.export_dir is None:

@@ -33,12 +33,14 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from transformers import AutoTokenizer
+from typing_extensions import override
 
 from lit_accel.lowrank.lora import LORA_INITS, apply_lora, lora_layers, parse_dtype
 from lit_accel.lowrank.lora_io import merged_state_dict, save_peft_adapter
 from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.structure import StructurePatterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
+from lit_accel.settings import settings_from, takes_settings
 
 __all__ = ["EXPORTS", "LoRA", "LoRASettings"]
 
@@ -48,7 +50,7 @@ EXPORTS = ("adapter", "merged", "both")
 
 @dataclass
 class LoRASettings:
-    """Validated settings of :class:`LoRA` (see its docstring for how to choose them).
+    """The arguments of :class:`LoRA`, one field each, validated (its docstring says how to choose them).
 
     Example:
         >>> LoRASettings(r=16, alpha=32).r
@@ -64,7 +66,7 @@ class LoRASettings:
     """Adapter scale numerator: ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``); ``> 0``."""
     dropout: float = 0.0
     """Dropout on the adapters' input, in ``[0, 1)``."""
-    init: str = "gaussian"
+    init: Literal["gaussian", "pissa"] = "gaussian"
     """``gaussian`` (PEFT's default: A kaiming-uniform, B zero) or ``pissa`` (principal singular vectors)."""
     use_rslora: bool = False
     """Rank-stabilised scaling ``alpha / sqrt(r)``."""
@@ -72,15 +74,17 @@ class LoRASettings:
     """Store the frozen base weights of adapted linears in this dtype (``bfloat16`` saves memory with
     ``bf16-mixed``); None leaves them as built."""
     adapter_only_checkpoints: bool = True
-    """Checkpoints hold only the adapters (the base is rebuilt from the model source on resume and export)."""
+    """Checkpoints hold only the adapters and the settings (the base is rebuilt from the model source on resume and
+    export)."""
     export_dir: str | None = None
     """If set, write ``<export_dir>/adapter`` and/or ``<export_dir>/merged`` when training ends."""
-    export: str = "adapter"
+    export: Literal["adapter", "merged", "both"] = "adapter"
     """``adapter`` (PEFT adapter), ``merged`` (plain Hugging Face model with the adapters folded in) or ``both``."""
     overwrite: bool = False
     """Replace non-empty export directories (otherwise the fit refuses to start)."""
     patterns: StructurePatterns | None = None
-    """Module-name patterns for a model that is not a supported Hugging Face architecture."""
+    """Module-name patterns (a :class:`~lit_accel.models.structure.StructurePatterns` or a dict of its fields) for a
+    model that is not a supported Hugging Face architecture."""
     recompute_inputs: bool = True
     """Rebuild each adapter's input in the backward from the fused RMSNorm / SwiGLU kernel that produced it,
     instead of keeping it from the forward: less activation memory (CUDA kernel path only; elsewhere no effect),
@@ -163,12 +167,14 @@ def _export_paths(export_dir: str, export: str) -> list[tuple[str, Path]]:
     return [(kind, Path(export_dir) / kind) for kind in kinds]
 
 
+@takes_settings(LoRASettings)
 class LoRA(L.Callback):
     """Trains low-rank adapters on a frozen model (LoRA, optionally PiSSA-initialised or rank-stabilised).
 
     The adapters are added to the selected linears right after ``configure_model`` builds the model, so the
     optimizer (built later) holds only them; every base parameter is frozen. Outputs and gradients equal PEFT's
-    for the same weights. The forward uses the fused Triton LoRA kernel on CUDA and PyTorch elsewhere.
+    for the same weights. On CUDA in bf16/fp16 the adapted linears run fused (:mod:`lit_accel.ops.lora`), elsewhere
+    as PEFT computes them.
 
     Choosing settings: ``r`` 8-64 on ``all-linear`` is the usual fine-tuning range; ``alpha = 2 r`` keeps the
     update's scale; ``use_rslora`` for large ranks; ``init="pissa"`` converges faster by training the principal
@@ -190,21 +196,7 @@ class LoRA(L.Callback):
 
     Logged once at the start of fit: ``lora/trainable_params``, ``lora/total_params``, ``lora/trainable_fraction``.
 
-    Args:
-        targets: Linears to adapt (presets ``attention``, ``mlp``, ``all-linear``; roles; suffixes; regexes).
-        r: Adapter rank.
-        alpha: Scaling numerator.
-        dropout: Adapter input dropout in ``[0, 1)``.
-        init: ``gaussian`` or ``pissa``.
-        use_rslora: Rank-stabilised scaling.
-        base_dtype: Storage dtype of the frozen base weights of adapted linears (``bfloat16``) or None.
-        adapter_only_checkpoints: Keep only the adapters in checkpoints.
-        export_dir: Directory for the end-of-training export (None: no export).
-        export: ``adapter``, ``merged`` or ``both``.
-        overwrite: Replace non-empty export directories.
-        patterns: :class:`~lit_accel.models.structure.StructurePatterns` (or a dict) for other transformers.
-        recompute_inputs: Rebuild adapter inputs in the backward from the fused kernels that produced them (less
-            activation memory on the CUDA kernel path; same results).
+    Args: see :class:`LoRASettings`.
 
     Raises:
         ValueError: At construction for a bad argument (the message names it, the value and what is allowed); at
@@ -230,25 +222,11 @@ class LoRA(L.Callback):
         export_dir: str | None = None,
         export: Literal["adapter", "merged", "both"] = "adapter",
         overwrite: bool = False,
-        patterns: StructurePatterns | dict[str, Any] | None = None,
+        patterns: StructurePatterns | None = None,
         recompute_inputs: bool = True,
     ) -> None:
         super().__init__()
-        self.settings = LoRASettings(
-            targets=targets,
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            init=init,
-            use_rslora=use_rslora,
-            base_dtype=base_dtype,
-            adapter_only_checkpoints=adapter_only_checkpoints,
-            export_dir=export_dir,
-            export=export,
-            overwrite=overwrite,
-            patterns=patterns,  # type: ignore[arg-type]  # a dict is converted in __post_init__
-            recompute_inputs=recompute_inputs,
-        )
+        self.settings = settings_from(LoRASettings, locals())
         self.layer_names: list[str] = []
         self._warned_full_checkpoint = False
         self._pending_rng: dict[str, torch.Tensor] | None = None
@@ -258,6 +236,7 @@ class LoRA(L.Callback):
         layers = apply_lora(model, **self.settings.apply_kwargs())
         self.layer_names = list(layers)
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         s = self.settings
         # Checked on every rank (a shared file system): a rank that raised alone would leave the others waiting.
@@ -279,6 +258,7 @@ class LoRA(L.Callback):
             # The model already exists (built in __init__): adapt it now, still before the optimizer is built.
             self._apply(find_hf_model(pl_module))
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = find_hf_model(pl_module)
         layers = lora_layers(model)
@@ -309,6 +289,7 @@ class LoRA(L.Callback):
         source = getattr(pl_module, "source", None)
         return source is None or getattr(source, "pretrained_dir", None) is not None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"settings": self.settings.to_dict(), "layers": list(self.layer_names)}
         if self.settings.dropout > 0:
@@ -318,6 +299,7 @@ class LoRA(L.Callback):
                 state["rng"]["cuda"] = torch.cuda.get_rng_state()
         return state
 
+    @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # strict_loading is off so adapter-only checkpoints load over the rebuilt base; that must not let a resume
         # with other targets or ranks start from freshly initialised adapters without a word.
@@ -330,6 +312,7 @@ class LoRA(L.Callback):
                 " was trained with (see the checkpoint's lit_accel.lora record)."
             )
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("settings") or {}
         mine = self.settings.to_dict()
@@ -353,11 +336,13 @@ class LoRA(L.Callback):
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         rng, self._pending_rng = self._pending_rng, None
         if rng and idx > 0:
             self._set_rng(rng)
 
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         adapter_only = self.settings.adapter_only_checkpoints
         if adapter_only and not self._base_is_rebuildable(pl_module):
@@ -379,6 +364,7 @@ class LoRA(L.Callback):
                 del state[key]
 
     # ------------------------------------------------------------------ export
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         s = self.settings
         if s.export_dir is None:

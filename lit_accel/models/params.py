@@ -34,9 +34,11 @@ __all__ = [
     "full_shape",
     "full_state_dict",
     "gathered",
+    "global_rank",
     "is_partitioned",
     "is_rank_zero",
     "load_full_state_dict",
+    "world_size",
     "zero3_initialize_weights",
 ]
 
@@ -76,13 +78,22 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> It
         yield
 
 
-def _rank() -> int:
+def global_rank() -> int:
+    """This process's rank in the default process group; 0 when none is initialised (one process).
+
+    For code that has no ``Trainer`` at hand (functional cores, exports); a callback asks ``trainer.is_global_zero``.
+
+    Example:
+        >>> global_rank(), world_size(), is_rank_zero()
+        (0, 1, True)
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
 
 
-def _world_size() -> int:
+def world_size() -> int:
+    """Number of processes in the default process group; 1 when none is initialised."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
@@ -138,7 +149,7 @@ def full_parameters(module: nn.Module, modifier_rank: int | None = None) -> Iter
     """
     named = dict(module.named_parameters())
     params = list(named.values())
-    world = _world_size()
+    world = world_size()
     if modifier_rank is not None and not 0 <= modifier_rank < world:
         raise ValueError(f"full_parameters: modifier_rank={modifier_rank} is not a rank of this world (size {world}).")
     with gathered(params, modifier_rank=modifier_rank):
@@ -194,7 +205,7 @@ def _write_master(param: nn.Parameter, before: torch.Tensor) -> None:
 
 def is_rank_zero() -> bool:
     """True on global rank 0, and in a process with no initialised process group."""
-    return _rank() == 0
+    return global_rank() == 0
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,7 +217,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not any(is_partitioned(p) for p in params):
         return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
-    rank = _rank()
+    rank = global_rank()
     for prefix, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         with gathered([p for _, p in own]):
@@ -229,7 +240,7 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
     """
     tied = _tied_names(model)
     missing, mismatched = [], []
-    rank = _rank()
+    rank = global_rank()
     for prefix, module in model.named_modules():
         own = list(module.named_parameters(recurse=False)) + [
             (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
@@ -286,7 +297,7 @@ def zero3_initialize_weights(model: nn.Module) -> None:
     init_fn = getattr(model, "_init_weights", None)
     if init_fn is None:
         return
-    rank = _rank()
+    rank = global_rank()
     for module in model.modules():
         module.__dict__.pop("_is_hf_initialized", None)
         params = list(module.parameters(recurse=False))

@@ -1,13 +1,33 @@
-"""Observability: throughput/MFU/memory callback and Weights & Biases helpers."""
+"""Observability: throughput/MFU/memory callback and Weights & Biases helpers (logger, tables, charts)."""
 
-from lit_accel.observe.throughput import PEAK_FLOPS, Throughput, device_peak_flops, model_flops_per_token
-from lit_accel.observe.wandb import WandbLogger, wandb_credentials_present
+from lit_accel.observe.throughput import (
+    PEAK_FLOPS,
+    Throughput,
+    ThroughputSettings,
+    device_peak_flops,
+    model_flops_per_token,
+)
+from lit_accel.observe.wandb import (
+    BarChart,
+    LineChart,
+    WandbCharts,
+    WandbLogger,
+    other_loggers,
+    wandb_credentials_present,
+    wandb_loggers,
+)
 
 __all__ = [
     "PEAK_FLOPS",
+    "BarChart",
+    "LineChart",
     "Throughput",
+    "ThroughputSettings",
+    "WandbCharts",
     "WandbLogger",
     "device_peak_flops",
     "model_flops_per_token",
+    "other_loggers",
     "wandb_credentials_present",
+    "wandb_loggers",
 ]

@@ -11,17 +11,21 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from lit_accel.models.flops import flops_per_token
 from lit_accel.models.structure import get_structure
+from lit_accel.settings import settings_from, takes_settings
 
-__all__ = ["PEAK_FLOPS", "Throughput", "device_peak_flops", "model_flops_per_token"]
+__all__ = ["PEAK_FLOPS", "Throughput", "ThroughputSettings", "device_peak_flops", "model_flops_per_token"]
 
 # Dense (non-sparse) tensor-core peaks per device, from the vendors' datasheets (SXM parts where both exist).
 # "half" is bf16/fp16 with fp32 accumulation; "tf32" is fp32 matmuls on tensor cores; "fp32" is plain FMA.
@@ -56,16 +60,50 @@ def model_flops_per_token(module: torch.nn.Module, seq_len: int) -> float:
     return float(flops_per_token(get_structure(model), seq_len, training=True))
 
 
+@dataclass
+class ThroughputSettings:
+    """The arguments of :class:`Throughput`, one field each, validated.
+
+    Example:
+        >>> ThroughputSettings(peak_flops=989e12).peak_flops
+        989000000000000.0
+    """
+
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; None looks it up from :data:`PEAK_FLOPS` by device name and trainer
+    precision (e.g. 989e12 for an H100 in bf16). On CPU, MFU is logged only if given."""
+    flops_per_token: float | None = None
+    """Training FLOPs per token; None computes it from the model's shapes (6N plus the attention term at the
+    batch's sequence length)."""
+    log_every_n_steps: int | None = None
+    """Logging interval in optimizer steps; None uses the trainer's."""
+    verbose: bool = False
+    """Also print one line per logging interval (rank zero), for runs without a dashboard."""
+
+    def __post_init__(self) -> None:
+        for name, what in (("peak_flops", "FLOP/s"), ("flops_per_token", "FLOPs")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"Throughput {name} must be > 0 {what} or None; got {value!r}.")
+            setattr(self, name, float(value))
+        n = self.log_every_n_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"Throughput log_every_n_steps must be >= 1 or None; got {n!r}.")
+        if not isinstance(self.verbose, bool):
+            raise ValueError(f"Throughput verbose must be true or false; got {self.verbose!r}.")
+
+
+@takes_settings(ThroughputSettings)
 class Throughput(L.Callback):
     """Logs ``throughput/*``: tokens/s (global and per device), step time, TFLOP/s, MFU and peak memory.
 
-    Args:
-        peak_flops: Peak FLOP/s of one device for MFU; ``None`` looks it up from :data:`PEAK_FLOPS` by device
-            name and trainer precision (e.g. 989e12 for an H100 in bf16). On CPU, MFU is logged only if given.
-        flops_per_token: Training FLOPs per token; ``None`` computes it from the model's shapes (6N plus the
-            attention term at the batch's sequence length).
-        log_every_n_steps: Logging interval in optimizer steps; ``None`` uses the trainer's.
-        verbose: Also print one line per logging interval (rank zero), for runs without a dashboard.
+    Args: see :class:`ThroughputSettings`.
+
+    Example:
+        >>> Throughput(log_every_n_steps=10).settings.log_every_n_steps
+        10
     """
 
     def __init__(
@@ -76,16 +114,7 @@ class Throughput(L.Callback):
         verbose: bool = False,
     ) -> None:
         super().__init__()
-        if peak_flops is not None and peak_flops <= 0:
-            raise ValueError(f"peak_flops must be > 0 FLOP/s or None; got {peak_flops}.")
-        if flops_per_token is not None and flops_per_token <= 0:
-            raise ValueError(f"flops_per_token must be > 0 or None; got {flops_per_token}.")
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1 or None; got {log_every_n_steps}.")
-        self.peak_flops = peak_flops
-        self.flops_per_token = flops_per_token
-        self.log_every_n_steps = log_every_n_steps
-        self.verbose = verbose
+        self.settings = settings_from(ThroughputSettings, locals())
         self.resolved_peak_flops: float | None = None
         """The peak FLOP/s in use (the argument, or looked up at the start of each fit)."""
         self.resolved_flops_per_token: float | None = None
@@ -109,14 +138,17 @@ class Throughput(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Derived values are recomputed every fit (never restored): the device, precision or sequence length
         # may differ from the run that wrote a checkpoint.
-        self.resolved_peak_flops = self.peak_flops or device_peak_flops(pl_module.device, str(trainer.precision))
-        self.resolved_flops_per_token = self.flops_per_token
+        s = self.settings
+        self.resolved_peak_flops = s.peak_flops or device_peak_flops(pl_module.device, str(trainer.precision))
+        self.resolved_flops_per_token = s.flops_per_token
         self._last_step = trainer.global_step
         self._restart(pl_module)
 
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -133,7 +165,7 @@ class Throughput(L.Callback):
             return  # still accumulating gradients for this optimizer step
         self._steps += trainer.global_step - self._last_step
         self._last_step = trainer.global_step
-        every = int(self.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50)
+        every = int(self.settings.log_every_n_steps or getattr(trainer, "log_every_n_steps", None) or 50)
         if trainer.global_step % every != 0 or self._t0 is None or self._steps == 0:
             return
         self._sync(pl_module.device)
@@ -158,11 +190,12 @@ class Throughput(L.Callback):
             # Straight to the loggers: Lightning's own cadence would drop values computed between its log steps.
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-            if self.verbose:
+            if self.settings.verbose:
                 line = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items())
                 rank_zero_info(f"step {trainer.global_step}: {line}")
         self._restart(pl_module)
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation inside fit is not training time: restart the interval after it.
         if trainer.state.fn == "fit" and not trainer.sanity_checking:

@@ -28,7 +28,7 @@ Example:
 """
 
 from lit_accel.pruning.apply import MaskHooks, apply_masks, masked_rms_norm
-from lit_accel.pruning.callback import StructuredPruning
+from lit_accel.pruning.callback import StructuredPruning, StructuredPruningSettings
 from lit_accel.pruning.export import (
     export_loaded_pruning_checkpoint,
     export_pruned,
@@ -37,7 +37,7 @@ from lit_accel.pruning.export import (
     is_pruning_checkpoint_dict,
 )
 from lit_accel.pruning.masks import HardConcrete, L0Masks, PrunableShape, count_params
-from lit_accel.pruning.report import architecture_report, log_architecture_charts
+from lit_accel.pruning.report import architecture_charts, architecture_report
 from lit_accel.pruning.targets import (
     TARGET_PRESETS,
     Lagrangian,
@@ -57,7 +57,9 @@ __all__ = [
     "PrunableShape",
     "PruningTarget",
     "StructuredPruning",
+    "StructuredPruningSettings",
     "apply_masks",
+    "architecture_charts",
     "architecture_report",
     "constraint_loss",
     "count_params",
@@ -67,7 +69,6 @@ __all__ = [
     "is_pruning_checkpoint",
     "is_pruning_checkpoint_dict",
     "lagrangian_loss",
-    "log_architecture_charts",
     "masked_rms_norm",
     "preset_dims",
     "ramped_target",

@@ -38,26 +38,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from typing_extensions import override
 
 from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.surgery import find_hf_model, run_after_configure_model
+from lit_accel.observe.wandb import WandbCharts, wandb_loggers
 from lit_accel.pruning.apply import MaskHooks, apply_masks
 from lit_accel.pruning.export import export_pruned
 from lit_accel.pruning.masks import L0Masks, count_params
-from lit_accel.pruning.report import architecture_report, log_architecture_charts
+from lit_accel.pruning.report import architecture_charts, architecture_report
 from lit_accel.pruning.targets import Lagrangian, PruningTarget, constraint_loss
+from lit_accel.settings import settings_from, takes_settings
 
-__all__ = ["StructuredPruning"]
+__all__ = ["StructuredPruning", "StructuredPruningSettings"]
 
 _TAG = "structured_pruning"
 
@@ -65,28 +67,83 @@ _TAG = "structured_pruning"
 _MODULE_SWAPPERS = ("LoRA", "LowRankFactorization", "SemiStructuredSparsity")
 
 
+@dataclass
+class StructuredPruningSettings:
+    """The arguments of :class:`StructuredPruning`, one field each, validated. The target is given one way: explicit
+    dims (any of the first four), ``param_ratio``, or ``preset`` (see
+    :class:`~lit_accel.pruning.targets.PruningTarget`).
+
+    Example:
+        >>> StructuredPruningSettings(param_ratio=0.5).target().param_ratio
+        0.5
+    """
+
+    num_layers: int | None = None
+    """Decoder blocks to keep (explicit-dims target); None keeps all."""
+    num_kv_heads: int | None = None
+    """KV heads to keep per layer, with their query heads; None keeps all."""
+    intermediate_size: int | None = None
+    """MLP channels to keep per layer; None keeps all."""
+    hidden_size: int | None = None
+    """Hidden dims to keep; None keeps all."""
+    param_ratio: float | None = None
+    """Instead of dims, the fraction of parameters to keep, in (0, 1)."""
+    preset: str | None = None
+    """Instead of dims, a preset name whose shape is the target (:data:`~lit_accel.pruning.targets.TARGET_PRESETS`
+    or a model preset, e.g. ``llama-1b-half``, ``llama-125m``)."""
+    lagrangian_warmup_steps: int = 0
+    """Optimizer steps over which the target sparsity ramps linearly from 0."""
+    mask_lr: float = 0.1
+    """Peak learning rate of the masks' ``log_alpha`` (scaled by the model's schedule)."""
+    lambda_lr: float = 0.1
+    """Peak learning rate of the Lagrange multipliers (scaled likewise; they ascend, see
+    :class:`~lit_accel.pruning.targets.Lagrangian`)."""
+    seed: int = 0
+    """Seed of the mask samples (combined with the global step and micro-batch: the same on every rank)."""
+    export_dir: str | None = None
+    """If set, the pruned model is written there (a Hugging Face directory) when training ends."""
+    chart_every_n_steps: int | None = None
+    """Also log the per-layer architecture charts every this many optimizer steps (they are always logged at the
+    end of each validation); None: only at validation."""
+
+    def __post_init__(self) -> None:
+        self.target()  # a bad or ambiguous target fails here, at construction
+        warmup = self.lagrangian_warmup_steps
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"StructuredPruning: lagrangian_warmup_steps must be an int >= 0, got {warmup!r}")
+        for name in ("mask_lr", "lambda_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"StructuredPruning: {name} must be a number > 0, got {value!r}")
+            setattr(self, name, float(value))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"StructuredPruning: seed must be an int, got {self.seed!r}")
+        if self.export_dir is not None and not isinstance(self.export_dir, (str, Path)):
+            raise ValueError(f"StructuredPruning: export_dir must be a directory path or None, got {self.export_dir!r}")
+        n = self.chart_every_n_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"StructuredPruning: chart_every_n_steps must be an int >= 1 or None, got {n!r}")
+
+    def target(self) -> PruningTarget:
+        """The target architecture these settings describe."""
+        return PruningTarget(
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_size=self.hidden_size,
+            param_ratio=self.param_ratio,
+            preset=self.preset,
+        )
+
+
+@takes_settings(StructuredPruningSettings)
 class StructuredPruning(L.Callback):
     """Learns hard-concrete masks towards a target architecture while the model trains (Sheared-LLaMA).
 
     The LightningModule must hold a Hugging Face LLaMA, Mistral or Qwen2 model (``pl_module.model``, as
     :class:`~lit_accel.models.CausalLM` does) and return the loss tensor from ``training_step``.
 
-    Args:
-        num_layers: Decoder blocks to keep (explicit-dims target); None keeps all.
-        num_kv_heads: KV heads to keep per layer, with their query heads; None keeps all.
-        intermediate_size: MLP channels to keep per layer; None keeps all.
-        hidden_size: Hidden dims to keep; None keeps all.
-        param_ratio: Instead of dims, the fraction of parameters to keep, in (0, 1).
-        preset: Instead of dims, a preset name whose shape is the target (see
-            :class:`~lit_accel.pruning.targets.PruningTarget`; e.g. ``llama-1b-half``, ``llama-125m``).
-        lagrangian_warmup_steps: Steps over which the target sparsity ramps linearly from 0.
-        mask_lr: Peak learning rate of the masks' ``log_alpha`` (scaled by the model's schedule).
-        lambda_lr: Peak learning rate of the Lagrange multipliers (scaled likewise; they ascend, see
-            :class:`~lit_accel.pruning.targets.Lagrangian`).
-        seed: Seed of the mask samples (combined with the global step).
-        export_dir: If set, the pruned model is written there (``save_pretrained``) when training ends.
-        chart_every_n_steps: Also log the per-layer architecture charts every this many optimizer steps (they are
-            always logged at the end of each validation); None: only at validation.
+    Args: see :class:`StructuredPruningSettings`.
 
     Raises:
         ValueError: At construction, for a bad target or a non-positive rate (the message names the argument);
@@ -114,34 +171,11 @@ class StructuredPruning(L.Callback):
         chart_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        self.target = PruningTarget(
-            num_layers=num_layers,
-            num_kv_heads=num_kv_heads,
-            intermediate_size=intermediate_size,
-            hidden_size=hidden_size,
-            param_ratio=param_ratio,
-            preset=preset,
-        )
-        if not isinstance(lagrangian_warmup_steps, int) or lagrangian_warmup_steps < 0:
-            raise ValueError(
-                f"StructuredPruning: lagrangian_warmup_steps must be an int >= 0, got {lagrangian_warmup_steps!r}"
-            )
-        for name, value in (("mask_lr", mask_lr), ("lambda_lr", lambda_lr)):
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"StructuredPruning: {name} must be a number > 0, got {value!r}")
-        if chart_every_n_steps is not None and (
-            isinstance(chart_every_n_steps, bool) or not isinstance(chart_every_n_steps, int) or chart_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"StructuredPruning: chart_every_n_steps must be an int >= 1 or None, got {chart_every_n_steps!r}"
-            )
-        self.chart_every_n_steps = chart_every_n_steps
+        self.settings = settings_from(StructuredPruningSettings, locals())
+        self.target = self.settings.target()
+        """The target architecture (from the settings)."""
         self._charted_step = -1
-        self.lagrangian_warmup_steps = lagrangian_warmup_steps
-        self.mask_lr = float(mask_lr)
-        self.lambda_lr = float(lambda_lr)
-        self.seed = int(seed)
-        self.export_dir = export_dir
+        self._charts = WandbCharts("StructuredPruning")
         self.hooks: MaskHooks | None = None
         self._pl_module: L.LightningModule | None = None
 
@@ -181,6 +215,7 @@ class StructuredPruning(L.Callback):
         return module
 
     # ------------------------------------------------------------------ set-up
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
@@ -201,9 +236,10 @@ class StructuredPruning(L.Callback):
                 "layers its masks are attached to. Prune first (export_dir), then fine-tune the exported model with "
                 "them in a second run."
             )
-        if self.export_dir is not None and Path(self.export_dir).is_dir() and any(Path(self.export_dir).iterdir()):
+        export_dir = self.settings.export_dir
+        if export_dir is not None and Path(export_dir).is_dir() and any(Path(export_dir).iterdir()):
             raise ValueError(
-                f"StructuredPruning export_dir={self.export_dir!r} exists and is not empty; choose a new directory."
+                f"StructuredPruning export_dir={export_dir!r} exists and is not empty; choose a new directory."
             )
         if not pl_module.automatic_optimization:
             raise ValueError(
@@ -259,10 +295,11 @@ class StructuredPruning(L.Callback):
                 for p in pruning_params:
                     p.requires_grad_(True)
             optimizer = _first_optimizer(result)
-            for params, lr in ((cb.masks.parameters(), cb.mask_lr), (cb.lagrangian.parameters(), cb.lambda_lr)):
+            s = cb.settings
+            for params, lr in ((cb.masks.parameters(), s.mask_lr), (cb.lagrangian.parameters(), s.lambda_lr)):
                 optimizer.add_param_group({"params": list(params), "lr": lr, "initial_lr": lr, "weight_decay": 0.0})
             for scheduler in _schedulers(result):
-                _extend_scheduler(scheduler, [cb.mask_lr, cb.lambda_lr])
+                _extend_scheduler(scheduler, [s.mask_lr, s.lambda_lr])
             return result
 
         def wrapped_training_step(*args: Any, **kwargs: Any) -> Any:
@@ -274,11 +311,11 @@ class StructuredPruning(L.Callback):
             # draw fresh ones, and a resumed run draws what it would have drawn.
             batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
             cb.hooks.generator = torch.Generator(device=device).manual_seed(
-                cb.seed * 1_000_003 + trainer.global_step * 10_007 + int(batch_idx)
+                cb.settings.seed * 1_000_003 + trainer.global_step * 10_007 + int(batch_idx)
             )
             out = training_step(*args, **kwargs)
             penalty, metrics = constraint_loss(
-                cb.masks, cb.target, cb.lagrangian, trainer.global_step, cb.lagrangian_warmup_steps
+                cb.masks, cb.target, cb.lagrangian, trainer.global_step, cb.settings.lagrangian_warmup_steps
             )
             pl_module.log_dict({f"pruning/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
             if out is None:  # the step skipped this batch
@@ -291,15 +328,17 @@ class StructuredPruning(L.Callback):
         pl_module.training_step = wrapped_training_step  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ charts
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        n = self.chart_every_n_steps
+        n = self.settings.chart_every_n_steps
         step = trainer.global_step
         if n is not None and step > 0 and step % n == 0 and step != self._charted_step:
             self._charted_step = step  # with gradient accumulation several batches end at one global step
             self._log_architecture(trainer, pl_module, on_step=True)
 
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._log_architecture(trainer, pl_module, on_step=False)
@@ -313,13 +352,13 @@ class StructuredPruning(L.Callback):
             kept = {k: (v != 0).float() for k, v in masks.deterministic().items()}
             kept_params = float(count_params(masks.shape, kept))
         pl_module.log("pruning/kept_params", kept_params, on_step=on_step, on_epoch=not on_step)
-        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if wandb_loggers and trainer.is_global_zero:
+        if wandb_loggers(trainer) and trainer.is_global_zero:
             report = architecture_report(masks, self.target)
-            for logger in wandb_loggers:
-                log_architecture_charts(logger.experiment, report, trainer.global_step)
+            rows = [list(row) for row in zip(*report.values())]
+            self._charts.log(trainer, "pruning/architecture", list(report), rows, architecture_charts(report))
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # What `lit-accel export` needs to rebuild the deterministic masks from the checkpoint's state_dict.
         if isinstance(getattr(pl_module, "pruning", None), nn.ModuleDict):
@@ -329,17 +368,19 @@ class StructuredPruning(L.Callback):
             }
 
     # ------------------------------------------------------------------ end
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.export_dir is not None:
+        if self.settings.export_dir is not None:
             self._export(pl_module)
 
     @rank_zero_only
     def _export(self, pl_module: L.LightningModule) -> None:
         model = find_hf_model(pl_module)
-        assert self.export_dir is not None
+        export_dir = self.settings.export_dir
+        assert export_dir is not None
         small = export_pruned(model, self.masks)  # type: ignore[arg-type]
         # Atomic, and never over an existing non-empty directory (set-up already refused one).
-        save_hf_directory(small, small.state_dict(), Path(self.export_dir), tokenizer=None, overwrite=False)
+        save_hf_directory(small, small.state_dict(), Path(export_dir), tokenizer=None, overwrite=False)
 
 
 def _schedulers(result: Any) -> list[Any]:

@@ -3,7 +3,8 @@
 :func:`architecture_report` reads :class:`~lit_accel.pruning.masks.L0Masks` (no gradient) and returns, for every
 layer, the *expected* kept units (the sum of ``P(gate != 0)``, what the Lagrangian pushes), the *kept* units of the
 deterministic masks (what evaluation and :func:`~lit_accel.pruning.export.export_pruned` keep now), and the target.
-:func:`log_architecture_charts` logs it to a W&B run as a table and one line chart per group.
+:func:`architecture_charts` describes its line charts (one per group), which the callback logs to W&B with the
+report as a table.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -22,10 +23,11 @@ from typing import Any
 
 import torch
 
+from lit_accel.observe.wandb import LineChart
 from lit_accel.pruning.masks import L0Masks
 from lit_accel.pruning.targets import PruningTarget
 
-__all__ = ["CHART_GROUPS", "architecture_report", "log_architecture_charts"]
+__all__ = ["CHART_GROUPS", "architecture_charts", "architecture_report"]
 
 CHART_GROUPS: dict[str, tuple[str, str]] = {
     "blocks": ("block", "Decoder blocks kept (1 = kept)"),
@@ -86,31 +88,26 @@ def _expected(masks: L0Masks) -> dict[str, torch.Tensor]:
     return {name: gate.expected_l0() for name, gate in masks.groups().items()}
 
 
-def log_architecture_charts(experiment: Any, report: dict[str, list[Any]], step: int) -> None:
-    """Log ``report`` to a W&B run: the table ``pruning/architecture`` and line charts ``pruning/chart/<group>``.
+def architecture_charts(report: dict[str, list[Any]]) -> dict[str, LineChart]:
+    """The line charts of ``report``, by W&B key ``pruning/chart/<group>``, for
+    :class:`~lit_accel.observe.wandb.WandbCharts` (which logs the report as the table ``pruning/architecture``).
 
     Each chart plots, against the layer index, the expected and kept sizes and the target (when there is one):
     ``blocks`` (attention and MLP keep probabilities, block kept, target fraction), ``kv_heads``,
     ``intermediate`` and ``hidden``.
 
-    Args:
-        experiment: A ``wandb`` run (``WandbLogger.experiment``).
-        report: From :func:`architecture_report`.
-        step: The trainer's global step (logged as ``trainer/global_step``, Lightning's W&B step metric).
+    Example:
+        >>> charts = architecture_charts({"layer": [0, 1], "kv_heads_expected": [1.5, 1], "kv_heads_kept": [2, 1]})
+        >>> list(charts), charts["pruning/chart/kv_heads"].ys
+        (['pruning/chart/kv_heads'], ('kv_heads_expected', 'kv_heads_kept'))
     """
-    import wandb
-
-    columns: list[str | int] = list(report)
-    rows = [list(row) for row in zip(*report.values())]
-    data: dict[str, Any] = {"pruning/architecture": wandb.Table(columns=columns, data=rows)}
-    layers = report["layer"]
+    charts: dict[str, LineChart] = {}
     for chart, (prefix, title) in CHART_GROUPS.items():
         if prefix == "block":
             names = ["attention_expected", "mlp_expected", "block_kept", "block_target"]
         else:
             names = [f"{prefix}_expected", f"{prefix}_kept", f"{prefix}_target"]
         names = [c for c in names if c in report]
-        data[f"pruning/chart/{chart}"] = wandb.plot.line_series(
-            xs=layers, ys=[report[c] for c in names], keys=names, title=title, xname="layer"
-        )
-    experiment.log({**data, "trainer/global_step": step})
+        if names:
+            charts[f"pruning/chart/{chart}"] = LineChart("layer", tuple(names), title)
+    return charts

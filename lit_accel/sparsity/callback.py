@@ -30,14 +30,15 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.params import full_shape, full_state_dict, gathered
 from lit_accel.models.surgery import find_hf_model, match_linears, replace_module, run_after_configure_model
+from lit_accel.observe.wandb import BarChart, WandbCharts
 from lit_accel.ops.sparse24 import transposable_24_mask
 from lit_accel.ops.sparse24_gemm import (
     check_gemm_shape,
@@ -45,6 +46,7 @@ from lit_accel.ops.sparse24_gemm import (
     cusparselt_unsupported_reason,
     mark_weights_updated,
 )
+from lit_accel.settings import settings_from, takes_settings
 from lit_accel.sparsity.functional import (
     SparseLinear,
     check_24_shape,
@@ -70,7 +72,7 @@ Phase = Literal["dense_warmup", "sparse", "dense_finetune"]
 
 @dataclass
 class SemiStructuredSparsitySettings:
-    """Validated settings of :class:`SemiStructuredSparsity`.
+    """The arguments of :class:`SemiStructuredSparsity`, one field each, validated.
 
     Example:
         >>> SemiStructuredSparsitySettings(mask_refresh_every=10).mask_refresh_every
@@ -164,6 +166,7 @@ class SemiStructuredSparsitySettings:
             raise bad("benchmark_tokens", "an int >= 1 or None")
 
 
+@takes_settings(SemiStructuredSparsitySettings)
 class SemiStructuredSparsity(L.Callback):
     """Trains the target linears with 2:4 semi-structured sparse weights, between a dense warm-up and a dense
     fine-tune.
@@ -192,20 +195,7 @@ class SemiStructuredSparsity(L.Callback):
     ``sparsity24/flip_rate`` (mean over layers) and ``sparsity24/flip_rate/<layer>``, plus, with a
     :class:`~lightning.pytorch.loggers.WandbLogger`, a W&B table and bar chart of the per-layer flip rates.
 
-    Args:
-        targets: Which linears: a preset, a regex, or a list of roles / names / patterns.
-        dense_warmup_steps: Optimizer steps trained dense first.
-        mask_refresh_every: Optimizer steps between mask refreshes, >= 1.
-        masked_decay: Masked decay coefficient, >= 0.
-        dense_finetune_fraction: Fraction of the run, at the end, trained dense, in ``[0, 1)``.
-        transposable: Transposable (True) or row-wise (False) masks.
-        export_dir: Where to write the plain HF model and the masks at the end of fit; None: nowhere.
-        overwrite: Whether the export may replace a non-empty directory.
-        log_every_n_steps: Interval of the per-step scalars; None uses the trainer's.
-        kernel: ``"auto"``, ``"cusparselt"`` or ``"masked"``: how the sparse layers compute (see
-            :class:`SemiStructuredSparsitySettings`).
-        min_speedup: With ``kernel="auto"``, the measured speedup a layer shape needs to run on cuSPARSELt.
-        benchmark_tokens: With ``kernel="auto"``, the token count to time at (None: from the first sparse batch).
+    Args: see :class:`SemiStructuredSparsitySettings`.
 
     Raises:
         ValueError: At construction, for an argument outside what is allowed (the message names it, its value
@@ -234,20 +224,7 @@ class SemiStructuredSparsity(L.Callback):
         benchmark_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        self.settings = SemiStructuredSparsitySettings(
-            targets=targets,
-            dense_warmup_steps=dense_warmup_steps,
-            mask_refresh_every=mask_refresh_every,
-            masked_decay=masked_decay,
-            dense_finetune_fraction=dense_finetune_fraction,
-            transposable=transposable,
-            export_dir=export_dir,
-            overwrite=overwrite,
-            log_every_n_steps=log_every_n_steps,
-            kernel=kernel,
-            min_speedup=min_speedup,
-            benchmark_tokens=benchmark_tokens,
-        )
+        self.settings = settings_from(SemiStructuredSparsitySettings, locals())
         self.layers: dict[str, SparseLinear] = {}
         """Qualified name -> sparse layer, in forward order."""
         self.skipped: dict[str, str] = {}
@@ -274,6 +251,7 @@ class SemiStructuredSparsity(L.Callback):
         self._hook_decay = 0.0  # masked_decay per micro-batch under DeepSpeed (0: hooks idle)
         self.kernel_timings: dict[tuple[int, int], Any] = {}
         """With ``kernel="auto"``: the :class:`~lit_accel.ops.sparse24_gemm.LayerTiming` per weight shape."""
+        self._charts = WandbCharts("SemiStructuredSparsity")
 
     # ------------------------------------------------------------------ surgery
     def _apply(self, model: nn.Module) -> None:
@@ -299,6 +277,7 @@ class SemiStructuredSparsity(L.Callback):
             replace_module(model, name, new)
             self.layers[name] = new
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         run_after_configure_model(pl_module, self._apply, tag="sparsity24")
         _restore_masks_on_load(pl_module, self)
@@ -306,6 +285,7 @@ class SemiStructuredSparsity(L.Callback):
             # The model already exists (built in __init__): convert it now, still before the optimizer is built.
             self._apply(find_hf_model(pl_module))
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         s = self.settings
         if not self.layers:
@@ -340,13 +320,16 @@ class SemiStructuredSparsity(L.Callback):
             f"{s.dense_warmup_steps} steps, dense fine-tune from step {self.sparse_end_step}"
         )
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_decay_hooks()
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # A fit that raises never reaches on_fit_end: hooks left on the weights would add decay to any later use.
         self._remove_decay_hooks()
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_decay_hooks()
 
@@ -380,9 +363,6 @@ class SemiStructuredSparsity(L.Callback):
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The mask of ``weight`` under the settings (transposable or row-wise)."""
         if self.settings.transposable:
-            # Imported here: lit_accel.ops.sparse24 imports lit_accel.sparsity.functional, whose package
-            # imports this module; a top-level import would be circular when the kernel module is imported first.
-
             return transposable_24_mask(weight)
         return rowwise_24_mask(weight)
 
@@ -399,6 +379,7 @@ class SemiStructuredSparsity(L.Callback):
             self.masks[name] = new
         return flips
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         step = trainer.global_step
         previous = self.phase
@@ -418,7 +399,6 @@ class SemiStructuredSparsity(L.Callback):
             layer.set_mask(self.masks[name] if self.phase == "sparse" else None)
         if step != self._last_batch_step and any(k == "cusparselt" for k in self.kernels.values()):
             # The optimizer step hook already marks the packed operands stale; this covers optimizers that bypass it.
-
             mark_weights_updated()
         self._last_batch_step = step
         if self._decay_hooks:
@@ -511,6 +491,7 @@ class SemiStructuredSparsity(L.Callback):
         )
         return dict(self.kernels)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -547,21 +528,12 @@ class SemiStructuredSparsity(L.Callback):
             return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-            if flips and isinstance(logger, WandbLogger):
-                try:
-                    import wandb
-
-                    table = wandb.Table(columns=["layer", "flip_rate"], data=[[n, v] for n, v in flips.items()])
-                    chart = wandb.plot.bar(table, "layer", "flip_rate", title="2:4 mask flip rate per layer")
-                    logger.experiment.log(
-                        {
-                            "sparsity24/flip_rates": table,
-                            "sparsity24/flip_rate_chart": chart,
-                            "trainer/global_step": step,
-                        }
-                    )
-                except Exception as err:  # a chart must never stop training
-                    rank_zero_warn(f"SemiStructuredSparsity: could not log the W&B flip-rate chart ({err!r}).")
+        if flips:
+            rows = [[n, v] for n, v in flips.items()]
+            chart = BarChart("layer", "flip_rate", "2:4 mask flip rate per layer")
+            self._charts.log(
+                trainer, "sparsity24/flip_rates", ["layer", "flip_rate"], rows, {"sparsity24/flip_rate_chart": chart}
+            )
 
     # ------------------------------------------------------------------ export, state
     def export(self, trainer: L.Trainer, model: nn.Module, out: Path) -> None:
@@ -586,13 +558,16 @@ class SemiStructuredSparsity(L.Callback):
             mask = self.masks.get(name) if self.phase == "sparse" else None
             layer.set_mask(None if mask is None else mask.to(layer.weight.device))
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # trainer.validate / test from a checkpoint never run a training batch: the masks come from the checkpoint.
         self._set_layer_masks()
 
+    @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._set_layer_masks()
 
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Callback state is restored only when fitting; validate/test read the masks from here (the module's
         # on_load_checkpoint, wrapped in setup).
@@ -601,10 +576,12 @@ class SemiStructuredSparsity(L.Callback):
             "masks": {n: m.detach().to("cpu") for n, m in self.masks.items()},
         }
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.settings.export_dir is not None:
             self.export(trainer, find_hf_model(pl_module), Path(self.settings.export_dir))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "settings": asdict(self.settings),
@@ -615,6 +592,7 @@ class SemiStructuredSparsity(L.Callback):
             "last_flip_rates": dict(self.last_flip_rates),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks = {n: m.bool() for n, m in state_dict.get("masks", {}).items()}
         phase = state_dict.get("phase", "dense_warmup")

@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader
 
 from lit_accel.dropbp import DropBP
 from lit_accel.models import CausalLM
-from lit_accel.strategies import resolve_strategy
 
 VOCAB = 128
 
@@ -41,28 +40,16 @@ class MaskLog(L.Callback):
         self.none_grads.append(sum(p.grad is None for p in pl_module.parameters()))
 
 
-def main(out_dir: Path, mode: str = "") -> None:
-    """``mode``: "" (the DropBP checks), or for the all-reduce skipping test "plain" / "skip" (DDP, small buckets)
-    and "plain_accum" / "skip_accum" (lit_ddp's bucket views, 2 accumulated micro-batches, a mask per micro-batch)."""
-    skip, accum = mode.startswith("skip"), mode.endswith("accum")
+def main(out_dir: Path) -> None:
     L.seed_everything(0)
     overrides = {"vocab_size": VOCAB, "num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128}
     module = CausalLM("llama-tiny", config_overrides=overrides, warmup_steps=1, learning_rate=1e-3)
     # Different tokens on each rank (DistributedSampler), so the ranks' sensitivities differ before averaging.
     data = torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(0))
     loader: DataLoader[Any] = DataLoader([{"input_ids": x} for x in data], batch_size=4)  # type: ignore[arg-type]
-    decide_every = "micro_batch" if accum else "step"
-    dropbp = DropBP(target=0.5, sensitivity_at=2, seed=3, skip_dropped_allreduce=skip, decide_every=decide_every)
+    dropbp = DropBP(target=0.5, sensitivity_at=2, seed=3)
     log = MaskLog(dropbp)
-    # Buckets of about one parameter each, so that some hold only dropped sublayers' parameters.
-    strategy = resolve_strategy("lit_ddp", bucket_cap_mb=0.001) if accum else DDPStrategy(bucket_cap_mb=0.001)
-    trainer = quiet_trainer(
-        devices=2,
-        strategy=strategy,
-        accumulate_grad_batches=2 if accum else 1,
-        max_steps=6,
-        callbacks=[dropbp, log],
-    )
+    trainer = quiet_trainer(devices=2, strategy=DDPStrategy(), max_steps=6, callbacks=[dropbp, log])
     trainer.fit(module, loader)
     hashes = {
         name: hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
@@ -78,7 +65,6 @@ def main(out_dir: Path, mode: str = "") -> None:
         "sensitivities": dropbp.sensitivities,
         "param_hashes": hashes,
         "global_step": trainer.global_step,
-        "skipped_buckets": dropbp.bucket_skipper.skipped_buckets if dropbp.bucket_skipper is not None else None,
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
@@ -86,5 +72,5 @@ def main(out_dir: Path, mode: str = "") -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")
+    main(Path(sys.argv[1]))
     finish_distributed()

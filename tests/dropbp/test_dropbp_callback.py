@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
+from lit_accel.cli import LitAccelCLI
 from lit_accel.dropbp import (
     DropBP,
     apply_dropbp,
@@ -251,13 +252,30 @@ def test_setup_turns_on_find_unused_parameters_under_ddp() -> None:
         ({"before_measurement": "half"}, "before_measurement"),
         ({"patterns": {"blocks": "x", "no_such_field": 1}}, "patterns"),
         ({"patterns": 3}, "patterns"),
-        ({"skip_dropped_allreduce": "yes"}, "skip_dropped_allreduce"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs: dict[str, Any], name: str) -> None:
     with pytest.raises(ValueError, match=rf"DropBP {name}=") as err:
         DropBP(**kwargs)
     assert str(next(iter(kwargs.values()))) in str(err.value)
+
+
+def test_a_removed_argument_is_an_unknown_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``skip_dropped_allreduce`` (a DDP hook that measured no gain) is gone: Python and YAML both refuse it."""
+    with pytest.raises(TypeError, match="skip_dropped_allreduce"):
+        DropBP(skip_dropped_allreduce=True)  # type: ignore[call-arg]
+    fragment = tmp_path / "old.yaml"
+    fragment.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: lit_accel.callbacks.DropBP\n      init_args:\n"
+        "        skip_dropped_allreduce: true\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    base = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    with pytest.raises(SystemExit):
+        LitAccelCLI(args=["--config", str(base), "--config", str(fragment), "--trainer.accelerator=cpu"], run=False)
+    assert "Option 'skip_dropped_allreduce' is not accepted" in capsys.readouterr().err
 
 
 def test_patterns_dict_is_accepted() -> None:
@@ -282,25 +300,3 @@ def test_auto_needs_automatic_optimization() -> None:
     with pytest.raises(ValueError, match="sensitivity='auto'.*automatic optimization"):
         DropBP().setup(SimpleNamespace(strategy=None), ManualModule(), "fit")  # type: ignore[arg-type]
     DropBP(sensitivity="uniform").setup(SimpleNamespace(strategy=None), ManualModule(), "fit")  # type: ignore[arg-type]
-
-
-def test_skip_dropped_allreduce_off_ddp_warns_and_trains() -> None:
-    cb = DropBP(target=0.5, sensitivity="uniform", skip_dropped_allreduce=True)
-    with pytest.warns(UserWarning, match="skip_dropped_allreduce=True does nothing under SingleDeviceStrategy"):
-        rec = fit(causal_lm(), cb, steps=2)
-    assert cb.bucket_skipper is None and len(rec.masks) == 2
-
-
-def test_exclusive_sublayer_parameters_leave_shared_ones_out() -> None:
-    from lit_accel.dropbp.functional import apply_dropbp, exclusive_sublayer_parameters
-
-    model = tiny_llama(layers=2)
-    attn0, attn1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
-    attn1.q_proj.weight = attn0.q_proj.weight  # tied across blocks 0 and 1
-    controller = apply_dropbp(model)
-    exclusive = exclusive_sublayer_parameters(controller, model)
-    shared = id(attn0.q_proj.weight)
-    assert shared not in exclusive[0] and shared not in exclusive[2]  # sublayers 0, 2: the two attentions
-    assert id(attn0.k_proj.weight) in exclusive[0] and id(model.model.layers[0].input_layernorm.weight) in exclusive[0]
-    assert id(model.model.layers[0].mlp.up_proj.weight) in exclusive[1]
-    assert all(id(p) not in s for s in exclusive for p in model.model.embed_tokens.parameters())
