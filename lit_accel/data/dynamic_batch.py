@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lit_accel.data.domains import MultiDomainDataModule
 
@@ -56,6 +57,7 @@ class DynamicBatchLoading(L.Callback):
             )
         return dm
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = self._dm(trainer)
         if dm.reference_losses is None and not dm.measure_reference:
@@ -64,6 +66,7 @@ class DynamicBatchLoading(L.Callback):
                 "when training starts) or a checkpoint path."
             )
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = self._dm(trainer)
         if dm.reference_losses is not None or not dm.measure_reference:
@@ -99,6 +102,7 @@ class DynamicBatchLoading(L.Callback):
             pl_module.train(was_training)
         return losses
 
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
