@@ -76,6 +76,7 @@ from lit_accel.ops._triton import interpret as _interpret
 from lit_accel.ops._triton import tl, triton
 from lit_accel.ops.cusparselt import SparsePlanCache, max_alg_id
 from lit_accel.ops.masked_linear import masked_linear
+from lit_accel.ops.sparse24 import transposable_24_mask
 
 __all__ = [
     "DIM_MULTIPLE",
@@ -702,8 +703,6 @@ def compare_layer(
     """Times forward and input gradient, dense (cuBLAS) against cuSPARSELt with a random transposable mask, plus
     the per-step refresh of the packed operands, at ``tokens`` rows: GPU times with the launch queue kept full, and
     wall times of the three back to back with host overhead included (see :attr:`LayerTiming.speedup`)."""
-    from lit_accel.ops.sparse24 import transposable_24_mask
-
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
     w = torch.randn(out_features, in_features, device=dev, generator=g)
