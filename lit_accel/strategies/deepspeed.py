@@ -51,6 +51,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator, CPUAccelerator
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn import Module
 from torch.optim import Optimizer
@@ -451,7 +452,6 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
             return
         # deferred: importing deepspeed is slow (and it is absent off Linux); only DeepSpeed runs reach here
         import deepspeed
-        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
         # As Lightning 2.6's DeepSpeedStrategy._initialize_deepspeed_inference, with a device rank that is not None.
         assert isinstance(self.config, dict)
