@@ -1,7 +1,10 @@
 """Low-rank techniques: LoRA adapters (PEFT-compatible) and SVD factorisation of linear layers.
 
-``lora`` / ``factorize`` hold the algorithms (usable without Lightning); ``lora_callback`` /
-``factorize_callback`` the Lightning callbacks. The fused LoRA matmul lives in :mod:`lit_accel.ops.lora`.
+The algorithms, usable without Lightning: ``lora`` (the LoRA layer and its surgery), ``lora_groups`` (linears that
+share an input run as one node), ``lora_io`` (PEFT adapter files, merged weights); ``factorize`` (the SVD and its
+surgery), ``factorize_layer`` (the factorised linear, reports, counts), ``factorize_io`` (save and load). The
+Lightning callbacks: ``lora_callback`` / ``factorize_callback``. The fused LoRA matmul lives in
+:mod:`lit_accel.ops.lora`.
 
 Example:
     >>> import lightning as L

@@ -83,7 +83,7 @@ class FactorizationSettings:
     export: Literal["merged", "factorized"] = "merged"
     """``"merged"``: dense weights ``up @ down``, a plain HF model (``from_pretrained``), no size saving.
     ``"factorized"``: the factors plus ``lit_accel_factorization.json``; load with
-    :func:`~lit_accel.lowrank.factorize.load_factorized` (keeps the saving)."""
+    :func:`~lit_accel.lowrank.factorize_io.load_factorized` (keeps the saving)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:

@@ -72,7 +72,7 @@ def is_linear(module: nn.Module) -> bool:
     """
     if _is_plain_linear(module):
         return True
-    # A factorised projection (lit_accel.lowrank.factorize.LowRankLinear) stands where a linear stood.
+    # A factorised projection (lit_accel.lowrank.factorize_layer.LowRankLinear) stands where a linear stood.
     if getattr(module, "is_factorized_linear", False):
         return True
     base = getattr(module, "base_layer", None)
