@@ -29,7 +29,7 @@ from lit_accel.lowrank.factorize_io import save_merged
 from lit_accel.lowrank.lora import apply_lora
 from lit_accel.lowrank.lora_io import merged_state_dict, save_peft_adapter
 from lit_accel.models.causal_lm import CausalLM
-from lit_accel.models.hf_directory import save_hf_directory
+from lit_accel.models.hf_directory import check_output_directory, save_hf_directory
 from lit_accel.models.params import load_full_state_dict
 from lit_accel.models.structure import StructurePatterns
 from lit_accel.pruning.export import export_loaded_pruning_checkpoint, is_pruning_checkpoint_dict
@@ -73,10 +73,7 @@ def export_checkpoint(
         The output directory.
     """
     out_path = Path(out)
-    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"--out {str(out_path)!r} exists and is not empty; choose a new path or pass --overwrite."
-        )
+    check_output_directory(out_path, overwrite, name="--out")
     checkpoint = load_lightning_checkpoint(ckpt)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "model" not in hparams:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 
 class CrashAtStep(L.Callback):
@@ -50,6 +50,26 @@ def tiny_llama(
         tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2(layers: int = 2, vocab_size: int = 128) -> GPT2LMHeadModel:
+    """A random GPT-2 (Conv1D linears, fused c_attn): width 64, 4 heads, 64 positions, dropout off (tests compare
+    separate forward passes); fresh, so in training mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_embd=64,
+        n_layer=layers,
+        n_head=4,
+        vocab_size=vocab_size,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg)
 
 
 def quiet_trainer(**overrides: Any) -> L.Trainer:
@@ -112,12 +132,12 @@ def worker_env(**extra: str | None) -> dict[str, str]:
 
 
 def run_torchrun(
-    script: Path, out: Path, *args: object, nproc: int = DDP_PROCESSES, timeout: float = 300, **env: str | None
+    script: Path, *args: object, out: Path, nproc: int = DDP_PROCESSES, timeout: float = 300, **env: str | None
 ) -> list[dict[str, Any]]:
-    """Runs ``script OUT ARGS...`` on ``nproc`` local processes, fails the test with the output's tail if any rank
-    fails, and returns each rank's record (``OUT/rank<r>.json``, which every worker writes)."""
+    """Runs ``script ARGS...`` on ``nproc`` local processes, fails the test with the output's tail if any rank
+    fails, and returns each rank's record (``out/rank<r>.json``, which every worker writes)."""
     proc = subprocess.run(
-        torchrun_command(script, out, *args, nproc=nproc),
+        torchrun_command(script, *args, nproc=nproc),
         env=worker_env(**env),
         cwd=REPO,
         capture_output=True,

@@ -24,9 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lit_accel.lowrank.lora import LoRALinear, apply_lora, gathered_lora_layers, lora_layers
+from lit_accel.models.hf_directory import check_output_directory, write_directory
 from lit_accel.models.params import full_state_dict, gathered, is_partitioned, is_rank_zero
 from lit_accel.models.structure import StructurePatterns, linear_in_out_features
 
@@ -130,33 +129,15 @@ def _num(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _check_out_dir(directory: Path, overwrite: bool) -> None:
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"directory {str(directory)!r} exists and is not empty; pass overwrite=True or a new path"
-        )
-
-
-def _write_atomically(directory: Path, files: Mapping[str, Any], overwrite: bool) -> None:
-    _check_out_dir(directory, overwrite)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+def _write_files(files: Mapping[str, Any]) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
         for fname, content in files.items():
             if fname.endswith(".safetensors"):
                 save_file(content, str(tmp / fname), metadata={"format": "pt"})
             else:
                 (tmp / fname).write_text(content)
-        if directory.exists():
-            backup = directory.with_name(directory.name + ".replaced")
-            shutil.rmtree(backup, ignore_errors=True)
-            directory.rename(backup)
-            tmp.rename(directory)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    return write
 
 
 def save_peft_adapter(
@@ -195,7 +176,7 @@ def save_peft_adapter(
         # Under ZeRO-3 on every rank, before the collective gathering (so that no rank is left waiting in it). Else
         # on rank 0 only, the rank that writes: another rank reaching this line after rank 0 wrote would see the
         # directory it just filled and refuse.
-        _check_out_dir(out, overwrite)
+        check_output_directory(out, overwrite)
     settings = _common_settings(layers)
     pissa = any(layer.lora_A0 is not None for layer in layers.values())
     tensors: dict[str, torch.Tensor] = {}
@@ -239,7 +220,7 @@ def save_peft_adapter(
         "use_rslora": settings.use_rslora,
     }
     files = {ADAPTER_WEIGHTS_NAME: tensors, ADAPTER_CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n"}
-    _write_atomically(out, files, overwrite)
+    write_directory(out, overwrite, _write_files(files))
     return out
 
 

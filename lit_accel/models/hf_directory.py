@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +29,36 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-__all__ = ["read_hf_weights", "save_hf_directory"]
+__all__ = ["check_output_directory", "read_hf_weights", "save_hf_directory", "write_directory"]
 
 
-def save_hf_directory(
-    model: PreTrainedModel, state: dict[str, torch.Tensor], out: Path, tokenizer: Any | None, overwrite: bool
-) -> Path:
-    """Writes ``model``'s config and the given full ``state`` as safetensors into ``out`` atomically."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {str(out)!r} exists and is not empty; pass overwrite=True or a new path."
-        )
+def check_output_directory(out: Path, overwrite: bool, name: str = "output directory") -> None:
+    """Refuses an output path that exists and is not an empty directory, unless ``overwrite``.
+
+    Raises:
+        FileExistsError: Naming the path (as ``name``, e.g. ``--out``) and the two ways out.
+
+    Example:
+        >>> check_output_directory(Path("no/such/dir"), overwrite=False)  # a new path is fine
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{name} {str(out)!r} exists and is not empty; choose a new path or pass overwrite.")
+
+
+def write_directory(out: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Writes a directory atomically: ``write(tmp)`` fills a temporary folder beside ``out``, which then replaces it.
+
+    A reader sees the old directory or the complete new one, never a half-written one; a failure in ``write``
+    leaves ``out`` as it was and removes the temporary folder.
+
+    Raises:
+        FileExistsError: ``out`` is not empty and ``overwrite`` is False (see :func:`check_output_directory`).
+    """
+    check_output_directory(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
@@ -56,6 +70,20 @@ def save_hf_directory(
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def save_hf_directory(
+    model: PreTrainedModel, state: dict[str, torch.Tensor], out: Path, tokenizer: Any | None, overwrite: bool
+) -> Path:
+    """Writes ``model``'s config and the given full ``state`` as safetensors into ``out`` atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    write_directory(out, overwrite, write)
     rank_zero_info(f"lit_accel: wrote Hugging Face model to {out}")
     return out
 

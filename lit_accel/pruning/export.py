@@ -53,7 +53,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lit_accel.checkpoint import load_lightning_checkpoint
 from lit_accel.models.causal_lm import CausalLM
-from lit_accel.models.hf_directory import save_hf_directory
+from lit_accel.models.hf_directory import check_output_directory, save_hf_directory
 from lit_accel.models.params import is_partitioned, load_full_state_dict
 from lit_accel.models.structure import Block, ModelStructure, get_structure
 from lit_accel.pruning.apply import apply_masks
@@ -321,10 +321,7 @@ def export_pruned_checkpoint(
         RuntimeError: ``verify`` found logits that differ from the masked model's.
     """
     out_path = Path(out)
-    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"--out {str(out_path)!r} exists and is not empty; choose a new path or pass --overwrite."
-        )
+    check_output_directory(out_path, overwrite, name="--out")
     checkpoint = load_lightning_checkpoint(ckpt)
     return export_loaded_pruning_checkpoint(checkpoint, ckpt, out_path, overwrite, tokenizer, verify)
 

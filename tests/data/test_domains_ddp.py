@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from matrix.matrix_common import torchrun_command, worker_env
+from _helpers import run_torchrun
 
 WORKER = Path(__file__).with_name("domains_ddp_worker.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ddp_ranks_agree_and_a_resumed_run_matches_the_uninterrupted_one(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        torchrun_command(WORKER, tmp_path), env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = run_torchrun(WORKER, tmp_path, out=tmp_path, timeout=300)
     for run in ("full", "resumed"):
         a, b = r0[run], r1[run]
         assert a["global_step"] == b["global_step"] == 6

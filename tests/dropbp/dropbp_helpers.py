@@ -9,32 +9,15 @@ from typing import Any
 import lightning as L
 import torch
 from _helpers import quiet_trainer_kwargs as trainer_kwargs  # noqa: F401  (re-exported for the DropBP tests)
+from _helpers import tiny_gpt2  # noqa: F401  (re-exported for the DropBP tests)
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from lit_accel.dropbp import DropBP
 from lit_accel.models.structure import Sublayer
 
 VOCAB = 128
-"""The vocabulary of :func:`tiny_gpt2` and of ``_helpers.tiny_llama``."""
-
-
-def tiny_gpt2(layers: int = 2) -> GPT2LMHeadModel:
-    # Dropout off: the comparisons below are between separate forward passes.
-    cfg = GPT2Config(
-        n_embd=64,
-        n_layer=layers,
-        n_head=4,
-        vocab_size=VOCAB,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg)
+"""The vocabulary of ``_helpers.tiny_gpt2`` and ``_helpers.tiny_llama``."""
 
 
 def enable_checkpointing(model: Any) -> None:

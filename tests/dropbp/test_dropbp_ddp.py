@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import torch
-from matrix.matrix_common import torchrun_command, worker_env
+from _helpers import run_torchrun
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ddp_two_ranks_drop_the_same_sublayers(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        torchrun_command(WORKER, tmp_path), env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=180
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = run_torchrun(WORKER, tmp_path, out=tmp_path, timeout=180)
     assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
     assert r0["find_unused_parameters"] is True and r0["global_step"] == 6
     # Same masks on both ranks, and some sublayers really were dropped (unused parameters in those steps).

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from _helpers import tiny_gpt2 as _tiny_gpt2
 from _helpers import tiny_llama as _tiny_llama
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from lit_accel.lowrank.lora import lora_layers
 
@@ -21,19 +22,7 @@ def tiny_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
 
 def tiny_gpt2(layers: int = 2, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_embd=64,
-        n_layer=layers,
-        n_head=4,
-        vocab_size=VOCAB,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg).eval()
+    return _tiny_gpt2(layers, vocab_size=VOCAB).eval()
 
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}

@@ -56,10 +56,9 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from _helpers import CrashAtStep
+from _helpers import DDP_PROCESSES, CrashAtStep
 from lightning.pytorch.callbacks import ModelCheckpoint
 from matrix_common import (
-    DDP_PROCESSES,
     DEEPSPEED_STAGES,
     EPOCH_BATCHES,
     GLOBAL_BATCH,

@@ -11,7 +11,7 @@ WORKER = Path(__file__).with_name("pruning_ddp_worker.py")
 
 
 def test_ddp_two_ranks_learn_identical_masks(tmp_path: Path) -> None:
-    r0, r1 = run_torchrun(WORKER, tmp_path, timeout=180)
+    r0, r1 = run_torchrun(WORKER, tmp_path, out=tmp_path, timeout=180)
     assert (r0["rank"], r1["rank"], r0["global_step"]) == (0, 1, 3)
     assert any(k.startswith("pruning.masks.") for k in r0["hashes"])
     assert r0["hashes"] == r1["hashes"]

@@ -21,7 +21,7 @@ def run_worker(
     # DeepSpeed's CPU accelerator only for CPU runs: a GPU run must find the CUDA one.
     ds_accelerator = "cpu" if accelerator == "cpu" else None
     return run_torchrun(
-        WORKER, out, mode, nproc=nproc, timeout=timeout, LIT_ACCEL_TEST_ACCELERATOR=accelerator,
+        WORKER, out, mode, out=out, nproc=nproc, timeout=timeout, LIT_ACCEL_TEST_ACCELERATOR=accelerator,
         DS_ACCELERATOR=ds_accelerator,
     )  # fmt: skip
 

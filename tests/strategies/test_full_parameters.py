@@ -60,7 +60,7 @@ def test_gathered_is_unchanged_a_no_op_for_ordinary_parameters() -> None:
 
 
 def test_ddp_replicas_take_the_modifier_ranks_values(tmp_path: Path) -> None:
-    r0, r1 = run_torchrun(WORKER, tmp_path, timeout=120)
+    r0, r1 = run_torchrun(WORKER, tmp_path, out=tmp_path, timeout=120)
     # Read-only use synchronises nothing: each rank keeps its own values.
     assert r0["read_only"]["0.bias"] == [0.0, 0.0] and r1["read_only"]["0.bias"] == [1.0, 1.0]
     assert r0["after_read"] != r1["after_read"]
