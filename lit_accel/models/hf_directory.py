@@ -4,15 +4,15 @@ Every technique that hands back a plain Hugging Face model (exports of pruned, f
 models) writes it through :func:`save_hf_directory`, so all of them share its atomic replace.
 
 Example:
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> import tempfile, pathlib
-    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-    ...                   num_attention_heads=2, num_key_value_heads=1)
-    >>> model = LlamaForCausalLM(cfg)
-    >>> out = pathlib.Path(tempfile.mkdtemp()) / "tiny"
-    >>> _ = save_hf_directory(model, model.state_dict(), out, tokenizer=None, overwrite=False)
-    >>> torch.equal(read_hf_weights(str(out))["model.norm.weight"], model.model.norm.weight)
-    True
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "export"
+    >>> _ = write_directory(out, overwrite=False, write=lambda tmp: (tmp / "config.json").write_text("{}"))
+    >>> sorted(p.name for p in out.iterdir())
+    ['config.json']
+    >>> write_directory(out, overwrite=False, write=lambda tmp: None)
+    Traceback (most recent call last):
+    ...
+    FileExistsError: output directory '...' exists and is not empty; choose a new path or pass overwrite.
 """
 
 from __future__ import annotations
