@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ __all__ = [
     "STDLIB",
     "TEXT_SUFFIXES",
     "CorpusInfo",
+    "cap_bytes",
     "corpus_fingerprint",
     "is_saved_dataset",
     "list_corpus_files",
@@ -264,18 +265,27 @@ def load_documents(
         >>> sum(len(t.encode()) for _, t in docs) <= 10_000
         True
     """
-    budget = max_corpus_bytes
-    for name, text in _iter_all(corpus, text_field):
-        if budget is None:
-            yield name, text
-            continue
-        data = text.encode("utf-8", errors="replace")
-        if len(data) >= budget:
-            cut = data[:budget].decode("utf-8", errors="ignore")
-            if cut:
-                yield name, cut
-            return
-        budget -= len(data)
+    return cap_bytes(_iter_all(corpus, text_field), max_corpus_bytes)
+
+
+def cap_bytes(docs: Iterable[tuple[str, str]], max_bytes: int | None) -> Iterator[tuple[str, str]]:
+    """The ``(name, text)`` documents up to ``max_bytes`` UTF-8 bytes in all; the document crossing it is cut there
+    (on a character boundary). None passes everything.
+
+    Example:
+        >>> list(cap_bytes([("a", "hello"), ("b", "world")], 7))
+        [('a', 'hello'), ('b', 'wo')]
+    """
+    budget = max_bytes
+    for name, text in docs:
+        if budget is not None:
+            data = text.encode("utf-8", errors="replace")
+            if len(data) >= budget:
+                cut = data[:budget].decode("utf-8", errors="ignore")
+                if cut:
+                    yield name, cut
+                return
+            budget -= len(data)
         yield name, text
 
 

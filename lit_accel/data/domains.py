@@ -56,7 +56,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_accel.data.corpus import STDLIB, corpus_fingerprint, load_documents, stdlib_corpus_files, validate_corpus
+from lit_accel.data.corpus import (
+    STDLIB,
+    cap_bytes,
+    corpus_fingerprint,
+    load_documents,
+    stdlib_corpus_files,
+    validate_corpus,
+)
 from lit_accel.data.datamodule import (
     DEFAULT_BPE_TRAIN_BYTES,
     ShardedSequentialSampler,
@@ -250,17 +257,7 @@ def _domain_documents(
             for name, text in docs:
                 yield f"{i}/{name}", text
 
-    budget = max_corpus_bytes
-    for name, text in all_docs():
-        if budget is not None:
-            data = text.encode("utf-8", errors="replace")
-            if len(data) >= budget:
-                cut = data[:budget].decode("utf-8", errors="ignore")
-                if cut:
-                    yield name, cut
-                return
-            budget -= len(data)
-        yield name, text
+    yield from cap_bytes(all_docs(), max_corpus_bytes)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling

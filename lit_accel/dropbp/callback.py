@@ -46,7 +46,7 @@ from lit_accel.dropbp.functional import (
     uniform_drop_rates,
 )
 from lit_accel.models.params import world_size
-from lit_accel.models.structure import StructurePatterns
+from lit_accel.models.structure import StructurePatterns, as_patterns
 from lit_accel.models.surgery import find_hf_model
 from lit_accel.observe.wandb import BarChart, WandbCharts, other_loggers
 from lit_accel.settings import settings_from, takes_settings
@@ -134,13 +134,7 @@ class DropBPSettings:
             raise bad("before_measurement", "'uniform' or 'dense'")
         if self.sampling not in ("systematic", "independent"):
             raise bad("sampling", "'systematic' or 'independent'")
-        if isinstance(self.patterns, Mapping):
-            try:
-                self.patterns = StructurePatterns(**self.patterns)
-            except TypeError as err:
-                raise ValueError(f"DropBP patterns={self.patterns!r} is not a valid StructurePatterns: {err}") from None
-        if self.patterns is not None and not isinstance(self.patterns, StructurePatterns):
-            raise bad("patterns", "a StructurePatterns, a dict of its fields, or None")
+        self.patterns = as_patterns(self.patterns, "DropBP")
 
 
 def _max_over_ranks(value: int, device: torch.device) -> int:

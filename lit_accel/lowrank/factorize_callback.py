@@ -48,7 +48,7 @@ from lit_accel.lowrank.factorize_layer import (
     format_report,
     model_matmul_flops_per_token,
 )
-from lit_accel.models.structure import StructurePatterns
+from lit_accel.models.structure import StructurePatterns, as_patterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
 from lit_accel.observe.wandb import BarChart, WandbCharts, other_loggers
 from lit_accel.settings import settings_from, takes_settings
@@ -128,15 +128,7 @@ class FactorizationSettings:
             raise bad("export_dir", "a directory path or None")
         if self.export_dir is not None:
             self.export_dir = os.fspath(self.export_dir)
-        if isinstance(self.patterns, Mapping):
-            try:
-                self.patterns = StructurePatterns(**self.patterns)
-            except TypeError as err:
-                raise ValueError(
-                    f"LowRankFactorization patterns={self.patterns!r} is not a valid StructurePatterns: {err}"
-                ) from None
-        if self.patterns is not None and not isinstance(self.patterns, StructurePatterns):
-            raise bad("patterns", "a StructurePatterns, a dict of its fields, or None")
+        self.patterns = as_patterns(self.patterns, "LowRankFactorization")
 
 
 @takes_settings(FactorizationSettings)

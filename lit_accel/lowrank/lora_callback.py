@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +37,7 @@ from typing_extensions import override
 from lit_accel.lowrank.lora import LORA_INITS, apply_lora, lora_layers, parse_dtype
 from lit_accel.lowrank.lora_io import merged_state_dict, save_peft_adapter
 from lit_accel.models.hf_directory import save_hf_directory
-from lit_accel.models.structure import StructurePatterns
+from lit_accel.models.structure import StructurePatterns, as_patterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
 from lit_accel.settings import settings_from, takes_settings
 
@@ -127,13 +126,7 @@ class LoRASettings:
             raise bad("export_dir", "a directory path or None")
         if self.export_dir is not None:
             self.export_dir = os.fspath(self.export_dir)
-        if isinstance(self.patterns, Mapping):
-            try:
-                self.patterns = StructurePatterns(**self.patterns)
-            except TypeError as err:
-                raise ValueError(f"LoRA patterns={self.patterns!r} is not a valid StructurePatterns: {err}") from None
-        if self.patterns is not None and not isinstance(self.patterns, StructurePatterns):
-            raise bad("patterns", "a StructurePatterns, a dict of its fields, or None")
+        self.patterns = as_patterns(self.patterns, "LoRA")
         if not isinstance(self.recompute_inputs, bool):
             raise bad("recompute_inputs", "a bool")
 

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +40,7 @@ __all__ = [
     "ModelStructure",
     "StructurePatterns",
     "Sublayer",
+    "as_patterns",
     "get_structure",
     "is_linear",
     "linear_in_out_features",
@@ -456,6 +458,30 @@ _PATTERN_EXAMPLE = (
     "StructurePatterns(blocks=r'encoder\\.layers\\.\\d+', attention='attn', mlp='ff', "
     "attention_norm='norm1', mlp_norm='norm2', num_heads=8)"
 )
+
+
+def as_patterns(value: Any, owner: str) -> StructurePatterns | None:
+    r"""A callback's ``patterns`` argument as a :class:`StructurePatterns`: one, a dict of its fields (YAML), or None.
+
+    Raises:
+        ValueError: Naming ``owner`` (e.g. ``"DropBP"``) and the value, for anything else or a dict with unknown or
+            missing fields.
+
+    Example:
+        >>> as_patterns({"blocks": r"layers\.\d+", "attention": "attn", "mlp": "ff"}, "DropBP").mlp
+        'ff'
+    """
+    if value is None or isinstance(value, StructurePatterns):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return StructurePatterns(**value)
+        except TypeError as err:
+            raise ValueError(f"{owner} patterns={value!r} is not a valid StructurePatterns: {err}") from None
+    raise ValueError(
+        f"{owner} patterns={value!r} is not allowed; patterns must be a StructurePatterns, a dict of its fields, "
+        "or None"
+    )
 
 
 def _few(names: list[str], n: int = 12) -> str:
