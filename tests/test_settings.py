@@ -181,3 +181,56 @@ def test_lightning_hooks_are_marked_override(name: str) -> None:
     for attr, value in vars(cls).items():
         if attr in vars(L.Callback) and callable(value) and not attr.startswith("__"):
             assert getattr(value, "__override__", False), f"{name}.{attr} implements a Lightning hook without @override"
+
+
+METHOD_CARDS = {
+    "DropBP": "dropbp.md",
+    "SemiStructuredSparsity": "sparsity24.md",
+    "StructuredPruning": "pruning.md",
+    "LoRA": "lora.md",
+    "LowRankFactorization": "factorization.md",
+    "FusedKernels": "kernels.md",
+}
+
+
+def _knob_rows(card: Path) -> dict[str, str]:
+    """``name -> default`` from the first table of the card's "Knobs" section."""
+    text = card.read_text()
+    section = text.split("## Knobs", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].startswith("`") and cells[0].endswith("`"):
+            rows[cells[0].strip("`")] = cells[1].strip("`")
+    return rows
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_CARDS))
+def test_the_method_card_lists_every_knob_with_its_default(name: str) -> None:
+    settings_class = _settings_class(CALLBACKS[name])
+    assert settings_class is not None
+    rows = _knob_rows(ROOT / "docs" / "methods" / METHOD_CARDS[name])
+    fields = {f.name: f for f in dataclasses.fields(settings_class)}
+    assert set(fields) <= set(rows), f"docs/methods/{METHOD_CARDS[name]} misses knobs {sorted(set(fields) - set(rows))}"
+    for field_name, f in fields.items():
+        if f.default is dataclasses.MISSING:
+            continue
+        shown = rows[field_name]
+        expected = {repr(f.default), str(f.default), f'"{f.default}"'}
+        if f.default is None:
+            expected.add("None")
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            try:
+                if float(shown) == float(f.default):
+                    continue
+            except ValueError:
+                pass
+        assert shown in expected or shown.replace("'", '"') in expected, (
+            f"docs/methods/{METHOD_CARDS[name]}: {field_name} shows default {shown!r}, the code has {f.default!r}"
+        )
+
+
+def test_the_readme_links_every_method_card() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for card in METHOD_CARDS.values():
+        assert f"docs/methods/{card}" in readme, f"README.md does not link docs/methods/{card}"

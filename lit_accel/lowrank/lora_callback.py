@@ -87,9 +87,8 @@ class LoRASettings:
     recompute_inputs: bool = True
     """Rebuild each adapter's input in the backward from the fused RMSNorm / SwiGLU kernel that produced it,
     instead of keeping it from the forward: less activation memory (CUDA kernel path only; elsewhere no effect),
-    one extra memory-bound kernel per adapted input. Changes no result. On by default: on an H200 at llama-1b
-    (8 x 2048, r 16, all linears) it took the step's peak memory from 1.40x to 1.01x the frozen model's for
-    1.27x instead of 1.25x its step time. Under DeepSpeed ZeRO-3 the norms' inputs include
+    one extra memory-bound kernel per adapted input. Changes no result. On by default: it is what keeps a LoRA
+    step's peak memory at the frozen model's (``benchmarks/RESULTS.md``, "LoRA training step"). Under DeepSpeed ZeRO-3 the norms' inputs include
     partitioned weights that are released after their forward, so the norm outputs are kept as usual there."""
 
     def __post_init__(self) -> None:
