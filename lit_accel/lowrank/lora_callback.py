@@ -88,8 +88,9 @@ class LoRASettings:
     """Rebuild each adapter's input in the backward from the fused RMSNorm / SwiGLU kernel that produced it,
     instead of keeping it from the forward: less activation memory (CUDA kernel path only; elsewhere no effect),
     one extra memory-bound kernel per adapted input. Changes no result. On by default: it is what keeps a LoRA
-    step's peak memory at the frozen model's (``benchmarks/RESULTS.md``, "LoRA training step"). Under DeepSpeed ZeRO-3 the norms' inputs include
-    partitioned weights that are released after their forward, so the norm outputs are kept as usual there."""
+    step's peak memory at the frozen model's (``benchmarks/RESULTS.md``, "LoRA training step"). Under DeepSpeed
+    ZeRO-3 the norms' inputs include partitioned weights that are released after their forward, so the norm outputs
+    are kept as usual there."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
