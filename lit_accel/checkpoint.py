@@ -10,15 +10,84 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
+import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-__all__ = ["load_lightning_checkpoint"]
+__all__ = ["load_checkpoint_file", "load_lightning_checkpoint"]
+
+
+# The DeepSpeed classes its checkpoint folders hold besides tensors (optimizer-state files: the loss scaler, the ZeRO
+# stage, the addresses of parameter fragments): plain records, allowed by exact name and nothing else.
+_DEEPSPEED_RECORDS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _deepspeed_records() -> list[Any]:
+    # Imported by name here, not at the top: importing deepspeed is slow (and it is absent off Linux), and only
+    # DeepSpeed folders need these.
+    found = []
+    for qualified in _DEEPSPEED_RECORDS:
+        module, _, name = qualified.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed release: its files then name what they need
+            continue
+    return found
+
+
+def load_checkpoint_file(
+    path: str | os.PathLike[str], *, mmap: bool = False, name: str = "--ckpt", allow: Sequence[Any] = ()
+) -> Any:
+    """Reads one torch checkpoint file on CPU without running code from it.
+
+    ``torch.load`` runs with ``weights_only=True``: tensors, numbers, strings and plain containers are rebuilt, and
+    any other pickled object (which could run arbitrary code while loading) is refused. Every checkpoint lit_accel
+    and Lightning write is made of those.
+
+    Args:
+        path: The file.
+        mmap: Map the tensors instead of reading them (cheap when only metadata is needed).
+        name: How messages name the path (the argument it came from).
+        allow: Classes or functions allowed besides those (e.g. DeepSpeed's loss-scaler record).
+
+    Raises:
+        ValueError: Naming the file: it holds other objects (and which), or it is not a readable torch file
+            (truncated, empty, corrupt).
+
+    Example:
+        >>> import tempfile, torch
+        >>> f = tempfile.mktemp(suffix=".ckpt"); torch.save({"state_dict": {"w": torch.ones(2)}}, f)
+        >>> load_checkpoint_file(f)["state_dict"]["w"].tolist()
+        [1.0, 1.0]
+    """
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle torch understands at all: a foreign or damaged file
+            raise ValueError(
+                f"{name} {str(path)!r} is not a readable PyTorch checkpoint (corrupt or not one)"
+            ) from None
+        raise ValueError(
+            f"{name} {str(path)!r} holds objects other than tensors and plain containers ({found.group(1)}), which "
+            "lit_accel does not unpickle: loading them could run code from the file"
+        ) from None
+    except Exception as err:  # torch raises several unrelated types for a truncated or foreign file
+        raise ValueError(f"{name} {str(path)!r} is not a readable PyTorch checkpoint: {err}") from err
 
 
 def load_lightning_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
@@ -38,14 +107,16 @@ def load_lightning_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
                 f"--ckpt {str(path)!r} is a directory but not a DeepSpeed checkpoint (no 'latest' file and no"
                 " */mp_rank_*_model_states.pt); pass a Lightning .ckpt file or the folder DeepSpeed wrote."
             )
+        # DeepSpeed's consolidation unpickles its files without restriction: every file is checked first, so it
+        # only ever reads files made of tensors, containers and DeepSpeed's own records.
+        records = _deepspeed_records()
+        for f in sorted(path.rglob("*.pt")):
+            load_checkpoint_file(f, mmap=True, allow=records)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "consolidated.ckpt")
             convert_zero_checkpoint_to_fp32_state_dict(str(path), out)
-            return torch.load(out, map_location="cpu", weights_only=False)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several unrelated types for a non-checkpoint file
-        raise ValueError(f"--ckpt {str(path)!r} is not a readable PyTorch/Lightning checkpoint: {err}") from err
+            return load_checkpoint_file(out)
+    checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"--ckpt {str(path)!r} holds no 'state_dict': it is not a Lightning checkpoint.")
     return checkpoint

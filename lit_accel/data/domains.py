@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lit_accel.checkpoint import load_checkpoint_file
 from lit_accel.data.corpus import (
     STDLIB,
     cap_bytes,
@@ -110,10 +111,7 @@ def reference_losses_from_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, 
             f"reference_losses={str(ckpt)!r} is neither 'initial' nor an existing checkpoint (a Lightning .ckpt "
             "file or a DeepSpeed checkpoint folder of a run with a MultiDomainDataModule)."
         )
-    try:
-        checkpoint = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises several unrelated types for a file that is not a checkpoint
-        raise ValueError(f"reference_losses={str(ckpt)!r} is not a readable checkpoint: {err}") from err
+    checkpoint = load_checkpoint_file(files[0], mmap=True, name="reference_losses")
     for value in checkpoint.values() if isinstance(checkpoint, dict) else ():
         if isinstance(value, dict) and "schedule" in value and isinstance(value.get("reference_losses"), dict):
             return {str(k): float(v) for k, v in value["reference_losses"].items()}

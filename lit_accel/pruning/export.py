@@ -51,7 +51,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lit_accel.checkpoint import load_lightning_checkpoint
+from lit_accel.checkpoint import load_checkpoint_file, load_lightning_checkpoint
 from lit_accel.models.causal_lm import CausalLM
 from lit_accel.models.hf_directory import check_output_directory, save_hf_directory
 from lit_accel.models.params import is_partitioned, load_full_state_dict
@@ -265,9 +265,9 @@ def is_pruning_checkpoint(ckpt: str | os.PathLike[str]) -> bool:
             files = sorted(path.glob("*/mp_rank_*_model_states.pt"))
             if not files:
                 return False
-            checkpoint = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+            checkpoint = load_checkpoint_file(files[0], mmap=True)
         elif path.is_file():
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            checkpoint = load_checkpoint_file(path, mmap=True)
         else:
             return False
     except Exception:  # not a zip-format torch file, or no checkpoint at all
