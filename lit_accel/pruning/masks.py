@@ -368,7 +368,7 @@ class L0Masks(nn.Module):
         """The evaluation masks: the same number of units kept in every layer, whole blocks kept or dropped.
 
         A block is kept or dropped as a whole (both ``head_layer`` and ``mlp``), chosen by the sum of the two
-        ``log_alpha`` values, so that an exported model only loses entire decoder blocks; within kept blocks each
+        clamped ``log_alpha`` values, so that an exported model only loses entire decoder blocks; within kept blocks each
         gate takes its own deterministic value. Heads and intermediate channels keep the same count in every
         layer because a Hugging Face config has one ``num_key_value_heads`` and one ``intermediate_size``.
         Counts come from ``keep``; a group without one keeps the rounded mean expected L0 (at least 1). For LLaMA,
@@ -380,7 +380,11 @@ class L0Masks(nn.Module):
             mean_l0 = (self.head_layer.expected_l0() + self.mlp.expected_l0()).detach().sum() / 2
             layers = max(1, round(float(mean_l0)))
         with torch.no_grad():
-            score = (self.head_layer.log_alpha + self.mlp.log_alpha).clamp(2 * LOG_ALPHA_MIN, 2 * LOG_ALPHA_MAX)
+            # Each gate clamped first, as the training-time gates (constrain_) and LLM-Shearing see it: after an
+            # optimizer step a gate can sit above the bound, and an unclamped sum would rank blocks differently.
+            score = self.head_layer.log_alpha.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX) + self.mlp.log_alpha.clamp(
+                LOG_ALPHA_MIN, LOG_ALPHA_MAX
+            )
             order = torch.sort(score, descending=True, stable=True).indices
             kept = torch.zeros(self.shape.num_layers, dtype=torch.bool, device=score.device)
             kept[order[:layers]] = True

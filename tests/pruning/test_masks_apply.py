@@ -133,3 +133,16 @@ def test_bf16_model_under_sampled_masks() -> None:
     out.loss.backward()
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     assert masks.hidden.log_alpha.grad is not None and masks.hidden.log_alpha.grad.dtype == torch.float32
+
+
+def test_blocks_are_ranked_by_clamped_gates_not_by_a_raw_sum() -> None:
+    """After an optimizer step a gate can sit above the clamp bound: block 0's raw sum (8.0 + 0.0) beats block 1's
+    (4.5 + 0.5), but with each gate clamped, as in training, block 1 (5.0) beats block 0 (4.6)."""
+    masks = L0Masks(tiny_llama(layers=2), keep={"layers": 1}).eval()
+    with torch.no_grad():
+        masks.head_layer.log_alpha.copy_(torch.tensor([8.0, 4.5]))
+        masks.mlp.log_alpha.copy_(torch.tensor([0.0, 0.5]))
+    det = masks.deterministic()
+    assert det["head_layer"][0] == 0 and det["head_layer"][1] > 0
+    assert det["mlp"][0] == 0 and det["mlp"][1] > 0
+    assert masks.head_layer.log_alpha[0] == 8.0  # evaluating leaves the parameters as they were
