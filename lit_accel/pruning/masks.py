@@ -368,8 +368,8 @@ class L0Masks(nn.Module):
         """The evaluation masks: the same number of units kept in every layer, whole blocks kept or dropped.
 
         A block is kept or dropped as a whole (both ``head_layer`` and ``mlp``), chosen by the sum of the two
-        clamped ``log_alpha`` values, so that an exported model only loses entire decoder blocks; within kept blocks each
-        gate takes its own deterministic value. Heads and intermediate channels keep the same count in every
+        clamped ``log_alpha`` values, so that an exported model only loses entire decoder blocks; within kept blocks
+        each gate takes its own deterministic value. Heads and intermediate channels keep the same count in every
         layer because a Hugging Face config has one ``num_key_value_heads`` and one ``intermediate_size``.
         Counts come from ``keep``; a group without one keeps the rounded mean expected L0 (at least 1). For LLaMA,
         whose config needs ``hidden_size`` to be a multiple of ``num_attention_heads``, a hidden count that comes
