@@ -294,6 +294,11 @@ class SemiStructuredSparsity(L.Callback):
         total = float(trainer.estimated_stepping_batches)
         if s.dense_finetune_fraction == 0.0:
             self.sparse_end_step = None  # sparse until the end, however long the run
+            if not math.isinf(total) and s.dense_warmup_steps >= total:
+                rank_zero_warn(
+                    f"SemiStructuredSparsity: dense_warmup_steps={s.dense_warmup_steps} covers the whole run "
+                    f"({int(total)} steps): there is no sparse phase; lower dense_warmup_steps or train longer."
+                )
         elif math.isinf(total):
             raise ValueError(
                 f"SemiStructuredSparsity dense_finetune_fraction={s.dense_finetune_fraction} is a fraction of the "
@@ -304,7 +309,8 @@ class SemiStructuredSparsity(L.Callback):
             if self.sparse_end_step <= s.dense_warmup_steps:
                 rank_zero_warn(
                     f"SemiStructuredSparsity: dense_warmup_steps={s.dense_warmup_steps} reaches the dense fine-tune "
-                    f"(step {self.sparse_end_step} of {int(total)}): there is no sparse phase."
+                    f"(step {self.sparse_end_step} of {int(total)}): there is no sparse phase; lower "
+                    "dense_warmup_steps or dense_finetune_fraction, or train longer."
                 )
         # Restored masks (from a checkpoint) go back into their layers, on the weights' device, before the first step
         # and before the sanity-check validation of a resumed run.

@@ -339,3 +339,14 @@ def test_deepspeed_loss_scale_read_from_the_engine() -> None:
     assert _deepspeed_loss_scale(SimpleNamespace(strategy=Fp16())) == 1024.0  # type: ignore[arg-type]
     assert _deepspeed_loss_scale(SimpleNamespace(strategy=Bf16())) == 1.0  # type: ignore[arg-type]
     assert _deepspeed_loss_scale(SimpleNamespace(strategy=None)) == 1.0  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fraction", "message"),
+    [(0.0, r"dense_warmup_steps=4 covers the whole run \(2 steps\)"), (0.5, r"dense_warmup_steps=4 reaches")],
+)
+def test_a_run_that_never_goes_sparse_says_so_at_fit_start(fraction: float, message: str) -> None:
+    cb = SemiStructuredSparsity(targets="mlp", dense_warmup_steps=4, dense_finetune_fraction=fraction)
+    with pytest.warns(UserWarning, match=message + r".*no sparse phase"):
+        trainer(max_steps=2, callbacks=[cb]).fit(module(), loader(n=8))
+    assert all(layer.mask is None for layer in cb.layers.values())
