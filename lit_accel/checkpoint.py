@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,23 @@ def _deepspeed_records() -> list[Any]:
     return found
 
 
+def _check_crc(path: str | os.PathLike[str], name: str) -> None:
+    # torch.load does not verify the CRC-32 that torch.save's zip records carry, so one flipped bit would load as a
+    # silently different tensor; reading every record once is the price of knowing.
+    if not zipfile.is_zipfile(path):
+        return  # not a zip-format torch file: torch.load says what it is, or refuses it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"{name} {str(path)!r} is not a readable PyTorch checkpoint (corrupt: {err})") from None
+    if bad is not None:
+        raise ValueError(
+            f"{name} {str(path)!r} is corrupt: record {bad!r} does not match its CRC-32 (a flipped bit or a damaged "
+            "copy); use an earlier checkpoint or copy the file again"
+        )
+
+
 def load_checkpoint_file(
     path: str | os.PathLike[str], *, mmap: bool = False, name: str = "--ckpt", allow: Sequence[Any] = ()
 ) -> Any:
@@ -64,8 +82,8 @@ def load_checkpoint_file(
         allow: Classes or functions allowed besides those (e.g. DeepSpeed's loss-scaler record).
 
     Raises:
-        ValueError: Naming the file: it holds other objects (and which), or it is not a readable torch file
-            (truncated, empty, corrupt).
+        ValueError: Naming the file: it holds other objects (and which), a record fails its CRC-32 check (a
+            flipped bit), or it is not a readable torch file (truncated, empty, foreign).
 
     Example:
         >>> import tempfile, torch
@@ -73,6 +91,7 @@ def load_checkpoint_file(
         >>> load_checkpoint_file(f)["state_dict"]["w"].tolist()
         [1.0, 1.0]
     """
+    _check_crc(path, name)
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

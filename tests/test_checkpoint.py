@@ -86,3 +86,17 @@ def test_a_deepspeed_folder_exports_and_a_crafted_file_in_it_is_refused(tmp_path
     with pytest.raises(ValueError, match=r"optim_states\.pt.*_TouchOnLoad|optim_states\.pt.*does not unpickle"):
         load_lightning_checkpoint(folder)
     assert not marker.exists()
+
+
+def test_one_flipped_bit_is_detected_and_named(tmp_path: Path) -> None:
+    ckpt = tmp_path / "flipped.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4096.0)}}, ckpt)
+    data = bytearray(ckpt.read_bytes())
+    # A bit in the middle of the tensor's bytes: torch.load alone would load it as a different value.
+    offset = data.find(torch.arange(4096.0)[2000:2001].numpy().tobytes())
+    assert offset > 0
+    data[offset] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    assert torch.load(ckpt, weights_only=True)["state_dict"]["w"][2000] != 2000.0  # what silently happened before
+    with pytest.raises(ValueError, match=r"flipped\.ckpt.*does not match its CRC-32"):
+        load_lightning_checkpoint(ckpt)
