@@ -104,7 +104,10 @@ def read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     if files:
         for f in files:
-            state.update(load_file(str(f)))
+            try:
+                state.update(load_file(str(f)))
+            except Exception as err:  # safetensors' errors do not name the file
+                raise ValueError(f"model={directory!r}: weight file {str(f)!r} is not readable ({err})") from err
         return state
     bins = sorted(path.glob("pytorch_model*.bin"))
     if not bins:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pathlib
 from types import SimpleNamespace
 
 import lightning as L
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from lit_accel.models import PRESETS, CausalLM, load_full_state_dict, preset_config, resolve_model_source, warmup_cosine
+from lit_accel.models.hf_directory import read_hf_weights
 
 
 def _random_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> DataLoader:
@@ -237,3 +239,9 @@ def test_logged_grad_norm_is_the_norm_of_that_step(tmp_path) -> None:
     for row in rows:
         step = int(row["step"])
         assert float(row["train/grad_norm"]) == pytest.approx(true_norms[step], rel=1e-5), (step, true_norms)
+
+
+def test_a_broken_safetensors_file_is_named(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match=r"model\.safetensors' is not readable"):
+        read_hf_weights(str(tmp_path))
