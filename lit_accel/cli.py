@@ -44,7 +44,23 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(trainer.logger, WandbLogger) and trainer.is_global_zero:
             self.config_filename = f"config-{trainer.logger.version}.yaml"
+        # trainer.ckpt_path is set only after the setup hooks; the resolved config already names the checkpoint.
+        if self.config.get("ckpt_path") is not None and not self.already_saved:
+            # A resumed run whose log folder is the first run's (no logger, or one without versions) keeps the
+            # first run's config and saves its own beside it, instead of refusing to start or overwriting it.
+            self.config_filename = trainer.strategy.broadcast(self._free_name(trainer))
         super().setup(trainer, pl_module, stage)
+
+    def _free_name(self, trainer: L.Trainer) -> str:
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero or log_dir is None or self.overwrite:
+            return self.config_filename
+        stem, suffix = os.path.splitext(self.config_filename)
+        name, k = self.config_filename, 0
+        while os.path.exists(os.path.join(log_dir, name)):
+            k += 1
+            name = f"{stem}.resumed-{k}{suffix}"
+        return name
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)

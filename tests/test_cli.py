@@ -265,3 +265,17 @@ def test_wandb_disabled_run_needs_no_run_directory(tmp_path: Path, cache: Path, 
     path.write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", str(path)])
     assert len(list((tmp_path / "wbd").glob("config-*.yaml"))) == 1
+
+
+def test_resume_without_a_logger_keeps_the_first_config_and_saves_its_own(tmp_path: Path, cache: Path) -> None:
+    config = yaml.safe_load(_config(tmp_path, cache, "nolog", max_steps=4).read_text())
+    config["trainer"]["logger"] = False
+    config["trainer"]["default_root_dir"] = str(tmp_path / "root")
+    path = tmp_path / "nolog.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    first = (tmp_path / "root" / "config.yaml").read_text()
+    main(["fit", "--config", str(path), "--trainer.max_steps", "8", "--ckpt_path", "last"])
+    assert (tmp_path / "root" / "config.yaml").read_text() == first  # the first run's config is untouched
+    resumed = yaml.safe_load((tmp_path / "root" / "config.resumed-1.yaml").read_text())
+    assert resumed["trainer"]["max_steps"] == 8 and resumed["ckpt_path"] == "last"
