@@ -1,4 +1,4 @@
-"""cuSPARSELt plans kept across calls (issue 5): wall time of a 2:4 product with torch's per-call plan, with a
+"""cuSPARSELt plans kept across calls: wall time of a 2:4 product with torch's per-call plan, with a
 cached plan (lit_accel.ops.cusparselt) and of the dense matmul, at the llama-1b MLP / attention shapes.
 
 Each variant runs back to back in windows of ``--iters`` calls bracketed by CUDA events (so host time that the GPU

@@ -1,4 +1,4 @@
-"""Training step with the hot-path kernels: HF eager vs HF + torch.compile vs HF + Liger-Kernel vs ours (issue 6).
+"""Training step with the hot-path kernels: HF eager vs HF + torch.compile vs HF + Liger-Kernel vs ours.
 
 Each (model, variant) runs in its own child process, because Liger patches ``transformers`` classes and module
 functions globally, and a crash or out-of-memory in one variant must not take the others down. Every variant is the
@@ -148,7 +148,7 @@ def main() -> None:
                 ]
             )
     text = write_results(
-        "Training step with the hot-path kernels (issue 6)",
+        "Training step with the hot-path kernels",
         [
             "model",
             "batch",

@@ -1,4 +1,4 @@
-"""Tokens/s of a pruned model's shape against the original (issue 7): llama-1b vs llama-1b-half, same run.
+"""Tokens/s of a pruned model's shape against the original: llama-1b vs llama-1b-half, same run.
 
 Training: the plain loop (bf16 autocast, fp32 master weights, fused AdamW, the same random batches) on the model
 ``CausalLM`` builds (with its default CUDA kernels). Inference: forward passes under ``torch.no_grad`` with bf16

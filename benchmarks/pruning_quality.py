@@ -1,4 +1,4 @@
-"""Quality at small scale (issue 7): pruned + continued vs the same shape trained from scratch on the same tokens.
+"""Quality at small scale: pruned + continued vs the same shape trained from scratch on the same tokens.
 
 1. source: a dense model trained for ``--source-steps`` (the model one would prune);
 2. prune: ``StructuredPruning`` to the target shape for ``--prune-steps`` (weights and masks train together), then

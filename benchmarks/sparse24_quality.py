@@ -1,4 +1,4 @@
-"""Quality of 2:4 sparse training (issue 5): validation loss of 2:4 MLPs against dense after the same steps.
+"""Quality of 2:4 sparse training: validation loss of 2:4 MLPs against dense after the same steps.
 
 Every run starts from the same random init (same seed), sees the same batches and uses the same schedule; the only
 difference is the ``SemiStructuredSparsity`` callback (MLP linears, transposable masks refreshed every 40 steps,

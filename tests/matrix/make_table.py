@@ -197,7 +197,7 @@ def render_doc(runs: dict[str, dict[str, Any]]) -> str:
     seconds = ", ".join(f"{s} {runs[s]['seconds']:.0f} s" for s in ALL_RUNS if s in runs)
     return f"""# Compatibility: which technique runs under which strategy
 
-Every column of this table is generated from the distributed test matrix, `tests/matrix/` (issue 8), by
+Every column of this table is generated from the distributed test matrix, `tests/matrix/`, by
 `python tests/matrix/make_table.py`; `tests/matrix/test_matrix.py::test_docs_table_is_current` fails when they no
 longer match what the tests find. The DeepSpeed columns are real CPU runs: `LitDeepSpeedStrategy` (the
 `lit_deepspeed_stage_N` names, `docs/strategies.md`) runs DeepSpeed's CPU accelerator over gloo, here in fp32 with

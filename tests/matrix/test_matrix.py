@@ -1,4 +1,4 @@
-"""The distributed test matrix (issue 8), CPU rows: every technique alone and the pairs that compose (or must refuse),
+"""The distributed test matrix, CPU rows: every technique alone and the pairs that compose (or must refuse),
 on one CPU device, under DDP over gloo with 2 processes, and under DeepSpeed ZeRO-1/2/3 (``LitDeepSpeedStrategy`` on
 the CPU over gloo, 2 processes).
 
