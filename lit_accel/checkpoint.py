@@ -67,7 +67,12 @@ def _check_crc(path: str | os.PathLike[str], name: str) -> None:
 
 
 def load_checkpoint_file(
-    path: str | os.PathLike[str], *, mmap: bool = False, name: str = "--ckpt", allow: Sequence[Any] = ()
+    path: str | os.PathLike[str],
+    *,
+    mmap: bool = False,
+    name: str = "--ckpt",
+    allow: Sequence[Any] = (),
+    verify: bool = True,
 ) -> Any:
     """Reads one torch checkpoint file on CPU without running code from it.
 
@@ -80,6 +85,8 @@ def load_checkpoint_file(
         mmap: Map the tensors instead of reading them (cheap when only metadata is needed).
         name: How messages name the path (the argument it came from).
         allow: Classes or functions allowed besides those (e.g. DeepSpeed's loss-scaler record).
+        verify: Check every record's CRC-32 first (reads the whole file once more). Off only for a cheap look at
+            metadata that a verified load follows.
 
     Raises:
         ValueError: Naming the file: it holds other objects (and which), a record fails its CRC-32 check (a
@@ -91,7 +98,8 @@ def load_checkpoint_file(
         >>> load_checkpoint_file(f)["state_dict"]["w"].tolist()
         [1.0, 1.0]
     """
-    _check_crc(path, name)
+    if verify:
+        _check_crc(path, name)
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

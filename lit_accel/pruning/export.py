@@ -265,9 +265,9 @@ def is_pruning_checkpoint(ckpt: str | os.PathLike[str]) -> bool:
             files = sorted(path.glob("*/mp_rank_*_model_states.pt"))
             if not files:
                 return False
-            checkpoint = load_checkpoint_file(files[0], mmap=True)
+            checkpoint = load_checkpoint_file(files[0], mmap=True, verify=False)
         elif path.is_file():
-            checkpoint = load_checkpoint_file(path, mmap=True)
+            checkpoint = load_checkpoint_file(path, mmap=True, verify=False)
         else:
             return False
     except Exception:  # not a zip-format torch file, or no checkpoint at all
