@@ -32,6 +32,7 @@ from lit_accel.data.tokenizer import (
     load_tokenizer,
     train_bpe_tokenizer,
 )
+from lit_accel.models.params import global_rank, world_size
 from lit_accel.resume import complete_epoch_end_loop_state
 
 __all__ = ["DEFAULT_BPE_TRAIN_BYTES", "ResumableSampler", "ShardedSequentialSampler", "TextDataModule"]
@@ -332,9 +333,7 @@ class TextDataModule(L.LightningDataModule):
         if self.trainer is not None:
             rank = self.trainer.local_rank if self.prepare_data_per_node else self.trainer.global_rank
             return rank == 0, self.trainer.global_rank
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank() == 0, torch.distributed.get_rank()
-        return True, 0
+        return global_rank() == 0, global_rank()
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer and shards, building them first on the builder rank (or in a single process).
@@ -368,9 +367,7 @@ class TextDataModule(L.LightningDataModule):
     def _world(self) -> tuple[int, int]:
         if self.trainer is not None:
             return self.trainer.world_size, self.trainer.global_rank
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
+        return world_size(), global_rank()
 
     def _require_setup(self, name: str) -> Any:
         if self._train is None:

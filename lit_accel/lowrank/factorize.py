@@ -51,7 +51,7 @@ from lit_accel.lowrank.factorize_layer import (
     dense_placeholders,
     factorized_layers,
 )
-from lit_accel.models.params import gathered
+from lit_accel.models.params import gathered, world_size
 from lit_accel.models.structure import StructurePatterns, linear_in_out_features
 from lit_accel.models.surgery import match_linears, replace_module
 
@@ -91,15 +91,9 @@ def _lora_message(names: list[str]) -> str:
     )
 
 
-def _dist_world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
 def _broadcast_int(value: int) -> int:
     """Rank 0's ``value`` on every rank (a no-op without a process group)."""
-    if _dist_world() == 1:
+    if world_size() == 1:
         return value
     dist = torch.distributed
     # NCCL only moves CUDA tensors; gloo (and the CPU-side of mixed backends) takes CPU ones.
