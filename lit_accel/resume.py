@@ -3,13 +3,99 @@
 Example:
     >>> complete_epoch_end_loop_state({"state_dict": {}})  # a weights-only checkpoint is left alone
     False
+    >>> rng = BatchSeededRNG(base_seed=7)
+    >>> rng.begin(epoch=0, batch_idx=3, rank=0, device=torch.device("cpu"))
+    >>> a = torch.rand(2)
+    >>> rng.end()
+    >>> rng.begin(epoch=0, batch_idx=3, rank=0, device=torch.device("cpu"))
+    >>> torch.equal(a, torch.rand(2))  # the same batch draws the same numbers, whatever ran before
+    True
+    >>> rng.end()
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from typing import Any
 
-__all__ = ["complete_epoch_end_loop_state"]
+import torch
+
+__all__ = ["BatchSeededRNG", "batch_seed", "complete_epoch_end_loop_state"]
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def batch_seed(base_seed: int, rank: int, epoch: int, batch_idx: int) -> int:
+    """A seed for one training batch, a stable function of its coordinates (the same in every process and run).
+
+    Args:
+        base_seed: The run's seed.
+        rank: The process's global rank (ranks see other data, so they draw other numbers).
+        epoch: ``trainer.current_epoch``.
+        batch_idx: The batch's index within the epoch (each micro-batch of an accumulated step has its own).
+
+    Returns:
+        A non-negative 63-bit seed.
+
+    Example:
+        >>> batch_seed(1234, 0, 0, 5) == batch_seed(1234, 0, 0, 5) != batch_seed(1234, 1, 0, 5)
+        True
+    """
+    # blake2b, not hash(): Python salts str hashes per process, and the seed must survive a restart.
+    packed = struct.pack("<4Q", base_seed & _SEED_MASK, rank, epoch, batch_idx)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") & _SEED_MASK
+
+
+class BatchSeededRNG:
+    """Seeds the global generators per training batch, so a resumed run draws what the uninterrupted one drew.
+
+    Lightning does not checkpoint the global generators, and whatever else draws from them between two batches
+    (the seed of each new data-loader iterator: validation's, a resumed run's fresh training iterator) shifts the
+    stream, so dropout masks after a resume would differ from the uninterrupted run's. Between :meth:`begin` and
+    :meth:`end` the CPU generator (and the CUDA generator of ``device``) is seeded from
+    :func:`batch_seed`; :meth:`end` puts back the state they had at :meth:`begin`, so code outside the training
+    batches sees the stream it would have seen without this class. Only :attr:`base_seed` needs saving.
+
+    Args:
+        base_seed: The run's seed; ``None`` takes ``torch.initial_seed()`` at the first :meth:`begin` (the seed
+            that ``seed_everything`` set).
+    """
+
+    def __init__(self, base_seed: int | None = None) -> None:
+        self.base_seed = base_seed
+        self._outer: tuple[torch.Tensor, torch.device | None, torch.Tensor | None] | None = None
+
+    def begin(self, epoch: int, batch_idx: int, rank: int, device: torch.device) -> None:
+        """Saves the generators' states and seeds them for this batch."""
+        if self.base_seed is None:
+            self.base_seed = torch.initial_seed()
+        seed = batch_seed(self.base_seed, rank, epoch, batch_idx)
+        cuda = device if device.type == "cuda" else None
+        self._outer = (torch.get_rng_state(), cuda, torch.cuda.get_rng_state(cuda) if cuda is not None else None)
+        torch.default_generator.manual_seed(seed)
+        if cuda is not None:
+            index = cuda.index if cuda.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+
+    def end(self) -> None:
+        """Puts back the states saved by :meth:`begin` (a no-op without a matching :meth:`begin`)."""
+        if self._outer is None:
+            return
+        cpu, cuda, cuda_state = self._outer
+        self._outer = None
+        torch.set_rng_state(cpu)
+        if cuda is not None and cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, cuda)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's seed: all a resumed run needs to draw the same numbers."""
+        return {"base_seed": self.base_seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s seed (a missing one keeps the current)."""
+        if state.get("base_seed") is not None:
+            self.base_seed = int(state["base_seed"])
 
 
 def _zero_current(progress: Any) -> None:

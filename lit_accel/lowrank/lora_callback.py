@@ -39,6 +39,7 @@ from lit_accel.lowrank.lora_io import merged_state_dict, save_peft_adapter
 from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.structure import StructurePatterns, as_patterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
+from lit_accel.resume import BatchSeededRNG
 from lit_accel.settings import settings_from, takes_settings
 
 __all__ = ["EXPORTS", "LoRA", "LoRASettings"]
@@ -222,7 +223,8 @@ class LoRA(L.Callback):
         self.settings = settings_from(LoRASettings, locals())
         self.layer_names: list[str] = []
         self._warned_full_checkpoint = False
-        self._pending_rng: dict[str, torch.Tensor] | None = None
+        # Adapter dropout draws from the global generators: seeded per batch, a resumed run draws the same masks.
+        self._rng = BatchSeededRNG()
 
     # ------------------------------------------------------------------ set-up
     def _apply(self, model: nn.Module) -> None:
@@ -286,10 +288,7 @@ class LoRA(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"settings": self.settings.to_dict(), "layers": list(self.layer_names)}
         if self.settings.dropout > 0:
-            # Adapter dropout draws from the global generator; saving it makes a resumed run draw the same masks.
-            state["rng"] = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                state["rng"]["cuda"] = torch.cuda.get_rng_state()
+            state["batch_rng"] = self._rng.state_dict()
         return state
 
     @override
@@ -316,24 +315,18 @@ class LoRA(L.Callback):
             rank_zero_warn(
                 f"LoRA: resuming with settings that differ from the checkpoint's (checkpoint, now): {changed}"
             )
-        # The generator is set now, so a new epoch's data-loader iterator (created after this, as in the run that
-        # was not interrupted) draws its seed from the same state; a resume in the middle of an epoch has no such
-        # draw in the uninterrupted run, so there the state is set again at the first batch.
-        self._pending_rng = state_dict.get("rng")
-        self._set_rng(self._pending_rng)
-
-    @staticmethod
-    def _set_rng(rng: dict[str, torch.Tensor] | None) -> None:
-        if rng:
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
+        self._rng.load_state_dict(state_dict.get("batch_rng") or {})
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        rng, self._pending_rng = self._pending_rng, None
-        if rng and idx > 0:
-            self._set_rng(rng)
+        if self.settings.dropout > 0:
+            self._rng.begin(trainer.current_epoch, idx, trainer.global_rank, pl_module.device)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self._rng.end()
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
