@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_accel.data import TextDataModule
 from lit_accel.export import main as export_main
@@ -31,7 +32,7 @@ from lit_accel.models import CausalLM
 from lit_accel.observe.wandb import WandbLogger
 from lit_accel.strategies import check_cli_strategy  # importing it registers the lit_deepspeed_* names
 
-__all__ = ["LitAccelCLI", "LoggerSaveConfigCallback", "main"]
+__all__ = ["LitAccelCLI", "LoggerSaveConfigCallback", "main", "name_run_by_techniques"]
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -74,6 +75,83 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                     f.write(text)
 
 
+# Short names of the technique callbacks in run names: the names of their fragments in callbacks/.
+_RUN_NAME_PARTS = {
+    "DropBP": "dropbp",
+    "LoRA": "lora",
+    "LowRankFactorization": "factorize",
+    "SemiStructuredSparsity": "sparsity24",
+    "StructuredPruning": "pruning",
+}
+
+
+def _techniques(callbacks: Any) -> list[str]:
+    names = []
+    for callback in callbacks or []:
+        class_path = callback.get("class_path") if isinstance(callback, dict) else getattr(callback, "class_path", None)
+        name = str(class_path or "").rpartition(".")[2]
+        if str(class_path or "").startswith("lit_accel.") and name in _RUN_NAME_PARTS:
+            names.append(name)
+    return names
+
+
+def name_run_by_techniques(config: Any) -> str | None:
+    """Gives a run whose ``--config`` fragments add techniques to its first config its own folder and W&B name.
+
+    ``--config configs/quickstart.yaml --config callbacks/dropbp.yaml`` runs as ``quickstart+dropbp``: every
+    path of the trainer's config that lies under the first config's ``trainer.default_root_dir`` (``runs/quickstart``:
+    the checkpoint folder, the logger's folder) moves to ``runs/quickstart+dropbp``, and the logger's ``name``
+    gains the same suffix. So the base run and each variant keep their own ``last.ckpt`` and W&B runs, and
+    ``--ckpt_path last`` resumes the variant it is given. Values the command line changed are left as they are.
+
+    Args:
+        config: The subcommand's parsed config (``LightningCLI.config[subcommand]``), changed in place.
+
+    Returns:
+        The run-name suffix (``"dropbp"``), or ``None`` when nothing was added.
+    """
+    files = [str(f) for f in (config.get("config") or [])]
+    trainer = config.get("trainer")
+    if not files or trainer is None:
+        return None
+    try:
+        with open(files[0]) as f:
+            first = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    first_trainer = first.get("trainer") or {}
+    base = set(_techniques(first_trainer.get("callbacks")))
+    added = [n for n in dict.fromkeys(_techniques(trainer.get("callbacks"))) if n not in base]
+    root = first_trainer.get("default_root_dir")
+    if not added or not isinstance(root, str) or trainer.get("default_root_dir") != root:
+        return None
+    suffix = "+".join(_RUN_NAME_PARTS[n] for n in added)
+    new_root = f"{root.rstrip('/')}+{suffix}"
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str) and (value == root or value.startswith(root.rstrip("/") + "/")):
+            return new_root + value[len(root.rstrip("/")) :]
+        return value
+
+    trainer["default_root_dir"] = new_root
+    for callback in trainer.get("callbacks") or []:
+        init_args = callback.get("init_args") if hasattr(callback, "get") else None
+        if init_args is not None and "dirpath" in init_args:
+            init_args["dirpath"] = moved(init_args["dirpath"])
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is None:
+            continue
+        for key in ("save_dir", "dir"):
+            if key in init_args:
+                init_args[key] = moved(init_args[key])
+        if isinstance(init_args.get("name"), str):
+            init_args["name"] = f"{init_args['name']}+{suffix}"
+    rank_zero_info(f"lit_accel: {os.path.basename(files[0])} + {', '.join(added)}: this run writes under {new_root}")
+    return suffix
+
+
 class LitAccelCLI(LightningCLI):
     """LightningCLI with lit_accel's model and data defaults; callbacks come from ``--config`` fragments.
 
@@ -110,6 +188,7 @@ class LitAccelCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # An unknown trainer.strategy name: an error that lists lit_accel's and Lightning's names.
         check_cli_strategy(self.config, self.subcommand)
+        name_run_by_techniques(self.config[self.subcommand] if self.subcommand else self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # With the class as default, `data:` given as plain init arguments (every config written before subclass

@@ -279,3 +279,36 @@ def test_resume_without_a_logger_keeps_the_first_config_and_saves_its_own(tmp_pa
     assert (tmp_path / "root" / "config.yaml").read_text() == first  # the first run's config is untouched
     resumed = yaml.safe_load((tmp_path / "root" / "config.resumed-1.yaml").read_text())
     assert resumed["trainer"]["max_steps"] == 8 and resumed["ckpt_path"] == "last"
+
+
+def test_a_technique_fragment_gives_the_run_its_own_folder_and_name(tmp_path: Path, cache: Path) -> None:
+    path = _config(tmp_path, cache, "base", max_steps=2)
+    cfg = yaml.safe_load(path.read_text())
+    root = str(tmp_path / "runs" / "base")
+    cfg["trainer"]["default_root_dir"] = root
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = f"{root}/checkpoints"
+    cfg["trainer"]["logger"] = {
+        "class_path": "lit_accel.observe.WandbLogger",
+        "init_args": {"name": "base", "save_dir": root, "offline": True},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    fragment = tmp_path / "dropbp.yaml"
+    fragment.write_text(
+        yaml.safe_dump(
+            {"trainer": {"callbacks+": [{"class_path": "lit_accel.callbacks.DropBP", "init_args": {"target": 0.3}}]}}
+        )
+    )
+    cli = LitAccelCLI(args=["--config", str(path), "--config", str(fragment)], run=False)
+    assert cli.trainer.default_root_dir == f"{root}+dropbp"
+    assert cli.trainer.checkpoint_callback is not None
+    assert cli.trainer.checkpoint_callback.dirpath == f"{root}+dropbp/checkpoints"
+    assert cli.trainer.logger is not None and cli.trainer.logger._wandb_init["name"] == "base+dropbp"
+    assert cli.trainer.logger.save_dir == f"{root}+dropbp"
+    # the base config alone, or a value set on the command line, is left as written
+    plain = LitAccelCLI(args=["--config", str(path)], run=False)
+    assert plain.trainer.default_root_dir == root
+    mine = str(tmp_path / "mine")
+    chosen = LitAccelCLI(
+        args=["--config", str(path), "--config", str(fragment), "--trainer.default_root_dir", mine], run=False
+    )
+    assert chosen.trainer.default_root_dir == mine

@@ -119,7 +119,8 @@ def test_no_module_is_doing_two_jobs() -> None:
 # applying the fused kernels by default (models -> kernels), documented where it is imported.
 FLOORS = [
     ("lit_accel.ops",),
-    ("lit_accel.strategies", "lit_accel.checkpoint", "lit_accel.resume", "lit_accel.settings"),
+    ("lit_accel.strategies", "lit_accel.checkpoint", "lit_accel.checkpoint_io", "lit_accel.resume",
+     "lit_accel.run_identity", "lit_accel.settings"),
     ("lit_accel.models", "lit_accel.data"),
     ("lit_accel.kernels", "lit_accel.observe", "lit_accel.dropbp", "lit_accel.sparsity", "lit_accel.pruning",
      "lit_accel.lowrank"),

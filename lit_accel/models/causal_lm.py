@@ -20,7 +20,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -44,6 +44,13 @@ from lit_accel.models.params import (
 )
 from lit_accel.models.presets import ModelSource, resolve_model_source
 from lit_accel.resume import complete_epoch_end_loop_state
+from lit_accel.run_identity import (
+    FolderLock,
+    check_resume,
+    guard_checkpoint_folders,
+    new_run_id,
+    run_stamp_of,
+)
 
 __all__ = ["CausalLM", "warmup_cosine"]
 
@@ -84,6 +91,10 @@ class CausalLM(L.LightningModule):
         kernels: Patch the model with ``lit_accel``'s Triton kernels (RMSNorm, SwiGLU, RoPE, fused LM head +
             loss; see :func:`lit_accel.kernels.apply_kernels`). ``None`` means "when the trainer runs on CUDA";
             ``True`` patches on any device (CPU calls run the kernels' PyTorch references, Hugging Face's formulas).
+        run_checks: What happens when a fit would resume a checkpoint that another configuration wrote (another
+            model, optimizer setting, data or technique: see :mod:`lit_accel.run_identity`): ``"error"`` refuses
+            and lists the differences, ``"warn"`` warns and resumes. A checkpoint folder in use by a live run is
+            refused either way.
     """
 
     def __init__(
@@ -100,8 +111,11 @@ class CausalLM(L.LightningModule):
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
         kernels: bool | None = None,
+        run_checks: Literal["error", "warn"] = "error",
     ) -> None:
         super().__init__()
+        if run_checks not in ("error", "warn"):
+            raise ValueError(f"run_checks={run_checks!r}; allowed: error, warn.")
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0; got {learning_rate}.")
         if not 0.0 <= min_lr_ratio <= 1.0:
@@ -122,6 +136,8 @@ class CausalLM(L.LightningModule):
         self.model: PreTrainedModel | None = None
         self._val_loss_sum: torch.Tensor | None = None
         self._val_token_count: torch.Tensor | None = None
+        self._run_id: str | None = None
+        self._folder_locks: list[FolderLock] = []
 
     # ------------------------------------------------------------------ model construction
     @property
@@ -219,10 +235,30 @@ class CausalLM(L.LightningModule):
             self.source.config.eos_token_id = eos
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = (checkpoint.get("lit_accel") or {}).get("run")
+        if isinstance(saved, dict):
+            self._run_id = saved.get("run_id") or self._run_id
+            trainer = self._trainer
+            if trainer is not None and trainer.state.fn == "fit":
+                # Before any weight is loaded: a refused resume leaves the module as it was.
+                now = run_stamp_of(trainer, self, self._run_id or "")
+                check_resume(saved, now, self._hp.run_checks, trainer.ckpt_path or "the checkpoint")
         # Lightning restores its loops after this hook; a checkpoint written at an epoch end would otherwise make a
         # max_steps run re-enter the finished epoch (see lit_accel.resume). The data module does the same for other
         # LightningModules; applying it twice is a no-op.
         complete_epoch_end_loop_state(checkpoint)
+
+    def on_fit_start(self) -> None:
+        """Gives the run its id and locks its checkpoint folders (see :mod:`lit_accel.run_identity`)."""
+        trainer = self.trainer
+        if self._run_id is None:
+            self._run_id = trainer.strategy.broadcast(new_run_id())
+        self._folder_locks = guard_checkpoint_folders(trainer, self._run_id)
+
+    def teardown(self, stage: str) -> None:
+        for lock in self._folder_locks:
+            lock.release()
+        self._folder_locks = []
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The tokenizer lives in the data cache, not in the weights: remember where, so `lit-accel export` can
@@ -235,6 +271,8 @@ class CausalLM(L.LightningModule):
                 # The config as trained (eos id from the tokenizer, overrides): export rebuilds from it, without
                 # needing the original model directory.
                 "config": self.config.to_dict(),
+                # What this run computes, so a resume can tell its own checkpoints from another run's.
+                "run": run_stamp_of(self.trainer, self, self._run_id or new_run_id()),
             }
         )
 

@@ -254,5 +254,13 @@ def test_resume_with_other_targets_is_an_error_not_fresh_adapters(base_dir: Path
     t.fit(module(base_dir), loader())
     t.save_checkpoint(tmp_path / "attn.ckpt")
     resumed = trainer(max_steps=3, callbacks=[LoRA(targets="all-linear", r=4)])
-    with pytest.raises(ValueError, match="the checkpoint has no adapter weights for .*mlp"):
+    with pytest.raises(ValueError, match="LoRA.targets: 'attention' in the checkpoint, 'all-linear' now"):
         resumed.fit(module(base_dir), loader(), ckpt_path=str(tmp_path / "attn.ckpt"))
+    # with the run check relaxed to a warning, the adapters themselves are still checked
+    resumed = trainer(max_steps=3, callbacks=[LoRA(targets="all-linear", r=4)])
+    relaxed = CausalLM(str(base_dir), learning_rate=1e-2, warmup_steps=0, weight_decay=0.0, run_checks="warn")
+    with (
+        pytest.warns(UserWarning, match="LoRA.targets"),
+        pytest.raises(ValueError, match="the checkpoint has no adapter weights for .*mlp"),
+    ):
+        resumed.fit(relaxed, loader(), ckpt_path=str(tmp_path / "attn.ckpt"))

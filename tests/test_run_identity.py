@@ -1,0 +1,140 @@
+"""Run identity: a resume refuses another configuration's checkpoint, and two live runs cannot share a folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lit_accel.callbacks import DropBP
+from lit_accel.data import TextDataModule
+from lit_accel.models import CausalLM
+from lit_accel.run_identity import LOCK_NAME, FolderLock, run_stamp, stamp_differences
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("run_identity_cache")
+
+
+def _fit(
+    cache: Path,
+    ckpt_dir: Path,
+    *,
+    lr: float = 1e-3,
+    callbacks: list[Any] | None = None,
+    ckpt_path: str | None = None,
+    max_steps: int = 2,
+    **module_kwargs: Any,
+) -> CausalLM:
+    data = TextDataModule(
+        corpus="stdlib",
+        max_corpus_bytes=200_000,
+        bpe_vocab_size=512,
+        bpe_train_bytes=100_000,
+        seq_len=32,
+        batch_size=2,
+        max_val_sequences=2,
+        cache_dir=str(cache),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True), *(callbacks or [])],
+    )
+    lm = CausalLM("llama-tiny", learning_rate=lr, warmup_steps=0, **module_kwargs)
+    trainer.fit(lm, datamodule=data, ckpt_path=ckpt_path)
+    return lm
+
+
+def test_the_stamp_ignores_speed_and_reporting_settings() -> None:
+    a = run_stamp({"learning_rate": 1e-3, "kernels": None}, {"corpus": "x", "batch_size": 8}, {}, "a")
+    b = run_stamp({"learning_rate": 1e-3, "kernels": True}, {"corpus": "x", "batch_size": 4}, {}, "b")
+    assert stamp_differences(a, b) == []
+    c = run_stamp({"learning_rate": 1e-3}, {"corpus": "y"}, {"DropBP": {"target": 0.5, "log_every_n_steps": 1}}, "c")
+    assert stamp_differences(a, c) == [
+        "data.corpus: 'x' in the checkpoint, 'y' now",
+        "techniques: none in the checkpoint, DropBP now",
+    ]
+    d = run_stamp({"learning_rate": 1e-3}, {"corpus": "y"}, {"DropBP": {"target": 0.3, "log_every_n_steps": 5}}, "d")
+    assert stamp_differences(c, d) == ["DropBP.target: 0.5 in the checkpoint, 0.3 now"]
+
+
+def test_resume_of_another_configuration_is_refused_before_loading(tmp_path: Path, cache: Path) -> None:
+    _fit(cache, tmp_path / "ckpt", lr=1e-3)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    record = torch.load(last, weights_only=True)["lit_accel"]["run"]
+    assert record["model"]["learning_rate"] == 1e-3 and record["techniques"] == {} and len(record["run_id"]) == 12
+
+    with pytest.raises(ValueError, match=r"model\.learning_rate: 0\.001 in the checkpoint, 0\.002 now"):
+        _fit(cache, tmp_path / "other", lr=2e-3, ckpt_path=str(last), max_steps=4)
+    with pytest.raises(ValueError, match="techniques: none in the checkpoint, DropBP now"):
+        _fit(cache, tmp_path / "other", callbacks=[DropBP(sensitivity="uniform")], ckpt_path=str(last), max_steps=4)
+    # run_checks="warn": resumes, with the differences in the warning
+    with pytest.warns(UserWarning, match="learning_rate"):
+        _fit(cache, tmp_path / "warned", lr=2e-3, ckpt_path=str(last), max_steps=3, run_checks="warn")
+    # the same configuration resumes, and keeps the run id
+    lm = _fit(cache, tmp_path / "same", ckpt_path=str(last), max_steps=3)
+    assert lm._run_id == record["run_id"]
+
+
+def test_last_of_another_run_in_the_folder_names_this_runs_own(tmp_path: Path, cache: Path) -> None:
+    folder = tmp_path / "shared"
+    _fit(cache, folder, lr=1e-3)
+    _fit(cache, folder, lr=2e-3)  # a second configuration: ModelCheckpoint versions its names (last-v1.ckpt)
+    assert (folder / "last-v1.ckpt").exists()
+    with pytest.raises(ValueError, match=r"own checkpoints beside it: last\.ckpt"):
+        _fit(cache, folder, lr=1e-3, ckpt_path=str(folder / "last-v1.ckpt"), max_steps=3)
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path: Path, cache: Path) -> None:
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    # another live process holds the folder
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / LOCK_NAME).write_text(
+            json.dumps({"run_id": "feedbeef0000", "host": os.uname().nodename, "pid": holder.pid, "started": 0.0})
+        )
+        with pytest.raises(RuntimeError, match=r"in use by another run \(run feedbeef0000"):
+            _fit(cache, folder)
+        assert not list(folder.glob("*.ckpt"))  # refused before any save
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and taken over; released when the fit ends
+    _fit(cache, folder)
+    assert (folder / "last.ckpt").exists() and not (folder / LOCK_NAME).exists()
+
+
+def test_folder_lock_takes_over_dead_and_own_locks(tmp_path: Path) -> None:
+    lock = FolderLock(tmp_path, run_id="a")
+    lock.acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    again = FolderLock(tmp_path, run_id="b")  # an earlier fit of this process that crashed without releasing
+    again.acquire()
+    lock.release()  # no longer a's: left in place
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "b"
+    again.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    other_host = {"run_id": "c", "host": "elsewhere", "pid": 1, "started": 0.0}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(other_host))
+    with pytest.raises(RuntimeError, match="on elsewhere"):
+        FolderLock(tmp_path, run_id="d").acquire()
+
+
+def test_run_checks_is_validated() -> None:
+    with pytest.raises(ValueError, match="run_checks='strict'; allowed: error, warn"):
+        CausalLM("llama-tiny", run_checks="strict")  # type: ignore[arg-type]
