@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_accel.data.corpus import STDLIB, CorpusInfo, corpus_fingerprint, load_documents, validate_corpus
+from lit_accel.data.model_tokenizer import model_vocab, resolve_tokenizer
 from lit_accel.data.shards import SHARD_FORMAT_VERSION, PackedTokenDataset, TokenShards, build_shards
 from lit_accel.data.tokenizer import (
     bpe_training_texts,
@@ -170,8 +171,12 @@ class TextDataModule(L.LightningDataModule):
     Args:
         corpus: ``"stdlib"``, a text/``.jsonl``/``.parquet`` file, a folder of such files, or a ``save_to_disk``
             folder (a ``DatasetDict`` uses its ``"train"`` split, else all splits); see :mod:`lit_accel.data.corpus`.
-        tokenizer: ``"bpe"`` (train a byte-level BPE on the corpus) or the path of a local HF tokenizer directory.
-        bpe_vocab_size: vocabulary size of the trained BPE, in [257, 2**32].
+        tokenizer: ``"auto"`` (the model directory's own tokenizer when the trainer's model was loaded from one
+            that has it, else ``"bpe"``), ``"bpe"`` (train a byte-level BPE on the corpus) or the path of a local
+            HF tokenizer directory. A tokenizer larger than the model's vocabulary is refused before tokenising
+            (see :mod:`lit_accel.data.model_tokenizer`).
+        bpe_vocab_size: vocabulary size of the trained BPE, in [257, 2**32]; ``None``: the model's ``vocab_size``
+            (32000 without a model).
         bpe_train_bytes: train the BPE on at most this many bytes of text, spread over the corpus; None: all.
         seq_len: tokens per training sequence (>= 2).
         batch_size: training sequences per batch and rank.
@@ -198,8 +203,8 @@ class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
         corpus: str = STDLIB,
-        tokenizer: str = "bpe",
-        bpe_vocab_size: int = 32000,
+        tokenizer: str = "auto",
+        bpe_vocab_size: int | None = None,
         bpe_train_bytes: int | None = DEFAULT_BPE_TRAIN_BYTES,
         seq_len: int = 512,
         batch_size: int = 8,
@@ -216,12 +221,13 @@ class TextDataModule(L.LightningDataModule):
         corpus = str(corpus)
         tokenizer = str(tokenizer)
         validate_corpus(corpus)
-        if tokenizer != "bpe" and not Path(tokenizer).is_dir():
+        if tokenizer not in ("auto", "bpe") and not Path(tokenizer).is_dir():
             raise ValueError(
-                f"tokenizer={tokenizer!r} is neither 'bpe' nor a local directory; pass 'bpe' to train one on the "
-                "corpus, or the path of a local Hugging Face tokenizer directory (hub ids are not downloaded)."
+                f"tokenizer={tokenizer!r} is not 'auto', 'bpe' or a local directory; pass 'auto' (the model"
+                " directory's tokenizer, else a BPE), 'bpe' to train one on the corpus, or the path of a local"
+                " Hugging Face tokenizer directory (hub ids are not downloaded)."
             )
-        if not 257 <= bpe_vocab_size <= 2**32:
+        if bpe_vocab_size is not None and not 257 <= bpe_vocab_size <= 2**32:
             raise ValueError(f"bpe_vocab_size={bpe_vocab_size} must be in [257, 2**32] (256 bytes + eos at least).")
         if bpe_train_bytes is not None and bpe_train_bytes < 1:
             raise ValueError(f"bpe_train_bytes={bpe_train_bytes} must be >= 1 or None (all of the corpus).")
@@ -242,7 +248,8 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.corpus = corpus
         self.tokenizer_arg = tokenizer
-        self.bpe_vocab_size = bpe_vocab_size
+        self.bpe_vocab_size: int | None = bpe_vocab_size
+        self._tokenizer_resolved = False
         self.bpe_train_bytes = bpe_train_bytes
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -275,7 +282,23 @@ class TextDataModule(L.LightningDataModule):
             self._info = info
         return self._info
 
+    def _resolve_tokenizer(self) -> None:
+        # "auto" and an unset BPE size depend on the model the trainer runs, known only once the data module is
+        # attached: resolved (and checked against the model) before anything is trained or tokenised.
+        if self._tokenizer_resolved:
+            return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        model = model_vocab(module) if module is not None else None
+        self.tokenizer_arg, self.bpe_vocab_size = resolve_tokenizer(self.tokenizer_arg, self.bpe_vocab_size, model)
+        self._tokenizer_resolved = True
+
+    def _bpe_size(self) -> int:
+        self._resolve_tokenizer()
+        assert self.bpe_vocab_size is not None  # resolved: the model's size or the default
+        return self.bpe_vocab_size
+
     def _tokenizer_path(self) -> Path:
+        self._resolve_tokenizer()
         if self.tokenizer_arg != "bpe":
             return Path(self.tokenizer_arg)
         key = _key(
@@ -298,7 +321,7 @@ class TextDataModule(L.LightningDataModule):
                 info.num_bytes,
                 self.bpe_train_bytes,
             )
-            train_bpe_tokenizer(texts, self.bpe_vocab_size, tok_dir)
+            train_bpe_tokenizer(texts, self._bpe_size(), tok_dir)
         shard_dir = self._shard_path(tok_dir)
         if not TokenShards.is_complete(shard_dir):
             build_shards(

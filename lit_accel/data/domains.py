@@ -427,8 +427,8 @@ class MultiDomainDataModule(TextDataModule):
         smoothing: float = 1e-4,
         initial_weights: dict[str, float] | None = None,
         clip_excess: bool = True,
-        tokenizer: str = "bpe",
-        bpe_vocab_size: int = 32000,
+        tokenizer: str = "auto",
+        bpe_vocab_size: int | None = None,
         bpe_train_bytes: int | None = DEFAULT_BPE_TRAIN_BYTES,
         seq_len: int = 512,
         batch_size: int = 8,
@@ -525,6 +525,7 @@ class MultiDomainDataModule(TextDataModule):
         return self._infos
 
     def _tokenizer_path(self) -> Path:
+        self._resolve_tokenizer()
         if self.tokenizer_arg != "bpe":
             return Path(self.tokenizer_arg)
         fps = sorted(fp for fp, _ in self._domain_infos().values())
@@ -542,7 +543,7 @@ class MultiDomainDataModule(TextDataModule):
         if self.tokenizer_arg == "bpe" and not (tok_dir / "tokenizer.json").is_file():
             docs = chain.from_iterable(self._domain_docs(n) for n in self.names)
             total = sum(b for _, b in infos.values())
-            train_bpe_tokenizer(bpe_training_texts(docs, total, self.bpe_train_bytes), self.bpe_vocab_size, tok_dir)
+            train_bpe_tokenizer(bpe_training_texts(docs, total, self.bpe_train_bytes), self._bpe_size(), tok_dir)
         tokenizer = None
         for name in self.names:
             shard_dir = self._domain_shard_path(name, tok_dir)

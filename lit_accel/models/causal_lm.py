@@ -226,9 +226,13 @@ class CausalLM(L.LightningModule):
         if vocab is not None and vocab > self.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {vocab} tokens but the model's vocab_size is {self.config.vocab_size}; token ids"
-                f" >= {self.config.vocab_size} would index past the embedding. Use a tokenizer with at most"
-                f" {self.config.vocab_size} tokens (data bpe_vocab_size) or set model config_overrides:"
-                f" {{vocab_size: {vocab}}}."
+                f" >= {self.config.vocab_size} would index past the embedding. "
+                + (
+                    f"Use the model's own tokenizer: --data.tokenizer {self.source.pretrained_dir}."
+                    if self.source.pretrained_dir is not None
+                    else f"Use a tokenizer with at most {self.config.vocab_size} tokens (data bpe_vocab_size) or set"
+                    f" model config_overrides: {{vocab_size: {vocab}}}."
+                )
             )
         eos = getattr(datamodule, "eos_token_id", None)
         if eos is not None and self.source.pretrained_dir is None:
