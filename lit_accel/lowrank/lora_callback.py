@@ -9,7 +9,9 @@ The callback only decides *when*; the algorithm is in :mod:`lit_accel.lowrank.lo
    ``pl_module.strict_loading = False`` so a checkpoint holding only the adapters loads over the rebuilt base.
 2. ``on_fit_start``: logs ``lora/trainable_params``, ``lora/total_params``, ``lora/trainable_fraction``.
 3. ``on_save_checkpoint``: drops the frozen base weights from the checkpoint (adapters only) and records the LoRA
-   settings under ``checkpoint["lit_accel"]["lora"]`` (and in the callback's state), which ``lit-accel export`` reads.
+   settings under ``checkpoint["lit_accel"]["lora"]`` (and in the callback's state), which ``lit-accel export`` reads,
+   with the fingerprint of the base model folder (``"base"``, taken at set-up, when the base is loaded from it).
+   ``on_load_checkpoint`` refuses to resume such a checkpoint on a base folder whose model differs.
 4. ``on_train_end``: writes ``export_dir/adapter`` (PEFT adapter) and/or ``export_dir/merged`` (plain HF model).
 
 Example:
@@ -35,8 +37,8 @@ from transformers import AutoTokenizer
 from typing_extensions import override
 
 from lit_accel.lowrank.lora import LORA_INITS, apply_lora, lora_layers, parse_dtype
-from lit_accel.lowrank.lora_io import merged_state_dict, save_peft_adapter
-from lit_accel.models.hf_directory import save_hf_directory
+from lit_accel.lowrank.lora_io import check_lora_base, merged_state_dict, save_peft_adapter
+from lit_accel.models.hf_directory import check_output_directory, model_fingerprint, save_hf_directory
 from lit_accel.models.structure import StructurePatterns, as_patterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
 from lit_accel.resume import BatchSeededRNG
@@ -223,6 +225,8 @@ class LoRA(L.Callback):
         self.settings = settings_from(LoRASettings, locals())
         self.layer_names: list[str] = []
         self._warned_full_checkpoint = False
+        # The fingerprint of the pretrained folder the frozen base is loaded from (adapter-only checkpoints only).
+        self._base: dict[str, Any] | None = None
         # Adapter dropout draws from the global generators: seeded per batch, a resumed run draws the same masks.
         self._rng = BatchSeededRNG()
 
@@ -235,15 +239,16 @@ class LoRA(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         s = self.settings
         # Checked on every rank (a shared file system): a rank that raised alone would leave the others waiting.
-        if s.export_dir is not None and stage == "fit" and not s.overwrite:
+        if s.export_dir is not None and stage == "fit":
             for _, path in _export_paths(s.export_dir, s.export):
-                if path.exists() and (not path.is_dir() or any(path.iterdir())):
-                    raise FileExistsError(
-                        f"LoRA export_dir: {str(path)!r} exists and is not empty; choose another export_dir or pass"
-                        " overwrite=True"
-                    )
+                check_output_directory(path, s.overwrite, name="LoRA export_dir:")
         if s.adapter_only_checkpoints:
             pl_module.strict_loading = False
+            base_dir = getattr(getattr(pl_module, "source", None), "pretrained_dir", None)
+            if base_dir is not None:
+                # Taken now, as configure_model loads the base from this folder: a checkpoint records the base the
+                # adapters were trained on, even if the folder is replaced later in the run.
+                self._base = model_fingerprint(base_dir)
             if isinstance(trainer.strategy, DeepSpeedStrategy) and self._base_is_rebuildable(pl_module):
                 # DeepSpeed writes its own checkpoint (Lightning drops checkpoint["state_dict"]), so on_save_checkpoint
                 # cannot thin it; the engine leaves frozen parameters out when asked to.
@@ -293,6 +298,10 @@ class LoRA(L.Callback):
 
     @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        record = (checkpoint.get("lit_accel") or {}).get("lora") or {}
+        if record.get("adapter_only") and isinstance(record.get("base"), dict) and self._base is not None:
+            # The base is rebuilt from the model folder, not read from the checkpoint: it must be the one trained on.
+            check_lora_base(record["base"], self._base, "LoRA: resuming this checkpoint")
         # strict_loading is off so adapter-only checkpoints load over the rebuilt base; that must not let a resume
         # with other targets or ranks start from freshly initialised adapters without a word.
         saved = checkpoint.get("state_dict", {})
@@ -340,6 +349,8 @@ class LoRA(L.Callback):
                     " base weights cannot be rebuilt on resume; checkpoints keep the full model."
                 )
         record = {**self.state_dict(), "adapter_only": adapter_only}
+        if adapter_only and self._base is not None:
+            record["base"] = self._base
         checkpoint.setdefault("lit_accel", {})["lora"] = record
         state = checkpoint.get("state_dict")
         if not adapter_only or not isinstance(state, dict) or not state:

@@ -35,13 +35,19 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lit_accel.lowrank.lora import LoRALinear, apply_lora, gathered_lora_layers, lora_layers
-from lit_accel.models.hf_directory import check_output_directory, write_directory
+from lit_accel.models.hf_directory import (
+    check_output_directory,
+    fingerprint_differences,
+    model_fingerprint,
+    write_directory,
+)
 from lit_accel.models.params import full_state_dict, gathered, is_partitioned, is_rank_zero
 from lit_accel.models.structure import StructurePatterns, linear_in_out_features
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "check_lora_base",
     "load_peft_adapter",
     "merged_state_dict",
     "read_peft_adapter",
@@ -76,6 +82,36 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 value = (value.float() + deltas[name]).to(torch.promote_types(value.dtype, torch.float32))
             state[plain] = value
     return state
+
+
+def check_lora_base(recorded: Mapping[str, Any], now: Mapping[str, Any] | str, what: str) -> None:
+    """Refuses a base model that is not the one an adapter-only LoRA checkpoint was trained on.
+
+    An adapter-only checkpoint records the :func:`~lit_accel.models.hf_directory.model_fingerprint` of the folder its
+    base was loaded from (``checkpoint["lit_accel"]["lora"]["base"]``); the export and a resume rebuild the base from
+    a folder again, and adapters merged into (or trained on) another model give a model nobody trained.
+
+    Args:
+        recorded: The fingerprint the checkpoint recorded.
+        now: The fingerprint of the base folder to be used, or that folder.
+        what: Who is asking, for the message (e.g. ``--ckpt 'last.ckpt'``).
+
+    Raises:
+        ValueError: Naming both folders and what differs (config keys, tensors, weights).
+
+    Example:
+        >>> fp = {"directory": "/m/base", "config": {}, "tensors": {}, "digest": "1"}
+        >>> check_lora_base(fp, fp, "--ckpt 'last.ckpt'")  # the same base: nothing to say
+    """
+    current = model_fingerprint(now) if isinstance(now, str) else now
+    differences = fingerprint_differences(recorded, current)
+    if differences:
+        raise ValueError(
+            f"{what}: its LoRA adapters were trained on the base model in {recorded.get('directory')!r}, but the base"
+            f" folder used now, {current.get('directory')!r}, holds a different model ({'; '.join(differences)})."
+            " Adapters applied to another base do not give the model that was trained; use the base they were"
+            f" trained on (put it back at {current.get('directory')!r} if that folder was replaced)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
