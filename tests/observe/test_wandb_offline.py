@@ -49,11 +49,16 @@ def blackhole() -> Iterator[str]:
     server.listen(0)
     port = server.getsockname()[1]
     filler = socket.create_connection(("127.0.0.1", port), timeout=1)
-    probe = socket.socket()
-    probe.settimeout(0.3)
-    with pytest.raises(TimeoutError):  # the queue is full, so this host really drops the handshake
-        probe.connect(("127.0.0.1", port))
-    probe.close()
+    with socket.socket() as probe:
+        probe.settimeout(0.3)
+        try:
+            probe.connect(("127.0.0.1", port))
+        except TimeoutError:  # the queue is full: this kernel drops the handshake, as wanted
+            pass
+        else:
+            filler.close()
+            server.close()
+            pytest.skip("this kernel completes connections beyond a full listen backlog")
     yield f"http://127.0.0.1:{port}"
     filler.close()
     server.close()
