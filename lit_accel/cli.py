@@ -18,21 +18,33 @@ Examples:
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Any
+import traceback
+from typing import Any, NoReturn
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
+# Imported for the short names: jsonargparse resolves `--trainer.callbacks+=DropBP` among imported subclasses.
+import lit_accel.callbacks  # noqa: F401
 from lit_accel.data import TextDataModule
 from lit_accel.export import main as export_main
 from lit_accel.models import CausalLM
 from lit_accel.observe.wandb import WandbLogger
 from lit_accel.strategies import check_cli_strategy  # importing it registers the lit_deepspeed_* names
 
-__all__ = ["LitAccelCLI", "LoggerSaveConfigCallback", "main", "name_run_by_techniques"]
+__all__ = [
+    "LitAccelArgumentParser",
+    "LitAccelCLI",
+    "LoggerSaveConfigCallback",
+    "brief_parser_error",
+    "main",
+    "name_run_by_techniques",
+]
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -73,6 +85,25 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                 run.config.update(yaml.safe_load(text), allow_val_change=True)
                 with open(os.path.join(run.dir, "lit_accel_config.yaml"), "w") as f:
                     f.write(text)
+
+
+def require_gpu_when_asked(config: Any) -> None:
+    """Refuses, in one sentence, a config that asks for a GPU on a machine where torch sees none.
+
+    Raises:
+        ValueError: Naming the config file, what it asks for, and the CPU config to use instead.
+    """
+    trainer = config.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator") or "").lower()
+    if accelerator not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    files = [os.path.basename(str(f)) for f in (config.get("config") or [])]
+    where = f" ({files[0]})" if files else ""
+    raise ValueError(
+        f"trainer.accelerator={accelerator!r}{where} needs a CUDA GPU, and torch sees none on this machine. On a CPU"
+        " machine use configs/quickstart.yaml (techniques too: --config configs/quickstart.yaml --config"
+        " callbacks/<technique>.yaml), or pass --trainer.accelerator cpu."
+    )
 
 
 # Short names of the technique callbacks in run names: the names of their fragments in callbacks/.
@@ -163,13 +194,14 @@ class LitAccelCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
+        kwargs.setdefault("parser_class", LitAccelArgumentParser)
         kwargs.setdefault(
             "parser_kwargs",
             {
                 "description": (
                     "lit_accel: faster, cheaper LLM training on PyTorch Lightning. Subcommands: fit, validate,"
-                    " test, predict (LightningCLI), and `lit-accel export --ckpt CKPT --out DIR` (Hugging Face"
-                    " model directory from a Lightning or DeepSpeed checkpoint)."
+                    " test (LightningCLI; test evaluates the data's held-out test documents), and `lit-accel export"
+                    " --ckpt CKPT --out DIR` (Hugging Face model directory from a Lightning or DeepSpeed checkpoint)."
                 ),
                 "default_env": False,
             },
@@ -185,10 +217,20 @@ class LitAccelCLI(LightningCLI):
             **kwargs,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test: ``predict`` is left out (a causal LM's predictions are generations, which
+        ``CausalLM.model.generate`` or the exported Hugging Face model give directly)."""
+        commands = LightningCLI.subcommands()
+        commands.pop("predict", None)
+        return commands
+
     def before_instantiate_classes(self) -> None:
         # An unknown trainer.strategy name: an error that lists lit_accel's and Lightning's names.
         check_cli_strategy(self.config, self.subcommand)
-        name_run_by_techniques(self.config[self.subcommand] if self.subcommand else self.config)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        require_gpu_when_asked(config)
+        name_run_by_techniques(config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # With the class as default, `data:` given as plain init arguments (every config written before subclass
@@ -196,14 +238,117 @@ class LitAccelCLI(LightningCLI):
         parser.set_defaults({"data": {"class_path": "lit_accel.data.TextDataModule"}})
 
 
+_NOISE = (
+    "Subtypes:",
+    "Given value type:",
+    "Given value:",
+    "Subclass types expect one of",
+    "- a class path",
+    "- a dict",
+    "Errors:",
+    "Does not validate against any of the Union subtypes",
+    "Expected a <class 'NoneType'>",
+    "Not a valid subclass of",
+)
+
+
+def brief_parser_error(message: str) -> str:
+    """One line from jsonargparse's error message: the argument, what was expected (the allowed values) and the
+    value given, without the union-type and subclass listings around it.
+
+    Example:
+        >>> brief_parser_error('''Parser key "trainer.callbacks":
+        ...   Does not validate against any of the Union subtypes
+        ...   Errors:
+        ...     - Problem with given class_path 'lit_accel.callbacks.DropBP':
+        ...         Parser key "sampling":
+        ...           Expected a typing.Literal['a', 'b']. Got value: c
+        ...     - Not a valid subclass of Callback''')
+        "trainer.callbacks: lit_accel.callbacks.DropBP sampling: Expected a typing.Literal['a', 'b']. Got value: c"
+    """
+    lines = [line.rstrip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return message
+    top = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0])
+    prefix = f"{top.group(1)}: " if top else ""
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    for i, line in enumerate(lines):
+        problem = re.search(r"Problem with given class_path '([^']+)':\s*(.*)", line)
+        if problem:
+            detail = [problem.group(2)] if problem.group(2) else []
+            for nxt in lines[i + 1 :]:
+                if indent(nxt) <= indent(line):
+                    break
+                detail.append(nxt.strip().lstrip("- "))
+            text = re.sub(r'Parser key "([^"]+)":', r"\1:", " ".join(d for d in detail if d))
+            return f"{prefix}{problem.group(1)} {text}".strip()
+    kept = [line.strip().lstrip("- ") for line in lines[1:] if not line.strip().lstrip("- ").startswith(_NOISE)]
+    head = top.group(2) if top else lines[0]
+    return (prefix + " ".join(part for part in [head, *kept[:2]] if part)).strip()
+
+
+class LitAccelArgumentParser(LightningArgumentParser):
+    """Prints a parse error as one ``lit-accel: error:`` line (``LIT_ACCEL_DEBUG=1``: jsonargparse's full text)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("LIT_ACCEL_DEBUG") or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        sys.stderr.write(
+            f"lit-accel: error: {brief_parser_error(message)}\n"
+            f"  ({self.prog.replace(' [options]', '')} --help lists the arguments; LIT_ACCEL_DEBUG=1 shows the"
+            " parser's full message)\n"
+        )
+        sys.exit(2)
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    # The innermost exception of the chain raised by a `raise` in lit_accel's own code: an argument or a file the
+    # user gave was refused with a message written for them. Anything else (a bug, an error from torch) keeps
+    # its traceback.
+    chain = []
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    package = os.path.dirname(os.path.abspath(__file__))
+    for exc in reversed(chain):
+        if not isinstance(exc, (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, RuntimeError)):
+            continue
+        frames = traceback.extract_tb(exc.__traceback__)
+        if (
+            frames
+            and os.path.abspath(frames[-1].filename).startswith(package)
+            and (frames[-1].line or "").startswith("raise")
+        ):
+            return exc
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``lit-accel``."""
+    """Entry point of ``lit-accel``.
+
+    A refusal with a message written for the user (a bad argument, an existing export folder, another run's
+    checkpoint) prints as one ``lit-accel: error:`` line and exits with status 2; ``LIT_ACCEL_DEBUG=1`` shows the
+    traceback. Other errors keep their traceback.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "export":
-        export_main(args[1:])
-        return
-    # LightningCLI reads sys.argv itself when args is None (and warns when given both).
-    LitAccelCLI(args=None if argv is None else args)
+    try:
+        if args and args[0] == "export":
+            export_main(args[1:])
+            return
+        # LightningCLI reads sys.argv itself when args is None (and warns when given both).
+        LitAccelCLI(args=None if argv is None else args)
+    except Exception as err:
+        refusal = _user_error(err)
+        if refusal is None or os.environ.get("LIT_ACCEL_DEBUG"):
+            raise
+        sys.stderr.write(f"lit-accel: error: {refusal}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ __all__ = [
     "FREE_KEYS",
     "LOCK_NAME",
     "FolderLock",
+    "architecture",
     "check_resume",
     "guard_checkpoint_folders",
     "new_run_id",
@@ -64,7 +65,9 @@ FREE_KEYS = frozenset(
         "batch_size",
         "max_val_sequences",
         "val_batch_size",
-        # where things are written or read from, and how often they are reported
+        # where things are written or read from, and how often they are reported; a model's directory or preset
+        # name is compared through the network it builds (run_stamp_of's "architecture")
+        "model",
         "cache_dir",
         "chart_every_n_steps",
         "export",
@@ -131,7 +134,9 @@ def _dict_differences(prefix: str, saved: Mapping[str, Any], now: Mapping[str, A
             other = now.get(key) if key not in saved else saved.get(key)
             if other is None:
                 continue
-        if saved.get(key) != now.get(key):
+        if isinstance(saved.get(key), dict) and isinstance(now.get(key), dict):
+            out += _dict_differences(f"{prefix}.{key}", saved[key], now[key])
+        elif saved.get(key) != now.get(key):
             out.append(f"{prefix}.{key}: {_short(saved.get(key))} in the checkpoint, {_short(now.get(key))} now")
     return out
 
@@ -266,11 +271,33 @@ def technique_settings(callbacks: Iterable[Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"architectures", "attn_implementation", "dtype", "torch_dtype", "transformers_version", "use_cache"}
+)
+
+
+def architecture(config: Any) -> dict[str, Any] | None:
+    """A Hugging Face config as a plain dict without the keys that do not change the network (paths, versions,
+    dtype, attention backend, cache), or ``None`` when ``config`` has no ``to_dict``."""
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return None
+    return {k: v for k, v in to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+
+
 def run_stamp_of(trainer: Any, module: Any, run_id: str) -> dict[str, Any]:
-    """:func:`run_stamp` of a Lightning run: ``module.hparams``, the data module's hparams, the technique callbacks."""
+    """:func:`run_stamp` of a Lightning run: ``module.hparams``, the data module's hparams, the technique callbacks.
+
+    The module's ``model`` argument (a preset name or a directory, which may move between machines) is compared
+    through the network it builds: the module's Hugging Face ``config`` (:func:`architecture`) joins its hparams.
+    """
     datamodule = getattr(trainer, "datamodule", None)
     data = dict(getattr(datamodule, "hparams", {}) or {}) if datamodule is not None else None
-    return run_stamp(dict(getattr(module, "hparams", {}) or {}), data, technique_settings(trainer.callbacks), run_id)
+    hparams = dict(getattr(module, "hparams", {}) or {})
+    arch = architecture(getattr(module, "config", None))
+    if arch is not None:
+        hparams["architecture"] = arch
+    return run_stamp(hparams, data, technique_settings(trainer.callbacks), run_id)
 
 
 def _matching_neighbours(ckpt_path: Any, now: Mapping[str, Any]) -> list[Path]:

@@ -312,3 +312,85 @@ def test_a_technique_fragment_gives_the_run_its_own_folder_and_name(tmp_path: Pa
         args=["--config", str(path), "--config", str(fragment), "--trainer.default_root_dir", mine], run=False
     )
     assert chosen.trainer.default_root_dir == mine
+
+
+def test_test_subcommand_evaluates_held_out_documents_and_predict_is_gone(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = str(_config(tmp_path, cache, "tested", max_steps=2))
+    main(["fit", "--config", config])
+    ckpt = tmp_path / "ckpt_tested" / "last.ckpt"
+    main(["test", "--config", config, "--ckpt_path", str(ckpt)])
+    assert "test/loss" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", config])
+    assert "invalid choice: 'predict'" in capsys.readouterr().err
+
+
+def test_the_test_split_is_disjoint_from_train_and_validation(tmp_path: Path, cache: Path) -> None:
+    dm = TextDataModule(
+        corpus="stdlib", max_corpus_bytes=400_000, bpe_vocab_size=512, seq_len=32, cache_dir=str(cache),
+        test_fraction=0.1,
+    )  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm._shards is not None and dm._train is not None and dm._val is not None
+    test = dm._shards.test_split(dm.val_fraction, 0.1, 32)
+    spans = {
+        name: {(int(a), int(a + n)) for a, n in ds.runs}
+        for name, ds in (("train", dm._train), ("val", dm._val), ("test", test))
+    }
+    assert spans["test"] and len(test) > 0
+    for a, b in (("train", "test"), ("val", "test"), ("train", "val")):
+        assert not any(s < e2 and s2 < e for s, e in spans[a] for s2, e2 in spans[b]), (a, b)
+    # without a test share, train keeps those documents
+    plain = TextDataModule(
+        corpus="stdlib", max_corpus_bytes=400_000, bpe_vocab_size=512, seq_len=32, cache_dir=str(cache),
+        test_fraction=0.0,
+    )  # fmt: skip
+    plain.prepare_data()
+    plain.setup("fit")
+    assert plain._train is not None and len(plain._train) > len(dm._train)
+    with pytest.raises(ValueError, match="the test split is empty"):
+        plain.test_dataloader()
+
+
+def test_errors_are_one_line_and_short_callback_names_work(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = str(_config(tmp_path, cache, "errors", max_steps=1))
+
+    def fragment(name: str, init_args: dict) -> str:
+        path = tmp_path / f"{name}.yaml"
+        callback = {"class_path": "lit_accel.callbacks.DropBP", "init_args": init_args}
+        path.write_text(yaml.safe_dump({"trainer": {"callbacks+": [callback]}}))
+        return str(path)
+
+    cases = [
+        (
+            ["--config", fragment("range", {"target": 5})],
+            "DropBP target=5.0 is not allowed; target must be in [0, 0.9]",
+        ),
+        (
+            ["--config", fragment("literal", {"sampling": "sideways"})],
+            "sampling: Expected a typing.Literal['systematic', 'independent']. Got value: sideways",
+        ),
+        (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
+    ]
+    for extra, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", config, *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("lit-accel: error:")]
+        assert len(lines) == 1 and expected in lines[0], err
+        assert "Traceback" not in err and "Subtypes" not in err
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "out")])
+    assert "lit-accel: error: --ckpt" in capsys.readouterr().err
+
+    # short names of lit_accel's callbacks
+    cli = LitAccelCLI(
+        args=["--config", config, "--trainer.callbacks+=DropBP", "--trainer.callbacks.target=0.3"], run=False
+    )
+    assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__name__ == "DropBP"] == ["DropBP"]

@@ -138,3 +138,29 @@ def test_folder_lock_takes_over_dead_and_own_locks(tmp_path: Path) -> None:
 def test_run_checks_is_validated() -> None:
     with pytest.raises(ValueError, match="run_checks='strict'; allowed: error, warn"):
         CausalLM("llama-tiny", run_checks="strict")  # type: ignore[arg-type]
+
+
+def test_a_moved_model_directory_is_the_same_run_another_architecture_is_not(tmp_path: Path, cache: Path) -> None:
+    lm = CausalLM("llama-tiny")
+    lm.configure_model()
+    assert lm.model is not None
+    for name in ("a", "b"):
+        lm.model.save_pretrained(str(tmp_path / name))
+    _fit_dir = tmp_path / "ckpt"
+    L.seed_everything(0)
+    trainer_kwargs = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False}
+    first = CausalLM(str(tmp_path / "a"), warmup_steps=0)
+    run = L.Trainer(max_steps=1, callbacks=[ModelCheckpoint(dirpath=_fit_dir, save_last=True)], **trainer_kwargs)
+    data = TextDataModule(
+        corpus="stdlib", max_corpus_bytes=200_000, bpe_vocab_size=512, seq_len=32, batch_size=2,
+        cache_dir=str(cache), tokenizer="bpe",
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="tokenizer='bpe' with the pretrained model"):
+        run.fit(first, datamodule=data)
+    moved = CausalLM(str(tmp_path / "b"), warmup_steps=0)  # the same weights and config in another folder
+    L.Trainer(max_steps=2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")], **trainer_kwargs).fit(
+        moved, datamodule=data, ckpt_path=str(_fit_dir / "last.ckpt")
+    )
+    wider = CausalLM(str(tmp_path / "b"), warmup_steps=0, config_overrides={"rms_norm_eps": 0.001})
+    with pytest.raises(ValueError, match=r"model\.architecture\.rms_norm_eps: [0-9.e-]+ in the checkpoint, 0\.001 now"):
+        L.Trainer(max_steps=2, **trainer_kwargs).fit(wider, datamodule=data, ckpt_path=str(_fit_dir / "last.ckpt"))

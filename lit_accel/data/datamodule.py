@@ -189,6 +189,8 @@ class TextDataModule(L.LightningDataModule):
         text_field: the field/column holding the text in ``.jsonl``, ``.parquet`` and datasets corpora.
         cache_dir: where tokenizers, shards and corpus fingerprints are cached.
         seed: the shuffling seed.
+        test_fraction: fraction of documents held out for :meth:`test_dataloader` (``lit-accel test``), in
+            [0, 0.5); they are in neither train nor validation. Corpora of fewer than 3 documents have no test split.
 
     Example:
         >>> dm = TextDataModule(max_corpus_bytes=1_000_000, bpe_vocab_size=1000, seq_len=128, cache_dir="/tmp/c")
@@ -216,6 +218,7 @@ class TextDataModule(L.LightningDataModule):
         text_field: str = "text",
         cache_dir: str = ".cache/lit_accel",
         seed: int = 1234,
+        test_fraction: float = 0.005,
     ) -> None:
         super().__init__()
         corpus = str(corpus)
@@ -239,6 +242,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"val_batch_size={val_batch_size} must be >= 1 or None (same as batch_size).")
         if not 0.0 < val_fraction <= 0.5:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 0.5].")
+        if not 0.0 <= test_fraction < 0.5:
+            raise ValueError(f"test_fraction={test_fraction} must be in [0, 0.5) (0: no test split).")
         if max_val_sequences is not None and max_val_sequences < 1:
             raise ValueError(f"max_val_sequences={max_val_sequences} must be >= 1 or None (all).")
         if max_corpus_bytes is not None and max_corpus_bytes < 1:
@@ -254,6 +259,7 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.max_val_sequences = max_val_sequences
         self.max_corpus_bytes = max_corpus_bytes
         self.num_workers = num_workers
@@ -377,7 +383,7 @@ class TextDataModule(L.LightningDataModule):
             self._wait_for("token shards", lambda: TokenShards.is_complete(shard_dir), shard_dir, rank)
         tokenizer = load_tokenizer(tok_dir)
         shards = TokenShards(shard_dir)
-        train, val = shards.split(self.val_fraction, self._seq_len, self.max_val_sequences)
+        train, val = shards.split(self.val_fraction, self._seq_len, self.max_val_sequences, self.test_fraction)
         self._tokenizer, self._tokenizer_dir, self._shards, self._train, self._val = (
             tokenizer,
             tok_dir,
@@ -439,6 +445,26 @@ class TextDataModule(L.LightningDataModule):
             self._val,
             batch_size=self.val_batch_size,
             sampler=ShardedSequentialSampler(self._val, rank, world_size),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        """In-order, rank-sharded loader over the held-out test documents (``test_fraction``)."""
+        self._require_setup("test_dataloader()")
+        assert self._shards is not None
+        test = self._shards.test_split(self.val_fraction, self.test_fraction, self._seq_len)
+        if len(test) == 0:
+            raise ValueError(
+                f"the test split is empty: test_fraction={self.test_fraction} of the corpus's documents hold no full"
+                f" sequence of seq_len={self._seq_len} tokens. Train with a larger data test_fraction (documents are"
+                " then held out from training too), or evaluate the validation split with `lit-accel validate`."
+            )
+        world_size, rank = self._world()
+        return DataLoader(
+            test,
+            batch_size=self.val_batch_size,
+            sampler=ShardedSequentialSampler(test, rank, world_size),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )

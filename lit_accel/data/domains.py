@@ -456,6 +456,7 @@ class MultiDomainDataModule(TextDataModule):
             text_field,
             cache_dir,
             seed,
+            test_fraction=0.0,  # the domains' documents all feed training or per-domain validation
         )
         self.domains = _parse_domains(domains)
         self.names = list(self.domains)

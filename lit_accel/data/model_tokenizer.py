@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lit_accel.data.tokenizer import load_tokenizer
+
 __all__ = ["DEFAULT_BPE_VOCAB_SIZE", "ModelVocab", "has_tokenizer", "model_vocab", "resolve_tokenizer"]
 
 DEFAULT_BPE_VOCAB_SIZE = 32000
@@ -76,9 +78,6 @@ def model_vocab(module: Any) -> ModelVocab | None:
 
 
 def _tokenizer_size(directory: str) -> int:
-    # Imported here: this module is read by every data module, the tokenizer loader only when a directory is given.
-    from lit_accel.data.tokenizer import load_tokenizer
-
     return len(load_tokenizer(directory))
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "TokenShards",
     "build_shards",
     "document_hash",
+    "heldout_runs",
     "split_runs",
 ]
 
@@ -166,21 +167,55 @@ def _runs(offsets: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.asarray(runs, dtype=np.int64).reshape(-1, 2)
 
 
-def split_runs(
-    offsets: np.ndarray, doc_hash: np.ndarray, val_fraction: float, seq_len: int
+def _split_masks(
+    offsets: np.ndarray, doc_hash: np.ndarray, val_fraction: float, seq_len: int, test_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split documents into train and val token runs.
+    # Val grows from the bottom of the hash range, test from the top, each until it holds one full sequence (test
+    # only while train keeps one): the shares never meet, and neither depends on seq_len unless it must grow.
+    lengths = np.diff(offsets)
+    n_docs = len(doc_hash)
+    order = np.argsort(doc_hash, kind="stable")
+    is_val = doc_hash < val_fraction
+    n_val = int(lengths[is_val].sum())
+    for i in order:
+        if n_val >= seq_len or is_val.sum() >= n_docs - 1:
+            break
+        if not is_val[i]:
+            is_val[i] = True
+            n_val += int(lengths[i])
+    is_test = np.zeros(n_docs, dtype=bool)
+    if test_fraction > 0.0 and n_docs >= 3:
+        is_test = (doc_hash >= 1.0 - test_fraction) & ~is_val
+        n_test = int(lengths[is_test].sum())
+        n_train = int(lengths.sum()) - n_val - n_test
+        for i in order[::-1]:
+            if n_test >= seq_len or is_val[i]:
+                break
+            if not is_test[i] and n_train - int(lengths[i]) >= seq_len and (~is_val & ~is_test).sum() > 1:
+                is_test[i] = True
+                n_test += int(lengths[i])
+                n_train -= int(lengths[i])
+    return is_val, is_test
 
-    A document goes to val when its name hash is below ``val_fraction``. If that gives val fewer than ``seq_len``
+
+def split_runs(
+    offsets: np.ndarray, doc_hash: np.ndarray, val_fraction: float, seq_len: int, test_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split documents into train and val token runs (and leave a test share out of train).
+
+    A document goes to val when its name hash is below ``val_fraction``, to the test share (:func:`heldout_runs`)
+    when it is at or above ``1 - test_fraction``; the rest is train. If that gives val fewer than ``seq_len``
     tokens (always at least one document is needed), more documents are moved to val in order of their hash until it
-    has one full sequence. A corpus of a single document is split inside it: its last ``val_fraction`` of tokens
-    (at least ``seq_len``) become val.
+    has one full sequence; the test share likewise from the other end, while train keeps one sequence. A corpus of
+    a single document is split inside it: its last ``val_fraction`` of tokens (at least ``seq_len``) become val;
+    corpora of fewer than 3 documents have no test share.
 
     Args:
         offsets: ``int64[num_documents + 1]`` document boundaries in the token file.
         doc_hash: ``float64[num_documents]`` from :func:`document_hash`.
         val_fraction: the fraction of documents for validation, in (0, 0.5].
         seq_len: tokens per packed sequence.
+        test_fraction: the fraction of documents held out for testing, in [0, 0.5).
 
     Returns:
         ``(train_runs, val_runs)``, each ``int64[k, 2]`` of ``(start, length)``.
@@ -193,6 +228,8 @@ def split_runs(
         >>> train, val = split_runs(off, h, val_fraction=0.01, seq_len=5)
         >>> val.tolist(), train.tolist()
         ([[10, 10]], [[0, 10], [20, 10]])
+        >>> split_runs(off, h, val_fraction=0.01, seq_len=5, test_fraction=0.01)[0].tolist()  # doc 0 is test's
+        [[20, 10]]
     """
     n_docs = len(doc_hash)
     total = int(offsets[-1])
@@ -203,16 +240,10 @@ def split_runs(
         val = np.asarray([[total - n_val, n_val]], dtype=np.int64)
         n_train = total - n_val
     else:
-        is_val = doc_hash < val_fraction
+        is_val, is_test = _split_masks(offsets, doc_hash, val_fraction, seq_len, test_fraction)
         n_val = int(lengths[is_val].sum())
-        for i in np.argsort(doc_hash, kind="stable"):
-            if n_val >= seq_len or is_val.sum() >= n_docs - 1:
-                break
-            if not is_val[i]:
-                is_val[i] = True
-                n_val += int(lengths[i])
-        n_train = total - n_val
-        train, val = _runs(offsets, ~is_val), _runs(offsets, is_val)
+        n_train = total - n_val - int(lengths[is_test].sum())
+        train, val = _runs(offsets, ~is_val & ~is_test), _runs(offsets, is_val)
     if n_train < seq_len or n_val < seq_len:
         raise ValueError(
             f"the corpus is too small: it has {total} tokens in {n_docs} document(s) (train {max(n_train, 0)}, val "
@@ -221,6 +252,21 @@ def split_runs(
             "smaller seq_len."
         )
     return train, val
+
+
+def heldout_runs(
+    offsets: np.ndarray, doc_hash: np.ndarray, val_fraction: float, seq_len: int, test_fraction: float
+) -> np.ndarray:
+    """The token runs of the documents :func:`split_runs` (with the same arguments) held out for testing.
+
+    Example:
+        >>> off = np.array([0, 10, 20, 30]); h = np.array([0.9, 0.001, 0.5])
+        >>> heldout_runs(off, h, val_fraction=0.01, seq_len=5, test_fraction=0.01).tolist()
+        [[0, 10]]
+    """
+    if len(doc_hash) < 3:
+        return np.zeros((0, 2), dtype=np.int64)
+    return _runs(offsets, _split_masks(offsets, doc_hash, val_fraction, seq_len, test_fraction)[1])
 
 
 class PackedTokenDataset(Dataset[dict[str, torch.Tensor]]):
@@ -321,15 +367,23 @@ class TokenShards:
         return self.path / "tokens.bin"
 
     def split(
-        self, val_fraction: float, seq_len: int, max_val_sequences: int | None = None
+        self, val_fraction: float, seq_len: int, max_val_sequences: int | None = None, test_fraction: float = 0.0
     ) -> tuple[PackedTokenDataset, PackedTokenDataset]:
         """Split by document (:func:`split_runs`) and pack both sides into datasets of ``seq_len`` sequences.
 
         Returns:
-            ``(train, val)``; val keeps at most ``max_val_sequences`` sequences.
+            ``(train, val)``; val keeps at most ``max_val_sequences`` sequences; the ``test_fraction`` share
+            (:meth:`test_split`) is in neither.
         """
-        train_runs, val_runs = split_runs(self.offsets, self.doc_hash, val_fraction, seq_len)
+        train_runs, val_runs = split_runs(self.offsets, self.doc_hash, val_fraction, seq_len, test_fraction)
         dtype = self.meta["dtype"]
         train = PackedTokenDataset(self.tokens_path, dtype, train_runs, seq_len)
         val = PackedTokenDataset(self.tokens_path, dtype, val_runs, seq_len, max_val_sequences)
         return train, val
+
+    def test_split(
+        self, val_fraction: float, test_fraction: float, seq_len: int, max_sequences: int | None = None
+    ) -> PackedTokenDataset:
+        """The documents :meth:`split` held out for testing (:func:`heldout_runs`), packed (maybe no sequence)."""
+        runs = heldout_runs(self.offsets, self.doc_hash, val_fraction, seq_len, test_fraction)
+        return PackedTokenDataset(self.tokens_path, self.meta["dtype"], runs, seq_len, max_sequences)

@@ -3,7 +3,7 @@
 The callback only decides *when*; the algorithm is in :mod:`lit_accel.dropbp.functional`. Timeline of a fit:
 
 1. ``setup``: under DDP, turns on ``find_unused_parameters`` (see :class:`DropBP`).
-2. ``on_fit_start``: finds the Hugging Face model (``pl_module.model``, else the module itself), installs the
+2. ``on_fit_start``: finds the Hugging Face model (:func:`lit_accel.models.surgery.find_hf_model`), installs the
    hooks, resolves ``sensitivity_at`` to an optimizer step.
 3. Every training batch (``on_train_batch_start``): when the measurement is due, measures the sensitivities on
    that batch (``L + 1`` forward/backward passes, nothing written to ``.grad``); after ``sensitivity_batches``

@@ -1,6 +1,7 @@
 """Shared plumbing for techniques that change a model's modules (LoRA, SVD factorisation, 2:4 sparsity).
 
-- :func:`find_hf_model`: the ``nn.Module`` a LightningModule trains (``pl_module.model`` or the module itself).
+- :func:`find_hf_model`: the ``nn.Module`` a LightningModule trains (its one Hugging Face model, whatever the
+  attribute, or the module itself).
 - :func:`run_after_configure_model`: run a function on the model right after ``configure_model`` builds it, which is
   before Lightning builds the optimizer and before the strategy wraps or shards the model, so the optimizer only
   ever sees the final parameters and DeepSpeed ZeRO-3 partitions new ones like any other.
@@ -24,19 +25,82 @@ from typing import Any
 
 import lightning as L
 from torch import nn
+from transformers import PreTrainedModel
 
 from lit_accel.models.structure import ModelStructure, StructurePatterns, get_structure
 
-__all__ = ["TARGET_PRESETS", "find_hf_model", "match_linears", "replace_module", "run_after_configure_model"]
+__all__ = [
+    "MODEL_ATTR",
+    "TARGET_PRESETS",
+    "find_hf_model",
+    "match_linears",
+    "replace_module",
+    "run_after_configure_model",
+]
 
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
 """``targets`` presets: the attention projections, the MLP projections, or every decoder-block linear."""
 
 
+MODEL_ATTR = "lit_accel_model_attr"
+"""A LightningModule may name the attribute that holds its model in this class attribute (``"net"``)."""
+
+
+def _outermost_hf_models(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    found: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, module in root.named_modules():
+        if not name or any(name == p or name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, PreTrainedModel):
+            found.append((name, module))
+            inside.append(name)
+    return found
+
+
 def find_hf_model(pl_module: nn.Module) -> nn.Module:
-    """The model a LightningModule trains: its ``.model`` attribute when that is a module, else itself."""
+    """The model a LightningModule trains, for the techniques to work on.
+
+    In order: the attribute named by the module's ``lit_accel_model_attr`` (e.g. ``lit_accel_model_attr =
+    "net"``); its ``.model`` when that is a module (``CausalLM``); the one Hugging Face ``PreTrainedModel`` among
+    its submodules, whatever the attribute is called; else the module itself (a LightningModule that is the model,
+    or one that ``structure`` patterns describe).
+
+    Raises:
+        ValueError: When ``lit_accel_model_attr`` names no module, or several Hugging Face models are held (the
+            message names them and how to pick one).
+
+    Example:
+        >>> import lightning as L
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> class Module(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64,
+        ...             num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
+        >>> type(find_hf_model(Module())).__name__
+        'LlamaForCausalLM'
+    """
+    attr = getattr(type(pl_module), MODEL_ATTR, None)
+    if attr is not None:
+        named = getattr(pl_module, attr, None)
+        if not isinstance(named, nn.Module):
+            raise ValueError(
+                f"{type(pl_module).__name__}.{MODEL_ATTR}={attr!r}, but the module's {attr!r} is"
+                f" {type(named).__name__}, not an nn.Module; name the attribute that holds the model."
+            )
+        return named
     inner = getattr(pl_module, "model", None)
-    return inner if isinstance(inner, nn.Module) else pl_module
+    if isinstance(inner, nn.Module):
+        return inner
+    held = _outermost_hf_models(pl_module)
+    if len(held) > 1:
+        names = ", ".join(f"{name} ({type(m).__name__})" for name, m in held)
+        raise ValueError(
+            f"{type(pl_module).__name__} holds several Hugging Face models ({names}); name the one to train in a"
+            f" class attribute: {MODEL_ATTR} = {held[0][0]!r}."
+        )
+    return held[0][1] if held else pl_module
 
 
 def run_after_configure_model(pl_module: L.LightningModule, fn: Callable[[nn.Module], Any], tag: str) -> None:

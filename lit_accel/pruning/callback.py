@@ -140,8 +140,8 @@ class StructuredPruningSettings:
 class StructuredPruning(L.Callback):
     """Learns hard-concrete masks towards a target architecture while the model trains (Sheared-LLaMA).
 
-    The LightningModule must hold a Hugging Face LLaMA, Mistral or Qwen2 model (``pl_module.model``, as
-    :class:`~lit_accel.models.CausalLM` does) and return the loss tensor from ``training_step``.
+    The LightningModule must hold a Hugging Face LLaMA, Mistral or Qwen2 model (found by
+    :func:`lit_accel.models.surgery.find_hf_model`, e.g. ``CausalLM.model``) and return the loss from ``training_step``.
 
     Args: see :class:`StructuredPruningSettings`.
 

@@ -195,7 +195,7 @@ def _fit(
     [
         (1_000_000, 4, False),  # an epoch has thousands of batches: mid-epoch resume
         (1_000_000, 4, True),  # the same, with the checkpoint written at a mid-epoch validation end
-        (14_000, 4, False),  # 6 batches per epoch: resume mid-epoch, then cross into the next epoch
+        (14_000, 2, False),  # 3 batches per epoch: resume mid-epoch, then cross into the next epoch
         (14_000, None, False),  # checkpoint exactly at the end of an epoch (n = batches per epoch)
     ],
 )
