@@ -2,7 +2,12 @@
 
 A checkpoint of a run with the ``LoRA`` callback (adapter-only or full) is exported as the merged plain model by
 default, or as a PEFT adapter with ``--peft-adapter``; the LoRA settings come from the checkpoint and an adapter-only
-checkpoint rebuilds its base from ``hyper_parameters["model"]`` (the pretrained directory the run fine-tuned).
+checkpoint rebuilds its base from ``hyper_parameters["model"]`` (the pretrained directory the run fine-tuned), after
+checking that the folder still holds the model the adapters were trained on (the fingerprint the checkpoint recorded).
+
+The output folder is written beside ``--out`` and renamed into place (see
+:func:`lit_accel.models.hf_directory.write_directory`): ``--out`` gets the complete export or nothing, a concurrent
+export to it fails, and ``--overwrite`` replaces only a previous export there, keeping the user's other files.
 
 Example:
     $ lit-accel export --ckpt runs/quickstart/checkpoints/last.ckpt --out exported/quickstart
@@ -21,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoTokenizer
 
 from lit_accel.checkpoint import load_lightning_checkpoint
 from lit_accel.lowrank.factorize import rebuild_factorization
 from lit_accel.lowrank.factorize_io import save_merged
 from lit_accel.lowrank.lora import apply_lora
-from lit_accel.lowrank.lora_io import merged_state_dict, save_peft_adapter
+from lit_accel.lowrank.lora_io import check_lora_base, merged_state_dict, save_peft_adapter
 from lit_accel.models.causal_lm import CausalLM
 from lit_accel.models.hf_directory import check_output_directory, save_hf_directory
 from lit_accel.models.params import load_full_state_dict
@@ -64,16 +70,23 @@ def export_checkpoint(
     Args:
         ckpt: A Lightning ``.ckpt`` file, or a DeepSpeed checkpoint folder (any ZeRO stage).
         out: The output directory; must not exist or be empty unless ``overwrite``.
-        overwrite: Replace an existing non-empty output directory.
+        overwrite: Replace a previous export in ``out`` (the files its ``lit_accel_export.json`` lists); other files
+            there are kept.
         tokenizer: A tokenizer directory to copy in; by default the one the run trained with, if still on disk.
         peft_adapter: For a LoRA run, write a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
             instead of the merged model.
 
     Returns:
         The output directory.
+
+    Raises:
+        FileExistsError: ``out`` is not empty and ``overwrite`` is False, holds model files no export recorded, or is
+            being written by another export.
+        ValueError: The checkpoint is not a lit_accel one, or (adapter-only LoRA) its base folder now holds another
+            model than the one the adapters were trained on; the message names both and what differs.
     """
     out_path = Path(out)
-    check_output_directory(out_path, overwrite, name="--out")
+    check_output_directory(out_path, overwrite, name="--out", flag="--overwrite")
     checkpoint = load_lightning_checkpoint(ckpt)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "model" not in hparams:
@@ -94,6 +107,8 @@ def export_checkpoint(
         # LightningCLI adds bookkeeping entries (e.g. `_instantiator`, `_class_path`) to the saved hyper-parameters.
         accepted = inspect.signature(CausalLM.__init__).parameters
         module = CausalLM(**{k: v for k, v in hparams.items() if k in accepted})
+    if lora is not None and lora.get("adapter_only"):
+        _check_lora_base(ckpt, hparams, lora, module)  # before the base is loaded: it may be large
     module.configure_model()
     assert module.model is not None
     if saved_config is not None and saved_config.get("eos_token_id") is not None:
@@ -118,7 +133,7 @@ def export_checkpoint(
         # A LowRankFactorization run: the rebuilt model gets the trained factorised structure before loading.
         rebuild_factorization(module.model, ranks)
     if lora is not None:
-        return _export_lora(module, hparams, state, lora, out_path, overwrite, tokenizer, checkpoint, peft_adapter)
+        return _export_lora(module, state, lora, out_path, overwrite, tokenizer, checkpoint, peft_adapter)
     load_full_state_dict(module.model, state)
     tok_dir = tokenizer or (checkpoint.get("lit_accel") or {}).get("tokenizer_dir")
     tok = None
@@ -142,9 +157,26 @@ def _factorization_ranks(checkpoint: dict[str, Any]) -> dict[str, int] | None:
     return {str(k): int(v) for k, v in ranks.items()} if ranks else None
 
 
+def _check_lora_base(ckpt: str | os.PathLike[str], hparams: dict[str, Any], lora: dict[str, Any], module: Any) -> None:
+    """An adapter-only checkpoint rebuilds its base from its model folder: it must be there, and the one trained on."""
+    base_dir = module.source.pretrained_dir
+    if base_dir is None:
+        raise ValueError(
+            "the checkpoint holds only LoRA adapters, but its model hyper-parameter"
+            f" {hparams.get('model')!r} is not a pretrained directory to rebuild the base from."
+        )
+    recorded = lora.get("base")
+    if not isinstance(recorded, dict):
+        rank_zero_warn(
+            f"--ckpt {str(ckpt)!r} holds only LoRA adapters and no record of the base model they were trained on"
+            f" (written before checkpoints recorded it); merging them into {base_dir!r} unchecked."
+        )
+        return
+    check_lora_base(recorded, base_dir, f"--ckpt {str(ckpt)!r}")
+
+
 def _export_lora(
     module: Any,
-    hparams: dict[str, Any],
     state: dict[str, torch.Tensor],
     lora: dict[str, Any],
     out_path: Path,
@@ -155,11 +187,6 @@ def _export_lora(
 ) -> Path:
     settings = dict(lora["settings"])
     layers = list(lora.get("layers") or [])
-    if lora.get("adapter_only") and module.source.pretrained_dir is None:
-        raise ValueError(
-            "the checkpoint holds only LoRA adapters, but its model hyper-parameter"
-            f" {hparams.get('model')!r} is not a pretrained directory to rebuild the base from."
-        )
     patterns = settings.get("patterns")
     apply_lora(
         module.model,
@@ -205,7 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file or DeepSpeed checkpoint folder")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous export in --out (the files its lit_accel_export.json lists); other files are kept",
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory to include (default: the run's)")
     parser.add_argument(
         "--peft-adapter",

@@ -104,7 +104,8 @@ def save_merged(
         model: A Hugging Face model holding factorised layers.
         directory: Destination (written atomically).
         tokenizer: Optional tokenizer written alongside.
-        overwrite: Replace an existing non-empty directory.
+        overwrite: Replace a previous export in ``directory`` (the files its ``lit_accel_export.json`` lists);
+            other files there are kept.
 
     Returns:
         The directory.
@@ -129,7 +130,8 @@ def save_factorized(
         model: A Hugging Face model holding factorised layers.
         directory: Destination (written atomically, ranks file included).
         tokenizer: Optional tokenizer written alongside.
-        overwrite: Replace an existing non-empty directory.
+        overwrite: Replace a previous export in ``directory`` (the files its ``lit_accel_export.json`` lists);
+            other files there are kept.
 
     Returns:
         The directory.

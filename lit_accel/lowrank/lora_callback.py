@@ -83,7 +83,8 @@ class LoRASettings:
     export: Literal["adapter", "merged", "both"] = "adapter"
     """``adapter`` (PEFT adapter), ``merged`` (plain Hugging Face model with the adapters folded in) or ``both``."""
     overwrite: bool = False
-    """Replace non-empty export directories (otherwise the fit refuses to start)."""
+    """Replace a previous export in the export directories (the files its ``lit_accel_export.json`` lists; other
+    files there are kept); without it a non-empty export directory stops the fit at its start."""
     patterns: StructurePatterns | None = None
     """Module-name patterns (a :class:`~lit_accel.models.structure.StructurePatterns` or a dict of its fields) for a
     model that is not a supported Hugging Face architecture."""
@@ -179,12 +180,13 @@ class LoRA(L.Callback):
     ``precision="bf16-true"``: it would cast the adapters to bf16 too.
 
     Checkpoints: with ``adapter_only_checkpoints`` (default) a checkpoint holds only the adapters (and any other
-    trainable parameter) plus the settings; resuming rebuilds the base from the model source (a ``CausalLM``
-    loading a pretrained directory) and loads the adapters over it. A ``CausalLM`` built from scratch (a preset,
-    no pretrained weights) cannot rebuild its base, so its checkpoints keep the base (with a warning). Under
-    DeepSpeed the engine writes the checkpoint itself: the callback sets the strategy's
-    ``exclude_frozen_parameters`` so that its module states (and ``lit-accel export``'s consolidated state) hold
-    only the adapters too, and the engine loads them non-strictly over the rebuilt base.
+    trainable parameter) plus the settings and the base folder's fingerprint
+    (:func:`~lit_accel.models.hf_directory.model_fingerprint`); resuming rebuilds the base from the model source (a
+    ``CausalLM`` loading a pretrained directory), refuses it if it is not the model trained on, and loads the
+    adapters over it. A ``CausalLM`` built from scratch (a preset, no pretrained weights) cannot rebuild its base,
+    so its checkpoints keep the base (with a warning). Under DeepSpeed the engine writes the checkpoint itself: the
+    callback sets the strategy's ``exclude_frozen_parameters`` so that its module states (and ``lit-accel export``'s
+    consolidated state) hold only the adapters too, and the engine loads them non-strictly over the rebuilt base.
 
     Distributed: DDP averages the adapters' gradients like any others (every rank starts from rank 0's values,
     which DDP broadcasts). Under DeepSpeed ZeRO-3 the export gathers the partitioned parameters on every rank
@@ -198,7 +200,10 @@ class LoRA(L.Callback):
         ValueError: At construction for a bad argument (the message names it, the value and what is allowed); at
             set-up for targets matching nothing (listing the model's linears) or ``r`` larger than a matched
             linear allows (naming it and its shape).
-        FileExistsError: At set-up, when an export directory is not empty and ``overwrite`` is False.
+        FileExistsError: At set-up, when an export directory is not empty and ``overwrite`` is False, or holds model
+            files that no export recorded writing.
+        ValueError: On resuming an adapter-only checkpoint over a base model folder that holds another model than
+            the one it was trained on (naming both folders and what differs).
 
     Example:
         >>> LoRA(r=16, alpha=32, targets="attention").settings.targets

@@ -190,18 +190,21 @@ def save_peft_adapter(
     doubled alpha, so it applies to the original (not the residual) base weights.
 
     Under DeepSpeed ZeRO-3 call it on every rank: the adapters are gathered (never written empty) and rank 0 writes.
-    The directory is written next to its destination and renamed into place.
+    The directory is written next to its destination and renamed into place
+    (:func:`~lit_accel.models.hf_directory.write_directory`).
 
     Args:
         model: The model holding :class:`LoRALinear` layers (the Hugging Face model, not the LightningModule, so
             that names match the base model PEFT will load).
         directory: Output directory; must not exist or be empty unless ``overwrite``.
         base_model_name_or_path: Recorded in the config (e.g. the base model's directory).
-        overwrite: Replace a non-empty directory.
+        overwrite: Replace a previous export in ``directory`` (the files its ``lit_accel_export.json`` lists);
+            other files there are kept.
 
     Raises:
         ValueError: The model has no LoRA layer.
-        FileExistsError: ``directory`` is not empty and ``overwrite`` is False.
+        FileExistsError: ``directory`` is not empty and ``overwrite`` is False, holds model files no export
+            recorded, or is being written by another export.
     """
     out = Path(directory)
     layers = lora_layers(model)

@@ -137,7 +137,7 @@ def _looks_like_model_file(rel: str) -> bool:
 
 
 def _shown(names: list[str], limit: int = 6) -> str:
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def check_output_directory(
@@ -238,20 +238,16 @@ def _clear_leftovers(out: Path) -> None:
     """Removes the temporary folders of exports to ``out`` that were killed; runs under the lock (so none is live).
 
     A temporary folder holds only new files and links to (or copies of) the user's files, whose originals are still
-    in ``out``, so it is safe to remove. A folder set aside during a replacement (killed between the two renames)
-    holds the previous export and the user's files: it is moved back if ``out`` is missing, else kept with a warning.
+    in ``out``, so it is safe to remove. A folder set aside during a replacement (an export killed between its two
+    renames) holds the previous export and the user's files: it is kept, with a warning that names it.
     """
     for left in sorted(out.parent.glob(f".{glob.escape(out.name)}.{_TMP_TAG}*")):
         shutil.rmtree(left, ignore_errors=True)
     for left in sorted(out.parent.glob(f".{glob.escape(out.name)}.{_OLD_TAG}*")):
-        if not out.exists():
-            left.rename(out)
-            rank_zero_warn(f"lit_accel: restored {str(out)!r} from {str(left)!r}, left by an interrupted export")
-        else:
-            rank_zero_warn(
-                f"lit_accel: {str(left)!r} was left by an interrupted export of {str(out)!r}; it holds that folder's"
-                " previous contents. Delete it once you have checked that nothing in it is needed."
-            )
+        rank_zero_warn(
+            f"lit_accel: {str(left)!r} was left by an interrupted export to {str(out)!r}; it holds that folder's"
+            " previous contents. Move back what you need, then delete it."
+        )
 
 
 def _carry(src: Path, dst: Path, theirs: list[str], empty: list[str], new: set[str]) -> None:
@@ -567,7 +563,7 @@ def fingerprint_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) ->
         >>> a = {"config": {"hidden_size": 64}, "tensors": {"w": "F32[2]:aa"}, "digest": "1"}
         >>> b = {"config": {"hidden_size": 128}, "tensors": {"w": "F32[2]:bb"}, "digest": "2"}
         >>> fingerprint_differences(a, b)
-        ['config hidden_size: 64 then, 128 now', 'weights differ in 1 of 1 tensors (w)']
+        ['config hidden_size: 64 then, 128 now', 'weights differ in 1 of 1 tensors: w']
     """
     if saved.get("digest") == now.get("digest"):
         return []
@@ -581,9 +577,9 @@ def fingerprint_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) ->
     t0, t1 = dict(saved.get("tensors") or {}), dict(now.get("tensors") or {})
     gone, added = sorted(set(t0) - set(t1)), sorted(set(t1) - set(t0))
     if gone:
-        out.append(f"{len(gone)} tensors gone ({_shown(gone, 3)})")
+        out.append(f"{len(gone)} tensors gone: {_shown(gone, 3)}")
     if added:
-        out.append(f"{len(added)} tensors added ({_shown(added, 3)})")
+        out.append(f"{len(added)} tensors added: {_shown(added, 3)}")
     both = sorted(set(t0) & set(t1))
     layout = [
         f"{k} {t0[k].split(':')[0]} then, {t1[k].split(':')[0]} now"
@@ -594,5 +590,5 @@ def fingerprint_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) ->
         out.append("dtype or shape differs: " + _shown(layout, 3))
     content = [k for k in both if t0[k].split(":")[0] == t1[k].split(":")[0] and t0[k] != t1[k]]
     if content:
-        out.append(f"weights differ in {len(content)} of {len(both)} tensors ({_shown(content, 3)})")
+        out.append(f"weights differ in {len(content)} of {len(both)} tensors: {_shown(content, 3)}")
     return out or ["the fingerprints differ"]

@@ -307,10 +307,12 @@ def export_pruned_checkpoint(
     Args:
         ckpt: A Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder of a StructuredPruning run.
         out: The output directory; must not exist or be empty unless ``overwrite``.
-        overwrite: Replace an existing non-empty output directory.
+        overwrite: Replace a previous export in ``out`` (the files its ``lit_accel_export.json`` lists); other files
+            there are kept.
         tokenizer: A tokenizer directory to copy in; by default the one the run trained with, if still on disk.
         verify: Reload the written directory with ``AutoModelForCausalLM.from_pretrained`` and check that its
-            logits equal the masked model's at evaluation (a few random tokens).
+            logits equal the masked model's at evaluation (a few random tokens), before it is renamed into place:
+            an export that fails the check leaves nothing at ``out``.
 
     Returns:
         The output directory.
@@ -321,7 +323,7 @@ def export_pruned_checkpoint(
         RuntimeError: ``verify`` found logits that differ from the masked model's.
     """
     out_path = Path(out)
-    check_output_directory(out_path, overwrite, name="--out")
+    check_output_directory(out_path, overwrite, name="--out", flag="--overwrite")
     checkpoint = load_lightning_checkpoint(ckpt)
     return export_loaded_pruning_checkpoint(checkpoint, ckpt, out_path, overwrite, tokenizer, verify)
 
@@ -377,7 +379,15 @@ def export_loaded_pruning_checkpoint(
         tok = AutoTokenizer.from_pretrained(tok_dir)
     elif tokenizer:
         raise ValueError(f"--tokenizer {tokenizer!r} is not a directory.")
-    save_hf_directory(small, small.state_dict(), out_path, tokenizer=tok, overwrite=overwrite)
+    errors: list[float] = []
+
+    def check(tmp: Path) -> None:
+        # The check reads the temporary folder, so a model that fails it is never published under `out_path`.
+        errors.append(_check_reloaded(tmp, model, masks, out_path))
+
+    save_hf_directory(
+        small, small.state_dict(), out_path, tokenizer=tok, overwrite=overwrite, check=check if verify else None
+    )
     n_full = sum(p.numel() for p in model.parameters())
     n_small = sum(p.numel() for p in small.parameters())
     c = small.config
@@ -386,16 +396,16 @@ def export_loaded_pruning_checkpoint(
         f"layers {c.num_hidden_layers}, heads {c.num_attention_heads} (KV {c.num_key_value_heads}), "
         f"intermediate {c.intermediate_size}, hidden {c.hidden_size}"
     )
-    if verify:
-        err = _check_reloaded(out_path, model, masks)
-        rank_zero_info(f"lit_accel: from_pretrained({str(out_path)!r}) loads it; max logit difference {err:.2e}")
+    if errors:
+        rank_zero_info(f"lit_accel: from_pretrained({str(out_path)!r}) loads it; max logit difference {errors[0]:.2e}")
     return out_path
 
 
 @torch.no_grad()
-def _check_reloaded(out: Path, model: PreTrainedModel, masks: L0Masks) -> float:
-    """Reload ``out`` with plain ``from_pretrained`` and compare its logits with the masked model's (relative)."""
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+def _check_reloaded(folder: Path, model: PreTrainedModel, masks: L0Masks, out: Path) -> float:
+    """Reload ``folder`` (the export for ``out``, before it is renamed there) with plain ``from_pretrained`` and
+    compare its logits with the masked model's (relative)."""
+    reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     was_training = model.training
@@ -409,7 +419,8 @@ def _check_reloaded(out: Path, model: PreTrainedModel, masks: L0Masks) -> float:
     err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1.0))
     if not err < 1e-3:
         raise RuntimeError(
-            f"export check failed: the model reloaded from {str(out)!r} gives logits that differ from the masked "
-            f"model's by {err:.2e} (relative); please report this with the checkpoint's config"
+            f"export check failed: the model exported for {str(out)!r}, reloaded, gives logits that differ from the"
+            f" masked model's by {err:.2e} (relative), so it was not written there; please report this with the"
+            " checkpoint's config"
         )
     return err
