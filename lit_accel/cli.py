@@ -17,6 +17,7 @@ Examples:
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import sys
@@ -31,10 +32,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 # Imported for the short names: jsonargparse resolves `--trainer.callbacks+=DropBP` among imported subclasses.
 import lit_accel.callbacks  # noqa: F401
+from lit_accel.checkpoint import load_checkpoint_file
 from lit_accel.data import TextDataModule
 from lit_accel.export import main as export_main
 from lit_accel.models import CausalLM
 from lit_accel.observe.wandb import WandbLogger
+from lit_accel.run_identity import check_resume, run_stamp_of
 from lit_accel.strategies import check_cli_strategy  # importing it registers the lit_deepspeed_* names
 
 __all__ = [
@@ -44,6 +47,8 @@ __all__ = [
     "brief_parser_error",
     "main",
     "name_run_by_techniques",
+    "require_gpu_when_asked",
+    "resume_wandb_run",
 ]
 
 
@@ -76,7 +81,14 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         return name
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        text = self.parser.dump(self.config, skip_none=False)
+        # The W&B copy waits for on_train_start: a command refused during set-up (a bad resume, a busy checkpoint
+        # folder) then leaves no empty W&B run behind.
+        self._pending_wandb_config = self.parser.dump(self.config, skip_none=False)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        text, self._pending_wandb_config = getattr(self, "_pending_wandb_config", None), None
+        if text is None or not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
@@ -85,6 +97,67 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                 run.config.update(yaml.safe_load(text), allow_val_change=True)
                 with open(os.path.join(run.dir, "lit_accel_config.yaml"), "w") as f:
                     f.write(text)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The W&B run this training run logs to, so `--ckpt_path` resumes it instead of opening another.
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger.version:
+                checkpoint.setdefault("lit_accel", {})["wandb_run_id"] = str(logger.version)
+
+
+def _checkpoint_dirs(config: Any) -> list[str]:
+    dirs = []
+    for callback in (config.get("trainer") or {}).get("callbacks") or []:
+        class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
+        init_args = callback.get("init_args") if hasattr(callback, "get") else None
+        if class_path.endswith("ModelCheckpoint") and init_args is not None and init_args.get("dirpath"):
+            dirs.append(str(init_args["dirpath"]))
+    return dirs
+
+
+def _resolve_ckpt_path(config: Any) -> str | None:
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path not in ("last", "hpc", "best", "registry") or ckpt_path is None:
+        return str(ckpt_path) if ckpt_path else None
+    if ckpt_path != "last":
+        return None
+    # As Lightning resolves "last": the newest last*.ckpt of the checkpoint folders.
+    found = [p for d in _checkpoint_dirs(config) if os.path.isdir(d) for p in glob.glob(os.path.join(d, "last*.ckpt"))]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def resume_wandb_run(config: Any) -> str | None:
+    """Points a resumed run's W&B logger at the W&B run its checkpoint was logging to (one W&B run per run).
+
+    Only when the logger is lit_accel's or Lightning's ``WandbLogger`` with no ``id`` given and the checkpoint
+    (a file, or a DeepSpeed folder's model states) records one.
+
+    Returns:
+        The W&B run id now resumed, or ``None``.
+    """
+    logger: Any = (config.get("trainer") or {}).get("logger")
+    if not hasattr(logger, "get"):
+        return None
+    init_args, class_path = logger.get("init_args"), str(logger.get("class_path", ""))
+    if init_args is None or not class_path.endswith("WandbLogger") or init_args.get("id") or init_args.get("version"):
+        return None
+    path = _resolve_ckpt_path(config)
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint", "mp_rank_00_model_states.pt")
+    try:
+        saved = load_checkpoint_file(path, mmap=True, verify=False, name="--ckpt_path")
+    except (OSError, ValueError, RuntimeError):
+        return None  # the fit itself reports what is wrong with the checkpoint
+    run_id = ((saved.get("client_state", saved) if isinstance(saved, dict) else {}).get("lit_accel") or {}).get(
+        "wandb_run_id"
+    )
+    if isinstance(run_id, str) and run_id:
+        init_args["id"] = run_id
+        rank_zero_info(f"lit_accel: resuming W&B run {run_id} (the checkpoint's)")
+        return run_id
+    return None
 
 
 def require_gpu_when_asked(config: Any) -> None:
@@ -231,6 +304,23 @@ class LitAccelCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         require_gpu_when_asked(config)
         name_run_by_techniques(config)
+        resume_wandb_run(config)
+
+    def before_fit(self) -> None:
+        # The resume check CausalLM makes when the checkpoint loads, made before the trainer starts: by then
+        # Lightning has opened the W&B run, and a refused command would leave an empty one behind.
+        path = _resolve_ckpt_path(self.config[self.subcommand] if self.subcommand else self.config)
+        module = self.model
+        if path is None or not os.path.isfile(path) or not hasattr(module, "config"):
+            return
+        try:
+            saved = load_checkpoint_file(path, mmap=True, verify=False, name="--ckpt_path").get("lit_accel") or {}
+        except (OSError, ValueError, RuntimeError):
+            return  # the fit reports what is wrong with the file
+        stamp = saved.get("run")
+        if isinstance(stamp, dict):
+            now = run_stamp_of(self.trainer, module, "", datamodule=self.datamodule)
+            check_resume(stamp, now, getattr(module.hparams, "run_checks", "error"), path)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # With the class as default, `data:` given as plain init arguments (every config written before subclass

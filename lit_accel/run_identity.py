@@ -285,13 +285,14 @@ def architecture(config: Any) -> dict[str, Any] | None:
     return {k: v for k, v in to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
 
 
-def run_stamp_of(trainer: Any, module: Any, run_id: str) -> dict[str, Any]:
+def run_stamp_of(trainer: Any, module: Any, run_id: str, datamodule: Any = None) -> dict[str, Any]:
     """:func:`run_stamp` of a Lightning run: ``module.hparams``, the data module's hparams, the technique callbacks.
 
-    The module's ``model`` argument (a preset name or a directory, which may move between machines) is compared
+    ``datamodule`` stands in for ``trainer.datamodule`` before ``fit`` attaches it. The module's ``model`` argument
+    (a preset name or a directory, which may move between machines) is compared
     through the network it builds: the module's Hugging Face ``config`` (:func:`architecture`) joins its hparams.
     """
-    datamodule = getattr(trainer, "datamodule", None)
+    datamodule = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
     data = dict(getattr(datamodule, "hparams", {}) or {}) if datamodule is not None else None
     hparams = dict(getattr(module, "hparams", {}) or {})
     arch = architecture(getattr(module, "config", None))

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import wandb
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,7 +107,7 @@ def test_print_config_and_fragment_append(tmp_path: Path, cache: Path, capsys: p
     assert printed["model"]["model"] == "llama-tiny"
 
 
-def test_export_lightning_checkpoint_to_hf(tmp_path: Path, cache: Path) -> None:
+def test_export_lightning_checkpoint_to_hf(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cli = LitAccelCLI(args=["--config", str(_config(tmp_path, cache, "exp", max_steps=4))], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     ckpt = tmp_path / "ckpt_exp" / "last.ckpt"
@@ -119,6 +120,7 @@ def test_export_lightning_checkpoint_to_hf(tmp_path: Path, cache: Path) -> None:
         torch.testing.assert_close(hf(x).logits, cli.model(x).logits, rtol=0, atol=0)
     tok = AutoTokenizer.from_pretrained(out)  # the run's tokenizer travels with the model
     assert len(tok) == cli.datamodule.vocab_size
+    monkeypatch.setenv("LIT_ACCEL_DEBUG", "1")  # the refusals as exceptions, not one-line exits
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         main(["export", "--ckpt", str(ckpt), "--out", str(out)])
     with pytest.raises(ValueError, match="does not exist"):
@@ -394,3 +396,28 @@ def test_errors_are_one_line_and_short_callback_names_work(
         args=["--config", config, "--trainer.callbacks+=DropBP", "--trainer.callbacks.target=0.3"], run=False
     )
     assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__name__ == "DropBP"] == ["DropBP"]
+
+
+def test_a_resume_continues_the_same_wandb_run(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = _config(tmp_path, cache, "wbresume", max_steps=4)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["logger"] = {
+        "class_path": "lit_accel.observe.WandbLogger",
+        "init_args": {"project": "t", "save_dir": str(tmp_path / "wb")},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(path), "--trainer.max_steps", "4"])
+    wandb.finish()
+    ckpt = tmp_path / "ckpt_wbresume" / "last.ckpt"
+    first = torch.load(ckpt, weights_only=True)["lit_accel"]["wandb_run_id"]
+    main(["fit", "--config", str(path), "--trainer.max_steps", "8", "--ckpt_path", "last"])
+    wandb.finish()
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{first}") for r in runs), runs
+    assert torch.load(ckpt, weights_only=True)["lit_accel"]["wandb_run_id"] == first
+    # a run refused at set-up (another configuration's checkpoint) opens no W&B run at all
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(path), "--model.learning_rate", "0.5", "--ckpt_path", "last"])
+    wandb.finish()
+    assert len(sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 2

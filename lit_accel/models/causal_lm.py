@@ -444,12 +444,14 @@ class CausalLM(L.LightningModule):
 
         Under DeepSpeed ZeRO-3 the partitioned parameters are gathered first; call it on every rank (only rank 0
         writes). The directory is written next to its destination and renamed into place, so an interrupted save
-        leaves no half-written model, and an existing non-empty directory is never overwritten unless asked.
+        leaves no half-written model; a non-empty directory is refused unless ``overwrite``, which replaces only a
+        previous export there (see :func:`~lit_accel.models.hf_directory.write_directory`).
 
         Args:
             directory: Destination directory.
             tokenizer: Optional tokenizer (anything with ``save_pretrained``) written alongside.
-            overwrite: Replace an existing non-empty directory.
+            overwrite: Replace a previous export in ``directory`` (the files its ``lit_accel_export.json`` lists);
+                other files there are kept.
 
         Returns:
             The directory path.
