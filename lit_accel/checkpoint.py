@@ -73,6 +73,7 @@ def load_checkpoint_file(
     name: str = "--ckpt",
     allow: Sequence[Any] = (),
     verify: bool = True,
+    map_location: Any = "cpu",
 ) -> Any:
     """Reads one torch checkpoint file on CPU without running code from it.
 
@@ -87,6 +88,7 @@ def load_checkpoint_file(
         allow: Classes or functions allowed besides those (e.g. DeepSpeed's loss-scaler record).
         verify: Check every record's CRC-32 first (reads the whole file once more). Off only for a cheap look at
             metadata that a verified load follows.
+        map_location: Where tensors go, as ``torch.load``'s argument (CPU unless a caller needs otherwise).
 
     Raises:
         ValueError: Naming the file: it holds other objects (and which), a record fails its CRC-32 check (a
@@ -102,7 +104,7 @@ def load_checkpoint_file(
         _check_crc(path, name)
     try:
         with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found is None:  # not a pickle torch understands at all: a foreign or damaged file

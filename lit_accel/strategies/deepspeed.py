@@ -19,6 +19,9 @@ What it changes compared with ``lightning.pytorch.strategies.DeepSpeedStrategy``
   clipping, ``bf16``/``fp16`` ``enabled``, ``train_batch_size``) are dropped so Lightning fills them.
 * **Callback conflicts** (:mod:`lit_accel.strategies.conflicts`) raise in ``setup_environment``, before any
   process group or model exists, naming the key and the callback.
+* **Checkpoint folders written atomically and checked before loading**: a kill during a save leaves the previous
+  complete folder under the checkpoint's name, never a mix of old and new files; a resume from an incomplete or
+  damaged folder fails naming what is wrong (see ``docs/checkpoints.md``).
 * **CPU.** With ``accelerator="cpu"`` it runs DeepSpeed's CPU accelerator over gloo (1 or more processes), for
   tests and debugging; Lightning's class refuses anything but CUDA. See ``docs/strategies.md``.
 
@@ -37,7 +40,7 @@ import argparse
 import copy
 import logging
 from collections.abc import Generator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ from lightning.fabric.plugins import ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator, CPUAccelerator
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
@@ -56,6 +60,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from lit_accel.checkpoint_io import (
+    discard_path,
+    held_temporary_folder,
+    new_token,
+    publish_folder,
+    remove_stale_temporaries,
+    restore_displaced,
+    seal_deepspeed_folder,
+    temporary_path,
+    verify_deepspeed_folder,
+)
 from lit_accel.strategies.conflicts import check_callback_conflicts, offloads
 from lit_accel.strategies.sizing import ModelSize, derived_zero_settings, model_size
 
@@ -85,6 +100,8 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 # Read by zero.Init as the model's parameters are created, so it is derived before configure_model runs.
 _NEEDED_BY_ZERO_INIT = ("stage3_param_persistence_threshold",)
+# The tag (subfolder) Lightning's DeepSpeedStrategy gives every checkpoint; kept, so folders read the same.
+_CHECKPOINT_TAG = "checkpoint"
 # Top-level keys that Lightning fills from the Trainer when absent; "auto" (Hugging Face style) means "fill it".
 _LIGHTNING_FILLS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
@@ -404,6 +421,88 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
             DDPStrategy.setup_environment(self)
         else:
             super().setup_environment()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Writes the checkpoint folder so that ``filepath`` holds the previous complete folder or the new complete
+        one at every instant, never a mix or a part.
+
+        Lightning's DeepSpeedStrategy has every rank write straight into ``filepath``: a kill during a save leaves
+        a folder of old and new (or truncated) files under the final name, with the old ``latest`` tag. Here every
+        rank writes into ``.<name>.tmp-<token>`` beside it (rank 0 names it and holds its lock); after the barrier
+        that ends DeepSpeed's save, rank 0 writes the manifest and then the ``latest`` tag, and swaps the folder
+        into place (:func:`lit_accel.checkpoint_io.publish_folder`) while the others wait. The folder must be on a
+        filesystem that every rank sees, as DeepSpeed's ``latest`` (written by rank 0 only) already requires.
+        """
+        filepath = self.broadcast(filepath)  # every rank writes where rank 0 does
+        if storage_options is not None:
+            raise TypeError(
+                "`Trainer.save_checkpoint(..., storage_options=...)` is not supported by LitDeepSpeedStrategy:"
+                " DeepSpeed writes its checkpoint folders itself."
+            )
+        if self.zero_stage_3 and self._multi_device and self.is_global_zero:
+            rank_zero_warn(
+                "A DeepSpeed ZeRO-3 checkpoint is a folder with a shard per rank; `lit-accel export` (or"
+                " lit_accel.checkpoint.load_lightning_checkpoint) consolidates it into one state dict."
+            )
+        final = Path(filepath)
+        token = self.broadcast(new_token())
+        staging = temporary_path(final, token)
+        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        with ExitStack() as held:
+            problem = None
+            if self.is_global_zero:
+                try:
+                    restore_displaced(final)
+                    remove_stale_temporaries(final.parent, final.suffix)
+                    held.enter_context(held_temporary_folder(final, token))  # removed again if the save fails
+                except OSError as err:
+                    problem = f"LitDeepSpeedStrategy cannot write a checkpoint folder beside {str(final)!r}: {err}"
+            problem = self.broadcast(problem)  # every rank stops, rather than the others waiting in a barrier
+            if problem is not None:
+                raise OSError(problem)
+            self.deepspeed_engine.save_checkpoint(
+                str(staging),
+                client_state=client_state,
+                tag=_CHECKPOINT_TAG,
+                save_latest=False,  # written by seal_deepspeed_folder, after every file is on disk
+                exclude_frozen_parameters=self.exclude_frozen_parameters,
+            )  # ends with a barrier: every rank's files are written
+            if self.is_global_zero:
+                seal_deepspeed_folder(staging, _CHECKPOINT_TAG)
+                publish_folder(staging, final, token)
+        self.barrier("LitDeepSpeedStrategy.save_checkpoint")
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """Checks a checkpoint folder (:func:`lit_accel.checkpoint_io.verify_deepspeed_folder`: the ``latest`` tag,
+        the manifest's files at full size, every file's CRC-32 and contents) before DeepSpeed unpickles it, so an
+        incomplete or damaged folder fails naming what is wrong instead of loading garbage or arbitrary objects. A
+        checkpoint that a killed save left moved aside is put back first (:func:`restore_displaced`).
+
+        Raises:
+            ValueError: On every rank, with rank 0's finding.
+        """
+        if self.load_full_weights and self.zero_stage_3:
+            return super().load_checkpoint(checkpoint_path, weights_only)  # one file, read by the CheckpointIO
+        path = Path(self.broadcast(str(checkpoint_path)))
+        problem = None
+        if self.is_global_zero:
+            try:
+                restore_displaced(path)
+                if path.is_dir():
+                    verify_deepspeed_folder(path)
+            except (ValueError, OSError) as err:
+                problem = str(err)
+        problem = self.broadcast(problem)
+        if problem is not None:
+            raise ValueError(problem)
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        """Removes a checkpoint (rank 0) without it ever being seen half deleted under its name
+        (:func:`lit_accel.checkpoint_io.discard_path`): ``ModelCheckpoint`` removes the previous best or last one."""
+        if self.is_global_zero:
+            discard_path(filepath)
 
     # ------------------------------------------------------------------ CPU (gloo) support
     @property
