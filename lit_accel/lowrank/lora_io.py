@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -176,6 +177,14 @@ def _write_files(files: Mapping[str, Any]) -> Callable[[Path], None]:
     return write
 
 
+def _resolvable(base: str | None) -> str | None:
+    # AutoPeftModelForCausalLM loads the base from this string: a relative folder would resolve against the
+    # reader's working directory, so a local folder is recorded by its absolute path (a hub id is kept as given).
+    if base is not None and os.path.isdir(base):
+        return os.path.abspath(base)
+    return base
+
+
 def save_peft_adapter(
     model: nn.Module,
     directory: str | Path,
@@ -197,7 +206,8 @@ def save_peft_adapter(
         model: The model holding :class:`LoRALinear` layers (the Hugging Face model, not the LightningModule, so
             that names match the base model PEFT will load).
         directory: Output directory; must not exist or be empty unless ``overwrite``.
-        base_model_name_or_path: Recorded in the config (e.g. the base model's directory).
+        base_model_name_or_path: Recorded in the config (e.g. the base model's directory); a local folder is
+            recorded by its absolute path, so ``AutoPeftModelForCausalLM`` finds it from any working directory.
         overwrite: Replace a previous export in ``directory`` (the files its ``lit_accel_export.json`` lists);
             other files there are kept.
 
@@ -237,7 +247,7 @@ def save_peft_adapter(
     config: dict[str, Any] = {
         "alpha_pattern": {},
         "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": _resolvable(base_model_name_or_path),
         "bias": "none",
         "exclude_modules": None,
         "fan_in_fan_out": settings.fan_in_fan_out,

@@ -363,6 +363,37 @@ def write_directory(
     return out
 
 
+@contextlib.contextmanager
+def _inference_config(model: PreTrainedModel) -> Iterator[None]:
+    # Training turns the KV cache off (it only costs memory there); an exported model is for inference, where
+    # generate() without the cache recomputes every prefix, so the written config.json / generation_config.json
+    # say use_cache: true. The live model keeps its training setting.
+    configs = [c for c in (getattr(model, "config", None), getattr(model, "generation_config", None)) if c is not None]
+    before = [getattr(c, "use_cache", None) for c in configs]
+    for c in configs:
+        c.use_cache = True
+    try:
+        yield
+    finally:
+        for c, value in zip(configs, before):
+            c.use_cache = value
+
+
+def _say_if_vocab_exceeds_tokenizer(model: PreTrainedModel, tokenizer: Any | None) -> None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    try:
+        n = len(tokenizer) if tokenizer is not None else None
+    except TypeError:
+        n = None
+    # Vocabularies padded to a multiple of 128 (for fast matmuls) are normal; beyond that, rows no token reaches.
+    if isinstance(vocab, int) and n is not None and vocab > -(-n // 128) * 128:
+        rank_zero_info(
+            f"lit_accel: the model's vocab_size ({vocab}) is larger than its tokenizer ({n} tokens): embedding rows"
+            f" {n}..{vocab - 1} are never used. Train with a tokenizer of the model's size (data bpe_vocab_size unset"
+            " follows the model) or a model of the tokenizer's (model config_overrides: {vocab_size: ...})."
+        )
+
+
 def save_hf_directory(
     model: PreTrainedModel,
     state: dict[str, torch.Tensor],
@@ -387,12 +418,14 @@ def save_hf_directory(
     """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        with _inference_config(model):
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if check is not None:
             check(tmp)
 
+    _say_if_vocab_exceeds_tokenizer(model, tokenizer)
     write_directory(out, overwrite, write)
     rank_zero_info(f"lit_accel: wrote Hugging Face model to {out}")
     return out
