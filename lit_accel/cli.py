@@ -18,15 +18,19 @@ Examples:
 from __future__ import annotations
 
 import glob
+import importlib.util
+import logging
 import os
 import re
 import sys
 import traceback
+import warnings
 from typing import Any, NoReturn
 
 import lightning as L
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -158,6 +162,22 @@ def resume_wandb_run(config: Any) -> str | None:
         rank_zero_info(f"lit_accel: resuming W&B run {run_id} (the checkpoint's)")
         return run_id
     return None
+
+
+def use_step_progress_bar(config: Any) -> bool:
+    """Adds :class:`~lit_accel.observe.StepProgressBar` to the trainer's callbacks when the bar is on and no other
+    progress bar is configured (and ``rich`` is installed, as Lightning's own rich bar needs)."""
+    trainer = config.get("trainer")
+    if trainer is None or trainer.get("enable_progress_bar") is False or importlib.util.find_spec("rich") is None:
+        return False
+    callbacks = trainer.get("callbacks") or []
+    if any("ProgressBar" in str(c.get("class_path", "")) for c in callbacks if hasattr(c, "get")):
+        return False
+    trainer["callbacks"] = [
+        *callbacks,
+        Namespace(class_path="lit_accel.observe.StepProgressBar", init_args=Namespace()),
+    ]
+    return True
 
 
 def require_gpu_when_asked(config: Any) -> None:
@@ -303,6 +323,7 @@ class LitAccelCLI(LightningCLI):
         check_cli_strategy(self.config, self.subcommand)
         config = self.config[self.subcommand] if self.subcommand else self.config
         require_gpu_when_asked(config)
+        use_step_progress_bar(config)
         name_run_by_techniques(config)
         resume_wandb_run(config)
 
@@ -419,6 +440,23 @@ def _user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def _quiet_console() -> None:
+    # Noise on nearly every command, none of it actionable: Lightning's advertisement for another logger, a
+    # deprecation inside Lightning's own pytree helper, and DeepSpeed's "unable to detect an accelerator" warning
+    # on machines without one (it then picks the CPU, which is what naming it here does, silently).
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    if "DS_ACCELERATOR" not in os.environ and "deepspeed" not in sys.modules and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lit-accel``.
 
@@ -427,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     traceback. Other errors keep their traceback.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    _quiet_console()
     try:
         if args and args[0] == "export":
             export_main(args[1:])

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 # The one deliberate upward import: CausalLM applies the fused kernels by default on CUDA (kernels sit above models
 # because they patch per-family forwards found through lit_accel.models.structure).
+from lit_accel.checkpoint_io import use_atomic_checkpoint_io
 from lit_accel.kernels.apply import KERNEL_ARCHS, apply_kernels
 from lit_accel.models.hf_directory import read_hf_weights, save_hf_directory
 from lit_accel.models.params import (
@@ -208,7 +209,10 @@ class CausalLM(L.LightningModule):
         )
 
     def setup(self, stage: str) -> None:
-        """Checks the data against the model (sequence length, vocabulary) before any step runs."""
+        """Installs crash-proof checkpoint writes (:func:`lit_accel.checkpoint_io.use_atomic_checkpoint_io`) and
+        checks the data against the model (sequence length, vocabulary) before any step runs."""
+        if self._trainer is not None:
+            use_atomic_checkpoint_io(self.trainer)  # atomic saves, verified ckpt_path loads; a custom IO is kept
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return

@@ -1,5 +1,6 @@
 """Observability: throughput/MFU/memory callback and Weights & Biases helpers (logger, tables, charts)."""
 
+from lit_accel.observe.progress import StepProgressBar
 from lit_accel.observe.throughput import (
     PEAK_FLOPS,
     Throughput,
@@ -21,6 +22,7 @@ __all__ = [
     "PEAK_FLOPS",
     "BarChart",
     "LineChart",
+    "StepProgressBar",
     "Throughput",
     "ThroughputSettings",
     "WandbCharts",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sheared-LLaMA recipe: (1) prune with learned structured masks and dynamic batch loading, (2) export a physically
 # smaller Hugging Face model, (3) continue pre-training it, (4) export the result. Every stage is resumable: a
-# finished stage is skipped when the script runs again, an interrupted one resumes from its last checkpoint.
+# finished stage is skipped when the script runs again from the same inputs (configs, SOURCE, TARGET), an
+# interrupted one resumes from its last checkpoint; a run with other inputs over a finished one is refused.
 #
 #   TINY=1 recipes/prune_continue/run.sh                      # CPU, under a minute, outputs in runs/prune_continue_tiny/
 #   SOURCE=exported/llama-1b recipes/prune_continue/run.sh    # GPU: llama-1b -> llama-1b-half, in runs/prune_continue/
@@ -64,28 +65,54 @@ if [[ -n "${TARGET:-}" ]]; then
   fi
 fi
 
-# fit_stage NAME CONFIG ARGS...: skip when NAME.done exists, else fit (resuming from the stage's last.ckpt if any).
+# What the stages compute from: the configs' contents, SOURCE (a directory by its config and weight files' sizes
+# and times) and TARGET. PRUNE_ARGS / CONTINUE_ARGS are not part of it (loggers, step counts); a resumed stage
+# checks its own checkpoint against its configuration anyway.
+source_id=${SOURCE:-}
+if [[ -n "${SOURCE:-}" && -d "$SOURCE" ]]; then
+  source_id="$SOURCE $(cat "$SOURCE/config.json" 2>/dev/null || true)"
+  source_id+=" $(cd "$SOURCE" && ls -l --time-style=+%s -- *.safetensors *.bin 2>/dev/null || true)"
+fi
+INPUTS=$({ cat "$PRUNE_CONFIG" "$CONTINUE_CONFIG"; printf '%s\n' "TINY=${TINY:-0}" "SOURCE=$source_id" "TARGET=${TARGET:-}"; } \
+  | sha256sum | cut -c1-16)
+
+# stage_done NAME: true when NAME finished earlier from these inputs; refuses when it finished from other ones
+# (its outputs would be stale), so that a run with another SOURCE or TARGET never reports the old model.
+stage_done() {
+  local marker=$RUN/$1.done
+  [[ -f "$marker" ]] || return 1
+  if [[ "$(head -n 1 "$marker")" == "inputs $INPUTS" ]]; then
+    echo "[$1] finished earlier from these inputs ($marker): skipped"
+    return 0
+  fi
+  echo "[$1] $RUN holds the outputs of a run with other inputs (configs, SOURCE or TARGET; $marker records" \
+    "'$(head -n 1 "$marker")', this run is 'inputs $INPUTS'). Move $RUN away (or delete it) to start over." >&2
+  exit 2
+}
+
+mark_done() {  # NAME COMMAND...: the inputs first, then the command for people
+  printf 'inputs %s\n%s\n' "$INPUTS" "${*:2}" >"$RUN/$1.done"
+}
+
+# fit_stage NAME CONFIG ARGS...: skip when done from these inputs, else fit (resuming from the stage's last.ckpt).
 fit_stage() {
   local name=$1 config=$2
   shift 2
-  if [[ -f "$RUN/$name.done" ]]; then
-    echo "[$name] finished earlier ($RUN/$name.done): skipped"
-    return
-  fi
+  stage_done "$name" && return
   echo "[$name] lit-accel fit --config $config $*"
   $LIT_ACCEL fit --config "$config" --ckpt_path last "$@"
-  touch "$RUN/$name.done"
+  mark_done "$name" fit --config "$config" "$@"
 }
 
-# export_stage NAME CKPT OUT: skip when OUT holds a model, else `lit-accel export` (atomic: OUT appears complete).
+# export_stage NAME CKPT OUT: skip when done from these inputs, else `lit-accel export` (OUT appears complete).
 export_stage() {
   local name=$1 ckpt=$2 out=$3
-  if [[ -f "$out/config.json" ]]; then
-    echo "[$name] $out exists: skipped"
+  if stage_done "$name" && [[ -f "$out/config.json" ]]; then
     return
   fi
   echo "[$name] lit-accel export --ckpt $ckpt --out $out"
   $LIT_ACCEL export --ckpt "$ckpt" --out "$out" --overwrite
+  mark_done "$name" export --ckpt "$ckpt" --out "$out"
 }
 
 # 1. Prune: masks and weights train together; the reference losses are the source model's (measured first).

@@ -3,7 +3,7 @@
 The script runs as a user would run it (``TINY=1 recipes/prune_continue/run.sh``), with a CSV logger instead of W&B
 so that the test can read the losses. The first run is interrupted during pruning (a simulated crash after the
 step-20 checkpoint); the second resumes that stage from its last checkpoint and finishes the others; a third run
-skips every stage.
+skips every stage, and a fourth with another TARGET is refused.
 """
 
 from __future__ import annotations
@@ -103,3 +103,7 @@ def test_tiny_recipe_prunes_exports_continues_and_resumes(tmp_path: Path) -> Non
     third = _run(tmp_path)
     assert third.returncode == 0, third.stderr[-3000:]
     assert third.stdout.count("skipped") == 4
+    # Another target over the finished stages: refused, nothing reported as if it were the new model.
+    other = _run(tmp_path, TARGET="0.5")
+    assert other.returncode == 2 and "holds the outputs of a run with other inputs" in other.stderr, other.stderr
+    assert "pruned model:" not in other.stdout

@@ -1,0 +1,55 @@
+"""``StepProgressBar``: Lightning's rich progress bar, labelled by optimizer step and showing tokens/s.
+
+Step-based runs (``max_steps`` set) have no last epoch, so Lightning's bar reads ``Epoch 0/-2``; this one reads
+``step 120/200`` and adds the :class:`~lit_accel.observe.Throughput` callback's tokens/s to the bar's metrics, without
+the logger version (``v_num``) that says nothing during training. The ``lit-accel`` command uses it by default.
+
+Example:
+    >>> import lightning as L
+    >>> trainer = L.Trainer(max_steps=200, callbacks=[StepProgressBar()])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+from typing_extensions import override
+
+from lit_accel.observe.throughput import Throughput
+
+__all__ = ["StepProgressBar"]
+
+
+class StepProgressBar(RichProgressBar):
+    """A ``RichProgressBar`` that counts optimizer steps when the run is step-based and shows tokens/s."""
+
+    @override
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            text = f"step {trainer.global_step}/{trainer.max_steps}"
+            return f"{text:{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # The description is set once an epoch by Lightning; a step count has to follow every step.
+        if self.progress is not None and self.train_progress_bar_id is not None and trainer.max_steps > 0:
+            description = self._get_train_description(trainer.current_epoch)
+            self.progress.update(self.train_progress_bar_id, description=description)
+
+    @override
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = dict(super().get_metrics(trainer, pl_module))
+        metrics.pop("v_num", None)
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, Throughput) and callback.last_metrics:
+                rate = callback.last_metrics.get("throughput/tokens_per_sec")
+                if rate is not None:
+                    metrics["tok/s"] = f"{rate:,.0f}"
+        return metrics
