@@ -133,7 +133,7 @@ def test_export_lightning_checkpoint_to_hf(tmp_path: Path, cache: Path, monkeypa
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, cache: Path, monkeypatch) -> None:
-    from fsspec.implementations.local import LocalFileOpener
+    import lit_accel.checkpoint_io as checkpoint_io
 
     data = TextDataModule(
         corpus="stdlib",
@@ -146,16 +146,16 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, cach
     )
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True, save_top_k=1)
     calls = {"n": 0}
-    original = LocalFileOpener.write
+    original = torch.save
 
-    def flaky_write(self, data):  # the second checkpoint's write dies half-way, as a full disk or a kill would
+    def flaky_save(obj, f, *args, **kwargs):  # the second checkpoint's write dies half-way, as a full disk would
         calls["n"] += 1
         if calls["n"] >= 3:
-            original(self, data[: len(data) // 2])
+            f.write(b"PK\x03\x04 half a checkpoint")
             raise OSError("No space left on device (simulated)")
-        return original(self, data)
+        return original(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(LocalFileOpener, "write", flaky_write)
+    monkeypatch.setattr(checkpoint_io.torch, "save", flaky_save)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=4,
@@ -167,10 +167,11 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, cach
     )
     with pytest.raises(OSError, match="simulated"):
         trainer.fit(CausalLM("llama-tiny", warmup_steps=1), datamodule=data)
-    monkeypatch.setattr(LocalFileOpener, "write", original)
+    monkeypatch.setattr(checkpoint_io.torch, "save", original)
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 2  # the checkpoint from before the failed save, intact and loadable
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".ckpt" and "step=4" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporary left behind
 
 
 def test_a_fresh_run_never_overwrites_existing_checkpoints(tmp_path: Path, cache: Path) -> None:

@@ -211,8 +211,8 @@ class CausalLM(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Installs crash-proof checkpoint writes (:func:`lit_accel.checkpoint_io.use_atomic_checkpoint_io`) and
         checks the data against the model (sequence length, vocabulary) before any step runs."""
-        if self._trainer is not None:
-            use_atomic_checkpoint_io(self.trainer)  # atomic saves, verified ckpt_path loads; a custom IO is kept
+        if self._trainer is not None and getattr(self._trainer, "strategy", None) is not None:
+            use_atomic_checkpoint_io(self._trainer)  # atomic saves, verified ckpt_path loads; a custom IO is kept
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
