@@ -22,6 +22,14 @@ def _seed() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _sparse_warnings_per_test() -> None:
+    # SparseLinear warns once per reason and process; each test starts as a fresh process would.
+    gemm = sys.modules.get("lit_accel.ops.sparse24_gemm")
+    if gemm is not None:
+        gemm._WARNED_REASONS.clear()
+
+
+@pytest.fixture(autouse=True)
 def _no_wandb_run_left_behind() -> Iterator[None]:
     # Lightning's WandbLogger adopts a run still open in the process: a test that left one would make the next
     # test's logger write into the previous test's run folder.

@@ -570,12 +570,20 @@ class Sparse24LinearFunction(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+_WARNED_REASONS: set[str] = set()
+
+
 def _warn_once(holder: dict[str, Any], name: str, reason: str) -> None:
-    # The record lives in the layer's own cache: another model with layers of the same names still warns.
-    warned = holder.setdefault("warned", set())
-    if reason not in warned:
-        warned.add(reason)
-        warnings.warn(f"SparseLinear {name!r}: {reason}; this layer uses the masked dense path.", stacklevel=4)
+    # Once per reason and process, not once per layer: on a CPU every sparse layer has the same reason, and a
+    # line per layer buries the rest of the log. The layer's own record still says why (its "reason").
+    holder.setdefault("warned", set()).add(reason)
+    if reason not in _WARNED_REASONS:
+        _WARNED_REASONS.add(reason)
+        warnings.warn(
+            f"SparseLinear {name!r} (and every other sparse layer where this holds): {reason}; these layers use the"
+            " masked dense path.",
+            stacklevel=4,
+        )
 
 
 def sparse24_linear(

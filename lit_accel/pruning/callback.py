@@ -45,7 +45,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from typing_extensions import override
 
@@ -367,9 +367,54 @@ class StructuredPruning(L.Callback):
                 "keep": dict(self.masks.keep),
             }
 
-    # ------------------------------------------------------------------ end
+    # ------------------------------------------------------------------ summaries
+    def _dims(self, kept: dict[str, torch.Tensor] | None) -> tuple[str, float]:
+        shape = self.masks.shape
+        if kept is None:
+            ones = {k: torch.ones_like(v) for k, v in self.masks.deterministic().items()}
+            return (
+                f"{shape.num_layers} blocks, {shape.num_kv_heads} KV heads, MLP {shape.intermediate_size}, hidden"
+                f" {shape.hidden_size}",
+                float(count_params(shape, ones)),
+            )
+        blocks = int(((kept["head_layer"] != 0) | (kept["mlp"] != 0)).sum())
+        heads = (kept["heads"] != 0).sum(-1).float()
+        inter = (kept["intermediate"] != 0).sum(-1).float()
+        text = (
+            f"{blocks} of {shape.num_layers} blocks, {float(heads.mean()):.3g} KV heads and MLP"
+            f" {float(inter.mean()):.4g} per layer on average, hidden {int((kept['hidden'] != 0).sum())}"
+        )
+        return text, float(count_params(shape, {k: (v != 0).float() for k, v in kept.items()}))
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(getattr(pl_module, "pruning", None), nn.ModuleDict):
+            return
+        full, params = self._dims(None)
+        target = self.target
+        aim = (
+            f"{target.param_ratio:.0%} of the parameters"
+            if target.param_ratio is not None
+            else ", ".join(f"{k} {v}" for k, v in target.keep(self.masks.shape).items())
+        )
+        rank_zero_info(
+            f"StructuredPruning: learning masks on {full} ({params / 1e6:.2f}M parameters) towards {aim}; Lagrangian"
+            f" warm-up {self.settings.lagrangian_warmup_steps} steps, mask lr {self.settings.mask_lr:g}"
+        )
+
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(getattr(pl_module, "pruning", None), nn.ModuleDict):
+            with torch.no_grad():
+                kept, params = self._dims(dict(self.masks.deterministic()))
+            rank_zero_info(
+                f"StructuredPruning: the masks now keep {kept}: {params / 1e6:.2f}M parameters"
+                + (
+                    f"; writing the pruned model to {self.settings.export_dir}"
+                    if self.settings.export_dir is not None
+                    else "; `lit-accel export --ckpt <last.ckpt> --out <dir>` writes the pruned model"
+                )
+            )
         if self.settings.export_dir is not None:
             self._export(pl_module)
 

@@ -225,3 +225,25 @@ def test_other_loggers_get_the_kept_count_and_lit_accel_export_writes_the_pruned
     assert not is_pruning_checkpoint(plain) and not is_pruning_checkpoint(tmp_path / "nothing.ckpt")
     cli_main(["export", "--ckpt", str(plain), "--out", str(tmp_path / "full")])
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "full").config.hidden_size == 64
+
+
+def test_structured_pruning_says_what_it_aims_at_and_what_it_kept(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lit_accel.callbacks import StructuredPruning
+    from lit_accel.models import CausalLM
+
+    ids = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[StructuredPruning(num_layers=1, intermediate_size=64)],
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        trainer.fit(CausalLM("llama-tiny", warmup_steps=0), DataLoader([{"input_ids": x} for x in ids], batch_size=4))
+    text = caplog.text
+    assert "StructuredPruning: learning masks on 2 blocks, 2 KV heads, MLP 384, hidden 128" in text
+    assert "towards layers 1" in text and "intermediate 64" in text
+    assert "StructuredPruning: the masks now keep" in text and "M parameters" in text
