@@ -165,8 +165,8 @@ def resume_wandb_run(config: Any) -> str | None:
 
 
 def use_step_progress_bar(config: Any) -> bool:
-    """Adds :class:`~lit_accel.observe.StepProgressBar` to the trainer's callbacks when the bar is on and no other
-    progress bar is configured (and ``rich`` is installed, as Lightning's own rich bar needs)."""
+    """Adds :class:`~lit_accel.observe.StepProgressBar` (and :class:`~lit_accel.observe.ParamsSummary`) to the
+    trainer's callbacks when the bar (the summary) is on and no other is configured, and ``rich`` is installed."""
     trainer = config.get("trainer")
     if trainer is None or trainer.get("enable_progress_bar") is False or importlib.util.find_spec("rich") is None:
         return False
@@ -177,6 +177,10 @@ def use_step_progress_bar(config: Any) -> bool:
         *callbacks,
         Namespace(class_path="lit_accel.observe.StepProgressBar", init_args=Namespace()),
     ]
+    if trainer.get("enable_model_summary") is not False and not any(
+        "ModelSummary" in str(c.get("class_path", "")) for c in callbacks if hasattr(c, "get")
+    ):
+        trainer["callbacks"].append(Namespace(class_path="lit_accel.observe.ParamsSummary", init_args=Namespace()))
     return True
 
 

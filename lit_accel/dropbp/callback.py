@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -198,7 +199,8 @@ class DropBP(L.Callback):
     allocates the same rates. Under DeepSpeed nothing is set (it has no ``find_unused_parameters``); ZeRO is
     not covered by the CPU tests.
 
-    Logged: ``dropbp/target``, ``dropbp/dropped_backward_flops_fraction`` (this step),
+    Logged: the settings once as the run's config (``dropbp/target``, ...: ``log_hyperparams``);
+    ``dropbp/dropped_backward_flops_fraction`` (this step),
     ``dropbp/dropped_backward_flops_fraction_mean`` (since the last log), ``dropbp/num_dropped``; after
     allocation a W&B table and bar charts of the per-sublayer rates and sensitivities (other loggers:
     ``dropbp/rate/<i>``, ``dropbp/sensitivity/<i>``).
@@ -328,6 +330,11 @@ class DropBP(L.Callback):
         if self.controller is not None:
             self.controller.remove()
         self.controller = apply_dropbp(model, self.settings.patterns)
+        if trainer.is_global_zero:
+            # The settings are constants of the run: its config (W&B run config, hparams.yaml), not a curve.
+            for logger in trainer.loggers:
+                settings = {f.name: getattr(self.settings, f.name) for f in dataclasses.fields(self.settings)}
+                logger.log_hyperparams({f"dropbp/{k}": v for k, v in settings.items() if k != "patterns"})
         self._num_sublayers = self.controller.num_sublayers
         self._trainable = self.controller.trainable
         self._flops_cache.clear()
@@ -438,7 +445,6 @@ class DropBP(L.Callback):
         if step % self._every(trainer) != 0:
             return
         metrics = {
-            "dropbp/target": self.settings.target,
             "dropbp/dropped_backward_flops_fraction": fraction,
             "dropbp/dropped_backward_flops_fraction_mean": self._log_fraction_sum / self._log_count,
             "dropbp/num_dropped": float(sum(self.mask)),

@@ -1,6 +1,6 @@
 """Observability: throughput/MFU/memory callback and Weights & Biases helpers (logger, tables, charts)."""
 
-from lit_accel.observe.progress import StepProgressBar
+from lit_accel.observe.progress import ParamsSummary, StepProgressBar
 from lit_accel.observe.throughput import (
     PEAK_FLOPS,
     Throughput,
@@ -22,6 +22,7 @@ __all__ = [
     "PEAK_FLOPS",
     "BarChart",
     "LineChart",
+    "ParamsSummary",
     "StepProgressBar",
     "Throughput",
     "ThroughputSettings",

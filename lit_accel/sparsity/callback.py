@@ -38,7 +38,7 @@ from typing_extensions import override
 from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.params import full_shape, full_state_dict, gathered
 from lit_accel.models.surgery import find_hf_model, match_linears, replace_module, run_after_configure_model
-from lit_accel.observe.wandb import BarChart, WandbCharts
+from lit_accel.observe.wandb import BarChart, WandbCharts, other_loggers
 from lit_accel.ops.sparse24 import transposable_24_mask
 from lit_accel.ops.sparse24_gemm import (
     check_gemm_shape,
@@ -192,8 +192,8 @@ class SemiStructuredSparsity(L.Callback):
 
     Logged (to every logger, from rank 0): ``sparsity24/phase`` (index into :data:`PHASES`),
     ``sparsity24/density`` (kept fraction of the target layers' weights in the forward), at each refresh
-    ``sparsity24/flip_rate`` (mean over layers) and ``sparsity24/flip_rate/<layer>``, plus, with a
-    :class:`~lightning.pytorch.loggers.WandbLogger`, a W&B table and bar chart of the per-layer flip rates.
+    ``sparsity24/flip_rate`` (mean over layers); per layer, a W&B table and bar chart with a
+    :class:`~lightning.pytorch.loggers.WandbLogger`, ``sparsity24/flip_rate/<layer>`` scalars with other loggers.
 
     Args: see :class:`SemiStructuredSparsitySettings`.
 
@@ -529,11 +529,14 @@ class SemiStructuredSparsity(L.Callback):
             metrics["sparsity24/density"] = self.density()
         if flips:
             metrics["sparsity24/flip_rate"] = sum(flips.values()) / len(flips)
-            metrics.update({f"sparsity24/flip_rate/{n}": v for n, v in flips.items()})
         if not metrics:
             return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        if flips:
+            # Per layer: a table and one chart in W&B (below); a scalar each only for loggers without tables.
+            for logger in other_loggers(trainer):
+                logger.log_metrics({f"sparsity24/flip_rate/{n}": v for n, v in flips.items()}, step=step)
         if flips:
             rows = [[n, v] for n, v in flips.items()]
             chart = BarChart("layer", "flip_rate", "2:4 mask flip rate per layer")

@@ -51,7 +51,7 @@ class CaptureLogger(Logger):
         return 0
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
+        self.hparams = {**getattr(self, "hparams", {}), **dict(params)}
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.metrics.append((step, dict(metrics)))
@@ -90,8 +90,9 @@ def test_auto_mode_measures_allocates_and_drops_the_target_fraction() -> None:
     assert statistics.mean(realised) == pytest.approx(expected, abs=0.07)
     assert len(set(rec.masks)) > 5  # systematic sampling fixes the count, so fewer distinct masks
     keys = logger.keys()
-    for key in ("dropbp/target", "dropbp/dropped_backward_flops_fraction", "dropbp/num_dropped"):
+    for key in ("dropbp/dropped_backward_flops_fraction", "dropbp/num_dropped"):
         assert key in keys
+    assert "dropbp/target" not in keys and logger.hparams["dropbp/target"] == 0.5  # a constant: the run's config
     assert {f"dropbp/rate/{i}" for i in range(8)} <= keys and "dropbp/sensitivity/7" in keys
     assert cb.controller is None  # hooks removed at teardown
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in module.parameters())

@@ -48,7 +48,8 @@ def test_the_bar_counts_steps_and_shows_tokens_per_second() -> None:
 
 def test_the_cli_adds_the_bar_unless_the_config_has_one_or_none() -> None:
     config = Namespace(trainer=Namespace(enable_progress_bar=None, callbacks=[]))
-    assert use_step_progress_bar(config) and config.trainer.callbacks[-1].class_path.endswith("StepProgressBar")
+    assert use_step_progress_bar(config)
+    assert [c.class_path.rpartition(".")[2] for c in config.trainer.callbacks] == ["StepProgressBar", "ParamsSummary"]
     assert not use_step_progress_bar(config)  # already there
     off = Namespace(trainer=Namespace(enable_progress_bar=False, callbacks=None))
     assert not use_step_progress_bar(off) and off.trainer.callbacks is None
@@ -61,3 +62,13 @@ def test_lightning_tips_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
         logger.info("💡 Tip: install something")
         logger.info("a real message")
     assert "Tip" not in caplog.text and "a real message" in caplog.text
+
+
+def test_the_summary_leaves_out_unmeasured_flops(capsys: pytest.CaptureFixture) -> None:
+    from lit_accel.observe import ParamsSummary
+
+    data = [(" ", ["0"]), ("Name", ["model"]), ("Type", ["Llama"]), ("Params", ["1.4 M"]), ("Mode", ["train"]),
+            ("FLOPs", ["0"])]  # fmt: skip
+    ParamsSummary.summarize(data, 1_400_000, 1_000_000, 5.8, {"train": 33, "eval": 0}, 0)
+    out = capsys.readouterr().out
+    assert "FLOPs" not in out and "Trainable params: 1.0 M, frozen: 400 K, total: 1.4 M" in out
