@@ -40,10 +40,17 @@ class StepProgressBar(RichProgressBar):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        # The description is set once an epoch by Lightning; a step count has to follow every step.
+        # Lightning sets the description once an epoch and counts batches of the epoch against the epoch's length
+        # (which reads "56/5" when the loader's length and the step budget disagree); a step-based run's bar
+        # counts optimizer steps against max_steps, across epochs and resumes.
         if self.progress is not None and self.train_progress_bar_id is not None and trainer.max_steps > 0:
-            description = self._get_train_description(trainer.current_epoch)
-            self.progress.update(self.train_progress_bar_id, description=description)
+            self.progress.update(
+                self.train_progress_bar_id,
+                description=self._get_train_description(trainer.current_epoch),
+                completed=trainer.global_step,
+                total=trainer.max_steps,
+            )
+            self.refresh()
 
     @override
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
