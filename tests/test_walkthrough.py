@@ -95,3 +95,28 @@ def test_every_documented_command_runs_as_written_or_says_it_needs_a_gpu(
     assert (tmp_path / "exported/quickstart/config.json").is_file()
     assert (tmp_path / "runs/quickstart+lora/checkpoints/last.ckpt").is_file()  # the fine-tune ran under its own name
     assert len(ran) >= 8 and (torch.cuda.is_available() or len(refused) >= 3), (ran, refused)
+
+
+def test_every_technique_says_what_it_did_at_the_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lit_accel.callbacks import DropBP, LoRA, SemiStructuredSparsity
+    from lit_accel.models import CausalLM
+
+    ids = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    expected = {
+        "DropBP": "DropBP: dropped 50.0% of the sublayers' backward FLOPs on average",
+        "SemiStructuredSparsity": "SemiStructuredSparsity: ended in the sparse phase with",
+        "LoRA": "LoRA: trained the adapters of 14 layers (r=4) for 2 steps",
+    }
+    for callback in (DropBP(sensitivity="uniform"), SemiStructuredSparsity(), LoRA(r=4)):
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[callback],
+        )  # fmt: skip
+        with caplog.at_level(logging.INFO):
+            trainer.fit(CausalLM("llama-tiny", warmup_steps=0), DataLoader([{"input_ids": x} for x in ids], 4))
+        assert expected[type(callback).__name__] in caplog.text, caplog.text[-2000:]

@@ -259,6 +259,7 @@ class DropBP(L.Callback):
         self._seq_len: int | None = None
         self._trainable: tuple[bool, ...] | None = None
         self._log_fraction_sum = 0.0
+        self._run_fraction = (0.0, 0)  # (sum, count) of the dropped backward-FLOPs fractions of this fit
         self._log_count = 0
         self._charts = WandbCharts("DropBP")
 
@@ -441,6 +442,7 @@ class DropBP(L.Callback):
         fraction = dropped_fraction(self.mask, self._flops(self._seq_len))
         self._log_fraction_sum += fraction
         self._log_count += 1
+        self._run_fraction = (self._run_fraction[0] + fraction, self._run_fraction[1] + 1)
         step = trainer.global_step
         if step % self._every(trainer) != 0:
             return
@@ -492,6 +494,17 @@ class DropBP(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.controller is not None:
             self.controller.keep_all()
+        total, count = self._run_fraction
+        if count:
+            how = (
+                f"rates allocated at step {self.sensitivity_step} from measured sensitivities"
+                if self.measured
+                else "uniform rates"
+            )
+            rank_zero_info(
+                f"DropBP: dropped {total / count:.1%} of the sublayers' backward FLOPs on average over {count}"
+                f" decisions (target {self.settings.target:.0%}; {how})"
+            )
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

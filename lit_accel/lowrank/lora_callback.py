@@ -369,6 +369,16 @@ class LoRA(L.Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         s = self.settings
+        where = "adapters only" if s.adapter_only_checkpoints else "the whole model"
+        rank_zero_info(
+            f"LoRA: trained the adapters of {len(self.layer_names)} layers (r={s.r}) for {trainer.global_step} steps;"
+            f" checkpoints hold {where}"
+            + (
+                f"; exporting to {s.export_dir}"
+                if s.export_dir
+                else "; `lit-accel export --ckpt <last.ckpt>` merges them"
+            )
+        )
         if s.export_dir is None:
             return
         model = find_hf_model(pl_module)

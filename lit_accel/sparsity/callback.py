@@ -587,6 +587,13 @@ class SemiStructuredSparsity(L.Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.layers:
+            kernels = sorted(set(self.kernels.values())) if self.kernels else []
+            rank_zero_info(
+                f"SemiStructuredSparsity: ended in the {self.phase} phase with {len(self.layers)} 2:4 layers, density"
+                f" {self.density():.3f}, {self.refreshes} mask refreshes"
+                + (f", kernels: {', '.join(kernels)}" if kernels else "")
+            )
         if self.settings.export_dir is not None:
             self.export(trainer, find_hf_model(pl_module), Path(self.settings.export_dir))
 
