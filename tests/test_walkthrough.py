@@ -103,7 +103,7 @@ def test_every_technique_says_what_it_did_at_the_end(tmp_path: Path, caplog: pyt
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from lit_accel.callbacks import DropBP, LoRA, SemiStructuredSparsity
+    from lit_accel.callbacks import DropBP, LoRA, LowRankFactorization, SemiStructuredSparsity
     from lit_accel.models import CausalLM
 
     ids = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -111,8 +111,10 @@ def test_every_technique_says_what_it_did_at_the_end(tmp_path: Path, caplog: pyt
         "DropBP": "DropBP: dropped 50.0% of the sublayers' backward FLOPs on average",
         "SemiStructuredSparsity": "SemiStructuredSparsity: ended in the sparse phase with",
         "LoRA": "LoRA: trained the adapters of 14 layers (r=4) for 2 steps",
+        "LowRankFactorization": "LowRankFactorization: trained 8 factorised layers for 2 steps",
     }
-    for callback in (DropBP(sensitivity="uniform"), SemiStructuredSparsity(), LoRA(r=4)):
+    techniques = (DropBP(sensitivity="uniform"), SemiStructuredSparsity(), LoRA(r=4), LowRankFactorization(rank=8))
+    for callback in techniques:
         trainer = L.Trainer(
             accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, callbacks=[callback],

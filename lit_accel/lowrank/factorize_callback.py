@@ -298,9 +298,14 @@ class LowRankFactorization(L.Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         s = self.settings
+        model = find_hf_model(pl_module)
+        rank_zero_info(
+            f"LowRankFactorization: trained {len(self.ranks)} factorised layers for {trainer.global_step} steps;"
+            f" the model has {_num_params(model) / 1e6:.2f}M parameters"
+            + (f"; exporting the {s.export} model to {s.export_dir}" if s.export_dir else "")
+        )
         if s.export_dir is None:
             return
-        model = find_hf_model(pl_module)
         tokenizer = _datamodule_tokenizer(trainer)
         # Called on every rank: under ZeRO-3 the weights are gathered collectively; only rank 0 writes.
         if s.export == "merged":
