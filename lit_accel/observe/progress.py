@@ -17,6 +17,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
+from rich import get_console
+from rich.table import Table
 from typing_extensions import override
 
 from lit_accel.observe.throughput import Throughput
@@ -93,9 +95,6 @@ class ParamsSummary(RichModelSummary):
                 **summarize_kwargs,
             )
             return
-        from rich import get_console
-        from rich.table import Table
-
         table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
         kept = [(name, values) for name, values in summary_data if name != "FLOPs"]
         table.add_column(" ", style="dim")
