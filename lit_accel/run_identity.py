@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -39,6 +40,8 @@ __all__ = [
     "FREE_KEYS",
     "LOCK_NAME",
     "FolderLock",
+    "HEARTBEAT_S",
+    "LEASE_S",
     "architecture",
     "check_resume",
     "guard_checkpoint_folders",
@@ -174,17 +177,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_PROCESS_TOKEN = uuid.uuid4().hex
+# Tells this process's own earlier locks from those of another process that has the same pid on a host of the same
+# name (containers sharing a hostname each number their processes from 1).
+
+HEARTBEAT_S = 30.0
+"""How often a held :class:`FolderLock` refreshes its file's modification time."""
+
+LEASE_S = 600.0
+"""A lock from another host whose file has not been refreshed for this long is taken to be left by a dead run."""
+
+
 class FolderLock:
     """Marks a folder as used by one run: a lock file holding the run's id, host, process and start time.
 
-    :meth:`acquire` creates the file exclusively. A lock left by a process that is gone (same host, dead pid, or an
-    earlier fit in this very process) is taken over; a live one, or one from another host, is refused with a
-    message that names the folder and the run holding it. :meth:`release` removes the file if it is still this
-    lock's.
+    :meth:`acquire` creates the file exclusively and starts a daemon thread that refreshes the file's modification
+    time every :data:`HEARTBEAT_S` seconds (a lease), through long saves and validation alike. A lock left behind is
+    taken over, with a warning: on this host when its process is gone (or is an earlier fit of this very process);
+    from another host (a job requeued on another node) when its lease has not been refreshed for :data:`LEASE_S`
+    seconds. A live one is refused with a message that names the folder and the run holding it. :meth:`release`
+    stops the heartbeat and removes the file if it is still this lock's.
 
     Args:
         folder: The folder to lock (created if missing).
         run_id: The id of the run taking it.
+        lease_s: How long another host's lock may go unrefreshed before it is taken over.
+        heartbeat_s: How often the held lock is refreshed; less than ``lease_s``.
 
     Example:
         >>> import tempfile
@@ -193,11 +211,31 @@ class FolderLock:
         >>> lock.release()
     """
 
-    def __init__(self, folder: str | os.PathLike[str], run_id: str) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        run_id: str,
+        lease_s: float = LEASE_S,
+        heartbeat_s: float = HEARTBEAT_S,
+    ) -> None:
+        if not 0 < heartbeat_s < lease_s:
+            raise ValueError(
+                f"heartbeat_s={heartbeat_s!r}, lease_s={lease_s!r}; allowed: 0 < heartbeat_s < lease_s (seconds)"
+            )
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.run_id = run_id
-        self._record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.lease_s = float(lease_s)
+        self._record: dict[str, Any] = {
+            "run_id": run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "process": _PROCESS_TOKEN,
+            "started": time.time(),
+            "heartbeat_s": float(heartbeat_s),
+        }
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _holder(self) -> dict[str, Any] | None:
         try:
@@ -208,10 +246,27 @@ class FolderLock:
             return {}  # unreadable: a lock all the same, but with nothing to say about its holder
         return record if isinstance(record, dict) else {}
 
-    def _stale(self, holder: Mapping[str, Any]) -> bool:
-        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-            return False  # another machine's process cannot be checked from here
-        return holder["pid"] == os.getpid() or not _pid_alive(holder["pid"])
+    def _ours(self, holder: Mapping[str, Any] | None) -> bool:
+        return bool(holder) and holder.get("process") == _PROCESS_TOKEN and holder.get("pid") == os.getpid()
+
+    def _stale(self, holder: Mapping[str, Any]) -> str | None:
+        # Why the holder is gone, or None when it may be alive.
+        pid = holder.get("pid")
+        if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+            if pid == os.getpid() and holder.get("process") == _PROCESS_TOKEN:
+                return "an earlier fit of this process left it"
+            if not _pid_alive(pid):
+                return f"its process {pid} is gone"
+            return None
+        if "heartbeat_s" not in holder:
+            return None  # no lease to judge another machine's process by
+        try:
+            idle = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if idle > self.lease_s:
+            return f"it was last refreshed {idle:.0f} s ago (lease {self.lease_s:.0f} s)"
+        return None
 
     def acquire(self) -> None:
         """Takes the lock, or raises ``RuntimeError`` naming the run that holds it."""
@@ -223,7 +278,12 @@ class FolderLock:
                 holder = self._holder()
                 if holder is None:
                     continue  # released in the meantime
-                if self._stale(holder):
+                why = self._stale(holder)
+                if why is not None:
+                    rank_zero_warn(
+                        f"taking over the lock of checkpoint folder {str(self.folder)!r} from run"
+                        f" {holder.get('run_id', '?')} on {holder.get('host', '?')}: {why}."
+                    )
                     with contextlib.suppress(FileNotFoundError):
                         self.path.unlink()
                     continue
@@ -233,17 +293,48 @@ class FolderLock:
                     f"checkpoint folder {str(self.folder)!r} is in use by another run (run {holder.get('run_id', '?')},"
                     f" process {holder.get('pid', '?')} on {holder.get('host', '?')}, started {when}); two runs sharing"
                     " it would overwrite each other's last.ckpt. Give this run its own checkpoint folder"
-                    f" (ModelCheckpoint dirpath), or, if that run is no longer running, delete {str(self.path)!r}."
+                    f" (ModelCheckpoint dirpath), or, if that run is no longer running, delete {str(self.path)!r}"
+                    f" (a lock from another host is taken over once unrefreshed for {self.lease_s:.0f} s)."
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(self._record, f)
+            self._start_heartbeat()
             return
         raise RuntimeError(f"could not lock checkpoint folder {str(self.folder)!r}: {str(self.path)!r} keeps changing")
 
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        interval = float(self._record["heartbeat_s"])
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                if not self._ours(self._holder()):
+                    return  # taken over or removed: not ours to refresh
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        self._thread = threading.Thread(target=beat, name=f"lit_accel lock {self.folder.name}", daemon=True)
+        self._thread.start()
+
+    def retag(self, run_id: str) -> None:
+        """Records another run id in a held lock (a resume that learns its run's id after taking the lock)."""
+        if run_id == self.run_id:
+            return
+        if self._ours(self._holder()):
+            self._record["run_id"] = run_id
+            tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._record))
+            os.replace(tmp, self.path)
+        self.run_id = run_id
+
     def release(self) -> None:
-        """Removes the lock file if it is still this lock's."""
+        """Stops the heartbeat and removes the lock file if it is still this lock's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
         holder = self._holder()
-        if holder and holder.get("run_id") == self.run_id and holder.get("pid") == os.getpid():
+        if self._ours(holder) and holder is not None and holder.get("run_id") == self.run_id:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
@@ -272,7 +363,19 @@ def technique_settings(callbacks: Iterable[Any]) -> dict[str, dict[str, Any]]:
 
 
 _VOLATILE_CONFIG_KEYS = frozenset(
-    {"architectures", "attn_implementation", "dtype", "torch_dtype", "transformers_version", "use_cache"}
+    {
+        "architectures",
+        "attn_implementation",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "use_cache",
+        # special-token ids follow the tokenizer (stamped with the data settings); a preset's own are replaced by
+        # the tokenizer's at set-up, after the CLI's early resume check has read them
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    }
 )
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,64 @@ def test_folder_lock_takes_over_dead_and_own_locks(tmp_path: Path) -> None:
     (tmp_path / LOCK_NAME).write_text(json.dumps(other_host))
     with pytest.raises(RuntimeError, match="on elsewhere"):
         FolderLock(tmp_path, run_id="d").acquire()
+
+
+def test_another_hosts_lock_is_taken_over_once_its_lease_runs_out(tmp_path: Path) -> None:
+    record = {"run_id": "c", "host": "node7", "pid": 1, "started": 0.0, "heartbeat_s": 30.0}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(record))
+    with pytest.raises(RuntimeError, match=r"in use by another run \(run c, process 1 on node7"):
+        FolderLock(tmp_path, run_id="d", lease_s=600).acquire()  # refreshed just now: alive
+    old = time.time() - 700
+    os.utime(tmp_path / LOCK_NAME, (old, old))  # a requeued job: node7's run died 700 s ago
+    lock = FolderLock(tmp_path, run_id="d", lease_s=600)
+    with pytest.warns(UserWarning, match=r"taking over the lock .* run c on node7: it was last refreshed 7\d\d s"):
+        lock.acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "d"
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_held_lock_keeps_its_lease_fresh_and_a_namesake_process_is_refused(tmp_path: Path) -> None:
+    lock = FolderLock(tmp_path, run_id="a", lease_s=1.0, heartbeat_s=0.05)
+    lock.acquire()
+    try:
+        os.utime(tmp_path / LOCK_NAME, (0, 0))
+        deadline = time.time() + 5
+        while (tmp_path / LOCK_NAME).stat().st_mtime < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert time.time() - (tmp_path / LOCK_NAME).stat().st_mtime < 5  # the heartbeat refreshed it
+        # another container with this hostname and, in its own pid namespace, this very pid: not ours, alive
+        record = json.loads((tmp_path / LOCK_NAME).read_text())
+        (tmp_path / LOCK_NAME).write_text(json.dumps({**record, "run_id": "x", "process": "another"}))
+        with pytest.raises(RuntimeError, match=r"in use by another run \(run x"):
+            FolderLock(tmp_path, run_id="b").acquire()
+        lock.release()  # not ours any more: left in place
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "x"
+    finally:
+        lock.release()
+    with pytest.raises(ValueError, match=r"heartbeat_s=5.0, lease_s=1.0; allowed: 0 < heartbeat_s < lease_s"):
+        FolderLock(tmp_path, run_id="c", lease_s=1.0, heartbeat_s=5.0)
+
+
+def test_a_lock_takes_the_run_id_the_checkpoint_restores(tmp_path: Path) -> None:
+    lock = FolderLock(tmp_path, run_id="fresh")
+    lock.acquire()
+    lock.retag("resumed")
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "resumed"
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_special_token_ids_follow_the_tokenizer_not_the_stamp() -> None:
+    from transformers import LlamaConfig
+
+    from lit_accel.run_identity import architecture
+
+    a = {"model": {"architecture": architecture(LlamaConfig(eos_token_id=2, bos_token_id=1))}}
+    b = {"model": {"architecture": architecture(LlamaConfig(eos_token_id=0, bos_token_id=0, pad_token_id=3))}}
+    assert stamp_differences(a, b) == []
+    c = {"model": {"architecture": architecture(LlamaConfig(eos_token_id=2, hidden_size=64))}}
+    assert any("hidden_size" in d for d in stamp_differences(a, c))
 
 
 def test_run_checks_is_validated() -> None:

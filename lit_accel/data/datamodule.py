@@ -378,7 +378,8 @@ class TextDataModule(L.LightningDataModule):
             tok_dir, shard_dir = self._build()
         else:
             tok_dir = self._tokenizer_path()
-            self._wait_for("tokenizer", lambda: (tok_dir / "tokenizer.json").is_file(), tok_dir, rank)
+            if self.tokenizer_arg == "bpe":  # only ours is written by rank 0; a model's may have no tokenizer.json
+                self._wait_for("tokenizer", lambda: (tok_dir / "tokenizer.json").is_file(), tok_dir, rank)
             shard_dir = self._shard_path(tok_dir)
             self._wait_for("token shards", lambda: TokenShards.is_complete(shard_dir), shard_dir, rank)
         tokenizer = load_tokenizer(tok_dir)

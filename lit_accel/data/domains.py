@@ -572,7 +572,8 @@ class MultiDomainDataModule(TextDataModule):
             tok_dir, _ = self._build()
         else:
             tok_dir = self._tokenizer_path()
-            self._wait_for("tokenizer", lambda: (tok_dir / "tokenizer.json").is_file(), tok_dir, rank)
+            if self.tokenizer_arg == "bpe":  # only ours is written by rank 0; a model's may have no tokenizer.json
+                self._wait_for("tokenizer", lambda: (tok_dir / "tokenizer.json").is_file(), tok_dir, rank)
         train_sets, val_sets = [], []
         for name in self.names:
             shard_dir = self._domain_shard_path(name, tok_dir)

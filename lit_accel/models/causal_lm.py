@@ -246,6 +246,8 @@ class CausalLM(L.LightningModule):
         saved = (checkpoint.get("lit_accel") or {}).get("run")
         if isinstance(saved, dict):
             self._run_id = saved.get("run_id") or self._run_id
+            for lock in self._folder_locks:  # DeepSpeed restores after on_fit_start has locked the folders
+                lock.retag(self._run_id or lock.run_id)
             trainer = self._trainer
             if trainer is not None and trainer.state.fn == "fit":
                 # Before any weight is loaded: a refused resume leaves the module as it was.

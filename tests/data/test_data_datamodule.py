@@ -88,6 +88,32 @@ def test_user_tokenizer_dir(small_kwargs: dict[str, Any], tmp_path: Path) -> Non
     assert dm2.vocab_size == dm.vocab_size and dm2.num_train_sequences == dm.num_train_sequences
 
 
+def test_a_non_builder_rank_reads_a_user_tokenizer_without_tokenizer_json(
+    small_kwargs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a byte-level BPE kept as vocab.json + merges.txt (no tokenizer.json): nothing for rank 0 to write, so the other
+    # ranks must not wait for a tokenizer.json that never comes
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab["<|endoftext|>"] = len(vocab)
+    (tok / "vocab.json").write_text(json.dumps(vocab))
+    (tok / "merges.txt").write_text("#version: 0.2\n")
+    (tok / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>", "model_max_length": 1024})
+    )
+    kwargs = {**small_kwargs, "tokenizer": str(tok), "bpe_vocab_size": None, "cache_dir": str(tmp_path / "c")}
+    TextDataModule(**kwargs).prepare_data()  # local rank 0
+    assert not (tok / "tokenizer.json").exists()
+    monkeypatch.setattr(TextDataModule, "_is_builder", lambda self: (False, 1))
+    monkeypatch.setattr(TextDataModule, "setup_timeout_s", 0.5)
+    other = TextDataModule(**kwargs)
+    other.setup("fit")
+    assert other.vocab_size == 257 and other.num_train_sequences > 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
