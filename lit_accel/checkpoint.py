@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-__all__ = ["load_checkpoint_file", "load_lightning_checkpoint"]
+__all__ = ["deepspeed_client_state_file", "load_checkpoint_file", "load_lightning_checkpoint"]
 
 
 # The DeepSpeed classes its checkpoint folders hold besides tensors (optimizer-state files: the loss scaler, the ZeRO
@@ -47,6 +47,37 @@ def _deepspeed_records() -> list[Any]:
         except (ImportError, AttributeError):  # another DeepSpeed release: its files then name what they need
             continue
     return found
+
+
+def deepspeed_client_state_file(folder: str | os.PathLike[str]) -> Path | None:
+    """Rank 0's model-states file of a DeepSpeed checkpoint folder: the one holding Lightning's checkpoint dict.
+
+    DeepSpeed names it ``<tag>/mp_rank_00_model_states.pt``, and ``<tag>/zero_pp_rank_0_mp_rank_00_model_states.pt``
+    under ZeRO-3 (each data-parallel rank then writes its own). The tag is the one the folder's ``latest`` file
+    names, else the only one there is.
+
+    Returns:
+        The file, or ``None`` when ``folder`` holds none.
+
+    Example:
+        >>> deepspeed_client_state_file("no/such/folder") is None
+        True
+    """
+    root = Path(folder)
+    tags: list[Path] = []
+    try:
+        latest = (root / "latest").read_text().strip()
+    except OSError:
+        latest = ""
+    if latest and (root / latest).is_dir():
+        tags = [root / latest]
+    elif root.is_dir():
+        tags = sorted(p for p in root.iterdir() if p.is_dir())
+    for tag in tags:
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+            if (tag / name).is_file():
+                return tag / name
+    return None
 
 
 def _check_crc(path: str | os.PathLike[str], name: str) -> None:
@@ -131,10 +162,10 @@ def load_lightning_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
             f"--ckpt {str(path)!r} does not exist; pass a Lightning .ckpt file or a DeepSpeed checkpoint folder."
         )
     if path.is_dir():
-        if not (path / "latest").is_file() and not any(path.glob("*/mp_rank_*_model_states.pt")):
+        if not (path / "latest").is_file() and deepspeed_client_state_file(path) is None:
             raise ValueError(
                 f"--ckpt {str(path)!r} is a directory but not a DeepSpeed checkpoint (no 'latest' file and no"
-                " */mp_rank_*_model_states.pt); pass a Lightning .ckpt file or the folder DeepSpeed wrote."
+                " */*mp_rank_00_model_states.pt); pass a Lightning .ckpt file or the folder DeepSpeed wrote."
             )
         # DeepSpeed's consolidation unpickles its files without restriction: every file is checked first, so it
         # only ever reads files made of tensors, containers and DeepSpeed's own records.

@@ -31,12 +31,13 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import Namespace
+from lightning.fabric.accelerators.cuda import num_cuda_devices
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 # Imported for the short names: jsonargparse resolves `--trainer.callbacks+=DropBP` among imported subclasses.
 import lit_accel.callbacks  # noqa: F401
-from lit_accel.checkpoint import load_checkpoint_file
+from lit_accel.checkpoint import deepspeed_client_state_file, load_checkpoint_file
 from lit_accel.data import TextDataModule
 from lit_accel.export import main as export_main
 from lit_accel.models import CausalLM
@@ -90,6 +91,16 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         self._pending_wandb_config = self.parser.dump(self.config, skip_none=False)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._upload_config(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != "fit":  # `lit-accel validate`: no training start to wait for
+            self._upload_config(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._upload_config(trainer)
+
+    def _upload_config(self, trainer: L.Trainer) -> None:
         text, self._pending_wandb_config = getattr(self, "_pending_wandb_config", None), None
         if text is None or not trainer.is_global_zero:
             return
@@ -149,7 +160,10 @@ def resume_wandb_run(config: Any) -> str | None:
     if path is None:
         return None
     if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint", "mp_rank_00_model_states.pt")
+        states = deepspeed_client_state_file(path)
+        if states is None:
+            return None  # the fit itself reports what is wrong with the folder
+        path = str(states)
     try:
         saved = load_checkpoint_file(path, mmap=True, verify=False, name="--ckpt_path")
     except (OSError, ValueError, RuntimeError):
@@ -192,7 +206,7 @@ def require_gpu_when_asked(config: Any) -> None:
     """
     trainer = config.get("trainer") or {}
     accelerator = str(trainer.get("accelerator") or "").lower()
-    if accelerator not in ("gpu", "cuda") or torch.cuda.is_available():
+    if accelerator not in ("gpu", "cuda") or num_cuda_devices() > 0:
         return
     files = [os.path.basename(str(f)) for f in (config.get("config") or [])]
     where = f" ({files[0]})" if files else ""
@@ -329,7 +343,10 @@ class LitAccelCLI(LightningCLI):
         require_gpu_when_asked(config)
         use_step_progress_bar(config)
         name_run_by_techniques(config)
-        resume_wandb_run(config)
+        if self.subcommand in (None, "fit"):
+            # validate/test of a checkpoint log to a W&B run of their own: the training run's history is at a
+            # later step than the checkpoint's, and W&B drops values logged at an earlier one
+            resume_wandb_run(config)
 
     def before_fit(self) -> None:
         # The resume check CausalLM makes when the checkpoint loads, made before the trainer starts: by then
@@ -420,18 +437,22 @@ class LitAccelArgumentParser(LightningArgumentParser):
 
 
 def _user_error(err: BaseException) -> BaseException | None:
-    # The innermost exception of the chain raised by a `raise` in lit_accel's own code: an argument or a file the
-    # user gave was refused with a message written for them. Anything else (a bug, an error from torch) keeps
-    # its traceback.
+    # The outermost exception of the chain raised by a `raise` in lit_accel's own code: an argument or a file the
+    # user gave was refused with a message written for them (outermost, so a wrapper's context, such as the
+    # domain a message is about, is kept). Anything else (a bug, an error from torch) keeps its traceback. The
+    # chain is followed as Python prints it: an exception raised `from None` hides its context.
     chain = []
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         chain.append(current)
-        current = current.__cause__ or current.__context__
+        if current.__cause__ is not None:
+            current = current.__cause__
+        else:
+            current = None if current.__suppress_context__ else current.__context__
     package = os.path.dirname(os.path.abspath(__file__))
-    for exc in reversed(chain):
+    for exc in chain:
         if not isinstance(exc, (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, RuntimeError)):
             continue
         frames = traceback.extract_tb(exc.__traceback__)
@@ -457,8 +478,22 @@ def _quiet_console() -> None:
     if not any(isinstance(f, _DropTips) for f in logger.filters):
         logger.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-    if "DS_ACCELERATOR" not in os.environ and "deepspeed" not in sys.modules and not torch.cuda.is_available():
+    if "DS_ACCELERATOR" not in os.environ and "deepspeed" not in sys.modules and _only_a_cpu():
         os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def _only_a_cpu() -> bool:
+    # Counted through NVML (Lightning's num_cuda_devices), not torch.cuda.is_available(): initialising CUDA in the
+    # launching process would break the fork-started processes of ddp_fork/ddp_notebook. The other accelerators
+    # DeepSpeed detects by itself (XPU, MPS, Ascend NPU, Gaudi) keep its own choice.
+    if num_cuda_devices() > 0:
+        return False
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return False
+    if torch.backends.mps.is_available():
+        return False
+    return all(importlib.util.find_spec(name) is None for name in ("torch_npu", "habana_frameworks"))
 
 
 def main(argv: list[str] | None = None) -> None:

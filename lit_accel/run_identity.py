@@ -27,7 +27,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,10 @@ from lit_accel.checkpoint import load_checkpoint_file
 __all__ = [
     "FREE_CALLBACKS",
     "FREE_KEYS",
-    "LOCK_NAME",
-    "FolderLock",
     "HEARTBEAT_S",
     "LEASE_S",
+    "LOCK_NAME",
+    "FolderLock",
     "architecture",
     "check_resume",
     "guard_checkpoint_folders",
@@ -133,9 +134,11 @@ def _dict_differences(prefix: str, saved: Mapping[str, Any], now: Mapping[str, A
             continue
         if key not in saved or key not in now:
             # A setting the other version of the code did not have: only a difference when it is not the default,
-            # which cannot be told here; a missing key is reported only when the other side is not null.
+            # which cannot be told here; a missing key is reported only when the other side is not null. A network
+            # key that one transformers version writes and another does not is never one: the keys that shape the
+            # network exist in both.
             other = now.get(key) if key not in saved else saved.get(key)
-            if other is None:
+            if other is None or prefix.endswith(".architecture"):
                 continue
         if isinstance(saved.get(key), dict) and isinstance(now.get(key), dict):
             out += _dict_differences(f"{prefix}.{key}", saved[key], now[key])
@@ -203,6 +206,8 @@ class FolderLock:
         run_id: The id of the run taking it.
         lease_s: How long another host's lock may go unrefreshed before it is taken over.
         heartbeat_s: How often the held lock is refreshed; less than ``lease_s``.
+        alive: Asked at each heartbeat; once it returns ``False`` (the run stopped without releasing, e.g. on an
+            exception in a notebook) the lock is released.
 
     Example:
         >>> import tempfile
@@ -217,6 +222,7 @@ class FolderLock:
         run_id: str,
         lease_s: float = LEASE_S,
         heartbeat_s: float = HEARTBEAT_S,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         if not 0 < heartbeat_s < lease_s:
             raise ValueError(
@@ -234,6 +240,7 @@ class FolderLock:
             "started": time.time(),
             "heartbeat_s": float(heartbeat_s),
         }
+        self._alive = alive
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -247,7 +254,7 @@ class FolderLock:
         return record if isinstance(record, dict) else {}
 
     def _ours(self, holder: Mapping[str, Any] | None) -> bool:
-        return bool(holder) and holder.get("process") == _PROCESS_TOKEN and holder.get("pid") == os.getpid()
+        return holder is not None and holder.get("process") == _PROCESS_TOKEN and holder.get("pid") == os.getpid()
 
     def _stale(self, holder: Mapping[str, Any]) -> str | None:
         # Why the holder is gone, or None when it may be alive.
@@ -308,8 +315,14 @@ class FolderLock:
 
         def beat() -> None:
             while not self._stop.wait(interval):
-                if not self._ours(self._holder()):
+                holder = self._holder()
+                if not self._ours(holder):
                     return  # taken over or removed: not ours to refresh
+                if self._alive is not None and not self._alive():
+                    if holder is not None and holder.get("run_id") == self.run_id:
+                        with contextlib.suppress(FileNotFoundError):
+                            self.path.unlink()
+                    return
                 with contextlib.suppress(OSError):
                     os.utime(self.path)
 
@@ -450,6 +463,18 @@ def check_resume(saved: Mapping[str, Any], now: Mapping[str, Any], run_checks: s
     rank_zero_warn(message)
 
 
+def _while_running(trainer: Any) -> Callable[[], bool]:
+    # A weak reference: the heartbeat thread must not keep a finished trainer (and its model) alive.
+    ref = weakref.ref(trainer)
+
+    def alive() -> bool:
+        t = ref()
+        status = getattr(getattr(t, "state", None), "status", None)
+        return t is not None and getattr(status, "value", status) in ("running", "initializing", None)
+
+    return alive
+
+
 def guard_checkpoint_folders(trainer: Any, run_id: str) -> list[FolderLock]:
     """Locks each ``ModelCheckpoint`` folder for this run, refusing folders a live run is using.
 
@@ -474,7 +499,7 @@ def guard_checkpoint_folders(trainer: Any, run_id: str) -> list[FolderLock]:
             dirpath = getattr(callback, "dirpath", None)
             if not dirpath:
                 continue
-            lock = FolderLock(dirpath, run_id)
+            lock = FolderLock(dirpath, run_id, alive=_while_running(trainer))
             try:
                 lock.acquire()
             except RuntimeError as err:

@@ -426,3 +426,26 @@ def test_a_resume_continues_the_same_wandb_run(tmp_path: Path, cache: Path, monk
         main(["fit", "--config", str(path), "--model.learning_rate", "0.5", "--ckpt_path", "last"])
     wandb.finish()
     assert len(sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 2
+    # validating the checkpoint logs to a W&B run of its own, config included (the training run's history is at a
+    # later step)
+    main(["validate", "--config", str(path), "--ckpt_path", "last"])
+    wandb.finish()
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    (validation,) = [r for r in runs if first not in r.name]
+    assert (validation / "files" / "lit_accel_config.yaml").is_file()
+
+
+def test_the_launcher_never_initialises_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.cuda.is_available() would initialise CUDA in the launching process, and the processes ddp_fork and
+    # ddp_notebook fork from it could no longer use the GPU; the CLI counts devices through NVML instead
+    from lit_accel.cli import _quiet_console, require_gpu_when_asked
+
+    def poisoned() -> bool:
+        raise AssertionError("torch.cuda.is_available() called")
+
+    monkeypatch.setattr(torch.cuda, "is_available", poisoned)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    _quiet_console()
+    with pytest.raises(ValueError, match=r"trainer.accelerator='gpu' \(a.yaml\) needs a CUDA GPU"):
+        require_gpu_when_asked({"trainer": {"accelerator": "gpu"}, "config": ["configs/a.yaml"]})
+    require_gpu_when_asked({"trainer": {"accelerator": "cpu"}})

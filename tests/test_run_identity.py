@@ -173,6 +173,20 @@ def test_a_held_lock_keeps_its_lease_fresh_and_a_namesake_process_is_refused(tmp
         FolderLock(tmp_path, run_id="c", lease_s=1.0, heartbeat_s=5.0)
 
 
+def test_a_lock_whose_run_stopped_without_releasing_lets_go(tmp_path: Path) -> None:
+    running = [True]
+    lock = FolderLock(tmp_path, run_id="a", lease_s=1.0, heartbeat_s=0.05, alive=lambda: running[0])
+    lock.acquire()
+    time.sleep(0.2)
+    assert (tmp_path / LOCK_NAME).exists()
+    running[0] = False  # e.g. the fit raised in a notebook: Lightning calls no teardown hook of the module
+    deadline = time.time() + 5
+    while (tmp_path / LOCK_NAME).exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert not (tmp_path / LOCK_NAME).exists()
+    lock.release()
+
+
 def test_a_lock_takes_the_run_id_the_checkpoint_restores(tmp_path: Path) -> None:
     lock = FolderLock(tmp_path, run_id="fresh")
     lock.acquire()
@@ -190,6 +204,8 @@ def test_special_token_ids_follow_the_tokenizer_not_the_stamp() -> None:
     a = {"model": {"architecture": architecture(LlamaConfig(eos_token_id=2, bos_token_id=1))}}
     b = {"model": {"architecture": architecture(LlamaConfig(eos_token_id=0, bos_token_id=0, pad_token_id=3))}}
     assert stamp_differences(a, b) == []
+    newer = {"model": {"architecture": {**a["model"]["architecture"], "a_key_of_a_later_transformers": True}}}
+    assert stamp_differences(a, newer) == [] and stamp_differences(newer, a) == []
     c = {"model": {"architecture": architecture(LlamaConfig(eos_token_id=2, hidden_size=64))}}
     assert any("hidden_size" in d for d in stamp_differences(a, c))
 

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_accel.checkpoint import load_checkpoint_file
+from lit_accel.checkpoint import deepspeed_client_state_file, load_checkpoint_file
 from lit_accel.data.corpus import (
     STDLIB,
     cap_bytes,
@@ -105,7 +105,8 @@ def reference_losses_from_checkpoint(ckpt: str | os.PathLike[str]) -> dict[str, 
         {'tests': 2.31, 'net': 2.87, 'runtime': 2.65, 'rest': 2.74}
     """
     path = Path(ckpt)
-    files = sorted(path.glob("*/mp_rank_*_model_states.pt")) if path.is_dir() else [path]
+    states = deepspeed_client_state_file(path) if path.is_dir() else path
+    files = [states] if states is not None else []
     if not path.exists() or not files:
         raise ValueError(
             f"reference_losses={str(ckpt)!r} is neither 'initial' nor an existing checkpoint (a Lightning .ckpt "
@@ -644,6 +645,18 @@ class MultiDomainDataModule(TextDataModule):
         """One in-order, rank-sharded loader over the validation sequences of every domain."""
         self._require_setup("val_dataloader()")
         return self._val_loader(torch.utils.data.ConcatDataset(self._val_sets))
+
+    def test_dataloader(self) -> DataLoader:
+        """Refused: every domain's documents feed training or that domain's validation; there is no test split.
+
+        Raises:
+            ValueError: Always, saying what to run instead.
+        """
+        raise ValueError(
+            "MultiDomainDataModule has no test split (test_dataloader): every domain's documents feed training or"
+            " that domain's validation. Measure the per-domain validation losses with `lit-accel validate`, or test"
+            " on held-out text with a TextDataModule (data.corpus <held-out files>, data.test_fraction)."
+        )
 
     def domain_val_dataloaders(self) -> dict[str, DataLoader]:
         """``{domain: loader}`` over each domain's validation sequences (rank-sharded)."""

@@ -51,7 +51,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lit_accel.checkpoint import load_checkpoint_file, load_lightning_checkpoint
+from lit_accel.checkpoint import deepspeed_client_state_file, load_checkpoint_file, load_lightning_checkpoint
 from lit_accel.models.causal_lm import CausalLM
 from lit_accel.models.hf_directory import check_output_directory, save_hf_directory
 from lit_accel.models.params import is_partitioned, load_full_state_dict
@@ -262,10 +262,10 @@ def is_pruning_checkpoint(ckpt: str | os.PathLike[str]) -> bool:
     path = Path(ckpt)
     try:
         if path.is_dir():
-            files = sorted(path.glob("*/mp_rank_*_model_states.pt"))
-            if not files:
+            states = deepspeed_client_state_file(path)
+            if states is None:
                 return False
-            checkpoint = load_checkpoint_file(files[0], mmap=True, verify=False)
+            checkpoint = load_checkpoint_file(states, mmap=True, verify=False)
         elif path.is_file():
             checkpoint = load_checkpoint_file(path, mmap=True, verify=False)
         else:

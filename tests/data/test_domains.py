@@ -249,3 +249,18 @@ def test_initial_reference_losses_are_measured_on_the_source_model_and_saved(cac
             CausalLM("llama-tiny", config_overrides={"vocab_size": dm.vocab_size}),
             datamodule=_dm(cache, reference_losses=None),
         )
+
+
+def test_the_cli_reports_a_wrapped_refusal_with_its_context(tmp_path: Path) -> None:
+    from lit_accel.cli import _user_error
+
+    with pytest.raises(ValueError) as info:
+        _dm(tmp_path, domains={"a": "/no/such/path"}, reference_losses=None)
+    refusal = _user_error(info.value)
+    # the domain the message is about survives: the CLI prints the outermost of lit_accel's refusals
+    assert refusal is not None and str(refusal).startswith("domains['a']: "), refusal
+
+
+def test_multi_domain_data_has_no_test_split_and_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"MultiDomainDataModule has no test split .* `lit-accel validate`"):
+        _dm(tmp_path, reference_losses=None).test_dataloader()

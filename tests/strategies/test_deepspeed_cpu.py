@@ -9,12 +9,22 @@ import pytest
 import torch
 from deepspeed_helpers import check_compare, run_worker
 
+from lit_accel.checkpoint import deepspeed_client_state_file, load_checkpoint_file
+
 pytest.importorskip("deepspeed")
 
 
 def test_zero_1_2_3_match_ddp_resume_and_keep_edits_two_processes(tmp_path: Path) -> None:
     ranks = run_worker(tmp_path, "compare", nproc=2)
     check_compare(tmp_path, ranks, atol=1e-5)
+    # every stage's folder gives up Lightning's checkpoint dict (ZeRO-3 names its file zero_pp_rank_0_...): what
+    # the W&B resume, the reference-loss reader and export's pruning test read
+    for stage in (1, 2, 3):
+        folder = tmp_path / f"zero{stage}_ckpts" / "epoch=0-step=2.ckpt"
+        states = deepspeed_client_state_file(folder)
+        assert states is not None and states.name.startswith("zero_pp_rank_0_" if stage == 3 else "mp_rank_00")
+        client = load_checkpoint_file(states, mmap=True)
+        assert client["global_step"] == 2 and client["lit_accel"]["run"]["run_id"], stage
 
 
 def test_registered_names_train_with_their_defaults_one_process(tmp_path: Path) -> None:
