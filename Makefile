@@ -37,7 +37,8 @@ lint: install
 	$(BIN)/mypy lit_accel
 
 bench: install
-	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python -m benchmarks run
+	$(BIN)/python -m benchmarks render
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .mypy_cache .ruff_cache

@@ -130,7 +130,7 @@ def _sm_count(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU: chosen by benchmarks/lowrank_reduce_sweep.py
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU: chosen by benchmarks/tools/lowrank_reduce_sweep.py
 # at llama-1b shapes as the fastest for the SwiGLU producer and near the best for the RMSNorm one (figures in
 # benchmarks/RESULTS.md, "Low-rank adapters").
 _GPU_CONFIG = (128, 64, 8, 3, 2)

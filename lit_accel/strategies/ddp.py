@@ -10,8 +10,8 @@ differ, as between any two DDP bucket settings):
 - ``bucket_cap_mb=100`` (PyTorch's default is 25): a quarter as many all-reduce calls, each large enough to run at
   NVLink bandwidth, still overlapping the backward.
 
-Measured on two GPUs with ``benchmarks/scaling.py`` (llama-125m): a higher weak-scaling efficiency than plain
-``ddp`` (``benchmarks/RESULTS.md``, "Scaling"). Every ``DDPStrategy`` argument can still be given, and wins over
+Measured on two GPUs with ``python -m benchmarks run scaling`` (llama-125m): a higher weak-scaling efficiency than
+plain ``ddp`` (``benchmarks/RESULTS.md``, "scaling"). Every ``DDPStrategy`` argument can still be given, and wins over
 these defaults.
 
 Example:
