@@ -57,6 +57,7 @@ class Result:
         self.stamp = {k: first.get(k) for k in _STAMP}
         self.rows: list[dict[str, Any]] = [r["row"] for r in records]
         self.commits: list[str] = [str(r.get("commit") or "unknown") for r in records]
+        self.devices: list[str] = [str(r.get("device") or "?") for r in records]
         # A run is normally one stamp; rows carried over from earlier measurements keep their own.
         self.stamps: list[dict[str, Any]] = []
         for r in records:
@@ -80,6 +81,13 @@ class Result:
             if candidate is row:
                 return commit
         return str(self.stamp["commit"])
+
+    def device_of(self, row: Mapping[str, Any]) -> str:
+        """The device the row was measured on."""
+        for candidate, device in zip(self.rows, self.devices):
+            if candidate is row:
+                return device
+        return str(self.stamp["device"])
 
     def find(self, match: Mapping[str, Any]) -> dict[str, Any] | None:
         """The first row whose cells equal ``match``'s."""
@@ -163,7 +171,7 @@ def _goal_rows(results: Mapping[str, Result], spec: Mapping[str, Any]) -> list[l
                 target,
                 _cell(float(value)),
                 "**met**" if met else "**not met**",
-                f"{result.key} @ {_commit_label(result.commit_of(row))}",
+                f"{result.key} @ {_commit_label(result.commit_of(row))}, {result.device_of(row)}",
             ]
         )
     return rows
@@ -190,8 +198,13 @@ def _headline(results: Mapping[str, Result], item: Mapping[str, Any]) -> list[st
         return format(value, spec) if spec and isinstance(value, (int, float)) else _cell(value)
 
     text = _FIELD.sub(fill, item["text"])
-    commits = sorted({result.commit_of(row) for row in rows.values() if row is not None})
-    return [item["what"], item["setting"], text, f"{result.key} @ " + ", ".join(map(_commit_label, commits))]
+    where = sorted({(result.commit_of(row), result.device_of(row)) for row in rows.values() if row is not None})
+    return [
+        item["what"],
+        item["setting"],
+        text,
+        f"{result.key} @ " + "; ".join(f"{_commit_label(c)}, {d}" for c, d in where),
+    ]
 
 
 def render_readme_block(results: Mapping[str, Result] | None = None) -> str:

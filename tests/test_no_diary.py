@@ -13,7 +13,7 @@ FORBIDDEN = re.compile(
     r"|\bwork periods?\b|\bsprint\b",
     re.IGNORECASE,
 )
-TEXT = (".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg", ".json")
+TEXT = (".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg", ".json", ".jsonl")
 
 
 def test_no_file_speaks_of_how_the_work_was_organised() -> None:

@@ -6,7 +6,7 @@ against the unfused pair it replaces (the producer's forward written out + cuBLA
 ``dy_products`` (u and dB of gate/up, N=5632, and of q/o/down, N=2048, r=16) against cuBLAS's two GEMMs; prints the
 best per shape.
 
-    python benchmarks/lowrank_reduce_sweep.py
+    python benchmarks/tools/lowrank_reduce_sweep.py
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import measure
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.harness import measure
 from lit_accel.ops.lowrank_reduce import _DY_GPU_CONFIG, _GPU_CONFIG, dy_products, lowrank_reduce
 
 rms_mod = importlib.import_module("lit_accel.ops.rms_norm")
 swiglu_mod = importlib.import_module("lit_accel.ops.swiglu")
 
+WINDOWS = 5
+
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/tools/lowrank_reduce_sweep.py needs a CUDA GPU")
     m, dt = 16384, torch.bfloat16
     dev = torch.device("cuda")
     cases = []
@@ -49,9 +52,16 @@ def main() -> None:
         u = torch.randn(m, r, device=dev, dtype=dt)
         pr = torch.promote_types(dt, torch.float32) if producer == "rms_norm" else None
         if producer == "dy":
-            base = measure("unfused", rebuild, warmup=3, iters=20, repeats=3)
+            base = measure("unfused", rebuild, warmup=3, iters=20, windows=WINDOWS, device=dev)
         else:
-            base = measure("unfused", lambda u=u, rebuild=rebuild: u.t() @ rebuild(), warmup=3, iters=20, repeats=3)
+            base = measure(
+                "unfused",
+                lambda u=u, rebuild=rebuild: u.t() @ rebuild(),
+                warmup=3,
+                iters=20,
+                windows=WINDOWS,
+                device=dev,
+            )
         results = []
         for cfg in grid:
             if cfg[0] * cfg[1] > 128 * 128 or (cfg[1] == 256 and cfg[2] == 4):
@@ -63,7 +73,7 @@ def main() -> None:
                     fn = lambda cfg=cfg, u=u, inputs=inputs, producer=producer, pr=pr: lowrank_reduce(  # noqa: E731
                         u, producer, inputs, 1.0, dt, pr, _config=cfg
                     )
-                res = measure(str(cfg), fn, warmup=2, iters=20, repeats=3)
+                res = measure(str(cfg), fn, warmup=2, iters=20, windows=WINDOWS, device=dev)
             except Exception as e:  # a config that does not compile (shared memory) is skipped
                 print(name, cfg, "failed:", type(e).__name__, str(e)[:80])
                 continue
