@@ -24,7 +24,7 @@ Releases before 0.6 are not bound (:func:`plan_cache_unavailable_reason` says so
 is compared with ``torch._cslt_sparse_mm``'s bit for bit (:meth:`SparsePlanCache.matmul`); a disagreement or an
 error turns the cache off for the process with a warning, and the products go back to ``torch._cslt_sparse_mm``.
 At most 8 plans are kept per operand (one per token count). The cache is on by default: it is what makes a 2:4
-step faster than dense (``benchmarks/RESULTS.md``, "cuSPARSELt plans kept across calls");
+step faster than dense (``benchmarks/RESULTS.md``, results ``sparse24/plans`` and ``sparse24/step``);
 ``LIT_ACCEL_CUSPARSELT_PLANS=0`` or ``set_plan_cache(False)`` turns it off.
 
 Example:

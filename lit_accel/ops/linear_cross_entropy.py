@@ -13,8 +13,8 @@ Three layers, as every op in :mod:`lit_accel.ops`:
   :func:`fused_linear_cross_entropy_kernel_available` says so (CUDA tensors; CPU fp32 under ``TRITON_INTERPRET=1``
   for tests), else the reference.
 
-Time and memory against HF and Liger-Kernel are in ``benchmarks/RESULTS.md`` ("Fused linear + cross-entropy"). The
-memory above the inputs is one logits chunk plus the fp32 weight-gradient accumulator (V x H x 4 bytes), which
+Time and memory against HF and Liger-Kernel are in ``benchmarks/RESULTS.md`` (result ``kernels/linear_cross_entropy``).
+The memory above the inputs is one logits chunk plus the fp32 weight-gradient accumulator (V x H x 4 bytes), which
 Liger's default keeps in bf16.
 
 Numerics. Logits are produced in the GEMM's dtype (bf16 under bf16 inputs or CUDA autocast, as HF's ``lm_head``),

@@ -20,14 +20,14 @@ Which path runs is ``use_kernel``'s choice, as for the other ops (here the "kern
   why it cannot take these inputs (a base that requires grad, tensors on different devices, an empty input);
 * ``False``: the reference.
 
-The fused path. The output starts as the low-rank term, a rank-r GEMM that only writes it (``s`` as cuBLAS's
-alpha), and the base GEMM accumulates into it (beta = 1): the extra read of the output happens inside a
-compute-bound GEMM instead of a second memory-bound pass that re-reads and re-writes it (the profile that showed
-that pass as the adapters' largest cost, and the timings of both orders, are in ``benchmarks/RESULTS.md``, section
-"Low-rank adapters"). The backward does the same for ``dX``; the adapter gradients are written in fp32 straight
+The fused path. The output starts as the low-rank term, a rank-r GEMM that only writes it (``s`` as cuBLAS's alpha), and
+the base GEMM accumulates into it (beta = 1): the extra read of the output happens inside a compute-bound GEMM instead
+of a second memory-bound pass that re-reads and re-writes it (the profile that showed that pass as the adapters' largest
+cost came from ``benchmarks/tools/profile_lora.py``; the timings of both orders are result ``lora/gemm_beta`` in
+``benchmarks/RESULTS.md``). The backward does the same for ``dX``; the adapter gradients are written in fp32 straight
 from cuBLAS (``out_dtype``); ``u = dY B`` and ``dB`` come from one read of ``dY`` for wide outputs
-(:func:`~lit_accel.ops.lowrank_reduce.dy_products`), and ``dA = s u^T x`` for an input rebuilt from its fused
-producer never writes that input out (:func:`~lit_accel.ops.lowrank_reduce.lowrank_reduce`).
+(:func:`~lit_accel.ops.lowrank_reduce.dy_products`), and ``dA = s u^T x`` for an input rebuilt from its fused producer
+never writes that input out (:func:`~lit_accel.ops.lowrank_reduce.lowrank_reduce`).
 
 Dropout uses a mask drawn with torch once in forward and reused in backward (so the fused path and the reference
 agree given the mask); its RNG stream therefore differs from PEFT's, which draws inside ``nn.Dropout``: the

@@ -130,9 +130,9 @@ def _sm_count(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU: chosen by benchmarks/tools/lowrank_reduce_sweep.py
-# at llama-1b shapes as the fastest for the SwiGLU producer and near the best for the RMSNorm one (figures in
-# benchmarks/RESULTS.md, "Low-rank adapters").
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) on the GPU: chosen by
+# benchmarks/tools/lowrank_reduce_sweep.py at llama-1b shapes as the fastest for the SwiGLU producer and near the best
+# for the RMSNorm one.
 _GPU_CONFIG = (128, 64, 8, 3, 2)
 
 
@@ -307,8 +307,8 @@ def _dy_kernel() -> Any:
 _DY_GPU_CONFIG = (64, 256, 8, 2, 2)
 DY_PRODUCTS_MIN_N = 4096
 """Narrowest output on which :func:`dy_products` beats cuBLAS's two GEMMs on the GPU: on narrower ones (q, o, down
-at 2048) the partial sums of ``u`` cost more than the second read of ``dY`` saves (measured in
-``benchmarks/RESULTS.md``, "Low-rank adapters")."""
+at 2048) the partial sums of ``u`` cost more than the second read of ``dY`` saves (measured with
+``benchmarks/tools/lowrank_reduce_sweep.py`` at llama-1b shapes)."""
 
 
 def dy_products(

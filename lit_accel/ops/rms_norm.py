@@ -34,7 +34,7 @@ kernel moves at llama shapes). ``dx`` or ``dweight`` is skipped (compile-time fl
 does not require grad, e.g. a weight frozen under LoRA.
 
 The kernel runs near the memory bandwidth (it moves the minimum traffic once); the figures against HF, torch's
-``F.rms_norm`` and Liger-Kernel are in ``benchmarks/RESULTS.md`` ("RMSNorm kernel vs HF LlamaRMSNorm vs Liger").
+``F.rms_norm`` and Liger-Kernel are in ``benchmarks/RESULTS.md`` (result ``kernels/rms_norm``).
 """
 
 from __future__ import annotations

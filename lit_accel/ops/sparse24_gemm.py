@@ -44,8 +44,8 @@ sets up a cuSPARSELt plan on the host, which costs more than the GEMM saves, and
 hidden. So :attr:`LayerTiming.speedup`, which ``kernel="auto"`` of the callback uses, weighs the wall time too, and
 the products go through cuSPARSELt plans cached across calls (:mod:`lit_accel.ops.cusparselt`, which binds the
 library directly; PyTorch's ops rebuild the plan per call). The figures (per product, per layer, per MLP block and
-per llama-1b step, with and without the plan cache) are in ``benchmarks/RESULTS.md`` ("2:4 cuSPARSELt linears",
-"2:4 MLPs: llama-1b training step", "cuSPARSELt plans kept across calls").
+per llama-1b step, with and without the plan cache) are results ``sparse24/linears``, ``sparse24/mlp_block``,
+``sparse24/step`` and ``sparse24/plans`` in ``benchmarks/RESULTS.md``.
 
 **Constraints** (measured on the same H100): the sparse operand's two dims must be multiples of 16 (8, 24 and 40
 were refused), so both dims of ``W`` must be (``W`` and ``W^T`` are both the sparse operand); the token count

@@ -3,20 +3,27 @@
 A sync stalls the CPU until the GPU drains its queue, so the next step's launches start late: every one found
 in the per-step path is time the raw loop does not lose.
 
-    python benchmarks/find_syncs.py --preset llama-125m --batch 4 --seq_len 512
+    python benchmarks/tools/find_syncs.py --preset llama-125m --batch 4 --seq_len 512
+    python benchmarks/tools/find_syncs.py --raw          # the same model and batches in the plain loop
+
+Random token batches of ``benchmarks/common.py``; bf16, fused AdamW and ``CausalLM``'s default (lit_accel's kernels
+on CUDA) in both loops.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import traceback
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.common import RandomTokens, loader
 from lit_accel.models import CausalLM
 
 
@@ -49,14 +56,13 @@ def main() -> None:
     warnings.showwarning = show  # type: ignore[assignment]
     warnings.simplefilter("always")
     module = CausalLM(args.preset, warmup_steps=5)
-    data = torch.randint(0, module.config.vocab_size, (args.batch * (args.steps + 1), args.seq_len))
-    loader = DataLoader([{"input_ids": x} for x in data], batch_size=args.batch, pin_memory=True)
+    batches = loader(RandomTokens(args.batch * (args.steps + 1), args.seq_len, module.config.vocab_size), args.batch)
     if args.raw:
         # The same model and batches in a hand-written loop, for comparison.
         module.configure_model()
         model = module.model.cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(batches):
             if i == watch.start:
                 torch.cuda.set_sync_debug_mode("warn")
             x = batch["input_ids"].cuda(non_blocking=True)
@@ -82,7 +88,7 @@ def main() -> None:
         log_every_n_steps=10,
         callbacks=[watch],
     )
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=batches)
     _report(watch, args.steps)
 
 
