@@ -45,6 +45,19 @@ def _command(argv: list[str]) -> str:
     return "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
 
 
+_LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"}
+
+
+def _launcher_variable(name: str) -> bool:
+    # What a distributed launcher leaves in the environment (a torchrun, or an in-process DDP fit of the caller):
+    # inherited by a suite, it makes Lightning take the suite's own multi-process runs for ranks of another job.
+    return (
+        name in _LAUNCHER_VARIABLES
+        or name.startswith(("TORCHELASTIC_", "LOCAL_WORLD_", "ROLE_", "PL_TRAINER_"))
+        or name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+    )
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     names = args.suites or list(SUITES)
     unknown = [n for n in names if n not in SUITES]
@@ -70,7 +83,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     run_id = uuid.uuid4().hex[:12]
     command = _command(argv)
     failed: list[str] = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {k: v for k, v in os.environ.items() if not _launcher_variable(k)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     if args.smoke:
         import torch
 
