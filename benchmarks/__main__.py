@@ -3,6 +3,7 @@
     python -m benchmarks list                       # the suites and what each measures
     python -m benchmarks run                        # every suite, real sizes (a GPU machine)
     python -m benchmarks run step kernels           # some suites
+    python -m benchmarks run step/hot_path --models llama-1b   # one result, one model (one device call)
     python -m benchmarks run --smoke                # every suite at tiny sizes on any device (CI, on a CPU)
     python -m benchmarks render                     # benchmarks/RESULTS.md and the README table from the records
     python -m benchmarks render --check             # exit 1 when they differ from what the records give
@@ -59,7 +60,14 @@ def _launcher_variable(name: str) -> bool:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    names = args.suites or list(SUITES)
+    picked: dict[str, set[str] | None] = {}
+    for item in args.suites or list(SUITES):
+        suite, _, result = item.partition("/")
+        if not result:
+            picked[suite] = None  # the whole suite
+        elif picked.get(suite, set()) is not None:
+            picked.setdefault(suite, set()).add(result)  # type: ignore[union-attr]
+    names = list(picked)
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         print(f"benchmarks: unknown suite(s) {', '.join(unknown)}; allowed: {', '.join(SUITES)}", file=sys.stderr)
@@ -95,6 +103,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"== {name}: {SUITES[name]}", flush=True)
         one = [sys.executable, "-m", "benchmarks", "_one", name, "--records", str(records), "--run-id", run_id]
         one += ["--command", command] + (["--smoke"] if args.smoke else [])
+        if picked[name]:
+            one += ["--only", ",".join(sorted(picked[name] or ()))]
+        if args.models:
+            one += ["--models", args.models]
         rc = subprocess.run(one, cwd=REPO, env=env).returncode
         took = time.monotonic() - start
         print(f"== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f} s", flush=True)
@@ -113,7 +125,9 @@ def _one(args: argparse.Namespace) -> int:
     from benchmarks.harness import Context
 
     module = importlib.import_module(f"benchmarks.suites.{args.suite}")
-    ctx = Context(args.suite, args.smoke, Path(args.records), args.run_id, args.command)
+    only = set(args.only.split(",")) if args.only else None
+    models = set(args.models.split(",")) if args.models else None
+    ctx = Context(args.suite, args.smoke, Path(args.records), args.run_id, args.command, only, models)
     module.run(ctx)
     return 0
 
@@ -124,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="the suites")
     run = sub.add_parser("run", help="run suites and append their records")
-    run.add_argument("suites", nargs="*", help=f"suites to run (default: all): {', '.join(SUITES)}")
+    run.add_argument(
+        "suites", nargs="*", help=f"SUITE or SUITE/RESULT to run (default: every suite): {', '.join(SUITES)}"
+    )
+    run.add_argument("--models", default=None, help="comma-separated presets, where a result measures several")
     run.add_argument("--smoke", action="store_true", help="tiny sizes on any device; records kept apart")
     run.add_argument("--records", default=None, help="records folder (default: benchmarks/records; smoke: a temp)")
     run.add_argument("--allow-cpu", action="store_true", help="time real sizes without a GPU")
@@ -136,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--run-id", required=True)
     one.add_argument("--command", required=True)
     one.add_argument("--smoke", action="store_true")
+    one.add_argument("--only", default=None)
+    one.add_argument("--models", default=None)
     args = parser.parse_args(argv)
     if args.cmd == "list":
         width = max(map(len, SUITES))

@@ -266,10 +266,22 @@ class Context:
         records: The folder of ``<suite>.jsonl`` files.
         run_id: Shared by every record of one ``python -m benchmarks run`` invocation.
         command: The exact command that produced the records.
+        only: The results to run (``None``: all of the suite's); one device call may not hold a whole suite.
+        models: The model presets to run where a result measures several (``None``: all).
     """
 
-    def __init__(self, suite: str, smoke: bool, records: Path, run_id: str, command: str | None = None) -> None:
+    def __init__(
+        self,
+        suite: str,
+        smoke: bool,
+        records: Path,
+        run_id: str,
+        command: str | None = None,
+        only: set[str] | None = None,
+        models: set[str] | None = None,
+    ) -> None:
         self.suite, self.smoke, self.records, self.run_id = suite, smoke, Path(records), run_id
+        self.only, self.models = only, models
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
         env = environment()
@@ -287,6 +299,14 @@ class Context:
     def windows(self) -> int:
         """Windows per timed figure: :data:`MIN_WINDOWS` (also in smoke runs, at one call per window)."""
         return MIN_WINDOWS
+
+    def wants(self, result: str) -> bool:
+        """Whether this run measures ``result`` (``run SUITE/RESULT`` picks some)."""
+        return self.only is None or result in self.only
+
+    def wants_model(self, preset: str) -> bool:
+        """Whether this run measures the model ``preset`` (``run --models`` picks some)."""
+        return self.models is None or preset in self.models
 
     def table(self, result: str, title: str, notes: str = "") -> Table:
         """A result's table; ``result`` is its stable id (``"train_step"``), ``title`` its heading."""

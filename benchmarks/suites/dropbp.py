@@ -438,6 +438,9 @@ def run(ctx: Context) -> None:
     check_dropbp(preset, 64 if ctx.smoke else 256, ctx.device)
     _free()
     # The search first: it is the part most sensitive to what earlier runs left in the allocator.
-    longest_sequence(ctx, preset, grid)
-    step_vs_dense(ctx, preset, batch, seq, warmup, iters)
-    val_loss_vs_time(ctx, quality)
+    if ctx.wants("longest_sequence"):
+        longest_sequence(ctx, preset, grid)
+    if ctx.wants("step_vs_dense"):
+        step_vs_dense(ctx, preset, batch, seq, warmup, iters)
+    if ctx.wants("val_loss_vs_time") or ctx.wants("val_loss_equal_time"):
+        val_loss_vs_time(ctx, quality)

@@ -731,7 +731,11 @@ def run(ctx: Context) -> None:
     sizes = SMOKE if ctx.smoke else REAL
     torch.manual_seed(0)
     liger = Liger()
-    _run_rms_norm(ctx, sizes, liger)
-    _run_swiglu(ctx, sizes, liger)
-    _run_rope(ctx, sizes, liger)
-    _run_linear_cross_entropy(ctx, sizes, liger)
+    if ctx.wants("rms_norm"):
+        _run_rms_norm(ctx, sizes, liger)
+    if ctx.wants("swiglu"):
+        _run_swiglu(ctx, sizes, liger)
+    if ctx.wants("rope"):
+        _run_rope(ctx, sizes, liger)
+    if ctx.wants("linear_cross_entropy"):
+        _run_linear_cross_entropy(ctx, sizes, liger)

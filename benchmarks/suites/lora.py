@@ -684,7 +684,11 @@ def gemm_beta(ctx: Context, sizes: Sizes) -> None:
 def run(ctx: Context) -> None:
     sizes = SMOKE if ctx.smoke else REAL
     with _groups_on(ctx.device):
-        train_step(ctx, sizes)
-        linear_kernel(ctx, sizes)
-        shared_input_groups(ctx, sizes)
-        gemm_beta(ctx, sizes)
+        if ctx.wants("train_step"):
+            train_step(ctx, sizes)
+        if ctx.wants("linear_kernel"):
+            linear_kernel(ctx, sizes)
+        if ctx.wants("shared_input_groups"):
+            shared_input_groups(ctx, sizes)
+        if ctx.wants("gemm_beta"):
+            gemm_beta(ctx, sizes)

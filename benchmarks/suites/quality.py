@@ -325,8 +325,10 @@ def run(ctx: Context) -> None:
         return
     gpu = ctx.device.type == "cuda"
     # The whole corpus on a GPU, as the 2:4 comparison always had there; its first 2 MB on a CPU.
-    sparse24(ctx, "sparse24", Sparse24Run(Setup(corpus_bytes=None if gpu else 2_000_000)))
-    pruning(ctx, PruningRun(Setup()))
-    if gpu:
+    if ctx.wants("sparse24"):
+        sparse24(ctx, "sparse24", Sparse24Run(Setup(corpus_bytes=None if gpu else 2_000_000)))
+    if ctx.wants("pruning"):
+        pruning(ctx, PruningRun(Setup()))
+    if gpu and ctx.wants("sparse24_125m"):
         big = Setup(preset="llama-125m", layers=12, vocab=32000, lr=6e-4, seq=1024, batch=16, corpus_bytes=None)
         sparse24(ctx, "sparse24_125m", Sparse24Run(big, steps=600))

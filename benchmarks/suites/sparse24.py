@@ -726,8 +726,12 @@ def run(ctx: Context) -> None:
     reason = cusparselt_unsupported_reason(ctx.device, torch.bfloat16)
     if reason is not None and not ctx.smoke:
         print(f"sparse24: {reason}; every 2:4 arm runs the masked dense path", flush=True)
-    sparse_linear(ctx, sizes, reason)
-    linears(ctx, sizes, reason)
-    mlp_block(ctx, sizes, reason)
-    plans(ctx, sizes, reason)
-    step(ctx, sizes, reason)
+    sparse_linear(ctx, sizes, reason)  # the correctness check: always
+    if ctx.wants("linears"):
+        linears(ctx, sizes, reason)
+    if ctx.wants("mlp_block"):
+        mlp_block(ctx, sizes, reason)
+    if ctx.wants("plans"):
+        plans(ctx, sizes, reason)
+    if ctx.wants("step"):
+        step(ctx, sizes, reason)
