@@ -149,3 +149,19 @@ def test_data_flows_down() -> None:
             assert _floor(target) <= _floor(name), (
                 f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}, a floor above it"
             )
+
+
+def test_every_package_imports_first_in_a_fresh_process() -> None:
+    # An import circle only shows when its far end is imported first (`import lit_accel.kernels` once failed so).
+    import subprocess
+
+    from _helpers import REPO
+
+    packages = sorted("lit_accel." + p.name for p in (REPO / "lit_accel").iterdir() if (p / "__init__.py").is_file())
+    code = "import importlib, sys; importlib.import_module(sys.argv[1])"
+    failed = [
+        name
+        for name in packages
+        if subprocess.run([sys.executable, "-c", code, name], capture_output=True, cwd=REPO).returncode != 0
+    ]
+    assert packages and not failed, failed

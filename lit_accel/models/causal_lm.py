@@ -31,9 +31,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 # The one deliberate upward import: CausalLM applies the fused kernels by default on CUDA (kernels sit above models
-# because they patch per-family forwards found through lit_accel.models.structure).
+# because they patch per-family forwards found through lit_accel.models.structure). A module reference, its names
+# read at call time: importing lit_accel.kernels first imports this module while kernels.apply is still initialising.
+import lit_accel.kernels.apply as _kernels
 from lit_accel.checkpoint_io import use_atomic_checkpoint_io
-from lit_accel.kernels.apply import KERNEL_ARCHS, apply_kernels
 from lit_accel.models.hf_directory import read_hf_weights, save_hf_directory
 from lit_accel.models.params import (
     full_shape,
@@ -196,11 +197,14 @@ class CausalLM(L.LightningModule):
         return torch.cuda.is_available()
 
     def _apply_kernels(self, model: nn.Module) -> None:
-        if getattr(model.config, "model_type", None) not in KERNEL_ARCHS and getattr(self._hp, "kernels", None) is None:
+        if (
+            getattr(model.config, "model_type", None) not in _kernels.KERNEL_ARCHS
+            and getattr(self._hp, "kernels", None) is None
+        ):
             return  # the default quietly keeps Hugging Face's code for architectures without kernels
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            report = apply_kernels(model)
+            report = _kernels.apply_kernels(model)
         if getattr(self._hp, "kernels", None):
             for w in caught:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
