@@ -3,7 +3,7 @@
     python -m benchmarks list                       # the suites and what each measures
     python -m benchmarks run                        # every suite, real sizes (a GPU machine)
     python -m benchmarks run step kernels           # some suites
-    python -m benchmarks run step/hot_path --models llama-1b   # one result, one model (one device call)
+    python -m benchmarks run step/hot_path --models llama-1b   # one result, one model preset
     python -m benchmarks run --smoke                # every suite at tiny sizes on any device (CI, on a CPU)
     python -m benchmarks render                     # benchmarks/RESULTS.md and the README table from the records
     python -m benchmarks render --check             # exit 1 when they differ from what the records give

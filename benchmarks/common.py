@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.harness import Measurement, _peak_gib, _reset_peak, _sync, _Window
+from benchmarks.harness import Measurement, _peak_gib, _reset_peak, _sync, _Window, measure
 from lit_accel.models import CausalLM
 
 __all__ = ["RandomTokens", "StepTimer", "lightning_loop", "loader", "raw_loop"]
@@ -78,18 +78,7 @@ def raw_loop(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    _reset_peak(device)
-    result = Measurement(name)
-    for _ in range(windows):
-        window = _Window(device)
-        for _ in range(iters):
-            step()
-        result.times_ms.append(window.stop() / iters)
-    result.peak_gib = _peak_gib(device)
-    return result
+    return measure(name, step, warmup=warmup, iters=iters, windows=windows, device=device)
 
 
 class StepTimer(L.Callback):

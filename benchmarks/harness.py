@@ -44,6 +44,7 @@ __all__ = [
     "Measurement",
     "Table",
     "environment",
+    "free_memory",
     "git_commit",
     "measure",
     "measure_interleaved",
@@ -105,6 +106,15 @@ class _Window:
             torch.cuda.synchronize(self.device)
             return float(self.start_event.elapsed_time(self.end_event))
         return (time.perf_counter() - self.t0) * 1e3
+
+
+def free_memory() -> None:
+    """Collects garbage and returns cached CUDA blocks, so the next variant starts from the same allocator state."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -266,7 +276,7 @@ class Context:
         records: The folder of ``<suite>.jsonl`` files.
         run_id: Shared by every record of one ``python -m benchmarks run`` invocation.
         command: The exact command that produced the records.
-        only: The results to run (``None``: all of the suite's); one device call may not hold a whole suite.
+        only: The results to run (``None``: all of the suite's); a whole suite may outlast a time limit.
         models: The model presets to run where a result measures several (``None``: all).
     """
 

@@ -446,8 +446,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     ``save_checkpoint`` writes with :func:`atomic_torch_save`: a kill at any instant leaves the previous checkpoint
     intact under its name, and no temporary outside the checkpoint's folder. ``load_checkpoint`` reads with
-    :func:`lit_accel.checkpoint.load_checkpoint_file`: ``weights_only`` always (a ``weights_only=False`` request is
-    not honoured: list the classes a checkpoint legitimately holds in ``allow``), every record's CRC-32 checked, so
+    :func:`lit_accel.checkpoint.load_checkpoint_file`: tensors and plain containers only (a request to unpickle
+    arbitrary objects is not honoured: list the classes a checkpoint legitimately holds in ``allow``), every
+    record's CRC-32 checked, so
     a truncated, empty or bit-flipped ``ckpt_path`` fails with a ``ValueError`` naming the file instead of loading
     or crashing somewhere inside ``torch.load``. Remote paths (``s3://`` ...) go through ``TorchCheckpointIO``
     unchanged except that their loads are ``weights_only``.

@@ -30,7 +30,6 @@ Smoke (``--smoke``, a CPU): the same parts with ``llama-tiny``, fp32: 2 x 32-tok
 
 from __future__ import annotations
 
-import gc
 import itertools
 import math
 import time
@@ -40,7 +39,7 @@ import lightning as L
 import torch
 
 from benchmarks.common import lightning_loop
-from benchmarks.harness import Context, Measurement
+from benchmarks.harness import Context, Measurement, free_memory
 from lit_accel.callbacks import DropBP
 from lit_accel.data import TextDataModule
 from lit_accel.dropbp import apply_dropbp, draw_mask, uniform_drop_rates
@@ -54,10 +53,7 @@ SEQ_GRID = (16384, 20480, 24576, 32768, 40960, 49152)
 SEQLEN_STEPS = 3
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+_free = free_memory
 
 
 def _numerics(device: torch.device) -> str:

@@ -46,7 +46,6 @@ GPU).
 from __future__ import annotations
 
 import functools
-import gc
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Context, Measurement, Table, measure_interleaved
+from benchmarks.harness import Context, Measurement, Table, free_memory, measure_interleaved
 from lit_accel.ops import apply_rope, fused_linear_cross_entropy, linear_cross_entropy_reference, rms_norm, swiglu
 from lit_accel.ops.linear_cross_entropy import fused_linear_cross_entropy_fallback_reason
 
@@ -133,10 +132,7 @@ def _short(dtype: torch.dtype) -> str:
     return {BF16: "bf16", F32: "fp32", torch.float16: "fp16"}.get(dtype, _name(dtype))
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+_free = free_memory
 
 
 def _resident_gib(device: torch.device) -> float:

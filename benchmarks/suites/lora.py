@@ -42,7 +42,6 @@ runs too.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lit_accel.lowrank.lora_groups as groups_module
-from benchmarks.harness import Context, Measurement, measure_interleaved
+from benchmarks.harness import Context, Measurement, free_memory, measure_interleaved
 from lit_accel.lowrank import apply_lora, lora_layers
 from lit_accel.models import CausalLM
 from lit_accel.ops import lora_linear_reference, rms_norm, swiglu
@@ -98,10 +97,7 @@ REAL = Sizes("llama-1b", None, 8, 2048, 16, 8 * 2048, 3, 10, 3, 20, 5, 20)
 SMOKE = Sizes("llama-tiny", SMOKE_OVERRIDES, 1, 16, 4, 16, 1, 1, 1, 1, 1, 1)
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+_free = free_memory
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -24,13 +24,12 @@ heads over one KV head, MLP 192), 2 x 32 tokens, one step per window.
 
 from __future__ import annotations
 
-import gc
 import math
 from collections.abc import Callable
 
 import torch
 
-from benchmarks.harness import Context, Measurement, measure_interleaved
+from benchmarks.harness import Context, Measurement, free_memory, measure_interleaved
 from lit_accel.models import CausalLM
 from lit_accel.pruning.targets import TARGET_PRESETS
 
@@ -45,10 +44,7 @@ SMOKE_TARGET = (
 PASSES = ("train", "inference")
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+_free = free_memory
 
 
 def _sync(device: torch.device) -> None:

@@ -30,7 +30,6 @@ Smoke (``--smoke``, a CPU): the same runs with ``llama-tiny`` (4 blocks, vocab 1
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import tempfile
@@ -41,7 +40,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.harness import Context
+from benchmarks.harness import Context, free_memory
 from lit_accel.callbacks import SemiStructuredSparsity, StructuredPruning
 from lit_accel.data import TextDataModule
 from lit_accel.models import CausalLM
@@ -81,10 +80,7 @@ class PruningRun:
     continue_steps: int = 240
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+_free = free_memory
 
 
 def _accelerator(device: torch.device) -> str:

@@ -41,7 +41,6 @@ Smoke (``--smoke``, a CPU, fp32): cuSPARSELt does not exist there, so every spar
 from __future__ import annotations
 
 import copy
-import gc
 import statistics
 import time
 import warnings
@@ -55,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import lightning_loop
-from benchmarks.harness import Context, Measurement, _sync, _Window, measure_interleaved
+from benchmarks.harness import Context, Measurement, _sync, _Window, free_memory, measure_interleaved
 from lit_accel.ops import cusparselt
 from lit_accel.ops.sparse24 import transposable_24_mask
 from lit_accel.ops.sparse24_gemm import (
@@ -111,10 +110,7 @@ SMOKE = Sizes(
 )  # fmt: skip
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+_free = free_memory
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
