@@ -96,9 +96,10 @@ class DropBPController:
         self._mask: list[bool] = [False] * len(self.sublayers)
         self._handles: list[RemovableHandle] = []
         for index, sub in enumerate(self.sublayers):
-            for module in (sub.norm, sub.module):
-                if module is not None:
-                    self._hook(module, index)
+            # Pre-norm, sublayer and post-norm (Gemma 2/3, OLMo 2) all sit on the dropped branch; the residual
+            # add outside them keeps the gradient path to earlier layers.
+            for module in sub.path_modules:
+                self._hook(module, index)
 
     def _hook(self, module: nn.Module, index: int) -> None:
         # A stack, not a flag: a module may be re-entered (activation checkpointing recomputes it inside the
@@ -128,10 +129,7 @@ class DropBPController:
         With LoRA on some projections only, or a partly frozen model, sublayers without trainable parameters
         exist; dropping every sublayer that has some would leave the loss without a graph.
         """
-        return tuple(
-            any(p.requires_grad for m in (sub.norm, sub.module) if m is not None for p in m.parameters())
-            for sub in self.sublayers
-        )
+        return tuple(any(p.requires_grad for m in sub.path_modules for p in m.parameters()) for sub in self.sublayers)
 
     @property
     def num_sublayers(self) -> int:

@@ -43,7 +43,8 @@ def _matmul_flops(linears: dict[str, nn.Module] | list[nn.Module]) -> float:
 def sublayer_flops(structure: ModelStructure, sublayer: Sublayer, seq_len: int, batch_tokens: int = 1) -> float:
     """Forward FLOPs of one sublayer for ``batch_tokens`` tokens (per token by default).
 
-    ``2 * matmul weights``, plus for attention ``2 * 2 * seq_len * num_heads * head_dim`` for ``QK^T`` and ``AV``
+    ``2 * matmul weights`` (for a mixture of experts: the router and the ``experts_per_token`` active experts only),
+    plus for attention ``2 * 2 * seq_len * num_heads * head_dim`` for ``QK^T`` and ``AV``
     (PaLM's convention: no causal halving).
 
     Args:
@@ -58,6 +59,9 @@ def sublayer_flops(structure: ModelStructure, sublayer: Sublayer, seq_len: int, 
     if seq_len <= 0:
         raise ValueError(f"seq_len must be a positive int, got {seq_len}")
     flops = _matmul_flops(sublayer.linears)
+    if sublayer.experts is not None:
+        # Only the experts a token is routed to run: the router plus ``experts_per_token`` expert MLPs.
+        flops += sublayer.experts.forward_flops_per_token()
     if sublayer.kind == "attention":
         a = structure.attention
         flops += 2.0 * 2.0 * seq_len * a.num_heads * a.head_dim

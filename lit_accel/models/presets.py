@@ -1,6 +1,7 @@
-"""Named LLaMA-architecture size presets and resolution of a ``model`` argument to a Hugging Face config.
+"""Named model presets and resolution of a ``model`` argument to a Hugging Face config.
 
-A ``model`` argument is one of: a preset name (``llama-tiny`` ... ``llama-1b``), a config dict (any Hugging Face
+A ``model`` argument is one of: a preset name (``llama-tiny`` ... ``llama-1b``, or a family preset such as
+``qwen3-0.6b``, ``gemma3-1b`` or ``mixtral-tiny``: see :data:`PRESETS`), a config dict (any Hugging Face
 ``model_type``), a local directory holding a Hugging Face model (``config.json`` + weights), or a hub id that
 already has a local copy in the Hugging Face cache. Nothing is downloaded: the plugin must run on machines
 without internet access, so a hub id with no local copy is an error that says how to fetch it first.
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
-__all__ = ["PRESETS", "ModelSource", "preset_config", "resolve_model_source"]
+__all__ = ["FAMILY_PRESETS", "PRESETS", "ModelSource", "preset_config", "resolve_model_source"]
 
 # Shapes follow common open models so that benchmark figures compare with published ones: llama-125m is the
 # GPT-3-small shape (134M parameters with an untied 32k vocabulary), llama-1b is TinyLlama-1.1B.
@@ -74,6 +75,130 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# One small real model per family (random init: the shapes, not the weights), and a tiny one of each for tests.
+# A mixture-of-experts family has no small release: its non-tiny preset keeps the real model's layer shape with
+# fewer layers, as its comment says. Every key not given takes the transformers config's default for the family
+# (e.g. Gemma 3's local/global rope bases and 5:1 sliding-window pattern).
+_TINY: dict[str, Any] = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=4096,
+    max_position_embeddings=1024,
+)
+FAMILY_PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen3-0.6B: 28 blocks, 16 query / 8 KV heads of 128 (wider than hidden/heads), per-head q/k norms.
+    "qwen3-0.6b": dict(
+        model_type="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-tiny": dict(model_type="qwen3", **_TINY, tie_word_embeddings=True),
+    # Gemma-2-2B: sandwich norms, GeGLU, final-logit softcap 30, attention softcap 50, 4096-token sliding window.
+    "gemma2-2b": dict(
+        model_type="gemma2",
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        vocab_size=256000,
+        max_position_embeddings=8192,
+        query_pre_attn_scalar=256,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        sliding_window=4096,
+    ),
+    "gemma2-tiny": dict(model_type="gemma2", **_TINY, query_pre_attn_scalar=32, sliding_window=64),
+    # Gemma-3-1B (text): sandwich norms, per-head q/k norms, 512-token sliding window on 5 of every 6 blocks.
+    "gemma3-1b": dict(
+        model_type="gemma3_text",
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262144,
+        max_position_embeddings=32768,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+    ),
+    "gemma3-tiny": dict(model_type="gemma3_text", **_TINY, query_pre_attn_scalar=32, sliding_window=64),
+    # Phi-3-mini (3.8B): fused qkv_proj and gate_up_proj, 32 heads of 96.
+    "phi3-mini": dict(
+        model_type="phi3",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    ),
+    # Half the head rotated, as Phi-4-mini does (partial_rotary_factor 0.75 there).
+    "phi3-tiny": dict(model_type="phi3", **{**_TINY, "head_dim": None}, partial_rotary_factor=0.5),
+    # OLMo-2-1B: post-norms only, q/k norms over the whole projection.
+    "olmo2-1b": dict(
+        model_type="olmo2",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=100352,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-6,
+    ),
+    "olmo2-tiny": dict(model_type="olmo2", **{**_TINY, "head_dim": None}),
+    # Qwen3-30B-A3B's block (128 experts of width 768, top 8; 32 query / 4 KV heads of 128) with 4 of its 48 blocks.
+    "qwen3-moe-3b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+    ),
+    # The second block is a dense MLP (``mlp_only_layers``), as Qwen3-MoE allows.
+    "qwen3-moe-tiny": dict(
+        model_type="qwen3_moe",
+        **_TINY,
+        moe_intermediate_size=96,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+    ),
+    "mixtral-tiny": dict(
+        model_type="mixtral", **{**_TINY, "head_dim": None}, num_local_experts=4, num_experts_per_tok=2
+    ),
+}
+"""Family presets: the ``model_type``, then the config fields. Special tokens follow :data:`PRESETS`' LLaMA ones
+(eos 0, no bos or pad), so every preset trains with the same tokenizers."""
+PRESETS.update(FAMILY_PRESETS)
+
 _COMMON: dict[str, Any] = dict(
     rms_norm_eps=1e-5,
     rope_theta=10000.0,
@@ -102,8 +227,11 @@ class ModelSource:
     """How the source was resolved, for logs and error messages."""
 
 
-def preset_config(name: str, **overrides: Any) -> LlamaConfig:
-    """Builds the ``LlamaConfig`` of a preset.
+_SPECIAL_TOKENS: dict[str, Any] = dict(bos_token_id=None, eos_token_id=0, pad_token_id=None, use_cache=False)
+
+
+def preset_config(name: str, **overrides: Any) -> PretrainedConfig:
+    """Builds the Hugging Face config of a preset (a ``LlamaConfig`` for the ``llama-*`` presets).
 
     Args:
         name: One of ``PRESETS``.
@@ -111,10 +239,19 @@ def preset_config(name: str, **overrides: Any) -> LlamaConfig:
 
     Raises:
         ValueError: If ``name`` is not a preset.
+
+    Example:
+        >>> preset_config("gemma3-tiny").model_type, preset_config("qwen3-0.6b").head_dim
+        ('gemma3_text', 128)
     """
     if name not in PRESETS:
         raise ValueError(f"model={name!r} is not a known preset; allowed presets: {sorted(PRESETS)}.")
-    return LlamaConfig(**{**_COMMON, **PRESETS[name], **overrides})
+    fields = dict(PRESETS[name])
+    model_type = fields.pop("model_type", "llama")
+    if model_type == "llama":
+        return AutoConfig.for_model("llama", **{**_COMMON, **fields, **overrides})
+    fields = {k: v for k, v in fields.items() if v is not None}
+    return AutoConfig.for_model(model_type, **{**_SPECIAL_TOKENS, **fields, **overrides})
 
 
 def _hub_cache_dir(repo_id: str) -> str | None:

@@ -5,9 +5,13 @@ which module is each block's attention and MLP sublayer, which pre-norm feeds it
 what role each plays, and how many heads and KV groups the attention has. Nothing else in ``lit_accel`` should
 hard-code module names of a Hugging Face architecture.
 
-Supported out of the box: LLaMA, Mistral, Qwen2 (``*ForCausalLM`` and the base ``*Model``) and GPT-2
-(``GPT2LMHeadModel``, ``GPT2Model``), also when wrapped (e.g. by ``peft``): blocks are found by name below any
-prefix. Any other transformer works when described with :class:`StructurePatterns`.
+Supported out of the box (``config.model_type`` in :data:`SUPPORTED_ARCHS`; ``*ForCausalLM`` and the base
+``*Model``, also when wrapped, e.g. by ``peft``: blocks are found by name below any prefix): LLaMA, Mistral, Qwen2,
+Qwen3 (per-head q/k norms), Gemma, Gemma 2 and Gemma 3 text (sandwich norms: a pre- and a post-norm around each
+sublayer; Gemma 3 also per-head q/k norms), Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``), OLMo 2 (post-norms
+only; q/k norms over the whole projection), the mixture-of-experts Mixtral and Qwen3-MoE (the MLP sublayer is the
+sparse MoE block: router and experts, whose weights are 3-D tensors rather than linears), and GPT-2
+(``GPT2LMHeadModel``, ``GPT2Model``). Any other transformer works when described with :class:`StructurePatterns`.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -22,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ __all__ = [
     "SUPPORTED_ARCHS",
     "AttentionShape",
     "Block",
+    "ExpertsShape",
     "ModelStructure",
     "StructurePatterns",
     "Sublayer",
@@ -191,8 +197,55 @@ class AttentionShape:
 
 
 @dataclass
+class ExpertsShape:
+    """Layout of a sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router and ``num_experts`` SwiGLU experts.
+
+    Example:
+        >>> e = ExpertsShape(num_experts=8, experts_per_token=2, intermediate_size=14336, hidden_size=4096)
+        >>> e.active_fraction
+        0.25
+    """
+
+    num_experts: int
+    """Experts in the block."""
+    experts_per_token: int
+    """Experts each token is routed to (top-k)."""
+    intermediate_size: int
+    """Hidden width of one expert's MLP."""
+    hidden_size: int
+    """Residual width."""
+    router_name: str | None = None
+    """Qualified name of the router (a module with a ``[num_experts, hidden]`` weight), if found."""
+    experts_name: str | None = None
+    """Qualified name of the module holding the experts' weights, if found."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "experts_per_token", "intermediate_size", "hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ExpertsShape.{name} must be a positive int, got {value!r}")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"ExpertsShape: experts_per_token={self.experts_per_token} exceeds num_experts={self.num_experts}"
+            )
+
+    @property
+    def active_fraction(self) -> float:
+        """Fraction of the experts each token runs through."""
+        return self.experts_per_token / self.num_experts
+
+    def forward_flops_per_token(self) -> float:
+        """Matmul FLOPs of one token through the block: the router and its ``experts_per_token`` SwiGLU experts."""
+        h, i = self.hidden_size, self.intermediate_size
+        return 2.0 * h * self.num_experts + self.experts_per_token * 2.0 * 3 * h * i
+
+
+@dataclass
 class Sublayer:
-    """One residual sublayer of a pre-norm block: ``x + module(norm(x))``."""
+    """One residual sublayer: ``x + post_norm(module(norm(x)))`` (either norm may be absent).
+
+    LLaMA-style blocks have only the pre-norm; Gemma 2/3 have both (sandwich norms); OLMo 2 only the post-norm.
+    """
 
     kind: SublayerKind
     """``"attention"`` or ``"mlp"``."""
@@ -209,8 +262,31 @@ class Sublayer:
     linears: dict[str, nn.Module] = field(repr=False)
     """Qualified name -> every linear (``nn.Linear``, GPT-2 ``Conv1D``, adapter wrapper) inside the sublayer."""
     roles: dict[str, str] = field(default_factory=dict)
-    """Role -> qualified linear name. Attention: ``q``, ``k``, ``v``, ``o`` (GPT-2: fused ``qkv`` whose output is
-    ``[q | k | v]``, and ``o``). MLP: ``gate``, ``up``, ``down`` (GPT-2 and plain MLPs: ``up``, ``down``)."""
+    """Role -> qualified linear name. Attention: ``q``, ``k``, ``v``, ``o`` (GPT-2, Phi-3: fused ``qkv`` whose
+    output is ``[q | k | v]``, with ``num_kv_heads`` heads each for k and v, and ``o``). MLP: ``gate``, ``up``,
+    ``down`` (Phi-3: fused ``gate_up`` whose output is ``[gate | up]``, and ``down``; GPT-2 and plain MLPs: ``up``,
+    ``down``; a mixture-of-experts block: none, its experts are not linears)."""
+    post_norm_name: str | None = None
+    """Qualified name of a norm applied to the sublayer's output before it joins the residual (Gemma 2/3's
+    ``post_attention_layernorm``/``post_feedforward_layernorm``, OLMo 2's); None if there is none."""
+    post_norm: nn.Module | None = field(default=None, repr=False)
+    """That norm module; None if there is none."""
+    inner_norms: dict[str, str] = field(default_factory=dict)
+    """Role -> qualified name of a norm inside the sublayer: ``q_norm`` and ``k_norm`` (Qwen3, Gemma 3: over one
+    head, shared by all heads; OLMo 2: over the whole q or k projection)."""
+    experts: ExpertsShape | None = None
+    """For a mixture-of-experts MLP, its layout; None for a dense sublayer."""
+
+    @property
+    def path_modules(self) -> tuple[nn.Module, ...]:
+        """The modules the sublayer's branch runs through, in order: pre-norm, module, post-norm (those present)."""
+        return tuple(m for m in (self.norm, self.module, self.post_norm) if m is not None)
+
+    @property
+    def norm_names(self) -> tuple[str, ...]:
+        """Qualified names of every norm of the sublayer: pre-norm, post-norm and inner norms."""
+        names = [n for n in (self.norm_name, self.post_norm_name) if n is not None]
+        return (*names, *self.inner_norms.values())
 
     def linear(self, role: str) -> nn.Module:
         """The linear that plays ``role`` (see :attr:`roles`).
@@ -250,7 +326,7 @@ class ModelStructure:
     """
 
     arch: str
-    """``"llama"``, ``"mistral"``, ``"qwen2"``, ``"gpt2"``, or the ``arch`` given in :class:`StructurePatterns`
+    """``config.model_type`` (one of :data:`SUPPORTED_ARCHS`), or the ``arch`` given in :class:`StructurePatterns`
     (``"custom"`` by default)."""
     model: nn.Module = field(repr=False)
     """The root module the names are relative to."""
@@ -279,6 +355,24 @@ class ModelStructure:
     def num_layers(self) -> int:
         """Number of decoder blocks."""
         return len(self.blocks)
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether any MLP sublayer is a mixture of experts."""
+        return any(block.mlp.experts is not None for block in self.blocks)
+
+    @property
+    def qk_norm(self) -> Literal["none", "head", "projection"]:
+        """Where the attention normalises q and k: ``"none"``, per ``"head"`` (Qwen3, Gemma 3: one
+        ``head_dim``-wide weight shared by all heads) or over the whole ``"projection"`` (OLMo 2)."""
+        attn = self.blocks[0].attention
+        name = attn.inner_norms.get("q_norm")
+        if name is None:
+            return "none"
+        weight = getattr(self.model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and full_shape(weight)[-1] == self.attention.head_dim:
+            return "head"
+        return "projection"
 
     @property
     def tied_embeddings(self) -> bool:
@@ -382,7 +476,19 @@ class StructurePatterns:
     attention_roles: dict[str, str] = field(default_factory=dict)
     """Role (``q``, ``k``, ``v``, ``o`` or ``qkv``) -> linear name relative to the attention module."""
     mlp_roles: dict[str, str] = field(default_factory=dict)
-    """Role (``gate``, ``up``, ``down``) -> linear name relative to the MLP module."""
+    """Role (``gate``, ``up``, ``down`` or ``gate_up``) -> linear name relative to the MLP module. Roles whose
+    module is missing in a block are left out there when the block's MLP is a mixture of experts."""
+    attention_post_norm: str | None = None
+    """Name of a norm applied to the attention output (before the residual add), relative to a block."""
+    mlp_post_norm: str | None = None
+    """Name of a norm applied to the MLP output (before the residual add), relative to a block."""
+    attention_inner_norms: dict[str, str] = field(default_factory=dict)
+    """Role (``q_norm``, ``k_norm``) -> norm name relative to the attention module."""
+    mlp_experts: str | None = None
+    """Name, relative to the MLP module, of the module holding a mixture of experts' weights; a block whose MLP has
+    no such child is a dense MLP."""
+    mlp_router: str | None = None
+    """Name, relative to the MLP module, of a mixture of experts' router."""
     embedding: str | None = None
     """Qualified name of the token embedding, if any."""
     lm_head: str | None = None
@@ -414,13 +520,18 @@ class _HFSpec:
     blocks: str
     attention: str
     mlp: str
-    attention_norm: str
-    mlp_norm: str
+    attention_norm: str | None
+    mlp_norm: str | None
     attention_roles: dict[str, str]
     mlp_roles: dict[str, str]
     embedding: str
     final_norm: str
     position_embedding: str | None = None
+    attention_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    attention_inner_norms: dict[str, str] = field(default_factory=dict)
+    mlp_experts: str | None = None
+    mlp_router: str | None = None
 
 
 _LLAMA_LIKE = _HFSpec(
@@ -434,10 +545,39 @@ _LLAMA_LIKE = _HFSpec(
     embedding="embed_tokens",
     final_norm="norm",
 )
+_QK_NORMS = {"q_norm": "q_norm", "k_norm": "k_norm"}
+_QWEN3 = dataclasses.replace(_LLAMA_LIKE, attention_inner_norms=_QK_NORMS)
+_GEMMA2 = dataclasses.replace(
+    _LLAMA_LIKE,
+    mlp_norm="pre_feedforward_layernorm",
+    attention_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+)
+_MOE = {"mlp_experts": "experts", "mlp_router": "gate"}
 _HF_SPECS: dict[str, _HFSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
+    "qwen3": _QWEN3,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _GEMMA2,
+    "gemma3_text": dataclasses.replace(_GEMMA2, attention_inner_norms=_QK_NORMS),
+    "phi3": dataclasses.replace(
+        _LLAMA_LIKE,
+        attention_roles={"qkv": "qkv_proj", "o": "o_proj"},
+        mlp_roles={"gate_up": "gate_up_proj", "down": "down_proj"},
+    ),
+    "olmo2": dataclasses.replace(
+        _LLAMA_LIKE,
+        attention_norm=None,
+        mlp_norm=None,
+        attention_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        attention_inner_norms=_QK_NORMS,
+    ),
+    "mixtral": dataclasses.replace(_LLAMA_LIKE, mlp_roles={}, **_MOE),
+    # Qwen3-MoE keeps dense MLPs in ``mlp_only_layers``: those blocks get the usual roles.
+    "qwen3_moe": dataclasses.replace(_QWEN3, **_MOE),
     "gpt2": _HFSpec(
         blocks="h",
         attention="attn",
@@ -526,13 +666,19 @@ def _make_sublayer(
     norm_path: str | None,
     roles: dict[str, str],
     field_prefix: str,
+    post_norm_path: str | None = None,
+    inner_norms: Mapping[str, str] | None = None,
+    optional_roles: bool = False,
 ) -> Sublayer:
     module = _child(block, block_name, path, field_prefix)
     name = _join(block_name, path)
     norm = _child(block, block_name, norm_path, f"{field_prefix}_norm") if norm_path is not None else None
+    post = _child(block, block_name, post_norm_path, f"{field_prefix}_post_norm") if post_norm_path else None
     linears = _collect_linears(module, name)
     qual_roles: dict[str, str] = {}
     for role, rel in roles.items():
+        if optional_roles and not _has_child(module, rel):
+            continue
         target = _child(module, name, rel, f"{field_prefix}_roles[{role!r}]")
         if not is_linear(target):
             raise ValueError(
@@ -540,6 +686,10 @@ def _make_sublayer(
                 f"not a linear layer"
             )
         qual_roles[role] = _join(name, rel)
+    qual_inner: dict[str, str] = {}
+    for role, rel in (inner_norms or {}).items():
+        _child(module, name, rel, f"{field_prefix}_inner_norms[{role!r}]")
+        qual_inner[role] = _join(name, rel)
     return Sublayer(
         kind=kind,
         block_index=index,
@@ -549,6 +699,49 @@ def _make_sublayer(
         norm=norm,
         linears=linears,
         roles=qual_roles,
+        post_norm_name=_join(block_name, post_norm_path) if post_norm_path else None,
+        post_norm=post,
+        inner_norms=qual_inner,
+    )
+
+
+def _has_child(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _experts_shape(model: nn.Module, sub: Sublayer, p: StructurePatterns, hidden: int) -> ExpertsShape | None:
+    # A block is a mixture of experts when its MLP holds the experts module the patterns name (Qwen3-MoE keeps
+    # dense MLPs in some layers). Counts come from the modules, falling back to the config.
+    if p.mlp_experts is None or not _has_child(sub.module, p.mlp_experts):
+        return None
+    experts = sub.module.get_submodule(p.mlp_experts)
+    router = sub.module.get_submodule(p.mlp_router) if p.mlp_router and _has_child(sub.module, p.mlp_router) else None
+    config = getattr(model, "config", None)
+    num = _first(
+        _cfg_int(experts, "num_experts"),
+        _cfg_int(router, "num_experts"),
+        _cfg_int(config, "num_local_experts", "num_experts"),
+    )
+    top_k = _first(_cfg_int(router, "top_k"), _cfg_int(sub.module, "top_k"), _cfg_int(config, "num_experts_per_tok"))
+    width = _first(
+        _cfg_int(experts, "intermediate_dim"), _cfg_int(config, "moe_intermediate_size", "intermediate_size")
+    )
+    if num is None or top_k is None or width is None:
+        raise ValueError(
+            f"{sub.name}: cannot read the mixture of experts' layout (num_experts={num}, experts_per_token={top_k}, "
+            f"intermediate_size={width}) from its modules or the config"
+        )
+    return ExpertsShape(
+        num_experts=num,
+        experts_per_token=top_k,
+        intermediate_size=width,
+        hidden_size=hidden,
+        router_name=_join(sub.name, p.mlp_router) if router is not None and p.mlp_router else None,
+        experts_name=_join(sub.name, p.mlp_experts),
     )
 
 
@@ -577,9 +770,29 @@ def _build_blocks(model: nn.Module, p: StructurePatterns) -> list[Block]:
     blocks = []
     for i, (name, module) in enumerate(matched):
         attn = _make_sublayer(
-            "attention", i, module, name, p.attention, p.attention_norm, p.attention_roles, "attention"
+            "attention",
+            i,
+            module,
+            name,
+            p.attention,
+            p.attention_norm,
+            p.attention_roles,
+            "attention",
+            post_norm_path=p.attention_post_norm,
+            inner_norms=p.attention_inner_norms,
         )
-        mlp = _make_sublayer("mlp", i, module, name, p.mlp, p.mlp_norm, p.mlp_roles, "mlp")
+        mlp = _make_sublayer(
+            "mlp",
+            i,
+            module,
+            name,
+            p.mlp,
+            p.mlp_norm,
+            p.mlp_roles,
+            "mlp",
+            post_norm_path=p.mlp_post_norm,
+            optional_roles=p.mlp_experts is not None,
+        )
         blocks.append(Block(index=i, name=name, module=module, attention=attn, mlp=mlp))
     return blocks
 
@@ -621,6 +834,11 @@ def _hf_patterns(model: nn.Module, arch: str) -> StructurePatterns:
         lm_head=lm_heads[0] if lm_heads else None,
         final_norm=final_norm if final_norm in modules else None,
         position_embedding=pos if pos in modules else None,
+        attention_post_norm=spec.attention_post_norm,
+        mlp_post_norm=spec.mlp_post_norm,
+        attention_inner_norms=dict(spec.attention_inner_norms),
+        mlp_experts=spec.mlp_experts,
+        mlp_router=spec.mlp_router,
         arch=arch,
     )
 
@@ -661,8 +879,8 @@ def get_structure(model: nn.Module, patterns: StructurePatterns | None = None) -
     """Find the blocks, sublayers, norms, linears and head layout of a decoder-only transformer.
 
     Args:
-        model: A Hugging Face LLaMA, Mistral, Qwen2 or GPT-2 model (causal LM or base model, possibly wrapped
-            e.g. by ``peft``), or any ``nn.Module`` when ``patterns`` is given.
+        model: A Hugging Face model of an architecture in :data:`SUPPORTED_ARCHS` (causal LM or base model,
+            possibly wrapped e.g. by ``peft``), or any ``nn.Module`` when ``patterns`` is given.
         patterns: Names of the blocks and their parts, for a model that is not a supported HF architecture.
             When given, they are used even for a supported one; shapes they leave out come from
             ``model.config`` if present.
@@ -711,12 +929,19 @@ def get_structure(model: nn.Module, patterns: StructurePatterns | None = None) -
         )
     num_kv = _first(patterns.num_kv_heads, _cfg_int(config, "num_key_value_heads"), num_heads)
     head_dim = _first(patterns.head_dim, _cfg_int(config, "head_dim"), hidden // num_heads)
+    for block in blocks:
+        block.mlp.experts = _experts_shape(model, block.mlp, patterns, hidden)
     mlp0 = blocks[0].mlp
-    up_name = mlp0.roles.get("up") or mlp0.roles.get("gate") or next(iter(mlp0.linears), None)
+    up_name = next((mlp0.roles[r] for r in ("up", "gate", "gate_up") if r in mlp0.roles), None)
+    up_name = up_name or next(iter(mlp0.linears), None)
+    up_width = linear_in_out_features(mlp0.linears[up_name])[1] if up_name is not None else None
+    if up_name is not None and up_name == mlp0.roles.get("gate_up") and up_width is not None:
+        up_width //= 2
     intermediate = _first(
         patterns.intermediate_size,
         _cfg_int(config, "intermediate_size", "n_inner", "ffn_dim"),
-        linear_in_out_features(mlp0.linears[up_name])[1] if up_name is not None else None,
+        up_width,
+        mlp0.experts.intermediate_size if mlp0.experts is not None else None,
     )
     if intermediate is None:
         raise ValueError("StructurePatterns.intermediate_size is required: the MLP has no linear to read it from")

@@ -379,7 +379,7 @@ def test_unsupported_arch_error() -> None:
     with pytest.raises(ValueError, match=r"does not know Custom \(no Hugging Face config\)") as err:
         get_structure(Custom())
     msg = str(err.value)
-    assert "llama, mistral, qwen2, gpt2" in msg and "StructurePatterns(blocks=" in msg
+    assert "llama, mistral, qwen2, qwen3, gemma, gemma2" in msg and "StructurePatterns(blocks=" in msg
 
     class FakeConfig:
         model_type = "bert"
