@@ -553,7 +553,6 @@ _GEMMA2 = dataclasses.replace(
     attention_post_norm="post_attention_layernorm",
     mlp_post_norm="post_feedforward_layernorm",
 )
-_MOE = {"mlp_experts": "experts", "mlp_router": "gate"}
 _HF_SPECS: dict[str, _HFSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -575,9 +574,9 @@ _HF_SPECS: dict[str, _HFSpec] = {
         mlp_post_norm="post_feedforward_layernorm",
         attention_inner_norms=_QK_NORMS,
     ),
-    "mixtral": dataclasses.replace(_LLAMA_LIKE, mlp_roles={}, **_MOE),
+    "mixtral": dataclasses.replace(_LLAMA_LIKE, mlp_roles={}, mlp_experts="experts", mlp_router="gate"),
     # Qwen3-MoE keeps dense MLPs in ``mlp_only_layers``: those blocks get the usual roles.
-    "qwen3_moe": dataclasses.replace(_QWEN3, **_MOE),
+    "qwen3_moe": dataclasses.replace(_QWEN3, mlp_experts="experts", mlp_router="gate"),
     "gpt2": _HFSpec(
         blocks="h",
         attention="attn",
