@@ -146,3 +146,37 @@ def run_torchrun(
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+FAMILIES: dict[str, str] = {
+    "llama": "llama-tiny",
+    "qwen3": "qwen3-tiny",
+    "gemma2": "gemma2-tiny",
+    "gemma3": "gemma3-tiny",
+    "phi3": "phi3-tiny",
+    "olmo2": "olmo2-tiny",
+    "mixtral": "mixtral-tiny",
+    "qwen3_moe": "qwen3-moe-tiny",
+}
+"""Family -> its tiny preset (``lit_accel.models.presets``): the model families every technique is tested on."""
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+
+
+def tiny_family(family: str, seed: int = 0, **overrides: Any) -> Any:
+    """A random fp32 ``*ForCausalLM`` of ``family`` (a key of :data:`FAMILIES`) from its tiny preset, hidden 128,
+    4 query heads over 2 KV heads, 2 blocks, vocab 256 unless overridden; fresh, so in training mode. The weights
+    of every norm are perturbed away from their initial value (ones, or zeros for Gemma's ``1 + w``) so that a
+    test sees a norm applied with the wrong formula."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lit_accel.models.presets import preset_config
+
+    config = preset_config(FAMILIES[family], **{"vocab_size": 256, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
