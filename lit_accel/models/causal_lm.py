@@ -73,6 +73,24 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _attention_for(config: Any, wanted: str) -> str:
+    # Gemma 2 soft-caps attention logits, which PyTorch's SDPA cannot do: transformers refuses "sdpa" for it. The
+    # default then falls back to the eager attention (what HF itself uses for Gemma 2), saying so once.
+    if wanted != "sdpa":
+        return wanted
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if cls is not None and not getattr(cls, "_supports_sdpa", True):
+        warnings.warn(
+            f"{cls.__name__} has no SDPA attention in transformers (config.model_type={config.model_type!r}); "
+            "attn_implementation='sdpa' runs the eager attention instead",
+            stacklevel=3,
+        )
+        return "eager"
+    return wanted
+
+
 class CausalLM(L.LightningModule):
     """A Hugging Face causal LM as a LightningModule, built from a preset, a config dict or a local directory.
 
@@ -162,7 +180,7 @@ class CausalLM(L.LightningModule):
             return
         config = self.source.config
         model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=self._hp.attn_implementation, dtype=torch.float32
+            config, attn_implementation=_attention_for(config, self._hp.attn_implementation), dtype=torch.float32
         )
         partitioned = any(is_partitioned(p) for p in model.parameters())
         if partitioned and self.source.pretrained_dir is None:
