@@ -80,8 +80,8 @@ def _attention_for(config: Any, wanted: str) -> str:
         return wanted
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    if cls is not None and not getattr(cls, "_supports_sdpa", True):
+    cls: Any = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if isinstance(cls, type) and not getattr(cls, "_supports_sdpa", True):
         warnings.warn(
             f"{cls.__name__} has no SDPA attention in transformers (config.model_type={config.model_type!r}); "
             "attn_implementation='sdpa' runs the eager attention instead",
