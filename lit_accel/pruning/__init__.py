@@ -10,6 +10,9 @@
 - :mod:`~lit_accel.pruning.report`: per-layer expected / kept / target sizes and their W&B charts.
 - :mod:`~lit_accel.pruning.callback`: :class:`StructuredPruning`, the Lightning callback that runs it all in a fit.
 
+Families (:data:`PRUNABLE_ARCHS`): LLaMA, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-3 and OLMo 2;
+:func:`check_prunable` refuses mixture-of-experts models (Mixtral, Qwen3-MoE) and GPT-2 with the reason.
+
 Example:
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -36,7 +39,14 @@ from lit_accel.pruning.export import (
     is_pruning_checkpoint,
     is_pruning_checkpoint_dict,
 )
-from lit_accel.pruning.masks import HardConcrete, L0Masks, PrunableShape, count_params
+from lit_accel.pruning.masks import (
+    PRUNABLE_ARCHS,
+    HardConcrete,
+    L0Masks,
+    PrunableShape,
+    check_prunable,
+    count_params,
+)
 from lit_accel.pruning.report import architecture_charts, architecture_report
 from lit_accel.pruning.targets import (
     TARGET_PRESETS,
@@ -49,6 +59,7 @@ from lit_accel.pruning.targets import (
 )
 
 __all__ = [
+    "PRUNABLE_ARCHS",
     "TARGET_PRESETS",
     "HardConcrete",
     "L0Masks",
@@ -61,6 +72,7 @@ __all__ = [
     "apply_masks",
     "architecture_charts",
     "architecture_report",
+    "check_prunable",
     "constraint_loss",
     "count_params",
     "export_loaded_pruning_checkpoint",

@@ -1,16 +1,24 @@
-"""Run a Hugging Face LLaMA-family model under :class:`~lit_accel.pruning.masks.L0Masks`, through hooks only.
+"""Run a Hugging Face model under :class:`~lit_accel.pruning.masks.L0Masks`, through hooks only.
 
 No module is replaced, so the model's ``state_dict`` keeps its Hugging Face keys. Where each mask acts (as in
-LLM-Shearing's ``composer_llama.py``):
+LLM-Shearing's ``composer_llama.py``, extended to the norms other families place differently):
 
 - ``hidden`` multiplies the token embedding output, every sublayer output written to the residual stream, and
-  every RMSNorm output. Each RMSNorm also computes its statistic over the *kept* hidden dims only
+  the output of every RMSNorm over the hidden dims: pre-norms, post-norms (Gemma 2/3's sandwich norms, OLMo 2's
+  post-norms) and the final norm. Each such norm also computes its statistic over the *kept* hidden dims only
   (``sum(x^2) / n_kept``, not ``/ hidden_size``), as the paper's norm does. That is what makes the exported model
   exact: after export the norm runs over ``n_kept`` dims, and the residual stream is zero on the removed ones.
 - ``heads`` (one gate per KV group) multiplies each query head's attention output before ``o_proj``; all query
-  heads of a group share their group's gate.
+  heads of a group share their group's gate. Where q and k are normalised over the whole projection (OLMo 2), those
+  two norms take their statistic over the rows of the kept heads only, so removing a head does not change what the
+  other heads see (per-head q/k norms, as in Qwen3 and Gemma 3, need nothing: each head is normalised alone).
 - ``intermediate`` multiplies the MLP's intermediate activation before ``down_proj``.
-- ``head_layer`` and ``mlp`` multiply the attention and MLP sublayer outputs.
+- ``head_layer`` and ``mlp`` multiply what the attention and MLP sublayers add to the residual stream: the
+  sublayer's output, or, where a post-norm follows it, the post-norm's output (a gate on the post-norm's input
+  would be normalised away).
+
+Norms are computed with their family's formula (:func:`norm_style`): Gemma's weight means ``1 + w``, and Gemma and
+OLMo 2 multiply by the weight in float32 before casting back.
 
 A forward pre-hook on the model draws the masks once per forward (``masks()``: a sample in training mode, the
 deterministic masks in evaluation mode); the other hooks read them.
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,23 +46,59 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lit_accel.models.structure import get_structure
-from lit_accel.pruning.masks import L0Masks
+from lit_accel.pruning.masks import L0Masks, check_prunable
 
-__all__ = ["MaskHooks", "apply_masks", "masked_rms_norm"]
+__all__ = ["MaskHooks", "NormStyle", "apply_masks", "masked_rms_norm", "norm_style"]
 
 
-def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, hidden_mask: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class NormStyle:
+    """How a family's RMSNorm applies its weight: ``out = normed * (weight + offset)``.
+
+    Example:
+        >>> norm_style("gemma2"), norm_style("llama").offset
+        (NormStyle(offset=1.0, weight_in_float32=True), 0.0)
+    """
+
+    offset: float = 0.0
+    """Added to the stored weight (Gemma: 1.0, its weights start at 0 and mean ``1 + w``)."""
+    weight_in_float32: bool = False
+    """Multiply by the weight in float32, then cast (Gemma, OLMo 2); else cast, then multiply (LLaMA)."""
+
+
+_GEMMA_NORM = NormStyle(offset=1.0, weight_in_float32=True)
+_NORM_STYLES: dict[str, NormStyle] = {
+    "gemma": _GEMMA_NORM,
+    "gemma2": _GEMMA_NORM,
+    "gemma3_text": _GEMMA_NORM,
+    "olmo2": NormStyle(weight_in_float32=True),
+}
+
+
+def norm_style(arch: str) -> NormStyle:
+    """The RMSNorm formula of an architecture (``ModelStructure.arch``); LLaMA's for any not listed."""
+    return _NORM_STYLES.get(arch, NormStyle())
+
+
+def masked_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    hidden_mask: torch.Tensor,
+    style: NormStyle | None = None,
+) -> torch.Tensor:
     """RMSNorm whose statistic runs over the dims where ``hidden_mask != 0``; the output is multiplied by the mask.
 
     Args:
-        x: Input ``[..., hidden]``, zero wherever ``hidden_mask`` is zero.
-        weight: Norm weight ``[hidden]``.
+        x: Input ``[..., width]``; its values on dims where ``hidden_mask`` is zero are ignored.
+        weight: Norm weight ``[width]``.
         eps: The norm's epsilon.
-        hidden_mask: Gate per hidden dim ``[hidden]``.
+        hidden_mask: Gate per dim ``[width]``.
+        style: The family's formula (:func:`norm_style`); LLaMA's by default.
 
     Returns:
-        ``weight * x / sqrt(sum(x^2 over kept dims) / n_kept + eps) * hidden_mask``, computed in float32 and cast
-        back as Hugging Face's ``LlamaRMSNorm`` does.
+        ``(weight + offset) * x / sqrt(sum(x^2 over kept dims) / n_kept + eps) * hidden_mask``, the statistic in
+        float32 and the weight applied before or after the cast back, as the family's Hugging Face norm does.
 
     Example:
         >>> x = torch.tensor([[3.0, 4.0, 0.0]])
@@ -67,7 +112,12 @@ def masked_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, hidden_ma
     n_kept = kept.sum().clamp_min(1.0)
     variance = (xf.pow(2) * kept).sum(-1, keepdim=True) / n_kept
     normed = xf * torch.rsqrt(variance + eps)
-    return weight * normed.to(dtype) * hidden_mask.to(dtype)
+    style = style or NormStyle()
+    if style.weight_in_float32:
+        out = (normed * (weight.to(torch.float32) + style.offset)).to(dtype)
+    else:
+        out = (weight + style.offset if style.offset else weight) * normed.to(dtype)
+    return out * hidden_mask.to(dtype)
 
 
 class MaskHooks:
@@ -86,6 +136,7 @@ class MaskHooks:
         self.active = True
         self._handles: list[RemovableHandle] = []
         structure = get_structure(model)
+        check_prunable(structure)
         shape = masks.shape
         if (structure.num_layers, structure.hidden_size) != (shape.num_layers, shape.hidden_size):
             raise ValueError(
@@ -94,18 +145,26 @@ class MaskHooks:
             )
         if structure.embedding_name is None:
             raise ValueError("apply_masks: the model has no token embedding to apply the hidden mask to")
+        self._style = norm_style(structure.arch)
         add = self._handles.append
         add(model.register_forward_pre_hook(self._draw))
         add(model.get_submodule(structure.embedding_name).register_forward_hook(self._scale_hidden))
         if structure.final_norm_name is not None:
             add(model.get_submodule(structure.final_norm_name).register_forward_hook(self._norm))
+        rows_per_group = {"q_norm": shape.kv_group_size * shape.head_dim, "k_norm": shape.head_dim}
         for block in structure.blocks:
             i = block.index
-            for sub in (block.attention, block.mlp):
+            for group, sub in (("head_layer", block.attention), ("mlp", block.mlp)):
                 if sub.norm is not None:
                     add(sub.norm.register_forward_hook(self._norm))
-            add(block.attention.module.register_forward_hook(self._sublayer_output("head_layer", i)))
-            add(block.mlp.module.register_forward_hook(self._sublayer_output("mlp", i)))
+                if sub.post_norm is not None:
+                    add(sub.post_norm.register_forward_hook(self._post_norm(group, i)))
+                else:
+                    add(sub.module.register_forward_hook(self._sublayer_output(group, i)))
+            if structure.qk_norm == "projection":
+                for role, rows in rows_per_group.items():
+                    norm = model.get_submodule(block.attention.inner_norms[role])
+                    add(norm.register_forward_hook(self._projection_norm(i, rows)))
             add(block.attention.linear("o").register_forward_pre_hook(self._heads(i)))
             add(block.mlp.linear("down").register_forward_pre_hook(self._intermediate(i)))
 
@@ -138,14 +197,40 @@ class MaskHooks:
             return None
         return output * self._z()["hidden"].to(output.dtype)
 
-    def _norm(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-        if not self.active:
-            return None
+    def _masked_norm(self, module: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         weight = getattr(module, "weight", None)
         if not isinstance(eps, float) or not isinstance(weight, torch.Tensor):
             raise TypeError(f"apply_masks: {type(module).__name__} is not an RMSNorm with weight and epsilon")
-        return masked_rms_norm(args[0], weight, eps, self._z()["hidden"])
+        return masked_rms_norm(x, weight, eps, mask, self._style)
+
+    def _norm(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.active:
+            return None
+        return self._masked_norm(module, args[0], self._z()["hidden"])
+
+    def _post_norm(self, group: str, index: int) -> Callable[..., Any]:
+        # A post-norm would cancel a gate on its input (it rescales to unit RMS), so the sublayer gate multiplies its
+        # output, which is what joins the residual stream.
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.active:
+                return None
+            z = self._z()
+            out = self._masked_norm(module, args[0], z["hidden"])
+            return out * z[group][index].to(out.dtype)
+
+        return hook
+
+    def _projection_norm(self, index: int, rows_per_group: int) -> Callable[..., Any]:
+        # OLMo 2's q_norm/k_norm: the statistic over the rows of kept heads only, as the exported (narrower) norm
+        # computes it. The mask is binary: the head gate's value is applied before o_proj.
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.active:
+                return None
+            kept = (self._z()["heads"][index] != 0).to(torch.float32).repeat_interleave(rows_per_group)
+            return self._masked_norm(module, args[0], kept)
+
+        return hook
 
     def _sublayer_output(self, group: str, index: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -198,13 +283,15 @@ def apply_masks(model: nn.Module, masks: L0Masks) -> MaskHooks:
     """Make ``model`` compute under ``masks`` until the returned hooks are removed.
 
     Args:
-        model: The Hugging Face LLaMA-family model the masks were built for.
+        model: The Hugging Face model the masks were built for (a family in
+            :data:`~lit_accel.pruning.masks.PRUNABLE_ARCHS`).
         masks: Its :class:`L0Masks`; their train/eval mode decides sampled or deterministic masks.
 
     Returns:
         :class:`MaskHooks`; also a context manager that removes them on exit.
 
     Raises:
-        ValueError: The masks were built for a model of other sizes.
+        ValueError: The masks were built for a model of other sizes, or the model is not prunable
+            (:func:`~lit_accel.pruning.masks.check_prunable`).
     """
     return MaskHooks(model, masks)

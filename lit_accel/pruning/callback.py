@@ -50,11 +50,12 @@ from torch import nn
 from typing_extensions import override
 
 from lit_accel.models.hf_directory import save_hf_directory
+from lit_accel.models.structure import get_structure
 from lit_accel.models.surgery import find_hf_model, run_after_configure_model
 from lit_accel.observe.wandb import WandbCharts, wandb_loggers
 from lit_accel.pruning.apply import MaskHooks, apply_masks
 from lit_accel.pruning.export import export_pruned
-from lit_accel.pruning.masks import L0Masks, count_params
+from lit_accel.pruning.masks import L0Masks, check_prunable, count_params
 from lit_accel.pruning.report import architecture_charts, architecture_report
 from lit_accel.pruning.targets import Lagrangian, PruningTarget, constraint_loss
 from lit_accel.settings import settings_from, takes_settings
@@ -140,14 +141,17 @@ class StructuredPruningSettings:
 class StructuredPruning(L.Callback):
     """Learns hard-concrete masks towards a target architecture while the model trains (Sheared-LLaMA).
 
-    The LightningModule must hold a Hugging Face LLaMA, Mistral or Qwen2 model (found by
+    The LightningModule must hold a Hugging Face model of a family in :data:`~lit_accel.pruning.masks.PRUNABLE_ARCHS`
+    (LLaMA, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2; found by
     :func:`lit_accel.models.surgery.find_hf_model`, e.g. ``CausalLM.model``) and return the loss from ``training_step``.
+    Mixture-of-experts models (Mixtral, Qwen3-MoE) and GPT-2 are refused at set-up, with the reason.
 
     Args: see :class:`StructuredPruningSettings`.
 
     Raises:
         ValueError: At construction, for a bad target or a non-positive rate (the message names the argument);
-            at set-up, for a model that is not LLaMA-family or a target larger than the model.
+            at set-up, for a model of a family pruning does not support (see above) or a target larger than the
+            model.
 
     Example:
         >>> StructuredPruning(param_ratio=0.5).target  # doctest: +NORMALIZE_WHITESPACE
@@ -246,6 +250,11 @@ class StructuredPruning(L.Callback):
                 "StructuredPruning adds its Lagrangian penalty to the loss training_step returns, which manual "
                 "optimization never backpropagates; use automatic optimization."
             )
+        model = find_hf_model(pl_module)
+        if model is not pl_module:
+            # Already built: refuse a family pruning cannot handle now. A model that configure_model builds later
+            # is refused when the masks are made for it (L0Masks), still before the first step.
+            check_prunable(get_structure(model))
         self._pl_module = pl_module
         run_after_configure_model(pl_module, self._attach, _TAG)
         self._wrap(pl_module)

@@ -2,23 +2,38 @@
 
 :func:`export_pruned` takes the evaluation masks of :class:`~lit_accel.pruning.masks.L0Masks` (or any mask dict of
 the same layout) and builds a new model of the same class whose logits equal those of the masked model (the model
-under :func:`~lit_accel.pruning.apply.apply_masks` with the masks in evaluation mode):
+under :func:`~lit_accel.pruning.apply.apply_masks` with the masks in evaluation mode), for every family in
+:data:`~lit_accel.pruning.masks.PRUNABLE_ARCHS`:
 
 - whole decoder blocks whose ``head_layer`` and ``mlp`` gates are both 0 are dropped and the rest renumbered;
-- KV groups with gate 0 are dropped with their query heads (q/k/v rows, o_proj columns);
-- intermediate channels with gate 0 are dropped (gate/up rows, down_proj columns);
+- KV groups with gate 0 are dropped with their query heads (q/k/v rows, or the matching rows of each third of a
+  fused ``qkv_proj``; o_proj columns; OLMo 2's whole-projection q/k norm weights);
+- intermediate channels with gate 0 are dropped (gate/up rows, or both halves of a fused ``gate_up_proj``;
+  down_proj columns);
 - hidden dims with gate 0 are dropped from every weight that reads or writes the residual stream, the
-  embedding, every RMSNorm and the LM head.
+  embedding, every norm over the hidden dims (pre-, post- and final norms) and the LM head.
 
-Kept gate values (fractional in general) are folded into the weights: a head gate and the ``head_layer`` gate into
-o_proj's columns and rows, an intermediate gate and the ``mlp`` gate into down_proj, the hidden gate into the
-embedding, o_proj/down_proj rows and every RMSNorm weight (the norm output is what the masked model multiplies by
-the hidden gate). The masked model's RMSNorm normalises over the kept hidden dims only (see
-:mod:`lit_accel.pruning.apply`), which is exactly what the exported model's RMSNorm does over its smaller width.
+Per-head q/k norms (Qwen3, Gemma 3) are shared by all heads and copied whole.
+
+Kept gate values (fractional in general) are folded into the weights: a head gate into o_proj's columns, an
+intermediate gate into down_proj's columns, and the hidden gate into the embedding and every norm weight (the norm
+output is what the masked model multiplies by the hidden gate). The ``head_layer`` / ``mlp`` gate and the hidden
+gate of what a sublayer writes to the residual go into o_proj/down_proj rows, or, where a post-norm follows the
+sublayer (Gemma 2/3, OLMo 2), into that norm's weight, as the masked model applies them after it. Folding a
+multiplier ``z`` into a Gemma norm, whose weight means ``1 + w``, stores ``(1 + w) * z - 1``. The masked model's
+norms normalise over the kept hidden dims only (see :mod:`lit_accel.pruning.apply`), which is exactly what the
+exported model's norms do over their smaller width.
 
 A tied LM head stays tied: the hidden gate is then folded into the shared embedding matrix, which applies it both
 to the embedding output and to the logits (``(w * n) @ (E * z)^T == (w * n * z) @ E^T``), so the final norm's
 weight is sliced without the gate. Untied, the gate goes into the final norm's weight as into every other norm.
+
+**Scaled embeddings (Gemma).** Gemma multiplies the embedding output by ``sqrt(config.hidden_size)``, so the
+exported model, with a smaller ``hidden_size``, scales by ``sqrt(kept)`` instead. The ratio ``c = sqrt(hidden) /
+sqrt(kept)`` is folded into the embedding weights, which makes the residual stream exactly the masked model's. A
+tied LM head would then see the embedding times ``c`` too, so the final norm's weight is divided by ``c``
+(``(w / c * n) @ (c * E)^T == (w * n) @ E^T``): the logits are exact; only the final norm's output (the last
+hidden state a caller may ask for) differs, by ``1 / c`` and, as with any tied head, by the hidden gate.
 
 The export needs the same number of KV heads and intermediate channels in every kept block (a Hugging Face config
 has one of each); :meth:`L0Masks.deterministic` always gives that, as the paper's target architecture is uniform.
@@ -56,8 +71,8 @@ from lit_accel.models.causal_lm import CausalLM
 from lit_accel.models.hf_directory import check_output_directory, save_hf_directory
 from lit_accel.models.params import is_partitioned, load_full_state_dict
 from lit_accel.models.structure import Block, ModelStructure, get_structure
-from lit_accel.pruning.apply import apply_masks
-from lit_accel.pruning.masks import MASK_GROUPS, L0Masks
+from lit_accel.pruning.apply import apply_masks, norm_style
+from lit_accel.pruning.masks import MASK_GROUPS, L0Masks, check_prunable
 
 __all__ = [
     "export_loaded_pruning_checkpoint",
@@ -81,7 +96,8 @@ def _uniform_count(name: str, counts: list[int]) -> int:
     return counts[0]
 
 
-def _copy(dst: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+def _copy(dst: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Copy into ``dst``'s weight (and bias); returns the tensors written."""
     dst_weight = getattr(dst, "weight", None)
     assert isinstance(dst_weight, torch.Tensor)
     dst_weight.copy_(weight)
@@ -89,6 +105,16 @@ def _copy(dst: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None
     if isinstance(dst_bias, torch.Tensor):
         assert bias is not None
         dst_bias.copy_(bias)
+        return [dst_weight, dst_bias]
+    return [dst_weight]
+
+
+def _embed_scale(embedding: nn.Module, dtype: torch.dtype) -> float:
+    """The factor a scaled embedding (Gemma's ``embed_scale``) multiplies its output by, as its forward rounds it."""
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return float(scale.to(dtype))
+    return float(scale) if isinstance(scale, (int, float)) else 1.0
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -108,8 +134,8 @@ def export_pruned(model: PreTrainedModel, masks: L0Masks | dict[str, torch.Tenso
     """A new, physically smaller model of ``model``'s class that computes what the masked model computes.
 
     Args:
-        model: A Hugging Face LLaMA, Mistral or Qwen2 model (causal LM or base), with full (not ZeRO-3
-            partitioned) parameters. It is not modified.
+        model: A Hugging Face model of a family in :data:`~lit_accel.pruning.masks.PRUNABLE_ARCHS` (causal LM or
+            base), with full (not ZeRO-3 partitioned) parameters. It is not modified.
         masks: The :class:`L0Masks` (their deterministic masks are used) or a dict of gate tensors with keys
             ``head_layer``, ``mlp``, ``heads``, ``intermediate``, ``hidden`` and their shapes.
 
@@ -120,7 +146,8 @@ def export_pruned(model: PreTrainedModel, masks: L0Masks | dict[str, torch.Tenso
 
     Raises:
         ValueError: ``masks`` is missing, lacks a group, keeps nothing of a group, or keeps different numbers of
-            heads or channels in different layers; the model is ZeRO-3 partitioned.
+            heads or channels in different layers; the model is ZeRO-3 partitioned or not prunable
+            (:func:`~lit_accel.pruning.masks.check_prunable`: mixture of experts, GPT-2).
 
     Example:
         >>> small = export_pruned(model, masks)  # doctest: +SKIP
@@ -144,6 +171,7 @@ def export_pruned(model: PreTrainedModel, masks: L0Masks | dict[str, torch.Tenso
     dtype, device = first.dtype, first.device
     zs = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in zs.items()}
     src = get_structure(model)
+    check_prunable(src)
     attn_shape = src.attention
     g, d = attn_shape.kv_group_size, attn_shape.head_dim
 
@@ -190,8 +218,15 @@ def _fill(
     d: int,
     dtype: torch.dtype,
 ) -> None:
-    """Copy the kept slices of ``src`` into ``dst`` with the gates folded in (computed in float32)."""
+    """Copy the kept slices of ``src`` into ``dst`` with the gates folded in (computed in float32).
+
+    Raises:
+        RuntimeError: A parameter of ``dst`` was not written (an architecture holding weights this export does not
+            know would otherwise keep random values).
+    """
     zh = zs["hidden"][hid]
+    offset = norm_style(src.arch).offset
+    written: list[torch.Tensor] = []
 
     def f32(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32)
@@ -199,17 +234,35 @@ def _fill(
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype)
 
-    assert src.embedding_name is not None and dst.embedding_name is not None
-    emb = _weight(src.model.get_submodule(src.embedding_name))
-    _copy(dst.model.get_submodule(dst.embedding_name), cast(f32(emb)[:, hid] * zh))
-    if src.final_norm_name is not None and dst.final_norm_name is not None:
-        norm_w = f32(_weight(src.model.get_submodule(src.final_norm_name)))[hid]
-        # A tied head already carries the gate through the embedding matrix (see the module docstring).
-        _copy(dst.model.get_submodule(dst.final_norm_name), cast(norm_w if src.tied_embeddings else norm_w * zh))
-    if src.lm_head_name is not None and dst.lm_head_name is not None and not src.tied_embeddings:
-        head = src.model.get_submodule(src.lm_head_name)
-        _copy(dst.model.get_submodule(dst.lm_head_name), _weight(head)[:, hid], _bias(head))
+    def copy(dst_module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        written.extend(_copy(dst_module, weight, bias))
 
+    def module(structure: ModelStructure, name: str) -> nn.Module:
+        return structure.model.get_submodule(name)
+
+    def copy_norm(src_norm: nn.Module, dst_norm: nn.Module, scale: torch.Tensor | float) -> None:
+        # The norm multiplies by (weight + offset): fold `scale` into that product, store it less the offset.
+        effective = (f32(_weight(src_norm))[hid] + offset) * scale
+        copy(dst_norm, cast(effective - offset))
+
+    assert src.embedding_name is not None and dst.embedding_name is not None
+    src_emb, dst_emb = module(src, src.embedding_name), module(dst, dst.embedding_name)
+    # A scaled embedding multiplies by sqrt(hidden_size) of its config: make up for the smaller one (module docstring).
+    emb_ratio = _embed_scale(src_emb, dtype) / _embed_scale(dst_emb, dtype)
+    copy(dst_emb, cast(f32(_weight(src_emb))[:, hid] * zh * emb_ratio))
+    if src.final_norm_name is not None and dst.final_norm_name is not None:
+        # A tied head already carries the gate through the embedding matrix, and its ratio, which the norm undoes.
+        final_scale = 1.0 / emb_ratio if src.tied_embeddings else zh
+        copy_norm(module(src, src.final_norm_name), module(dst, dst.final_norm_name), final_scale)
+    elif src.tied_embeddings and emb_ratio != 1.0:
+        raise ValueError(
+            "export_pruned: a scaled embedding tied to the LM head needs a final norm to make up for the new scale"
+        )
+    if src.lm_head_name is not None and dst.lm_head_name is not None and not src.tied_embeddings:
+        head = module(src, src.lm_head_name)
+        copy(module(dst, dst.lm_head_name), _weight(head)[:, hid], _bias(head))
+
+    heads, kv_heads, inter = src.attention.num_heads, src.attention.num_kv_heads, src.intermediate_size
     for new_block, block in zip(dst.blocks, blocks):
         i = block.index
         groups = group_keep[i]
@@ -219,36 +272,70 @@ def _fill(
         kv_rows = (groups[:, None] * d + torch.arange(d, device=groups.device)[None, :]).reshape(-1)
         # One gate per query head (its group's gate), spread over the head's d output columns.
         head_gate = zs["heads"][i][groups].repeat_interleave(g * d)
-        layer_attn, layer_mlp = zs["head_layer"][i], zs["mlp"][i]
+        attn, new_attn = block.attention, new_block.attention
 
-        for sub, new_sub in ((block.attention, new_block.attention), (block.mlp, new_block.mlp)):
-            assert sub.norm is not None and new_sub.norm is not None
-            _copy(new_sub.norm, cast(f32(_weight(sub.norm))[hid] * zh))
+        # Per sublayer: the scale of what it writes to the residual stream (its layer gate times the hidden gate)
+        # goes into its post-norm if it has one, else into the rows of its output linear.
+        out_scale = {}
+        for sub, new_sub, layer_gate in (
+            (attn, new_attn, zs["head_layer"][i]),
+            (block.mlp, new_block.mlp, zs["mlp"][i]),
+        ):
+            if sub.norm is not None:
+                assert new_sub.norm is not None
+                copy_norm(sub.norm, new_sub.norm, zh)
+            if sub.post_norm is not None:
+                assert new_sub.post_norm is not None
+                copy_norm(sub.post_norm, new_sub.post_norm, zh * layer_gate)
+                out_scale[sub.kind] = torch.ones_like(zh)
+            else:
+                out_scale[sub.kind] = zh * layer_gate
 
-        for role, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-            lin = block.attention.linear(role)
+        if "qkv" in attn.roles:
+            # Fused [q | k | v] (Phi-3): the kept rows of each part, at its offset in the fused output.
+            rows = torch.cat([q_rows, heads * d + kv_rows, (heads + kv_heads) * d + kv_rows])
+            role_rows = [("qkv", rows)]
+        else:
+            role_rows = [("q", q_rows), ("k", kv_rows), ("v", kv_rows)]
+        for role, rows in role_rows:
+            lin = attn.linear(role)
             b = _bias(lin)
-            _copy(new_block.attention.linear(role), _weight(lin)[rows][:, hid], None if b is None else b[rows])
-        o = block.attention.linear("o")
-        scale_rows = (layer_attn * zh)[:, None]
-        o_w = f32(_weight(o))[hid][:, q_rows] * head_gate[None, :] * scale_rows
+            copy(new_attn.linear(role), _weight(lin)[rows][:, hid], None if b is None else b[rows])
+        for role, name in attn.inner_norms.items():
+            w = _weight(module(src, name))
+            if src.qk_norm == "projection":  # OLMo 2: one weight per q / k row, kept with its head
+                w = w[q_rows if role == "q_norm" else kv_rows]
+            copy(module(dst, new_attn.inner_norms[role]), w)
+        o = attn.linear("o")
+        o_w = f32(_weight(o))[hid][:, q_rows] * head_gate[None, :] * out_scale["attention"][:, None]
         o_b = _bias(o)
-        _copy(
-            new_block.attention.linear("o"), cast(o_w), None if o_b is None else cast(f32(o_b)[hid] * layer_attn * zh)
-        )
+        copy(new_attn.linear("o"), cast(o_w), None if o_b is None else cast(f32(o_b)[hid] * out_scale["attention"]))
 
         chans = chan_keep[i]
-        for role in ("gate", "up"):
+        if "gate_up" in block.mlp.roles:
+            # Fused [gate | up] (Phi-3): the kept channels of both halves.
+            mlp_rows = [("gate_up", torch.cat([chans, inter + chans]))]
+        else:
+            mlp_rows = [("gate", chans), ("up", chans)]
+        for role, rows in mlp_rows:
             lin = block.mlp.linear(role)
             b = _bias(lin)
-            _copy(new_block.mlp.linear(role), _weight(lin)[chans][:, hid], None if b is None else b[chans])
+            copy(new_block.mlp.linear(role), _weight(lin)[rows][:, hid], None if b is None else b[rows])
         down = block.mlp.linear("down")
-        down_w = f32(_weight(down))[hid][:, chans] * zs["intermediate"][i][chans][None, :] * (layer_mlp * zh)[:, None]
+        down_w = f32(_weight(down))[hid][:, chans] * zs["intermediate"][i][chans][None, :] * out_scale["mlp"][:, None]
         down_b = _bias(down)
-        _copy(
+        copy(
             new_block.mlp.linear("down"),
             cast(down_w),
-            None if down_b is None else cast(f32(down_b)[hid] * layer_mlp * zh),
+            None if down_b is None else cast(f32(down_b)[hid] * out_scale["mlp"]),
+        )
+
+    done = {id(t) for t in written}
+    missing = [name for name, p in dst.model.named_parameters() if id(p) not in done]
+    if missing:
+        raise RuntimeError(
+            f"export_pruned: {dst.arch} has parameters this export does not fill: {missing[:6]}; it cannot prune "
+            "this architecture exactly"
         )
 
 

@@ -1,4 +1,4 @@
-"""Hard-concrete (L0) masks over the structure of a LLaMA-family model (Sheared-LLaMA, Xia et al. 2023).
+"""Hard-concrete (L0) masks over the structure of a decoder-only model (Sheared-LLaMA, Xia et al. 2023).
 
 :class:`HardConcrete` is one group of gates (Louizos et al. 2018): a ``log_alpha`` per unit, a stretched and
 clipped concrete sample in training, ``P(gate != 0)`` as the differentiable expected size, and a deterministic
@@ -21,6 +21,11 @@ attention cannot express. So a pruned model keeps ``k`` KV heads and ``k * g`` q
 group size ``g`` never changes. Without GQA (``num_kv_heads == num_heads``) a group is a single head, as in the
 paper.
 
+**Families.** :data:`PRUNABLE_ARCHS` lists the Hugging Face families that can be pruned (and exported): LLaMA,
+Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-3 and OLMo 2. :func:`check_prunable` refuses the others
+with the reason: mixture-of-experts MLPs (Mixtral, Qwen3-MoE), whose experts are 3-D tensors with no channel to
+mask per expert, and GPT-2 (LayerNorm with a bias, no gated MLP).
+
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -36,25 +41,29 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_accel.models.structure import ModelStructure, get_structure
+from lit_accel.models.structure import ModelStructure, Sublayer, get_structure
 
 __all__ = [
     "EPSILON",
     "LOG_ALPHA_MAX",
     "LOG_ALPHA_MIN",
     "MASK_GROUPS",
+    "PRUNABLE_ARCHS",
     "STRETCH",
     "TEMPERATURE",
     "HardConcrete",
     "L0Masks",
     "PrunableShape",
+    "check_prunable",
     "count_params",
 ]
 
@@ -75,6 +84,22 @@ _DETERMINISTIC_SCALE = 0.8
 
 MASK_GROUPS: tuple[str, ...] = ("head_layer", "mlp", "heads", "intermediate", "hidden")
 """Names of the mask groups of :class:`L0Masks`, in a fixed order."""
+
+PRUNABLE_ARCHS: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+)
+"""``config.model_type`` of the Hugging Face families structured pruning supports end to end (masks and export)."""
+_SUPPORTED_TEXT = "LLaMA, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2"
+_ATTENTION_ROLES = ({"q", "k", "v", "o"}, {"qkv", "o"})
+_MLP_ROLES = ({"gate", "up", "down"}, {"gate_up", "down"})
 
 
 class HardConcrete(nn.Module):
@@ -172,9 +197,77 @@ class HardConcrete(nn.Module):
         return self.deterministic(keep)
 
 
+def check_prunable(structure: ModelStructure) -> None:
+    """Raise the reason why structured pruning cannot handle a model, or return if it can.
+
+    Args:
+        structure: The model's :class:`~lit_accel.models.structure.ModelStructure`.
+
+    Raises:
+        ValueError: The model is a mixture of experts or GPT-2, or its sublayers lack the roles pruning slices (separate
+            ``q``/``k``/``v`` or a fused ``qkv`` of ``nn.Linear``, and ``o``; ``gate``/``up``/``down`` or a fused
+            ``gate_up``, and ``down``). The message names the family and why.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from lit_accel.models.structure import get_structure
+        >>> gpt2 = get_structure(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2)))
+        >>> check_prunable(gpt2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: structured pruning does not support GPT-2 (arch='gpt2'): ...
+    """
+    arch = structure.arch
+    if structure.is_moe:
+        raise ValueError(
+            f"structured pruning of mixture-of-experts MLPs ({arch}) is not supported: the experts' weights are 3-D "
+            "tensors (one slice per expert) behind a router, so the MLP-channel masks and the export, which slice "
+            "gate/up/down linears, have nothing to act on; prune a dense model instead. Supported families: "
+            f"{_SUPPORTED_TEXT}"
+        )
+    if arch == "gpt2":
+        raise ValueError(
+            f"structured pruning does not support GPT-2 (arch={arch!r}): its LayerNorms have a bias and subtract "
+            "the mean (the hidden-dim masks renormalise RMSNorms over the kept dims), its MLP has no gate, and its "
+            f"Conv1D layers store weights transposed. Supported families: {_SUPPORTED_TEXT}"
+        )
+    block = structure.blocks[0]
+    attn, mlp = set(block.attention.roles), set(block.mlp.roles)
+    fused = "qkv" in attn and not isinstance(block.attention.linear("qkv"), nn.Linear)
+    if not any(r <= attn for r in _ATTENTION_ROLES) or not any(r <= mlp for r in _MLP_ROLES) or fused:
+        raise ValueError(
+            "structured pruning needs attention roles ['k', 'o', 'q', 'v'] (or a fused nn.Linear 'qkv' and 'o') and "
+            f"MLP roles ['down', 'gate', 'up'] (or a fused 'gate_up' and 'down'), as in {_SUPPORTED_TEXT}; model "
+            f"arch={arch!r} has attention roles {sorted(attn)} and MLP roles {sorted(mlp)}"
+        )
+
+
+def _hidden_must_divide_heads(structure: ModelStructure) -> bool:
+    """Whether the model's config class refuses a ``hidden_size`` that is not a multiple of the query heads.
+
+    Asked of the config itself (LLaMA, Gemma 2 and Gemma 3 refuse one in transformers 5; Qwen3, Phi-3 and OLMo 2
+    keep ``head_dim`` apart and do not), so the rule follows the installed transformers.
+    """
+    config = getattr(structure.model, "config", None)
+    heads = structure.attention.num_heads
+    if config is None or not callable(getattr(config, "validate_architecture", None)) or heads <= 1:
+        return False
+
+    def refused(hidden: int) -> bool:
+        probe = copy.deepcopy(config)
+        try:
+            probe.hidden_size = hidden
+            probe.validate_architecture()
+        except ValueError:
+            return True
+        return False
+
+    return not refused(heads * 3) and refused(heads * 3 + 1)
+
+
 @dataclass
 class PrunableShape:
-    """The sizes of a LLaMA-family model that the masks and the parameter count need."""
+    """The sizes and layout of a model that the masks and the parameter count need."""
 
     num_layers: int
     """Decoder blocks."""
@@ -201,8 +294,18 @@ class PrunableShape:
     mlp_bias: bool
     """Whether gate/up/down have biases."""
     arch: str = ""
-    """The architecture (``ModelStructure.arch``: ``"llama"``, ``"mistral"``, ``"qwen2"``); LLaMA configs need
-    ``hidden_size`` to be a multiple of ``num_attention_heads``."""
+    """The architecture (``ModelStructure.arch``, e.g. ``"llama"``, ``"gemma2"``)."""
+    hidden_multiple_of_heads: bool = False
+    """Whether the config refuses a ``hidden_size`` that is not a multiple of ``num_attention_heads`` (LLaMA,
+    Gemma 2, Gemma 3), so a pruned hidden size must be one."""
+    attention_norms: int = 1
+    """Norms over the hidden dims in each attention sublayer: 1 (a pre-norm; OLMo 2: a post-norm) or 2 (Gemma 2/3's
+    sandwich: pre- and post-norm)."""
+    mlp_norms: int = 1
+    """Likewise for each MLP sublayer."""
+    qk_norm: Literal["none", "head", "projection"] = "none"
+    """The attention's q/k norms: none; per ``"head"`` (Qwen3, Gemma 3: ``2 * head_dim`` weights per layer, never
+    pruned); over the whole ``"projection"`` (OLMo 2: one weight per q and k row, pruned with its head)."""
 
     @property
     def kv_group_size(self) -> int:
@@ -211,24 +314,23 @@ class PrunableShape:
 
     @classmethod
     def from_structure(cls, structure: ModelStructure) -> PrunableShape:
-        """Read the sizes from a :class:`~lit_accel.models.structure.ModelStructure` of a LLaMA-family model.
+        """Read the sizes from the :class:`~lit_accel.models.structure.ModelStructure` of a prunable model.
 
         Raises:
-            ValueError: The model's sublayers lack the q/k/v/o and gate/up/down roles (e.g. GPT-2's fused qkv).
+            ValueError: :func:`check_prunable` refuses the model (mixture of experts, GPT-2, missing roles).
         """
-        attn_roles, mlp_roles = {"q", "k", "v", "o"}, {"gate", "up", "down"}
+        check_prunable(structure)
         block = structure.blocks[0]
-        if not attn_roles <= set(block.attention.roles) or not mlp_roles <= set(block.mlp.roles):
-            raise ValueError(
-                f"structured pruning needs attention roles {sorted(attn_roles)} and MLP roles {sorted(mlp_roles)} "
-                f"(LLaMA, Mistral, Qwen2); model arch={structure.arch!r} has attention roles "
-                f"{sorted(block.attention.roles)} and MLP roles {sorted(block.mlp.roles)}"
-            )
         a = structure.attention
 
         def has_bias(role: str, sub: str) -> bool:
             sublayer = block.attention if sub == "attention" else block.mlp
+            if role not in sublayer.roles:  # a fused projection (Phi-3) holds the role
+                role = {"q": "qkv", "up": "gate_up"}[role]
             return getattr(sublayer.linear(role), "bias", None) is not None
+
+        def hidden_norms(sub: Sublayer) -> int:
+            return (sub.norm is not None) + (sub.post_norm is not None)
 
         return cls(
             num_layers=structure.num_layers,
@@ -244,11 +346,15 @@ class PrunableShape:
             o_bias=has_bias("o", "attention"),
             mlp_bias=has_bias("up", "mlp"),
             arch=structure.arch,
+            hidden_multiple_of_heads=_hidden_must_divide_heads(structure),
+            attention_norms=hidden_norms(block.attention),
+            mlp_norms=hidden_norms(block.mlp),
+            qk_norm=structure.qk_norm,
         )
 
 
 def count_params(shape: PrunableShape, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Parameter count of a LLaMA-family model given per-unit keep scores, differentiable in the scores.
+    """Parameter count of a prunable model given per-unit keep scores, differentiable in the scores.
 
     With scores in {0, 1} this is the exact parameter count of the model that keeps the units scored 1 (the
     count :func:`~lit_accel.pruning.export.export_pruned` produces). With expected L0 values it is the expected
@@ -287,8 +393,15 @@ def count_params(shape: PrunableShape, scores: dict[str, torch.Tensor]) -> torch
     total = total + channels * hid * 3
     if shape.mlp_bias:
         total = total + 2 * channels + hid * layer_mlp.sum()
-    # input_layernorm belongs to the attention sublayer, post_attention_layernorm to the MLP; plus the final norm.
-    total = total + hid * (layer_attn.sum() + layer_mlp.sum() + 1)
+    # Each sublayer's norms over the hidden dims (LLaMA: input_layernorm for attention, post_attention_layernorm for
+    # the MLP; Gemma 2/3: a pre- and a post-norm each), plus the final norm.
+    total = total + hid * (shape.attention_norms * layer_attn.sum() + shape.mlp_norms * layer_mlp.sum() + 1)
+    if shape.qk_norm == "head":
+        # One head_dim-wide q_norm and k_norm per attention sublayer, shared by its heads.
+        total = total + 2 * d * layer_attn.sum()
+    elif shape.qk_norm == "projection":
+        # One weight per q row (g * d per group) and per k row (d per group).
+        total = total + groups * (g * d + d)
     total = total + hid * shape.vocab_size
     if shape.has_lm_head and not shape.tied_embeddings:
         total = total + hid * shape.vocab_size
@@ -296,16 +409,20 @@ def count_params(shape: PrunableShape, scores: dict[str, torch.Tensor]) -> torch
 
 
 class L0Masks(nn.Module):
-    """Every hard-concrete mask group of Sheared-LLaMA for one LLaMA-family model (see the module docstring).
+    """Every hard-concrete mask group of Sheared-LLaMA for one model (see the module docstring).
 
     The masks live in their own module (not inside the model) so that they can get their own optimizer group,
     and so that the model's ``state_dict`` keeps its Hugging Face keys.
 
     Args:
-        model: A Hugging Face LLaMA, Mistral or Qwen2 model (causal LM or base model); only its sizes are read.
+        model: A Hugging Face model of a family in :data:`PRUNABLE_ARCHS` (causal LM or base model); only its sizes
+            are read.
         keep: Units kept per group by the deterministic (evaluation) masks: a dict with any of ``"layers"``,
             ``"heads"`` (KV groups per layer), ``"intermediate"`` and ``"hidden"``. Groups not given keep the
             rounded mean of their expected L0. :class:`~lit_accel.pruning.targets.PruningTarget.keep` builds it.
+
+    Raises:
+        ValueError: The model is not prunable (:func:`check_prunable`: mixture of experts, GPT-2).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -371,9 +488,9 @@ class L0Masks(nn.Module):
         clamped ``log_alpha`` values, so that an exported model only loses entire decoder blocks; within kept blocks
         each gate takes its own deterministic value. Heads and intermediate channels keep the same count in every
         layer because a Hugging Face config has one ``num_key_value_heads`` and one ``intermediate_size``.
-        Counts come from ``keep``; a group without one keeps the rounded mean expected L0 (at least 1). For LLaMA,
-        whose config needs ``hidden_size`` to be a multiple of ``num_attention_heads``, a hidden count that comes
-        from the expected L0 (not from ``keep``) is rounded to the nearest such multiple.
+        Counts come from ``keep``; a group without one keeps the rounded mean expected L0 (at least 1). For a family
+        whose config needs ``hidden_size`` to be a multiple of ``num_attention_heads`` (LLaMA, Gemma 2/3), a hidden
+        count that comes from the expected L0 (not from ``keep``) is rounded to the nearest such multiple.
         """
         layers = self.keep.get("layers")
         if layers is None:
@@ -390,7 +507,7 @@ class L0Masks(nn.Module):
             kept[order[:layers]] = True
         heads = self._keep("heads", self.heads)
         hidden = self._keep("hidden", self.hidden)
-        if self.shape.arch == "llama" and "hidden" not in self.keep:
+        if self.shape.hidden_multiple_of_heads and "hidden" not in self.keep:
             q_heads = heads * self.shape.kv_group_size
             rounded = round(hidden / q_heads) * q_heads
             hidden = max(q_heads, rounded - q_heads if rounded > self.shape.hidden_size else rounded)

@@ -175,9 +175,9 @@ class PruningTarget:
 
         Raises:
             ValueError: A dim is not an int in ``[1, full size]`` of the model (a target larger than the model); a
-                preset whose heads cannot be reached from the model's; for LLaMA, a hidden size that is not a
-                multiple of the kept query heads (transformers refuses to load such a config). The message names
-                the argument and what is allowed.
+                preset whose heads cannot be reached from the model's; for a family whose config needs it (LLaMA,
+                Gemma 2/3), a hidden size that is not a multiple of the kept query heads (transformers refuses to
+                load such a config). The message names the argument and what is allowed.
         """
         if self.param_ratio is not None:
             return {}
@@ -211,11 +211,11 @@ class PruningTarget:
             else:
                 out[key] = value
         heads = out["heads"] * shape.kv_group_size
-        if shape.arch == "llama" and out["hidden"] % heads:
+        if shape.hidden_multiple_of_heads and out["hidden"] % heads:
             raise ValueError(
                 f"PruningTarget: {where}hidden_size={out['hidden']} with num_kv_heads={out['heads']} "
-                f"({heads} query heads); a LLaMA config needs hidden_size to be a multiple of num_attention_heads "
-                f"(transformers refuses to load it otherwise): use a multiple of {heads}"
+                f"({heads} query heads); a {shape.arch} config needs hidden_size to be a multiple of "
+                f"num_attention_heads (transformers refuses to load it otherwise): use a multiple of {heads}"
             )
         return out
 
