@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +35,14 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lit_accel.models.architectures import (
+    PATTERN_EXAMPLE,
+    SUPPORTED_ARCHS,
+    StructurePatterns,
+    as_patterns,
+    hf_patterns,
+    join_name,
+)
 from lit_accel.models.params import full_shape
 
 __all__ = [
@@ -442,194 +449,9 @@ class ModelStructure:
         return sum(_param_numel(p) for p in kept.values())
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Patterns
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StructurePatterns:
-    """Describe your own transformer so that :func:`get_structure` (and every technique) can work on it.
-
-    Block names are matched with ``re.fullmatch`` against ``model.named_modules()``; the other names are dotted
-    paths relative to a block (or to a sublayer, for roles) or to the root (for ``embedding`` etc.). Shapes not
-    given are read from ``model.config`` when there is one, else inferred where possible.
-
-    Example:
-        >>> patterns = StructurePatterns(
-        ...     blocks=r"encoder\\.layers\\.\\d+", attention="attn", mlp="ff",
-        ...     attention_norm="norm1", mlp_norm="norm2", num_heads=4,
-        ...     attention_roles={"q": "q", "k": "k", "v": "v", "o": "out"}, mlp_roles={"up": "fc1", "down": "fc2"})
-        >>> structure = get_structure(my_model, patterns)  # doctest: +SKIP
-    """
-
-    blocks: str
-    """Regex that fully matches the qualified names of the blocks, e.g. ``r"encoder\\.layers\\.\\d+"``."""
-    attention: str
-    """Name of the attention module relative to a block, e.g. ``"attn"``."""
-    mlp: str
-    """Name of the MLP module relative to a block, e.g. ``"ff"``."""
-    attention_norm: str | None = None
-    """Name of the norm before attention, relative to a block; None if there is none."""
-    mlp_norm: str | None = None
-    """Name of the norm before the MLP, relative to a block; None if there is none."""
-    attention_roles: dict[str, str] = field(default_factory=dict)
-    """Role (``q``, ``k``, ``v``, ``o`` or ``qkv``) -> linear name relative to the attention module."""
-    mlp_roles: dict[str, str] = field(default_factory=dict)
-    """Role (``gate``, ``up``, ``down`` or ``gate_up``) -> linear name relative to the MLP module. Roles whose
-    module is missing in a block are left out there when the block's MLP is a mixture of experts."""
-    attention_post_norm: str | None = None
-    """Name of a norm applied to the attention output (before the residual add), relative to a block."""
-    mlp_post_norm: str | None = None
-    """Name of a norm applied to the MLP output (before the residual add), relative to a block."""
-    attention_inner_norms: dict[str, str] = field(default_factory=dict)
-    """Role (``q_norm``, ``k_norm``) -> norm name relative to the attention module."""
-    mlp_experts: str | None = None
-    """Name, relative to the MLP module, of the module holding a mixture of experts' weights; a block whose MLP has
-    no such child is a dense MLP."""
-    mlp_router: str | None = None
-    """Name, relative to the MLP module, of a mixture of experts' router."""
-    embedding: str | None = None
-    """Qualified name of the token embedding, if any."""
-    lm_head: str | None = None
-    """Qualified name of the output projection, if any."""
-    final_norm: str | None = None
-    """Qualified name of the final norm, if any."""
-    position_embedding: str | None = None
-    """Qualified name of a learned position embedding, if any (counted as an embedding by ``num_parameters``)."""
-    num_heads: int | None = None
-    """Query heads; required when the model has no ``config``."""
-    num_kv_heads: int | None = None
-    """Key/value heads; defaults to ``num_heads``."""
-    head_dim: int | None = None
-    """Head size; defaults to ``hidden_size // num_heads``."""
-    hidden_size: int | None = None
-    """Residual width; defaults to the config, the embedding width or the first attention linear's input."""
-    intermediate_size: int | None = None
-    """MLP width; defaults to the config or the output of the MLP's ``up`` (else first) linear."""
-    vocab_size: int | None = None
-    """Vocabulary size; defaults to the config or the embedding's rows (0 if neither)."""
-    max_position_embeddings: int | None = None
-    """Longest sequence; defaults to the config (None if unknown)."""
-    arch: str = "custom"
-    """Name reported in :attr:`ModelStructure.arch`."""
-
-
-@dataclass(frozen=True)
-class _HFSpec:
-    blocks: str
-    attention: str
-    mlp: str
-    attention_norm: str | None
-    mlp_norm: str | None
-    attention_roles: dict[str, str]
-    mlp_roles: dict[str, str]
-    embedding: str
-    final_norm: str
-    position_embedding: str | None = None
-    attention_post_norm: str | None = None
-    mlp_post_norm: str | None = None
-    attention_inner_norms: dict[str, str] = field(default_factory=dict)
-    mlp_experts: str | None = None
-    mlp_router: str | None = None
-
-
-_LLAMA_LIKE = _HFSpec(
-    blocks="layers",
-    attention="self_attn",
-    mlp="mlp",
-    attention_norm="input_layernorm",
-    mlp_norm="post_attention_layernorm",
-    attention_roles={"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
-    mlp_roles={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    embedding="embed_tokens",
-    final_norm="norm",
-)
-_QK_NORMS = {"q_norm": "q_norm", "k_norm": "k_norm"}
-_QWEN3 = dataclasses.replace(_LLAMA_LIKE, attention_inner_norms=_QK_NORMS)
-_GEMMA2 = dataclasses.replace(
-    _LLAMA_LIKE,
-    mlp_norm="pre_feedforward_layernorm",
-    attention_post_norm="post_attention_layernorm",
-    mlp_post_norm="post_feedforward_layernorm",
-)
-_HF_SPECS: dict[str, _HFSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _QWEN3,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _GEMMA2,
-    "gemma3_text": dataclasses.replace(_GEMMA2, attention_inner_norms=_QK_NORMS),
-    "phi3": dataclasses.replace(
-        _LLAMA_LIKE,
-        attention_roles={"qkv": "qkv_proj", "o": "o_proj"},
-        mlp_roles={"gate_up": "gate_up_proj", "down": "down_proj"},
-    ),
-    "olmo2": dataclasses.replace(
-        _LLAMA_LIKE,
-        attention_norm=None,
-        mlp_norm=None,
-        attention_post_norm="post_attention_layernorm",
-        mlp_post_norm="post_feedforward_layernorm",
-        attention_inner_norms=_QK_NORMS,
-    ),
-    "mixtral": dataclasses.replace(_LLAMA_LIKE, mlp_roles={}, mlp_experts="experts", mlp_router="gate"),
-    # Qwen3-MoE keeps dense MLPs in ``mlp_only_layers``: those blocks get the usual roles.
-    "qwen3_moe": dataclasses.replace(_QWEN3, mlp_experts="experts", mlp_router="gate"),
-    "gpt2": _HFSpec(
-        blocks="h",
-        attention="attn",
-        mlp="mlp",
-        attention_norm="ln_1",
-        mlp_norm="ln_2",
-        attention_roles={"qkv": "c_attn", "o": "c_proj"},
-        mlp_roles={"up": "c_fc", "down": "c_proj"},
-        embedding="wte",
-        final_norm="ln_f",
-        position_embedding="wpe",
-    ),
-}
-SUPPORTED_ARCHS: tuple[str, ...] = tuple(_HF_SPECS)
-"""``config.model_type`` values :func:`get_structure` understands without patterns."""
-
-_PATTERN_EXAMPLE = (
-    "StructurePatterns(blocks=r'encoder\\.layers\\.\\d+', attention='attn', mlp='ff', "
-    "attention_norm='norm1', mlp_norm='norm2', num_heads=8)"
-)
-
-
-def as_patterns(value: Any, owner: str) -> StructurePatterns | None:
-    r"""A callback's ``patterns`` argument as a :class:`StructurePatterns`: one, a dict of its fields (YAML), or None.
-
-    Raises:
-        ValueError: Naming ``owner`` (e.g. ``"DropBP"``) and the value, for anything else or a dict with unknown or
-            missing fields.
-
-    Example:
-        >>> as_patterns({"blocks": r"layers\.\d+", "attention": "attn", "mlp": "ff"}, "DropBP").mlp
-        'ff'
-    """
-    if value is None or isinstance(value, StructurePatterns):
-        return value
-    if isinstance(value, Mapping):
-        try:
-            return StructurePatterns(**value)
-        except TypeError as err:
-            raise ValueError(f"{owner} patterns={value!r} is not a valid StructurePatterns: {err}") from None
-    raise ValueError(
-        f"{owner} patterns={value!r} is not allowed; patterns must be a StructurePatterns, a dict of its fields, "
-        "or None"
-    )
-
-
 def _few(names: list[str], n: int = 12) -> str:
     shown = ", ".join(repr(x) for x in names[:n])
     return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def _child(root: nn.Module, root_name: str, path: str, field_name: str) -> nn.Module:
@@ -670,7 +492,7 @@ def _make_sublayer(
     optional_roles: bool = False,
 ) -> Sublayer:
     module = _child(block, block_name, path, field_prefix)
-    name = _join(block_name, path)
+    name = join_name(block_name, path)
     norm = _child(block, block_name, norm_path, f"{field_prefix}_norm") if norm_path is not None else None
     post = _child(block, block_name, post_norm_path, f"{field_prefix}_post_norm") if post_norm_path else None
     linears = _collect_linears(module, name)
@@ -684,21 +506,21 @@ def _make_sublayer(
                 f"StructurePatterns.{field_prefix}_roles[{role!r}]={rel!r} is a {type(target).__name__}, "
                 f"not a linear layer"
             )
-        qual_roles[role] = _join(name, rel)
+        qual_roles[role] = join_name(name, rel)
     qual_inner: dict[str, str] = {}
     for role, rel in (inner_norms or {}).items():
         _child(module, name, rel, f"{field_prefix}_inner_norms[{role!r}]")
-        qual_inner[role] = _join(name, rel)
+        qual_inner[role] = join_name(name, rel)
     return Sublayer(
         kind=kind,
         block_index=index,
         name=name,
         module=module,
-        norm_name=_join(block_name, norm_path) if norm_path is not None else None,
+        norm_name=join_name(block_name, norm_path) if norm_path is not None else None,
         norm=norm,
         linears=linears,
         roles=qual_roles,
-        post_norm_name=_join(block_name, post_norm_path) if post_norm_path else None,
+        post_norm_name=join_name(block_name, post_norm_path) if post_norm_path else None,
         post_norm=post,
         inner_norms=qual_inner,
     )
@@ -739,8 +561,8 @@ def _experts_shape(model: nn.Module, sub: Sublayer, p: StructurePatterns, hidden
         experts_per_token=top_k,
         intermediate_size=width,
         hidden_size=hidden,
-        router_name=_join(sub.name, p.mlp_router) if router is not None and p.mlp_router else None,
-        experts_name=_join(sub.name, p.mlp_experts),
+        router_name=join_name(sub.name, p.mlp_router) if router is not None and p.mlp_router else None,
+        experts_name=join_name(sub.name, p.mlp_experts),
     )
 
 
@@ -796,52 +618,6 @@ def _build_blocks(model: nn.Module, p: StructurePatterns) -> list[Block]:
     return blocks
 
 
-def _hf_patterns(model: nn.Module, arch: str) -> StructurePatterns:
-    spec = _HF_SPECS[arch]
-    modules = dict(model.named_modules())
-    # Search for the block list below any prefix so wrapped models (peft's ``base_model.model.``) work too.
-    base: str | None = None
-    for name, module in modules.items():
-        if not isinstance(module, nn.ModuleList):
-            continue
-        if name == spec.blocks:
-            base = ""
-        elif name.endswith("." + spec.blocks):
-            base = name[: -len(spec.blocks) - 1]
-        else:
-            continue
-        if _join(base, spec.embedding) in modules:
-            break
-        base = None
-    if base is None:
-        raise ValueError(
-            f"{type(model).__name__} has config.model_type={arch!r} but no ModuleList named {spec.blocks!r} next to "
-            f"an embedding {spec.embedding!r}; pass StructurePatterns(...) to describe it, e.g. {_PATTERN_EXAMPLE}"
-        )
-    lm_heads = [n for n in modules if n == "lm_head" or n.endswith(".lm_head")]
-    final_norm = _join(base, spec.final_norm)
-    pos = _join(base, spec.position_embedding) if spec.position_embedding else None
-    return StructurePatterns(
-        blocks=re.escape(_join(base, spec.blocks)) + r"\.\d+",
-        attention=spec.attention,
-        mlp=spec.mlp,
-        attention_norm=spec.attention_norm,
-        mlp_norm=spec.mlp_norm,
-        attention_roles=dict(spec.attention_roles),
-        mlp_roles=dict(spec.mlp_roles),
-        embedding=_join(base, spec.embedding),
-        lm_head=lm_heads[0] if lm_heads else None,
-        final_norm=final_norm if final_norm in modules else None,
-        position_embedding=pos if pos in modules else None,
-        attention_post_norm=spec.attention_post_norm,
-        mlp_post_norm=spec.mlp_post_norm,
-        attention_inner_norms=dict(spec.attention_inner_norms),
-        mlp_experts=spec.mlp_experts,
-        mlp_router=spec.mlp_router,
-        arch=arch,
-    )
-
-
 def _embedding_shape(embedding: nn.Module | None) -> tuple[int | None, int | None]:
     weight = getattr(embedding, "weight", None)
     if not isinstance(weight, torch.Tensor):
@@ -869,7 +645,7 @@ def _unsupported(model: nn.Module, model_type: str | None) -> ValueError:
     return ValueError(
         f"get_structure does not know {type(model).__name__} ({what}). Supported architectures: "
         f"{', '.join(SUPPORTED_ARCHS)}. For any other transformer, describe it with patterns, e.g. "
-        f"get_structure(model, {_PATTERN_EXAMPLE}). If this is a LightningModule, pass the Hugging Face model it "
+        f"get_structure(model, {PATTERN_EXAMPLE}). If this is a LightningModule, pass the Hugging Face model it "
         "holds (e.g. `module.model`)."
     )
 
@@ -900,9 +676,9 @@ def get_structure(model: nn.Module, patterns: StructurePatterns | None = None) -
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if patterns is None:
-        if not isinstance(model_type, str) or model_type not in _HF_SPECS:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_ARCHS:
             raise _unsupported(model, model_type)
-        patterns = _hf_patterns(model, model_type)
+        patterns = hf_patterns(model, model_type)
 
     blocks = _build_blocks(model, patterns)
     embedding = _root_module(model, patterns.embedding, "embedding", blocks)
@@ -924,7 +700,7 @@ def get_structure(model: nn.Module, patterns: StructurePatterns | None = None) -
     if num_heads is None:
         raise ValueError(
             "StructurePatterns.num_heads is required: the model has no config with num_attention_heads, "
-            f"e.g. {_PATTERN_EXAMPLE}"
+            f"e.g. {PATTERN_EXAMPLE}"
         )
     num_kv = _first(patterns.num_kv_heads, _cfg_int(config, "num_key_value_heads"), num_heads)
     head_dim = _first(patterns.head_dim, _cfg_int(config, "head_dim"), hidden // num_heads)
