@@ -24,6 +24,10 @@ rank 0 when a process group is initialised: the SVD of the same gathered matrix 
 deterministic in practice, but a shape that differs between ranks would be fatal, so it is not left to chance.
 Under DDP and ZeRO-1/2 the strategy broadcasts rank 0's parameter values when it wraps the model.
 
+Families: every one :func:`~lit_accel.models.structure.get_structure` knows; Phi-3's fused ``qkv_proj`` and
+``gate_up_proj`` are factorised as one matrix each; mixture-of-experts MLPs (Mixtral, Qwen3-MoE) hold 3-D expert
+tensors, not linears, so their experts stay dense (see :func:`~lit_accel.models.surgery.match_linears`).
+
 Composition: LoRA (which wraps *dense* linears) and factorisation cannot be stacked on one layer;
 :func:`apply_factorization` refuses a target that already carries ``lora_A`` adapters.
 
@@ -282,10 +286,14 @@ def apply_factorization(
     carrying ``lora_A`` adapters is an error.
 
     Args:
-        model: A Hugging Face causal LM (LLaMA, Mistral, Qwen2, GPT-2), or any model with ``patterns``.
+        model: A Hugging Face causal LM of a supported family (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2,
+            Mixtral, Qwen3-MoE, GPT-2), or any model with ``patterns``.
         targets: ``"attention"``, ``"mlp"``, ``"all-linear"``, role names (``q``, ``k``, ``v``, ``o``, ``gate``,
-            ``up``, ``down``, GPT-2 ``qkv``), module-name suffixes or regular expressions (see
-            :func:`~lit_accel.models.surgery.match_linears`). Ignored when ``rank`` is a dict.
+            ``up``, ``down``; GPT-2 and Phi-3 ``qkv``, Phi-3 ``gate_up``), module-name suffixes or regular
+            expressions (see :func:`~lit_accel.models.surgery.match_linears`). Ignored when ``rank`` is a dict.
+            Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are factorised whole. In Mixtral and Qwen3-MoE the
+            experts' weights are 3-D tensors, not linears: they stay dense (a warning names the blocks), the router
+            is never factorised, and ``targets`` that select nothing else are a ``ValueError``.
         rank: One rank for every target (``1 <= rank < min(in, out)`` for each), or a dict qualified layer name ->
             rank that factorises exactly those layers (e.g. the ranks saved by
             :func:`~lit_accel.lowrank.factorize_io.save_factorized`; a saved rank may be ``min(in, out)`` and is
@@ -324,7 +332,7 @@ def apply_factorization(
         else:
             if targets is None:
                 raise ValueError("targets=None is only allowed with a dict of ranks; give a preset or patterns")
-            chosen = match_linears(model, targets, patterns=patterns)
+            chosen = match_linears(model, targets, patterns=patterns, technique="SVD factorisation")
     todo = {name: m for name, m in chosen.items() if name not in already}
 
     # Check every target before changing any, so a bad argument never leaves a half-factorised model.

@@ -67,7 +67,9 @@ class FactorizationSettings:
 
     targets: str | list[str] = "attention"
     """Which linears: ``"attention"``, ``"mlp"``, ``"all-linear"``, role names (``q``, ``k``, ``v``, ``o``,
-    ``gate``, ``up``, ``down``; GPT-2 ``qkv``), module-name suffixes or regular expressions. The LM head never."""
+    ``gate``, ``up``, ``down``; GPT-2 and Phi-3 ``qkv``, Phi-3 ``gate_up``), module-name suffixes or regular
+    expressions. The LM head never. In Mixtral and Qwen3-MoE the experts are 3-D tensors, not linears, and stay
+    dense (a warning says so; ``targets`` that select nothing else are refused at set-up)."""
     rank: int | dict[str, int] | None = None
     """One rank ``r`` for every target (``1 <= r < min(in, out)``), or a dict qualified layer name -> rank (e.g. to
     resume under DeepSpeed with the ranks a first run chose). Exactly one of ``rank`` and ``energy``."""

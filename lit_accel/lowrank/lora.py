@@ -6,6 +6,12 @@ everything else; :func:`merge_lora` / :func:`unmerge_lora` fold the adapters int
 export are in :mod:`lit_accel.lowrank.lora_io`; the q/k/v and gate/up layers that share an input run as a
 :class:`~lit_accel.lowrank.lora_groups.SharedInputGroup` on CUDA.
 
+Families: every one :func:`~lit_accel.models.structure.get_structure` knows. Phi-3's fused ``qkv_proj`` and
+``gate_up_proj`` are one linear each (one adapter each, PEFT's layout; nothing to group). In Mixtral and Qwen3-MoE
+the experts' weights are 3-D tensors, not linears, so the experts stay frozen without adapters and the router is
+never adapted: the attention (and Qwen3-MoE's dense ``mlp_only_layers``) are adapted, with a warning naming the
+mixture-of-experts blocks (see :func:`~lit_accel.models.surgery.match_linears`).
+
 A wrapped linear keeps the original module at ``.base_layer`` (so :func:`~lit_accel.models.structure.is_linear`
 still sees one linear under its original name) and holds two parameters: ``lora_A`` ``[r, in]`` and ``lora_B``
 ``[out, r]``. Its state-dict keys are ``<name>.base_layer.weight`` (``.bias``), ``<name>.lora_A`` and
@@ -311,7 +317,9 @@ def group_shared_inputs(model: nn.Module, patterns: StructurePatterns | None = N
     """Groups the :class:`LoRALinear` layers of each block that read one input (q/k/v; gate/up).
 
     :func:`apply_lora` calls it; call it again after replacing layers by hand. A model whose structure is not
-    known (no supported architecture, no ``patterns``) gets no groups: every layer then runs on its own.
+    known (no supported architecture, no ``patterns``) gets no groups: every layer then runs on its own. A fused
+    projection (GPT-2's ``c_attn``, Phi-3's ``qkv_proj`` and ``gate_up_proj``: roles ``qkv``, ``gate_up``) is already
+    one linear reading its input once, so it joins no group; a mixture-of-experts MLP has no adapted linears.
 
     Args:
         model: The model holding the LoRA layers.
@@ -414,10 +422,15 @@ def apply_lora(
     ``lora_A`` / ``lora_B`` train. Idempotent: layers that are already :class:`LoRALinear` are kept as they are.
 
     Args:
-        model: A Hugging Face causal LM (LLaMA, Mistral, Qwen2, GPT-2), or any transformer with ``patterns``.
+        model: A Hugging Face causal LM of a supported family (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2,
+            Mixtral, Qwen3-MoE, GPT-2), or any transformer with ``patterns``.
         targets: ``"attention"``, ``"mlp"``, ``"all-linear"``, role names (``q``, ``k``, ``v``, ``o``, ``gate``,
-            ``up``, ``down``, GPT-2 ``qkv``), module-name suffixes (``q_proj``) or regular expressions over
-            qualified names (see :func:`~lit_accel.models.surgery.match_linears`). The LM head is never adapted.
+            ``up``, ``down``; GPT-2 and Phi-3 ``qkv``, Phi-3 ``gate_up``), module-name suffixes (``q_proj``) or regular
+            expressions over qualified names (see :func:`~lit_accel.models.surgery.match_linears`). The LM head is
+            never adapted. Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` get one adapter each, as PEFT gives them.
+            In Mixtral and Qwen3-MoE the experts' weights are 3-D tensors, not linears: they stay frozen without
+            adapters (a warning names the blocks), the router is never adapted, and ``targets`` that select
+            nothing else (``"mlp"`` on Mixtral) are a ``ValueError``.
         r: Rank of the adapters, ``1 <= r <= min(in, out)`` of every selected linear.
         alpha: Scaling numerator, ``> 0``.
         dropout: Dropout on the adapter input, in ``[0, 1)``.
@@ -437,8 +450,9 @@ def apply_lora(
 
     Raises:
         ValueError: A bad ``r`` / ``alpha`` / ``dropout`` / ``init`` / ``base_dtype`` (the message names it);
-            ``targets`` matching nothing (the message lists the model's linears); ``r`` larger than a selected
-            linear allows (the message names the layer and its shape).
+            ``targets`` matching nothing (the message lists the model's linears, or says that only
+            mixture-of-experts MLPs were selected); ``r`` larger than a selected linear allows (the message names
+            the layer and its shape).
     """
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r={r!r} is not allowed; r must be an int >= 1")
@@ -451,7 +465,7 @@ def apply_lora(
     if not isinstance(recompute_inputs, bool):
         raise ValueError(f"recompute_inputs={recompute_inputs!r} is not allowed; recompute_inputs must be a bool")
     dtype = parse_dtype(base_dtype)
-    selected = match_linears(model, targets, patterns=patterns)
+    selected = match_linears(model, targets, patterns=patterns, technique="LoRA")
     for name, module in selected.items():
         if isinstance(module, LoRALinear):
             continue

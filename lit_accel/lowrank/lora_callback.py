@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 from typing_extensions import override
 
 from lit_accel.lowrank.lora import LORA_INITS, apply_lora, lora_layers, parse_dtype
-from lit_accel.lowrank.lora_io import check_lora_base, merged_state_dict, save_peft_adapter
+from lit_accel.lowrank.lora_io import check_lora_base, merged_state_dict, peft_layout_problem, save_peft_adapter
 from lit_accel.models.hf_directory import check_output_directory, model_fingerprint, save_hf_directory
 from lit_accel.models.structure import StructurePatterns, as_patterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
@@ -61,7 +61,9 @@ class LoRASettings:
 
     targets: str | list[str] = "all-linear"
     """Which linears get adapters: ``attention``, ``mlp``, ``all-linear``, role names (``q``, ``k``, ``v``, ``o``,
-    ``gate``, ``up``, ``down``, GPT-2 ``qkv``), module-name suffixes (``q_proj``) or regular expressions."""
+    ``gate``, ``up``, ``down``; GPT-2 and Phi-3 ``qkv``, Phi-3 ``gate_up``), module-name suffixes (``q_proj``) or
+    regular expressions. In Mixtral and Qwen3-MoE the experts are 3-D tensors, not linears, and get no adapters (a
+    warning says so; ``targets`` that select nothing else are refused at set-up)."""
     r: int = 8
     """Rank of every adapter, ``>= 1`` and ``<= min(in, out)`` of each adapted linear."""
     alpha: float = 16
@@ -198,8 +200,10 @@ class LoRA(L.Callback):
 
     Raises:
         ValueError: At construction for a bad argument (the message names it, the value and what is allowed); at
-            set-up for targets matching nothing (listing the model's linears) or ``r`` larger than a matched
-            linear allows (naming it and its shape).
+            set-up for targets matching nothing (listing the model's linears, or saying that they select only
+            mixture-of-experts MLPs) or ``r`` larger than a matched linear allows (naming it and its shape); at the
+            start of fit for a PEFT ``export`` of adapters PEFT could not load (dense MLP linears of a
+            mixture-of-experts model, see :func:`~lit_accel.lowrank.lora_io.peft_layout_problem`).
         FileExistsError: At set-up, when an export directory is not empty and ``overwrite`` is False, or holds model
             files that no export recorded writing.
         ValueError: On resuming an adapter-only checkpoint over a base model folder that holds another model than
@@ -274,6 +278,12 @@ class LoRA(L.Callback):
                 " model elsewhere?"
             )
         self.layer_names = list(layers)
+        s = self.settings
+        if s.export_dir is not None and s.export in ("adapter", "both"):
+            # Refused before training rather than after it: the PEFT export at the end could not be loaded.
+            problem = peft_layout_problem(model, self.layer_names, s.patterns)
+            if problem:
+                raise ValueError(f"LoRA export={s.export!r}: {problem}")
         trainable = sum(_numel(p) for p in pl_module.parameters() if p.requires_grad)
         total = sum(_numel(p) for p in pl_module.parameters())
         metrics = {

@@ -6,6 +6,8 @@ the first member called with an input computes every member's output with
 :func:`~lit_accel.ops.lora.lora_linear_group_kernel` (one rank projection of the input, one input gradient, one
 rebuild of the input under ``recompute_input``) and hands the others theirs when they are called with that very
 tensor. This module holds the group itself; finding the groups of a model is set-up, next to ``apply_lora``.
+Fused projections (GPT-2's ``c_attn``, Phi-3's ``qkv_proj`` / ``gate_up_proj``) are one linear already and form no
+group; neither do the 3-D expert weights of a mixture of experts, which carry no adapters.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM

@@ -6,6 +6,14 @@ same logits (``peft`` itself is not needed at run time); :func:`merged_state_dic
 with every adapter folded in, for a Hugging Face directory. Under DeepSpeed ZeRO-3 every one of them gathers the
 adapters (never writing them empty): call it on every rank.
 
+Families: every supported one round-trips through PEFT (Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are single
+linears to PEFT too, named in ``target_modules``). Mixture-of-experts models carry adapters on the attention only:
+the experts are 3-D tensors, not linears. One case is refused (:func:`peft_layout_problem`): adapters on the dense
+MLP linears of a mixture-of-experts model (Qwen3-MoE's ``mlp_only_layers``), because PEFT with transformers >= 5
+re-targets every ``gate_proj`` / ``up_proj`` / ``down_proj`` of such a model to the experts' fused weights and would
+not load them. A PEFT adapter on the experts themselves (``target_parameters``) is refused by
+:func:`load_peft_adapter`.
+
 Example:
     >>> import tempfile
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -43,7 +52,7 @@ from lit_accel.models.hf_directory import (
     write_directory,
 )
 from lit_accel.models.params import full_state_dict, gathered, is_partitioned, is_rank_zero
-from lit_accel.models.structure import StructurePatterns, linear_in_out_features
+from lit_accel.models.structure import ModelStructure, StructurePatterns, get_structure, linear_in_out_features
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -51,6 +60,7 @@ __all__ = [
     "check_lora_base",
     "load_peft_adapter",
     "merged_state_dict",
+    "peft_layout_problem",
     "read_peft_adapter",
     "save_peft_adapter",
 ]
@@ -118,6 +128,51 @@ def check_lora_base(recorded: Mapping[str, Any], now: Mapping[str, Any] | str, w
 # ---------------------------------------------------------------------------------------------------------------
 # PEFT format
 # ---------------------------------------------------------------------------------------------------------------
+
+# Module names that PEFT, on transformers >= 5, maps to a mixture of experts' fused parameters (or its router) in
+# every model of an MoE architecture, whatever block they are in (peft.utils.transformers_weight_conversion).
+_PEFT_MOE_REMAPPED = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+
+
+def _structure_or_none(model: nn.Module, patterns: StructurePatterns | None = None) -> ModelStructure | None:
+    try:
+        return get_structure(model, patterns)
+    except ValueError:
+        return None
+
+
+def peft_layout_problem(
+    model: nn.Module, names: Sequence[str], patterns: StructurePatterns | None = None
+) -> str | None:
+    """Why ``PeftModel.from_pretrained`` could not load adapters on the linears ``names`` of ``model``, or None.
+
+    The one known case: a mixture-of-experts model (Mixtral, Qwen3-MoE) with adapters on dense MLP linears named
+    ``gate_proj`` / ``up_proj`` / ``down_proj`` (Qwen3-MoE's ``mlp_only_layers``). PEFT, on transformers >= 5,
+    re-targets those names to the experts' fused 3-D weights in every block, so the dense layers' adapters would not
+    load. Attention adapters are never affected.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        ...                                      num_attention_heads=4, vocab_size=128))
+        >>> peft_layout_problem(model, ["model.layers.0.mlp.down_proj"]) is None
+        True
+    """
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return None
+    structure = _structure_or_none(model, patterns)
+    if structure is None or not structure.is_moe:
+        return None
+    remapped = [n for n in names if n.rsplit(".", 1)[-1] in _PEFT_MOE_REMAPPED]
+    if not remapped:
+        return None
+    shown = ", ".join(remapped[:4]) + (f", ... ({len(remapped)} in all)" if len(remapped) > 4 else "")
+    return (
+        f"{type(model).__name__} (model_type {structure.arch!r}) is a mixture of experts, and PEFT (with transformers"
+        " >= 5) re-targets every module named gate_proj, up_proj or down_proj in such a model to the experts' fused"
+        f" 3-D weights, so it would not load the adapters of the dense MLP linears {shown}. For a PEFT adapter, adapt"
+        " the attention only (targets='attention'); or export the merged model, which keeps them."
+    )
 
 
 @dataclass
@@ -212,7 +267,7 @@ def save_peft_adapter(
             other files there are kept.
 
     Raises:
-        ValueError: The model has no LoRA layer.
+        ValueError: The model has no LoRA layer, or adapters PEFT could not load (:func:`peft_layout_problem`).
         FileExistsError: ``directory`` is not empty and ``overwrite`` is False, holds model files no export
             recorded, or is being written by another export.
     """
@@ -220,6 +275,9 @@ def save_peft_adapter(
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_peft_adapter: the model has no LoRA layer (call apply_lora first); nothing to save")
+    problem = peft_layout_problem(model, list(layers))
+    if problem:
+        raise ValueError(f"save_peft_adapter: {problem}")
     partitioned = any(is_partitioned(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B))
     if partitioned or is_rank_zero():
         # Under ZeRO-3 on every rank, before the collective gathering (so that no rank is left waiting in it). Else
@@ -325,12 +383,24 @@ def load_peft_adapter(model: nn.Module, directory: str | Path, patterns: Structu
     saved without conversion gets its residual base as PEFT would). Under ZeRO-3 call it on every rank.
 
     Raises:
-        ValueError: A module named in the adapter is missing or not a linear, or its shape does not fit the
-            adapter (the message names the module, the adapter's shapes and the base's shape); or the adapter has
-            settings that are not supported (see :func:`read_peft_adapter`).
+        ValueError: A module named in the adapter is missing or not a linear (e.g. a mixture of experts' fused
+            experts, which PEFT adapts through ``target_parameters``), or its shape does not fit the adapter (the
+            message names the module, the adapter's shapes and the base's shape); or the adapter has settings that
+            are not supported (see :func:`read_peft_adapter`).
     """
     config, modules = read_peft_adapter(directory)
     present = dict(model.named_modules())
+    structure = _structure_or_none(model, patterns)
+    blocks = structure.blocks if structure is not None else []
+    experts = [b.mlp.experts.experts_name for b in blocks if b.mlp.experts and b.mlp.experts.experts_name]
+    on_experts = [n for n in modules if any(n == e or n.startswith(e + ".") for e in experts)]
+    if on_experts and structure is not None:
+        raise ValueError(
+            f"the adapter adapts {on_experts[0]!r}, the experts of a mixture of experts in"
+            f" {type(model).__name__} (model_type {structure.arch!r}): their weights are 3-D tensors (PEFT's"
+            " target_parameters), not linears, and lit_accel's LoRA adapts linears only. Use an adapter on the"
+            " attention (and dense MLP) linears, or merge it with PEFT (merge_and_unload) and load the merged model."
+        )
     for name, t in modules.items():
         module = present.get(name)
         if module is None:

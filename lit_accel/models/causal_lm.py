@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 # The one deliberate upward import: CausalLM applies the fused kernels by default on CUDA (kernels sit above models
 # because they patch per-family forwards found through lit_accel.models.structure). A module reference, its names
@@ -78,8 +79,6 @@ def _attention_for(config: Any, wanted: str) -> str:
     # default then falls back to the eager attention (what HF itself uses for Gemma 2), saying so once.
     if wanted != "sdpa":
         return wanted
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
     cls: Any = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if isinstance(cls, type) and not getattr(cls, "_supports_sdpa", True):
         warnings.warn(

@@ -22,6 +22,8 @@ from lit_accel.sparsity.functional import (
     masked_decay_,
     masked_linear,
     rowwise_24_mask,
+    set_24_masks,
+    sparsify_linears,
     transposable_24_mask_reference,
     transposable_patterns,
 )
@@ -39,6 +41,8 @@ __all__ = [
     "masked_decay_",
     "masked_linear",
     "rowwise_24_mask",
+    "set_24_masks",
+    "sparsify_linears",
     "transposable_24_mask_reference",
     "transposable_patterns",
 ]

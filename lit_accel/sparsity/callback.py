@@ -37,7 +37,7 @@ from typing_extensions import override
 
 from lit_accel.models.hf_directory import save_hf_directory
 from lit_accel.models.params import full_shape, full_state_dict, gathered
-from lit_accel.models.surgery import find_hf_model, match_linears, replace_module, run_after_configure_model
+from lit_accel.models.surgery import find_hf_model, run_after_configure_model
 from lit_accel.observe.wandb import BarChart, WandbCharts, other_loggers
 from lit_accel.ops.sparse24 import transposable_24_mask
 from lit_accel.ops.sparse24_gemm import (
@@ -49,11 +49,11 @@ from lit_accel.ops.sparse24_gemm import (
 from lit_accel.settings import settings_from, takes_settings
 from lit_accel.sparsity.functional import (
     SparseLinear,
-    check_24_shape,
     flip_rate,
     masked_decay_,
     masked_decay_term,
     rowwise_24_mask,
+    sparsify_linears,
 )
 
 __all__ = ["KERNEL_CHOICES", "MASKS_FILE", "PHASES", "SemiStructuredSparsity", "SemiStructuredSparsitySettings"]
@@ -81,7 +81,9 @@ class SemiStructuredSparsitySettings:
 
     targets: str | list[str] = "mlp"
     """Which decoder linears become 2:4 sparse: a preset (``"mlp"``, ``"attention"``, ``"all-linear"``), a regex,
-    or a list of roles / names / patterns (see :func:`~lit_accel.models.surgery.match_linears`)."""
+    or a list of roles / names / patterns (see :func:`~lit_accel.models.surgery.match_linears`). In Mixtral and
+    Qwen3-MoE the experts are 3-D tensors, not linears, and stay dense: use ``"attention"`` or ``"all-linear"``
+    there (``"mlp"`` selects only Qwen3-MoE's dense ``mlp_only_layers``, and nothing at all in Mixtral)."""
     dense_warmup_steps: int = 0
     """Optimizer steps trained dense before the first mask."""
     mask_refresh_every: int = 40
@@ -188,7 +190,10 @@ class SemiStructuredSparsity(L.Callback):
     (DropBP dropped its sublayer) gets no decay in that step, on every strategy.
 
     A target layer that cannot take the mask (a dim not a multiple of 4, or not an ``nn.Linear``) stays dense,
-    with a warning naming the layer, its shape and the reason.
+    with a warning naming the layer, its shape and the reason. Every supported family works: Phi-3's fused
+    ``qkv_proj`` / ``gate_up_proj`` are masked whole; in a mixture of experts (Mixtral, Qwen3-MoE) the experts'
+    weights are 3-D tensors, not linears, so they stay dense with a warning naming the blocks (the router is never
+    targeted), and ``targets`` that select nothing else (the default ``"mlp"`` on Mixtral) are refused at setup.
 
     Logged (to every logger, from rank 0): ``sparsity24/phase`` (index into :data:`PHASES`),
     ``sparsity24/density`` (kept fraction of the target layers' weights in the forward), at each refresh
@@ -199,7 +204,8 @@ class SemiStructuredSparsity(L.Callback):
 
     Raises:
         ValueError: At construction, for an argument outside what is allowed (the message names it, its value
-            and what is allowed); at setup, when ``targets`` matches no linear; at the start
+            and what is allowed); at setup, when ``targets`` matches no linear (also when it selects only
+            mixture-of-experts MLPs, whose experts are not linears); at the start
             of fit, for a ``dense_finetune_fraction`` > 0 in a run of unknown length.
 
     Example:
@@ -255,27 +261,13 @@ class SemiStructuredSparsity(L.Callback):
 
     # ------------------------------------------------------------------ surgery
     def _apply(self, model: nn.Module) -> None:
-        chosen = match_linears(model, self.settings.targets)
-        for name, module in chosen.items():
-            if isinstance(module, SparseLinear):
-                self.layers[name] = module  # already converted: the surgery is idempotent
-                continue
-            shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
-            if type(module) is not nn.Linear:
-                reason = f"it is a {type(module).__name__}, not an nn.Linear"
-            else:
-                reason = check_24_shape(module.weight, transposable=self.settings.transposable) or ""
-            if reason:
-                if name not in self.skipped:
-                    rank_zero_warn(
-                        f"SemiStructuredSparsity: layer {name!r} (weight shape {shape}) stays dense: {reason}."
-                    )
-                self.skipped[name] = reason
-                continue
-            assert isinstance(module, nn.Linear)
-            new = SparseLinear.from_linear(module)
-            replace_module(model, name, new)
-            self.layers[name] = new
+        layers, skipped = sparsify_linears(model, self.settings.targets, transposable=self.settings.transposable)
+        self.layers.update(layers)
+        for name, reason in skipped.items():
+            if name not in self.skipped:
+                shape = tuple(getattr(model.get_submodule(name), "weight", torch.empty(0)).shape)
+                rank_zero_warn(f"SemiStructuredSparsity: layer {name!r} (weight shape {shape}) stays dense: {reason}.")
+            self.skipped[name] = reason
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -11,6 +11,12 @@ The mask algorithms and the masked product are ops (:mod:`lit_accel.ops.sparse24
 * :func:`flip_rate`: the fraction of mask entries that changed between two refreshes (the paper's health signal).
 * :class:`SparseLinear` / :func:`masked_linear`: ``y = x (W*M)^T + b``, ``dX = dY (W*M)``, ``dW = dY^T x`` dense.
 * :func:`masked_decay_`: the paper's masked decay, ``grad += decay * W * (1 - M)``.
+* :func:`sparsify_linears`: the surgery, target linears -> :class:`SparseLinear` (same parameters), on every
+  supported family: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are masked as one matrix each (with transposable
+  masks this equals masking q, k, v (gate, up) apart, their boundaries being multiples of 4); a mixture of experts'
+  MLP (Mixtral, Qwen3-MoE) has 3-D expert weights, not linears, so its experts stay dense and its router is never
+  targeted (:func:`~lit_accel.models.surgery.match_linears` warns, or refuses targets that select nothing else).
+* :func:`set_24_masks`: compute every sparse layer's mask from its current weight and set it.
 
 Example:
     >>> import torch
@@ -22,18 +28,22 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_accel.models.params import full_shape
+from lit_accel.models.params import full_shape, gathered
+from lit_accel.models.structure import StructurePatterns
+from lit_accel.models.surgery import match_linears, replace_module
 from lit_accel.ops.masked_linear import MaskedLinearFunction, masked_linear
 from lit_accel.ops.sparse24 import (
     NUM_TRANSPOSABLE_PATTERNS,
     check_24_shape,
     rowwise_24_mask,
+    transposable_24_mask,
     transposable_24_mask_reference,
     transposable_patterns,
 )
@@ -50,6 +60,8 @@ __all__ = [
     "masked_decay_term",
     "masked_linear",
     "rowwise_24_mask",
+    "set_24_masks",
+    "sparsify_linears",
     "transposable_24_mask_reference",
     "transposable_patterns",
 ]
@@ -198,3 +210,84 @@ def masked_decay_term(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tens
             f"gradient of {tuple(grad.shape)} (a partitioned ZeRO-3 weight outside its module's backward?)"
         )
     return grad + decay * weight.detach().to(grad.dtype) * (~mask.bool()).to(grad.dtype)
+
+
+def sparsify_linears(
+    model: nn.Module,
+    targets: str | Sequence[str] = "mlp",
+    *,
+    transposable: bool = True,
+    patterns: StructurePatterns | None = None,
+) -> tuple[dict[str, SparseLinear], dict[str, str]]:
+    """Swaps the target linears of ``model`` for :class:`SparseLinear` (dense until a mask is set), in place.
+
+    Each new layer shares the original ``weight`` and ``bias`` objects, so an optimizer built before still holds
+    them and ``state_dict`` keys do not change. Idempotent: a layer that already is a :class:`SparseLinear` is
+    returned as it is. A target that cannot take a 2:4 mask (not a plain ``nn.Linear``, or a dim that is not a
+    multiple of 4) is left as it is and reported with the reason.
+
+    Works on every supported family (see :func:`~lit_accel.models.surgery.match_linears`): Phi-3's fused
+    ``qkv_proj`` and ``gate_up_proj`` become one sparse layer each; in Mixtral and Qwen3-MoE the experts' weights are
+    3-D tensors, not linears, so they stay dense (a warning names the blocks) and the router is never targeted.
+
+    Args:
+        model: A supported Hugging Face causal LM, or any transformer with ``patterns``.
+        targets: A preset (``"mlp"``, ``"attention"``, ``"all-linear"``), roles, module names or regexes.
+        transposable: Whether the masks will be transposable (both dims multiples of 4) or row-wise (input dim).
+        patterns: Module-name patterns for a model that is not a supported architecture.
+
+    Returns:
+        ``(layers, skipped)``: qualified name -> :class:`SparseLinear`, and qualified name -> why a target was
+        left dense.
+
+    Raises:
+        ValueError: ``targets`` matches no linear (also when it selects only mixture-of-experts MLPs).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        ...                                      num_attention_heads=4, vocab_size=128))
+        >>> layers, skipped = sparsify_linears(model, "mlp")
+        >>> kept = set_24_masks(layers)["model.layers.0.mlp.up_proj"].float().mean().item()
+        >>> sorted(n.rsplit(".", 1)[1] for n in layers), skipped, kept
+        (['down_proj', 'gate_proj', 'up_proj'], {}, 0.5)
+    """
+    chosen = match_linears(model, targets, patterns=patterns, technique="2:4 sparsity")
+    layers: dict[str, SparseLinear] = {}
+    skipped: dict[str, str] = {}
+    for name, module in chosen.items():
+        if isinstance(module, SparseLinear):
+            layers[name] = module
+            continue
+        if type(module) is not nn.Linear:
+            skipped[name] = f"it is a {type(module).__name__}, not an nn.Linear"
+            continue
+        reason = check_24_shape(module.weight, transposable=transposable)
+        if reason:
+            skipped[name] = reason
+            continue
+        new = SparseLinear.from_linear(module)
+        replace_module(model, name, new)
+        layers[name] = new
+    return layers, skipped
+
+
+@torch.no_grad()
+def set_24_masks(layers: Mapping[str, SparseLinear], *, transposable: bool = True) -> dict[str, torch.Tensor]:
+    """Computes each layer's 2:4 mask from its current weight, sets it, and returns the masks by name.
+
+    ``transposable`` picks :func:`~lit_accel.ops.sparse24.transposable_24_mask` (2:4 in ``W`` and ``W^T``; Triton on
+    CUDA) or :func:`rowwise_24_mask`. Under ZeRO-3 the weights are gathered first (call it on every rank).
+
+    Example:
+        >>> layer = SparseLinear.from_linear(nn.Linear(8, 4))
+        >>> int(set_24_masks({"fc": layer})["fc"].sum()), layer.mask is not None
+        (16, True)
+    """
+    masks: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        with gathered([layer.weight]):  # type: ignore[list-item]  # a Parameter, typed Tensor by nn.Linear
+            weight = layer.weight.detach()
+            masks[name] = transposable_24_mask(weight) if transposable else rowwise_24_mask(weight)
+        layer.set_mask(masks[name])
+    return masks

@@ -1,11 +1,14 @@
-"""match_linears presets/patterns/errors and run_after_configure_model ordering."""
+"""match_linears presets/patterns/errors (fused projections, mixtures of experts) and run_after_configure_model
+ordering."""
 
 from __future__ import annotations
+
+import warnings
 
 import lightning as L
 import pytest
 import torch
-from _helpers import tiny_llama
+from _helpers import tiny_family, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lit_accel.models import CausalLM
@@ -64,3 +67,67 @@ def test_runs_after_configure_model_before_the_optimizer(tmp_path) -> None:
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
     assert seen == ["again", "optimizer"]
+
+
+# ------------------------------------------------------------------ families: fused projections, mixtures of experts
+
+
+def _moe_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "mixture of experts" in str(w.message)]
+
+
+def test_fused_roles_resolve_and_split_roles_say_which_to_use() -> None:
+    phi3 = tiny_family("phi3")
+    assert list(match_linears(phi3, ["qkv", "gate_up"]))[:2] == [
+        "model.layers.0.self_attn.qkv_proj",
+        "model.layers.0.mlp.gate_up_proj",
+    ]
+    assert {n.rsplit(".", 1)[1] for n in match_linears(phi3, "mlp")} == {"gate_up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[1] for n in match_linears(phi3, "o")} == {"o_proj"}  # a role, not the regex "o"
+    with pytest.warns(UserWarning, match=r"Role\(s\) \['q', 'v'\] select nothing: Phi3ForCausalLM.*name 'qkv'"):
+        chosen = match_linears(phi3, ["q", "v", "down"])
+    assert {n.rsplit(".", 1)[1] for n in chosen} == {"down_proj"}
+    # "up" is a role: it never matches gate_up_proj as a regex would.
+    with pytest.raises(ValueError, match=r"targets='up' matches no linear.*name 'gate_up'"):
+        match_linears(phi3, "up")
+
+
+def test_mixture_of_experts_warns_once_or_refuses() -> None:
+    mixtral = tiny_family("mixtral")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        chosen = match_linears(mixtral, "all-linear", technique="LoRA")
+    (message,) = _moe_warnings(record)
+    assert message.startswith("LoRA: targets='all-linear'") and "model_type 'mixtral'" in message
+    assert "block(s) 0, 1" in message and "3-D tensors" in message and "stay dense" in message
+    assert {n.rsplit(".", 1)[1] for n in chosen} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        match_linears(mixtral, "attention")
+        match_linears(mixtral, r"self_attn\.q_proj")
+    assert not _moe_warnings(record)
+    for targets in ("mlp", ["gate", "up"], ["gate_proj", "down_proj"], r"layers\.1\.mlp"):
+        with pytest.raises(ValueError, match=r"match no linear: they point at the MLP.*model_type 'mixtral'"):
+            match_linears(mixtral, targets)
+    with pytest.raises(ValueError, match=r"block\(s\) 1 is a mixture of experts"):
+        match_linears(mixtral, r"layers\.1\.mlp")
+    # Qwen3-MoE's dense mlp_only_layers MLPs are selected like any other; the MoE block is named in the warning.
+    qwen = tiny_family("qwen3_moe")
+    with pytest.warns(UserWarning, match=r"model_type 'qwen3_moe'\) the MLP of block\(s\) 0 is a mixture"):
+        chosen = match_linears(qwen, "mlp")
+    assert list(chosen) == [f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+
+
+def test_router_is_never_selected() -> None:
+    mixtral = tiny_family("mixtral")
+    for block in mixtral.model.layers:  # a router that is an nn.Linear, as in other MoE implementations
+        block.mlp.gate = torch.nn.Linear(128, 4, bias=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for targets in ("all-linear", ".*", ["q", "gate"]):
+            assert not any(n.endswith(".mlp.gate") for n in match_linears(mixtral, targets))
+
+
+def test_invalid_regex_names_the_pattern() -> None:
+    with pytest.raises(ValueError, match=r"targets pattern 'q_proj\(' is not a valid regular expression"):
+        match_linears(tiny_llama(), ["k", "q_proj("])
