@@ -11,10 +11,17 @@ Three layers, as every op in :mod:`lit_accel.ops`:
 
 Semantics kept from HF. ``q`` is ``(B, Hq, S, D)`` and ``k`` ``(B, Hkv, S, D)`` (GQA: ``Hq != Hkv``), usually
 *non-contiguous*: HF builds them as ``proj(x).view(B, S, H, D).transpose(1, 2)``. ``cos``/``sin`` are
-``(B, S, D)`` or ``(1, S, D)`` as ``LlamaRotaryEmbedding`` returns them, in the hidden states' dtype, which under
+``(B, S, R)`` or ``(1, S, R)`` as ``LlamaRotaryEmbedding`` returns them, in the hidden states' dtype, which under
 bf16-mixed autocast is fp32 while ``q``/``k`` are bf16: HF's result is then fp32 (type promotion of ``q`` and
 ``cos``), and so is ours by default; ``out_dtype=`` overrides it. ``unsqueeze_dim=2`` takes ``(B, S, H, D)``
-inputs instead.
+inputs instead. Any frequency scaling (Llama 3's ``rope_type="llama3"``, YaRN, ...) lives in the ``cos``/``sin``
+tables, which are used as given.
+
+Partial rotary. ``R = cos.shape[-1]`` is the rotary width: usually ``R = D``; with ``R < D`` (Phi-3's, GPT-NeoX's
+or StableLM's ``partial_rotary_factor < 1``) only the first ``R`` channels of each head are rotated (their two
+halves of ``R / 2``) and the other ``D - R`` pass through unchanged (cast to the result dtype), as Phi-3's
+``apply_rotary_pos_emb``: ``cat([rotate(x[..., :R]), x[..., R:]], -1)``. Their gradient passes through unchanged
+too.
 
 Numerics. fp32 math inside, one rounding to the output dtype (HF rounds each product and the sum in the promoted
 dtype: in bf16 the kernel is slightly more accurate; in fp32 they agree to an ulp or so).
@@ -33,7 +40,8 @@ as ``(B, H, S, D)``. Why:
   backward (a ``reshape``) copy the whole activation once more, per layer, for q and for k.
 
 Memory. Autograd saves only ``cos`` and ``sin`` (one pair shared by every layer in HF models), not ``q``/``k``:
-the backward is the inverse rotation, ``dx = dy * cos + rotate_half^T(dy) * sin``, which needs no inputs.
+the backward is the inverse rotation, ``dx = dy * cos + rotate_half^T(dy) * sin`` (and ``dx = dy`` on pass-through
+channels), which needs no inputs.
 ``cos``/``sin`` get no gradient; when either requires grad, :func:`apply_rope` takes the reference.
 """
 
@@ -82,12 +90,14 @@ def apply_rope_reference(
     unsqueeze_dim: int = 1,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE in plain PyTorch, operation for operation as HF LLaMA's ``apply_rotary_pos_emb``.
+    """RoPE in plain PyTorch, operation for operation as HF LLaMA's ``apply_rotary_pos_emb`` (Phi-3's for partial
+    rotary, ``cos.shape[-1] < D``).
 
     Args:
         q: Queries ``(B, Hq, S, D)`` (or ``(B, S, Hq, D)`` with ``unsqueeze_dim=2``).
         k: Keys ``(B, Hkv, S, D)`` (or ``(B, S, Hkv, D)``).
-        cos: ``(B, S, D)`` or ``(1, S, D)``.
+        cos: ``(B, S, R)`` or ``(1, S, R)``, ``R <= D`` the rotary width: the first ``R`` channels of each head
+            are rotated, the rest pass through.
         sin: Same shape as ``cos``.
         unsqueeze_dim: Where ``cos``/``sin`` get their broadcast head dimension.
         out_dtype: Cast the results to this dtype; None keeps HF's promoted dtype.
@@ -101,11 +111,21 @@ def apply_rope_reference(
         >>> qe, ke = apply_rope_reference(q, k, cos, sin)
         >>> torch.equal(qe, q), torch.equal(ke, k)
         (True, True)
+        >>> qe, _ = apply_rope_reference(q, k, -cos[..., :2], sin[..., :2])  # rotate 2 of 4 channels by pi
+        >>> torch.equal(qe[..., :2], -q[..., :2]), torch.equal(qe[..., 2:], q[..., 2:])
+        (True, True)
     """
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
-    q_embed = (q * cos) + (_rotate_half(q) * sin)
-    k_embed = (k * cos) + (_rotate_half(k) * sin)
+    rot = cos.shape[-1]
+    if rot == q.shape[-1]:
+        q_embed = (q * cos) + (_rotate_half(q) * sin)
+        k_embed = (k * cos) + (_rotate_half(k) * sin)
+    else:
+        q_rot, q_pass = q[..., :rot], q[..., rot:]
+        k_rot, k_pass = k[..., :rot], k[..., rot:]
+        q_embed = torch.cat([(q_rot * cos) + (_rotate_half(q_rot) * sin), q_pass], dim=-1)
+        k_embed = torch.cat([(k_rot * cos) + (_rotate_half(k_rot) * sin), k_pass], dim=-1)
     if out_dtype is not None:
         q_embed, k_embed = q_embed.to(out_dtype), k_embed.to(out_dtype)
     return q_embed, k_embed
@@ -143,10 +163,11 @@ def _check_args(q: Any, k: Any, cos: Any, sin: Any, unsqueeze_dim: Any, out_dtyp
         )
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    if cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1] != s or cos.shape[2] != d:
+    if cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1] != s or not 0 < cos.shape[2] <= d:
         raise ValueError(
             f"cos/sin must have shape ({b}, {s}, {d}) or (1, {s}, {d}) for q {tuple(q.shape)} "
-            f"(unsqueeze_dim={unsqueeze_dim}), got {tuple(cos.shape)}"
+            f"(unsqueeze_dim={unsqueeze_dim}), or a last dim R with 0 < R < {d} for partial rotary, "
+            f"got {tuple(cos.shape)}"
         )
     devices = {t.device for t in (q, k, cos, sin)}
     if len(devices) > 1:
@@ -170,8 +191,10 @@ def _unsupported_reason(
     for name, dt in (("q", q.dtype), ("k", k.dtype), ("cos", cos.dtype), ("sin", sin.dtype), ("out_dtype", out_dtype)):
         if dt is not None and dt not in allowed:
             return f"{name} dtype {dt} is not supported (allowed: {', '.join(map(str, allowed))})"
-    if q.shape[3] % 2:
-        return f"head_dim={q.shape[3]} is odd; the kernel rotates two equal halves"
+    rot = cos.shape[-1]
+    if rot % 2:
+        what = f"head_dim={rot}" if rot == q.shape[3] else f"rotary width {rot} (cos.shape[-1])"
+        return f"{what} is odd; the kernel rotates two equal halves"
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         return "cos/sin require grad; the kernel gives them no gradient"
     if q.numel() == 0 or k.numel() == 0:
@@ -223,8 +246,9 @@ def rope_kernel_available(
 ) -> bool:
     """Whether :func:`apply_rope` would run the Triton kernel on these inputs.
 
-    True on CUDA for fp16/bf16/fp32 tensors (mixed allowed) with an even head_dim and ``cos``/``sin`` not
-    requiring grad; on CPU only for fp32 under ``TRITON_INTERPRET=1`` (tests).
+    True on CUDA for fp16/bf16/fp32 tensors (mixed allowed) with an even rotary width ``cos.shape[-1]`` (the
+    head_dim, or less for partial rotary) and ``cos``/``sin`` not requiring grad; on CPU only for fp32 under
+    ``TRITON_INTERPRET=1`` (tests).
 
     Args:
         q: Queries, as for :func:`apply_rope`.
@@ -259,6 +283,7 @@ if _HAS_TRITON:
         s,
         H: tl.constexpr,
         HALF,
+        PASS,
         sxb,
         sxh,
         sxs,
@@ -273,9 +298,12 @@ if _HAS_TRITON:
         s2,
         BLOCK_H: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
+        BLOCK_PASS: tl.constexpr,
+        HAS_PASS: tl.constexpr,
         BACKWARD: tl.constexpr,
     ):
-        """Rotates all H heads of token (b, s): x -> o, with [1, BLOCK_HALF] fp32 cos/sin halves."""
+        """Rotates all H heads of token (b, s): x -> o, with [1, BLOCK_HALF] fp32 cos/sin halves; copies the PASS
+        channels after the rotated 2 * HALF (partial rotary) unchanged, forward and backward alike."""
         offs_d = tl.arange(0, BLOCK_HALF)
         d_ok = offs_d < HALF
         x_base = x_ptr + b * sxb + s * sxs
@@ -298,6 +326,13 @@ if _HAS_TRITON:
             op = o_base + offs_h[:, None] * soh + offs_d[None, :] * sod
             tl.store(op, o1.to(o_ptr.dtype.element_ty), mask=ok)
             tl.store(op + HALF * sod, o2.to(o_ptr.dtype.element_ty), mask=ok)
+            if HAS_PASS:
+                # The identity map and its transpose: one cast to the output dtype, as HF's cat promotes.
+                offs_p = 2 * HALF + tl.arange(0, BLOCK_PASS)
+                ok_p = (offs_h < H)[:, None] & (offs_p < 2 * HALF + PASS)[None, :]
+                xp = tl.load(x_base + offs_h[:, None] * sxh + offs_p[None, :] * sxd, mask=ok_p, other=0.0)
+                tl.store(o_base + offs_h[:, None] * soh + offs_p[None, :] * sod, xp.to(o_ptr.dtype.element_ty),
+                         mask=ok_p)  # fmt: skip
 
     @triton.jit
     def _rope_kernel(
@@ -311,6 +346,7 @@ if _HAS_TRITON:
         HQ: tl.constexpr,
         HK: tl.constexpr,
         HALF,
+        PASS,
         sqb,
         sqh,
         sqs,
@@ -336,6 +372,8 @@ if _HAS_TRITON:
         BLOCK_HQ: tl.constexpr,
         BLOCK_HK: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
+        BLOCK_PASS: tl.constexpr,
+        HAS_PASS: tl.constexpr,
         BACKWARD: tl.constexpr,
     ):
         # One program per token (b, s): cos/sin are read once and serve all Hq + Hkv heads. int64 offsets:
@@ -352,14 +390,14 @@ if _HAS_TRITON:
         c2 = tl.load(cp + HALF * scd, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         s1 = tl.load(sp, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         s2 = tl.load(sp + HALF * ssd, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        _rotate_heads(q_ptr, oq_ptr, b, s, HQ, HALF, sqb, sqh, sqs, sqd, soqb, soqh, soqs, soqd,
-                      c1, c2, s1, s2, BLOCK_HQ, BLOCK_HALF, BACKWARD)  # fmt: skip
-        _rotate_heads(k_ptr, ok_ptr, b, s, HK, HALF, skb, skh, sks, skd, sokb, sokh, soks, sokd,
-                      c1, c2, s1, s2, BLOCK_HK, BLOCK_HALF, BACKWARD)  # fmt: skip
+        _rotate_heads(q_ptr, oq_ptr, b, s, HQ, HALF, PASS, sqb, sqh, sqs, sqd, soqb, soqh, soqs, soqd,
+                      c1, c2, s1, s2, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS, HAS_PASS, BACKWARD)  # fmt: skip
+        _rotate_heads(k_ptr, ok_ptr, b, s, HK, HALF, PASS, skb, skh, sks, skd, sokb, sokh, soks, sokd,
+                      c1, c2, s1, s2, BLOCK_HK, BLOCK_HALF, BLOCK_PASS, HAS_PASS, BACKWARD)  # fmt: skip
 
 
-def _block_h(h: int, block_half: int) -> int:
-    return max(1, min(triton.next_power_of_2(max(h, 1)), _TILE_ELEMS // block_half))
+def _block_h(h: int, block_width: int) -> int:
+    return max(1, min(triton.next_power_of_2(max(h, 1)), _TILE_ELEMS // block_width))
 
 
 def _launch(
@@ -376,11 +414,15 @@ def _launch(
     """Rotates ``x_q`` -> ``o_q`` (first ``hq`` heads) and ``x_k`` -> ``o_k`` (``hk`` heads), all (B, H, S, D).
 
     ``hq``/``hk`` of 0 skip that tensor (its pointers are then never dereferenced). ``cos``/``sin`` are already
-    expanded to ``(B, S, D)`` (a stride-0 batch dim when shared).
+    expanded to ``(B, S, R)`` (a stride-0 batch dim when shared); channels ``R..D`` are copied.
     """
     b, _, s, d = x_q.shape
-    half = d // 2
+    rot = cos.shape[-1]
+    half, n_pass = rot // 2, d - rot
     block_half = triton.next_power_of_2(half)
+    block_pass = triton.next_power_of_2(max(n_pass, 1))
+    # The widest of the per-head tiles sets how many heads one tile holds.
+    block_width = max(block_half, block_pass)
     meta: dict[str, Any] = {} if _interpret() else {"num_warps": _NUM_WARPS}
     _rope_kernel[(b * s,)](
         x_q,
@@ -393,15 +435,18 @@ def _launch(
         hq,
         hk,
         half,
+        n_pass,
         *x_q.stride(),
         *x_k.stride(),
         *cos.stride(),
         *sin.stride(),
         *o_q.stride(),
         *o_k.stride(),
-        BLOCK_HQ=_block_h(hq, block_half),
-        BLOCK_HK=_block_h(hk, block_half),
+        BLOCK_HQ=_block_h(hq, block_width),
+        BLOCK_HK=_block_h(hk, block_width),
         BLOCK_HALF=block_half,
+        BLOCK_PASS=block_pass,
+        HAS_PASS=n_pass > 0,
         BACKWARD=backward,
         **meta,
     )
@@ -410,10 +455,10 @@ def _launch(
 class RoPEFunction(torch.autograd.Function):
     """Autograd function over the RoPE kernel for ``(B, H, S, D)`` q/k of any strides.
 
-    ``apply(q, k, cos, sin, q_dtype, k_dtype)``: ``cos``/``sin`` ``(B, S, D)`` (expanded, stride 0 allowed),
-    ``q_dtype``/``k_dtype`` the output dtypes. Returns ``(q_embed, k_embed)`` with the strides of ``q``/``k``
-    (see the module docstring); saves only ``cos`` and ``sin``; returns no gradient for them. Use
-    :func:`apply_rope` unless the inputs are known to be supported.
+    ``apply(q, k, cos, sin, q_dtype, k_dtype)``: ``cos``/``sin`` ``(B, S, R)`` (expanded, stride 0 allowed; ``R``
+    even, ``R < D`` rotates only the first ``R`` channels of each head), ``q_dtype``/``k_dtype`` the output dtypes.
+    Returns ``(q_embed, k_embed)`` with the strides of ``q``/``k`` (see the module docstring); saves only ``cos`` and
+    ``sin``; returns no gradient for them. Use :func:`apply_rope` unless the inputs are known to be supported.
     """
 
     @staticmethod
@@ -470,7 +515,10 @@ def apply_rope(
         q: Queries ``(B, Hq, S, D)`` with any strides (HF's ``view(B, S, H, D).transpose(1, 2)`` is read as is),
             or ``(B, S, Hq, D)`` with ``unsqueeze_dim=2``.
         k: Keys ``(B, Hkv, S, D)`` (``Hkv`` may differ from ``Hq``: GQA), same layout convention as ``q``.
-        cos: ``(B, S, D)`` or ``(1, S, D)``, e.g. from ``LlamaRotaryEmbedding``; any float dtype.
+        cos: ``(B, S, R)`` or ``(1, S, R)``, e.g. from ``LlamaRotaryEmbedding`` (any ``rope_type``: the tables
+            carry the frequency scaling); any float dtype. ``R`` is the rotary width: ``R = D`` rotates whole heads,
+            ``R < D`` (``partial_rotary_factor < 1``, e.g. Phi-3's tables) only their first ``R`` channels, the rest
+            passing through, as in Phi-3's ``apply_rotary_pos_emb``.
         sin: Same shape as ``cos``.
         unsqueeze_dim: 1 (``(B, H, S, D)`` inputs) or 2 (``(B, S, H, D)`` inputs), as in HF.
         out_dtype: Output dtype of both results. None keeps HF's: the promotion of ``q`` (resp. ``k``), ``cos``

@@ -1,4 +1,5 @@
-"""RMSNorm: the reference against Hugging Face's ``LlamaRMSNorm``, the Triton kernels against the reference.
+"""RMSNorm: the reference against Hugging Face's ``LlamaRMSNorm`` (and the Qwen3, OLMo 2, Gemma 2 and Gemma 3 norms,
+including the per-head ``q_norm``/``k_norm``), the Triton kernels against the reference and those modules.
 
 The Triton kernels run on CPU only under ``TRITON_INTERPRET=1``, and that variable must be set before triton is
 first imported (torch/lightning import it early), so when this process was not started with it, one test runs
@@ -12,13 +13,19 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
+from lit_accel.ops.recompute import recompute_recipe, request_recompute
 from lit_accel.ops.rms_norm import (
     RMSNormFunction,
     rms_norm,
@@ -86,6 +93,73 @@ def _out_tol(x_dtype: torch.dtype, y_dtype: torch.dtype) -> tuple[float, float]:
 # Relative-norm bounds for gradients when any half-precision rounding is involved, per gradient dtype.
 _GRAD_REL = {F32: 1e-2, BF16: 1e-2, F16: 2e-3}
 
+GEMMA: dict[str, Any] = {"weight_offset": 1.0, "cast_mode": "gemma"}
+# How each family's norm is selected, and the input it normalises: Qwen3's and Gemma 3's q_norm/k_norm work per head
+# on (B, S, heads, head_dim) views of the projection; OLMo 2's over the whole (B, S, heads * head_dim) projection;
+# Gemma 2's pre-norms over the hidden size.
+FAMILIES = [
+    pytest.param(Qwen3RMSNorm, {}, (2, 5, 4, 16), id="qwen3-qk-norm"),
+    pytest.param(Olmo2RMSNorm, {"cast_mode": "gemma"}, (2, 5, 4 * 16), id="olmo2-qk-norm"),
+    pytest.param(Gemma2RMSNorm, GEMMA, (2, 5, 48), id="gemma2"),
+    pytest.param(Gemma3RMSNorm, GEMMA, (2, 5, 3, 32), id="gemma3-qk-norm"),
+]
+
+
+def _family(
+    cls: type[torch.nn.Module],
+    kwargs: dict[str, Any],
+    shape: tuple[int, ...],
+    x_dtype: torch.dtype,
+    w_dtype: torch.dtype,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, Any]:
+    """``(x, HF's norm module in w_dtype)``: a random input and random non-zero weights (Gemma's around 0, as its
+    ``(1 + weight)`` is; the others' around 1). For per-head shapes ``x`` is a view of a projection's output."""
+    n = shape[-1]
+    heads = shape[-2] if len(shape) == 4 else 1
+    scale = torch.rand(*shape[:2], heads, 1, device=device) * 3 + 0.1
+    x = torch.randn(*shape[:2], heads, n, device=device) * scale
+    x = x.reshape(*shape[:2], heads * n).view(shape).to(x_dtype).requires_grad_()
+    mod = cls(n, eps=EPS).to(device)
+    center = 0.0 if kwargs.get("weight_offset") else 1.0
+    mod.weight = torch.nn.Parameter((center + 0.2 * torch.randn(n, device=device)).to(w_dtype))
+    return x, mod
+
+
+def _check_family(
+    cls: type[torch.nn.Module],
+    kwargs: dict[str, Any],
+    shape: tuple[int, ...],
+    x_dtype: torch.dtype,
+    w_dtype: torch.dtype,
+    device: str = "cpu",
+    use_kernel: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm`` (the kernel or the reference) against HF's module: output and its dtype, dx and dweight.
+    Returns both outputs ``(ours, HF's)``."""
+    x, mod = _family(cls, kwargs, shape, x_dtype, w_dtype, device)
+    assert not use_kernel or rms_norm_kernel_available(x, mod.weight, **kwargs)
+    y_hf = mod(x)
+    y = rms_norm(x, mod.weight, EPS, use_kernel=use_kernel, **kwargs)
+    assert y.dtype == y_hf.dtype and y.shape == y_hf.shape == x.shape
+    g = torch.randn_like(y_hf)
+    got, exp = _grads(y, [x, mod.weight], g), _grads(y_hf, [x, mod.weight], g)
+    if not use_kernel:
+        # Operation for operation: bit for bit.
+        torch.testing.assert_close(y, y_hf, rtol=0, atol=0)
+        for a, e in zip(got, exp):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+        return y, y_hf
+    rtol, atol = _out_tol(x_dtype, y.dtype)
+    torch.testing.assert_close(y, y_hf, rtol=rtol, atol=atol)
+    for t, a, e in zip((x, mod.weight), got, exp):
+        assert a.dtype == e.dtype == t.dtype
+        if x_dtype == w_dtype == F32:
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+        else:
+            assert _rel(a, e) < _GRAD_REL[t.dtype]
+    return y, y_hf
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference vs Hugging Face (operation for operation, so exact)
@@ -129,6 +203,46 @@ def test_reference_out_dtype_casts_hf_result(
     # Gradients flow through the cast.
     dx, dw = _grads(y, [x, w], torch.ones_like(y))
     assert dx.dtype == x_dtype and dw.dtype == w_dtype and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "shape"), FAMILIES)
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), DTYPE_PAIRS)
+def test_reference_equals_qk_norm_and_gemma_families(
+    cls: type[torch.nn.Module],
+    kwargs: dict[str, Any],
+    shape: tuple[int, ...],
+    x_dtype: torch.dtype,
+    w_dtype: torch.dtype,
+) -> None:
+    _check_family(cls, kwargs, shape, x_dtype, w_dtype, use_kernel=False)
+
+
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), [(BF16, F32), (BF16, BF16), (F16, F16)])
+def test_cast_modes_differ_where_hf_rounds_differently(x_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
+    # The same math; in half precision OLMo 2 (fp32 product, one rounding to x's dtype) is not LLaMA (x_hat rounded
+    # first, product in the promoted dtype), and each mode is bit-exact only for its own family.
+    x, w = _make((16, 256), x_dtype, w_dtype, x_grad=False, w_grad=False)
+    olmo2, _ = _hf(x, w, Olmo2RMSNorm)
+    llama, _ = _hf(x, w, LlamaRMSNorm)
+    gemma_mode = rms_norm_reference(x, w, EPS, cast_mode="gemma")
+    llama_mode = rms_norm_reference(x, w, EPS)
+    assert gemma_mode.dtype == x_dtype and llama_mode.dtype == torch.promote_types(x_dtype, w_dtype)
+    torch.testing.assert_close(gemma_mode, olmo2, rtol=0, atol=0)
+    torch.testing.assert_close(llama_mode, llama, rtol=0, atol=0)
+    assert not torch.equal(gemma_mode.to(llama_mode.dtype), llama_mode)
+    # In fp32 nothing rounds: the two modes agree, and weight_offset is the same as adding it to the weight.
+    x32, w32 = x.float(), w.float()
+    torch.testing.assert_close(rms_norm_reference(x32, w32, EPS, cast_mode="gemma"),
+                               rms_norm_reference(x32, w32, EPS), rtol=1e-6, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(rms_norm_reference(x32, w32 - 1.0, EPS, weight_offset=1.0, cast_mode="gemma"),
+                               rms_norm_reference(x32, w32, EPS), rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+def test_reference_gemma_out_dtype_casts_hf_result() -> None:
+    x, mod = _family(Gemma2RMSNorm, GEMMA, (2, 3, 48), F32, F32)
+    y = rms_norm_reference(x, mod.weight, EPS, out_dtype=BF16, **GEMMA)
+    assert y.dtype == BF16
+    torch.testing.assert_close(y, mod(x).to(BF16), rtol=0, atol=0)
 
 
 def test_reference_matches_float64_math() -> None:
@@ -207,6 +321,35 @@ def test_bad_arguments_raise(
 def test_fallback_reason_checks_arguments_too() -> None:
     with pytest.raises(ValueError, match="weight must have shape"):
         rms_norm_fallback_reason(torch.ones(2, 8), torch.ones(9))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"cast_mode": "olmo"}, ValueError, r"cast_mode must be one of \('llama', 'gemma'\), got 'olmo'"),
+        ({"weight_offset": 1.0}, ValueError, "weight_offset=1.0 needs cast_mode='gemma'"),
+        ({"weight_offset": 1.0, "cast_mode": "llama"}, ValueError, "cast_mode='llama' takes only weight_offset=0.0"),
+        ({"weight_offset": True, "cast_mode": "gemma"}, TypeError, "weight_offset must be a float, got bool"),
+        ({"weight_offset": "1", "cast_mode": "gemma"}, TypeError, "weight_offset must be a float, got str '1'"),
+        ({"weight_offset": float("inf"), "cast_mode": "gemma"}, ValueError, "weight_offset must be finite, got inf"),
+    ],
+)
+@pytest.mark.parametrize(
+    "fn", [rms_norm, rms_norm_reference, lambda x, w, eps, **kw: rms_norm_fallback_reason(x, w, **kw)]
+)
+def test_bad_cast_arguments_raise(
+    fn: Callable[..., Any], kwargs: dict[str, Any], exc: type[Exception], match: str
+) -> None:
+    with pytest.raises(exc, match=match):
+        fn(torch.ones(2, 8), torch.ones(8), EPS, **kwargs)
+
+
+def test_gemma_mode_result_dtype_is_the_input_dtype() -> None:
+    x, w = _make((3, 40), BF16, F32, x_grad=False, w_grad=False)
+    assert rms_norm(x, w, EPS).dtype == F32  # llama: the promoted dtype
+    assert rms_norm(x, w, EPS, cast_mode="gemma").dtype == BF16  # gemma: type_as(x)
+    assert rms_norm(x, w, EPS, out_dtype=F16, **GEMMA).dtype == F16
+    assert rms_norm_kernel_available(x, w, cast_mode="gemma") == rms_norm_kernel_available(x, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,12 +471,72 @@ else:
         assert "x is empty" in str(rms_norm_fallback_reason(torch.ones(0, 40), w))
         assert rms_norm(torch.ones(0, 40), w, EPS).shape == (0, 40)
 
+    @pytest.mark.parametrize(("cls", "kwargs", "shape"), FAMILIES)
+    @pytest.mark.parametrize(("x_dtype", "w_dtype"), [(F32, F32), (F16, F16), (F16, F32)])
+    def test_interp_kernel_matches_qk_norm_and_gemma_families(
+        cls: type[torch.nn.Module],
+        kwargs: dict[str, Any],
+        shape: tuple[int, ...],
+        x_dtype: torch.dtype,
+        w_dtype: torch.dtype,
+    ) -> None:
+        # fp16 stands in for bf16 (the interpreter has no bfloat16): it exercises each mode's roundings.
+        _check_family(cls, kwargs, shape, x_dtype, w_dtype)
+
+    @pytest.mark.parametrize(
+        ("x_dtype", "w_dtype", "out_dtype", "x_grad", "w_grad"),
+        [(F32, F32, None, True, True), (F16, F32, None, True, True), (F16, F16, F32, True, True),
+         (F32, F32, F16, True, True), (F16, F32, None, True, False), (F16, F16, None, False, True)],
+    )  # fmt: skip
+    def test_interp_gemma_mode_matches_reference(
+        x_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype | None, x_grad: bool, w_grad: bool
+    ) -> None:
+        # 19 row blocks over 3 programs: the persistent backward loops, its dweight partial sums unrounded.
+        x, w = _make((37, 24), x_dtype, w_dtype, x_grad=x_grad, w_grad=w_grad)
+        w = (w.detach() - 1.0).requires_grad_(w_grad)  # Gemma's weights are stored around 0
+        y = rms_norm(x, w, EPS, out_dtype=out_dtype, use_kernel=True, **GEMMA)
+        ref = rms_norm_reference(x, w, EPS, out_dtype=out_dtype, **GEMMA)
+        assert y.dtype == ref.dtype == (out_dtype or x_dtype)
+        rtol, atol = _out_tol(x_dtype, y.dtype)
+        torch.testing.assert_close(y, ref, rtol=rtol, atol=atol)
+        inputs = [t for t in (x, w) if t.requires_grad]
+        g = torch.randn_like(y)
+        for t, a, e in zip(inputs, _grads(y, inputs, g), _grads(ref, inputs, g)):
+            assert a.dtype == t.dtype
+            # The reference's backward is fp32 throughout too: only the summation order differs.
+            assert _rel(a, e) < (1e-5 if t.dtype == F32 else 1e-3)
+
+    def test_interp_gemma_mode_no_grad_and_recompute_recipe() -> None:
+        x, mod = _family(Gemma3RMSNorm, GEMMA, (4, 6, 2, 32), F16, F32)
+        with torch.no_grad():
+            y0 = rms_norm(x, mod.weight, EPS, **GEMMA)
+        torch.testing.assert_close(y0, mod(x).detach(), rtol=2e-3, atol=2e-3)
+        # A consumer that rebuilds the output from the saved inputs (a LoRA layer) gets the same bits; the fused
+        # low-rank reduction, which rebuilds the llama roundings only, is not offered for the gemma mode.
+        consumer = type("Consumer", (), {})()
+        request_recompute(consumer)
+        y = rms_norm(x, mod.weight, EPS, **GEMMA)
+        recipe = recompute_recipe(y)
+        assert recipe is not None and recipe.reduce is None
+        assert torch.equal(recipe.run(*recipe.inputs), y) and torch.equal(y, y0)
+        y_llama = rms_norm(x, mod.weight, EPS)
+        recipe_llama = recompute_recipe(y_llama)
+        assert recipe_llama is not None and recipe_llama.reduce is not None
+        assert torch.equal(recipe_llama.run(*recipe_llama.inputs), y_llama)
+        del consumer  # no consumer left: the kernels record nothing again
+
     def test_interp_function_apply_direct() -> None:
         x, w = _make((2, 3, 48), F32, F32)
         y = RMSNormFunction.apply(x, w, EPS, F32)
         ref = rms_norm_reference(x, w, EPS)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         g = torch.randn_like(ref)
+        for a, b in zip(_grads(y, [x, w], g), _grads(ref, [x, w], g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # The Gemma arguments by position.
+        y = RMSNormFunction.apply(x, w, EPS, F32, 1.0, "gemma")
+        ref = rms_norm_reference(x, w, EPS, **GEMMA)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         for a, b in zip(_grads(y, [x, w], g), _grads(ref, [x, w], g)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -417,3 +620,21 @@ def test_gpu_saves_only_rstd_beyond_x() -> None:
     assert ours <= out_bytes + m * 4 + 2**20
     # HF: an fp32 copy of x, the bf16-rounded normalised value, the fp32 product and its bf16 cast.
     assert theirs > 3 * out_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("cls", "kwargs", "shape"), FAMILIES)
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), [(BF16, F32), (BF16, BF16)])
+def test_gpu_kernel_vs_qk_norm_and_gemma_families(
+    cls: type[torch.nn.Module],
+    kwargs: dict[str, Any],
+    shape: tuple[int, ...],
+    x_dtype: torch.dtype,
+    w_dtype: torch.dtype,
+) -> None:
+    # At real shapes: 8 x 2048 tokens; Qwen3 32 heads of 128, OLMo 2 16 x 128, Gemma 2 2304 wide, Gemma 3 8 x 256.
+    real = {Qwen3RMSNorm: (8, 2048, 32, 128), Olmo2RMSNorm: (8, 2048, 2048), Gemma2RMSNorm: (8, 2048, 2304),
+            Gemma3RMSNorm: (8, 2048, 8, 256)}[cls]  # fmt: skip
+    y, y_hf = _check_family(cls, kwargs, real, x_dtype, w_dtype, device="cuda")
+    # HF's roundings: all but a few outputs (rstd's last bit across a rounding boundary) equal bit for bit.
+    assert (y == y_hf).float().mean() > 0.99

@@ -1,5 +1,5 @@
-"""RoPE: the reference against HF's ``apply_rotary_pos_emb`` with a real ``LlamaRotaryEmbedding``, the Triton
-kernel against the reference.
+"""RoPE: the reference against HF's ``apply_rotary_pos_emb`` with a real ``LlamaRotaryEmbedding`` (default and
+Llama 3 frequency scaling) and Phi-3's partial rotary one, the Triton kernel against the reference and HF.
 
 The Triton kernel runs on CPU only under ``TRITON_INTERPRET=1``, which must be set before triton is first
 imported, so when this process was not started with it one test runs this file's ``interp`` cases in a child
@@ -12,11 +12,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Phi3Config
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.phi3 import modeling_phi3
 
 from lit_accel.ops.rope import (
     RoPEFunction,
@@ -44,6 +46,36 @@ def _cos_sin(
         pos = pos + 37 * torch.arange(b, device=device)[:, None]
     x = torch.empty(1, device=device, dtype=dtype)  # only its dtype/device matter
     cos, sin = rope(x, pos)
+    return cos, sin
+
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+
+
+def _llama3_cos_sin(
+    b: int, s: int, d: int, dtype: torch.dtype, rope_parameters: dict[str, Any] = LLAMA3, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin from a LlamaRotaryEmbedding with Llama 3 frequency scaling, per-sequence positions past the original
+    context (where the scaled frequencies differ from the default ones)."""
+    cfg = LlamaConfig(hidden_size=d, num_attention_heads=1, num_key_value_heads=1, head_dim=d,
+                      max_position_embeddings=8 * 64, rope_parameters=dict(rope_parameters))  # fmt: skip
+    rope = LlamaRotaryEmbedding(cfg).to(device)
+    pos = 300 + torch.arange(s, device=device)[None] + 100 * torch.arange(b, device=device)[:, None]
+    cos, sin = rope(torch.empty(1, device=device, dtype=dtype), pos)
+    return cos, sin
+
+
+def _phi3_cos_sin(
+    b: int, s: int, h: int, d: int, factor: float, dtype: torch.dtype, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``(B, S, R)`` from a Phi3RotaryEmbedding with ``partial_rotary_factor``: ``R = int(d * factor)``."""
+    cfg = Phi3Config(hidden_size=h * d, num_attention_heads=h, num_key_value_heads=h,
+                     partial_rotary_factor=factor, pad_token_id=0)  # type: ignore[call-arg]  # fmt: skip
+    rope = modeling_phi3.Phi3RotaryEmbedding(cfg).to(device)
+    pos = torch.arange(s, device=device)[None] + 11 * torch.arange(b, device=device)[:, None]
+    cos, sin = rope(torch.empty(1, device=device, dtype=dtype), pos)
+    assert cos.shape == (b, s, int(d * factor))
     return cos, sin
 
 
@@ -120,6 +152,44 @@ def test_reference_unsqueeze_dim_2_and_out_dtype() -> None:
     torch.testing.assert_close(qb, exp[0].to(torch.bfloat16), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("dtype", "cs_dtype"), _DTYPES)
+@pytest.mark.parametrize(("d", "factor"), [(32, 0.5), (64, 0.25), (48, 0.75)])
+def test_reference_partial_rotary_matches_hf_phi3(
+    d: int, factor: float, dtype: torch.dtype, cs_dtype: torch.dtype
+) -> None:
+    q, k = _qk(2, 7, 4, 2, d, dtype)
+    cos, sin = _phi3_cos_sin(2, 7, 4, d, factor, cs_dtype)
+    got = apply_rope_reference(q, k, cos, sin)
+    exp = modeling_phi3.apply_rotary_pos_emb(q, k, cos, sin)
+    rot = cos.shape[-1]
+    for a, e, x in zip(got, exp, (q, k)):
+        assert a.dtype == e.dtype == torch.promote_types(dtype, cs_dtype)
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+        assert torch.equal(a[..., rot:], x[..., rot:].to(a.dtype))  # pass-through channels
+        assert not torch.equal(a[..., :rot], x[..., :rot].to(a.dtype))
+    gs = (torch.randn_like(got[0]), torch.randn_like(got[1]))
+    for a, e, gy in zip(_grads(got, [q, k], gs), _grads(exp, [q, k], gs), gs):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+        assert torch.equal(a[..., rot:], gy[..., rot:].to(dtype))  # the gradient passes through unchanged
+
+
+@pytest.mark.parametrize(("dtype", "cs_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_reference_llama3_scaled_tables_match_hf(dtype: torch.dtype, cs_dtype: torch.dtype) -> None:
+    q, k = _qk(2, 40, 4, 2, 64, dtype)
+    cos, sin = _llama3_cos_sin(2, 40, 64, cs_dtype)
+    default_cos, default_sin = _llama3_cos_sin(2, 40, 64, cs_dtype, {"rope_type": "default", "rope_theta": 500000.0})
+    # The scaling changes the tables' low frequencies: visibly so at these positions.
+    assert (cos - default_cos).abs().max() > 0.1 and (sin - default_sin).abs().max() > 0.1
+    got = apply_rope_reference(q, k, cos, sin)
+    exp = apply_rotary_pos_emb(q, k, cos, sin)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    gs = (torch.randn_like(got[0]), torch.randn_like(got[1]))
+    for a, e in zip(_grads(got, [q, k], gs), _grads(exp, [q, k], gs)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_reference_is_a_rotation_whose_backward_is_the_inverse() -> None:
     # With HF's cos/sin the map is orthogonal: the gradient of <y, g> is R^T g, i.e. rotating g back.
     q, k = _qk(2, 11, 3, 1, 64, torch.float64)
@@ -174,6 +244,12 @@ def test_bad_input_raises_naming_the_argument() -> None:
         apply_rope(q, k, cos, sin, out_dtype=torch.int32)
     with pytest.raises(ValueError, match="unsqueeze_dim"):
         rope_kernel_available(q, k, cos, sin, unsqueeze_dim=0)
+    # Partial rotary takes a narrower cos/sin, never a wider one.
+    wide = torch.randn(2, 5, 18)
+    with pytest.raises(ValueError, match=r"or a last dim R with 0 < R < 16 for partial rotary, got \(2, 5, 18\)"):
+        apply_rope(q, k, wide, wide)
+    with pytest.raises(ValueError, match=r"got \(2, 5, 0\)"):
+        apply_rope(q, k, wide[..., :0], wide[..., :0])
 
 
 def test_cos_requiring_grad_gets_its_gradient_from_the_reference() -> None:
@@ -191,12 +267,19 @@ def test_cos_requiring_grad_gets_its_gradient_from_the_reference() -> None:
 
 
 def _check_kernel(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+    hf: Callable[..., tuple[torch.Tensor, torch.Tensor]] = apply_rotary_pos_emb,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel against HF's ``hf`` (LLaMA's ``apply_rotary_pos_emb`` by default): values, the documented output
+    layout, and the gradients of whichever of ``q``/``k`` require one."""
     assert rope_kernel_available(q, k, cos, sin, unsqueeze_dim)
     got = apply_rope(q, k, cos, sin, unsqueeze_dim)
     assert isinstance(got[0].grad_fn, RoPEFunction._backward_cls) or unsqueeze_dim == 2  # type: ignore[attr-defined]
-    exp = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    exp = hf(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
     for a, e, x in zip(got, exp, (q, k)):
         assert a.dtype == e.dtype and a.shape == e.shape
         assert _same_layout(a, x)  # the documented output layout: the input's strides
@@ -293,6 +376,44 @@ else:
         with pytest.raises(ValueError, match="use_kernel=True.*cos/sin require grad"):
             apply_rope(q, k, cos_g, sin, use_kernel=True)
 
+    @pytest.mark.parametrize(
+        ("b", "s", "hq", "hkv", "d", "factor"),
+        # (rot, pass): (16, 16), (16, 48) with a pass tile wider than the halves, (36, 12) with non-power-of-two
+        # halves, 40 heads of 128 (96 rotated) spanning two head tiles.
+        [(2, 5, 4, 2, 32, 0.5), (1, 6, 3, 1, 64, 0.25), (2, 3, 2, 2, 48, 0.75), (1, 2, 40, 8, 128, 0.75)],
+    )
+    def test_interp_partial_rotary_kernel_matches_hf_phi3(
+        b: int, s: int, hq: int, hkv: int, d: int, factor: float
+    ) -> None:
+        q, k = _qk(b, s, hq, hkv, d, torch.float32)
+        cos, sin = _phi3_cos_sin(b, s, hq, d, factor, torch.float32)
+        _check_kernel(q, k, cos, sin, hf=modeling_phi3.apply_rotary_pos_emb)
+
+    def test_interp_partial_rotary_unsqueeze_dim_2_only_q_grad_and_out_dtype() -> None:
+        q = torch.randn(2, 5, 4, 32, requires_grad=True)  # (B, S, H, D)
+        k = torch.randn(2, 5, 1, 32)
+        cos, sin = _phi3_cos_sin(2, 5, 4, 32, 0.5, torch.float32)
+        _check_kernel(q, k, cos, sin, unsqueeze_dim=2, hf=modeling_phi3.apply_rotary_pos_emb)
+        # Contiguous (B, H, S, D) inputs and random tables whose halves differ.
+        q2, k2 = _qk(2, 6, 4, 2, 48, torch.float32, hf_layout=False)
+        c2, s2 = torch.randn(1, 6, 20), torch.randn(1, 6, 20)
+        _check_kernel(q2, k2, c2, s2, hf=modeling_phi3.apply_rotary_pos_emb)
+        # Without autograd, and an odd rotary width, which the kernel does not take: the reference.
+        with torch.no_grad():
+            qe, ke = apply_rope(q2, k2, c2, s2)
+        for a, e in zip((qe, ke), modeling_phi3.apply_rotary_pos_emb(q2, k2, c2, s2)):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        c_odd, s_odd = torch.randn(1, 6, 21), torch.randn(1, 6, 21)
+        reason = rope_fallback_reason(q2, k2, c_odd, s_odd)
+        assert reason is not None and "rotary width 21 (cos.shape[-1]) is odd" in reason
+        for a, e in zip(apply_rope(q2, k2, c_odd, s_odd), modeling_phi3.apply_rotary_pos_emb(q2, k2, c_odd, s_odd)):
+            assert torch.equal(a, e)
+
+    def test_interp_kernel_llama3_scaled_tables_match_hf() -> None:
+        q, k = _qk(2, 9, 4, 2, 64, torch.float32)
+        cos, sin = _llama3_cos_sin(2, 9, 64, torch.float32)
+        _check_kernel(q, k, cos, sin)
+
     def test_interp_kernel_in_attention_matches_hf_projection_grads() -> None:
         # q/k/v projections -> RoPE -> SDPA (GQA) -> loss: weight gradients through our kernel equal HF's.
         b, s, hq, hkv, d, hidden = 2, 6, 4, 2, 16, 64
@@ -367,3 +488,39 @@ def test_gpu_unsqueeze_dim_2_and_per_batch_positions() -> None:
     for a, e in zip(got, exp):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), e, rtol=2**-8, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_partial_rotary_real_shapes(dtype: torch.dtype) -> None:
+    # Phi-4-mini's attention: 24 query / 8 KV heads of 128, 96 channels rotated; fp32 tables as under bf16-mixed.
+    b, s, hq, hkv, d = 4, 2048, 24, 8, 128
+    q, k = _qk(b, s, hq, hkv, d, dtype, device="cuda")
+    cos, sin = _phi3_cos_sin(b, s, hq, d, 0.75, torch.float32, device="cuda")
+    assert rope_kernel_available(q, k, cos, sin)
+    got = apply_rope(q, k, cos, sin, out_dtype=dtype)
+    gs = (torch.randn_like(got[0]), torch.randn_like(got[1]))
+    grads = _grads(got, [q, k], gs)
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    exp = modeling_phi3.apply_rotary_pos_emb(q64, k64, cos.double(), sin.double())
+    egrads = _grads(exp, [q64, k64], (gs[0].double(), gs[1].double()))
+    rtol, atol = (2**-8, 1e-5) if dtype == torch.bfloat16 else (1e-5, 1e-5)
+    for a, e, x in zip(got, exp, (q, k)):
+        assert a.dtype == dtype and _same_layout(a, x)
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol)
+        assert torch.equal(a[..., 96:], x[..., 96:])  # pass-through, bit for bit
+    for a, e, gy in zip(grads, egrads, gs):
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=atol)
+        assert torch.equal(a[..., 96:], gy[..., 96:])
+
+
+@pytest.mark.gpu
+def test_gpu_llama3_scaled_tables() -> None:
+    b, s, hq, hkv, d = 4, 2048, 32, 8, 64
+    q, k = _qk(b, s, hq, hkv, d, torch.bfloat16, device="cuda")
+    cos, sin = _llama3_cos_sin(b, s, d, torch.float32, device="cuda")
+    got = apply_rope(q, k, cos, sin)
+    exp = apply_rope_reference(q.detach().double(), k.detach().double(), cos.double(), sin.double())
+    for a, e in zip(got, exp):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)

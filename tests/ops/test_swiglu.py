@@ -1,4 +1,5 @@
-"""SwiGLU: the reference against HF's ``LlamaMLP``, the Triton kernel against the reference.
+"""SwiGLU and GeGLU: the reference against HF's ``LlamaMLP`` and ``Gemma2MLP``, the Triton kernel against the
+reference and those MLPs.
 
 The Triton kernel runs on CPU only under ``TRITON_INTERPRET=1``, which must be set before triton is first
 imported, so when this process was not started with it one test runs this file's ``interp`` cases in a child
@@ -7,17 +8,21 @@ pytest with the variable set (see ``run_in_triton_interpreter`` in tests/conftes
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig
+from transformers import Gemma2Config, LlamaConfig
+from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from lit_accel.ops.recompute import recompute_recipe, request_recompute
 from lit_accel.ops.swiglu import (
     SwiGLUFunction,
     swiglu,
@@ -44,12 +49,33 @@ def _mlp(hidden: int, inter: int, dtype: torch.dtype) -> LlamaMLP:
     return mlp
 
 
-def _ours_mlp(mlp: LlamaMLP, x: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _gemma_mlp(hidden: int, inter: int, dtype: torch.dtype) -> Gemma2MLP:
+    cfg = Gemma2Config(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        hidden_activation="gelu_pytorch_tanh",
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=hidden,
+    )
+    mlp = Gemma2MLP(cfg).to(dtype)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            # Wide enough pre-activations that GELU's negative tail and its cubic term matter.
+            p.normal_(0.0, 2 * hidden**-0.5)
+    return mlp
+
+
+def _ours_mlp(mlp: Any, x: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     out: torch.Tensor = mlp.down_proj(fn(mlp.gate_proj(x), mlp.up_proj(x)))
     return out
 
 
-def _mlp_grads(mlp: LlamaMLP, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+GELU = functools.partial(swiglu, activation="gelu_tanh")
+GELU_REF = functools.partial(swiglu_reference, activation="gelu_tanh")
+
+
+def _mlp_grads(mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
     return list(torch.autograd.grad(y, [x, *mlp.parameters()], g))
 
 
@@ -102,6 +128,43 @@ def test_reference_against_closed_form_gradient() -> None:
     torch.testing.assert_close(du, g * gate * sig)
 
 
+@pytest.mark.parametrize(("rows", "hidden", "inter"), [(1, 16, 24), (7, 24, 88), (33, 64, 172)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gelu_reference_matches_hf_gemma2_mlp(rows: int, hidden: int, inter: int, dtype: torch.dtype) -> None:
+    mlp = _gemma_mlp(hidden, inter, dtype)
+    x = torch.randn(2, rows, hidden, dtype=dtype, requires_grad=True)
+    y_hf = mlp(x)
+    y = _ours_mlp(mlp, x, GELU_REF)
+    # The same operations as HF's act_fn(gate) * up: bit for bit.
+    torch.testing.assert_close(y, y_hf, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    for got, exp in zip(_mlp_grads(mlp, x, y, g), _mlp_grads(mlp, x, y_hf, g)):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+
+
+def test_gelu_reference_against_closed_form_gradient() -> None:
+    gate = torch.randn(4, 19, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(4, 19, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(GELU_REF, (gate, up))
+    y = GELU_REF(gate, up)
+    # 0.5 g (1 + tanh(z)) = g sigmoid(2 z), z = sqrt(2 / pi) (g + 0.044715 g^3): the form the kernel computes.
+    a = 2 * (2 / torch.pi) ** 0.5 * (gate + 0.044715 * gate**3)
+    torch.testing.assert_close(y, gate * torch.sigmoid(a) * up)
+    g = torch.randn_like(y)
+    dg, du = torch.autograd.grad(y, [gate, up], g)
+    sig = torch.sigmoid(a)
+    da = 2 * (2 / torch.pi) ** 0.5 * (1 + 3 * 0.044715 * gate**2)
+    torch.testing.assert_close(dg, g * up * (sig + gate * sig * (1 - sig) * da))
+    torch.testing.assert_close(du, g * gate * sig)
+
+
+def test_unknown_activation_raises_naming_the_argument() -> None:
+    gate = torch.randn(3, 8)
+    for fn in (swiglu, swiglu_reference, swiglu_fallback_reason, swiglu_kernel_available):
+        with pytest.raises(ValueError, match=r"activation must be one of \('silu', 'gelu_tanh'\), got 'gelu'"):
+            fn(gate, gate, activation="gelu")  # type: ignore[arg-type]
+
+
 def test_output_dtype_is_the_promotion() -> None:
     gate = torch.randn(3, 8, dtype=torch.bfloat16)
     up = torch.randn(3, 8, dtype=torch.float32)
@@ -129,6 +192,7 @@ def test_cpu_dispatch_takes_the_reference_and_says_why() -> None:
 def test_use_kernel_false_is_the_reference() -> None:
     gate, up = torch.randn(3, 8), torch.randn(3, 8)
     assert torch.equal(swiglu(gate, up, use_kernel=False), swiglu_reference(gate, up))
+    assert torch.equal(GELU(gate, up, use_kernel=False), F.gelu(gate, approximate="tanh") * up)
 
 
 def test_bad_input_raises_naming_the_argument() -> None:
@@ -147,18 +211,21 @@ def test_bad_input_raises_naming_the_argument() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_kernel(gate: torch.Tensor, up: torch.Tensor) -> None:
-    assert swiglu_kernel_available(gate, up)
-    y = swiglu(gate, up)
+def _check_kernel(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> None:
+    assert swiglu_kernel_available(gate, up, activation)  # type: ignore[arg-type]
+    y = swiglu(gate, up, activation=activation)  # type: ignore[arg-type]
     assert isinstance(y.grad_fn, SwiGLUFunction._backward_cls)  # type: ignore[attr-defined]
-    ref = swiglu_reference(gate, up)
+    ref = swiglu_reference(gate, up, activation)  # type: ignore[arg-type]
     assert y.shape == ref.shape and y.dtype == ref.dtype
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    # PyTorch's fp32 tanh-GELU backward loses its 1 - tanh(z)^2 to cancellation around g = -5 (it returns 0 where
+    # the gradient is ~1e-6 * up * dy); the kernel's sigmoid form keeps it, hence the wider atol for the gradients.
+    grad_atol = 1e-6 if activation == "silu" else 1e-5
     g = torch.randn_like(y)
     inputs = [t for t in (gate, up) if t.requires_grad]
     for got, exp in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
         assert got.dtype == exp.dtype and got.shape == exp.shape
-        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=grad_atol)
 
 
 if not INTERPRET:
@@ -231,6 +298,73 @@ else:
         for got, exp in zip(_mlp_grads(mlp, x, y, g), _mlp_grads(mlp, x, y_hf, g)):
             torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
 
+    @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy, by design
+    @pytest.mark.parametrize("shape", [(1, 1), (7, 64), (2, 17, 200), (3, 5, 37)])
+    def test_interp_gelu_kernel_matches_reference(shape: tuple[int, ...]) -> None:
+        gate = (3 * torch.randn(shape)).requires_grad_()  # into GELU's negative tail and its cubic range
+        up = torch.randn(shape, requires_grad=True)
+        _check_kernel(gate, up, "gelu_tanh")
+
+    @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy, by design
+    def test_interp_gelu_kernel_extreme_gate_values() -> None:
+        # sigmoid(a) saturates: exp(-a) or exp(a) overflows for |g| >> 1, which must give act -> -0 / g and no NaN.
+        gate = torch.tensor([[-200.0, -90.0, -20.0, -5.0, -1e-4, 0.0, 1e-4, 5.0, 20.0, 90.0, 200.0]])
+        up = torch.linspace(-2, 2, 11)[None].requires_grad_()
+        _check_kernel(gate.requires_grad_(), up, "gelu_tanh")
+
+    @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+    def test_interp_gelu_kernel_closer_to_float64_than_torch_fp32() -> None:
+        gate = (4 * torch.randn(64, 96)).requires_grad_()
+        up = torch.randn(64, 96, requires_grad=True)
+        g = torch.randn(64, 96)
+        g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+        exact = GELU_REF(g64, u64)
+        dexact = torch.autograd.grad(exact, [g64, u64], g.double())
+        ours, torch32 = GELU(gate, up), GELU_REF(gate, up)
+        for a, b, e in zip(torch.autograd.grad(ours, [gate, up], g), torch.autograd.grad(torch32, [gate, up], g),
+                           dexact):  # fmt: skip
+            assert _rel(a, e) < 1e-6 and _rel(a, e) <= _rel(b, e) * 1.5
+        assert _rel(ours, exact) < 1e-6
+
+    @pytest.mark.parametrize(("rows", "hidden", "inter"), [(1, 16, 24), (13, 24, 88)])
+    def test_interp_gelu_kernel_in_gemma2_mlp_matches_hf(rows: int, hidden: int, inter: int) -> None:
+        mlp = _gemma_mlp(hidden, inter, torch.float32)
+        x = torch.randn(2, rows, hidden, requires_grad=True)
+        y_hf = mlp(x)
+        y = _ours_mlp(mlp, x, GELU)
+        torch.testing.assert_close(y, y_hf, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(y)
+        for got, exp in zip(_mlp_grads(mlp, x, y, g), _mlp_grads(mlp, x, y_hf, g)):
+            torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+
+    def test_interp_gelu_kernel_fused_halves_one_grad_and_no_grad() -> None:
+        fused = torch.randn(2, 9, 2 * 70, requires_grad=True)
+        gate, up = fused[..., :70], fused[..., 70:]
+        y, ref = GELU(gate, up), GELU_REF(gate, up)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(y)
+        (got,) = torch.autograd.grad(y, [fused], g)
+        (exp,) = torch.autograd.grad(ref, [fused], g)
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+        _check_kernel(3 * torch.randn(6, 40), torch.randn(6, 40, requires_grad=True), "gelu_tanh")
+        _check_kernel(torch.randn(40, 6).t().requires_grad_(), torch.randn(6, 40), "gelu_tanh")
+        with torch.no_grad():
+            torch.testing.assert_close(GELU(gate, up), ref, rtol=1e-5, atol=1e-6)
+
+    def test_interp_recompute_recipe_per_activation() -> None:
+        # A consumer rebuilding the output (the down projection's LoRA layer) gets the same bits; the fused
+        # low-rank reduction, which rebuilds SiLU only, is offered for SwiGLU alone.
+        consumer = type("Consumer", (), {})()
+        request_recompute(consumer)
+        gate = torch.randn(5, 48, requires_grad=True)
+        up = torch.randn(5, 48, requires_grad=True)
+        for activation, has_reduce in (("silu", True), ("gelu_tanh", False)):
+            y = swiglu(gate, up, activation=activation)  # type: ignore[arg-type]
+            recipe = recompute_recipe(y)
+            assert recipe is not None and (recipe.reduce is not None) == has_reduce
+            assert torch.equal(recipe.run(*recipe.inputs), y)
+        del consumer
+
     def test_interp_dispatch_rules() -> None:
         gate = torch.randn(2, 8)
         assert swiglu_kernel_available(gate, gate)
@@ -289,6 +423,44 @@ def test_gpu_llama_mlp_under_autocast_matches_hf() -> None:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         assert swiglu_kernel_available(gate, up)
         y = mlp.down_proj(swiglu(gate, up))
+    assert y.dtype == y_hf.dtype == torch.bfloat16
+    assert _rel(y, y_hf) < 1e-2
+    for got, exp in zip(_mlp_grads(mlp, x, y, g), _mlp_grads(mlp, x, y_hf, g)):
+        assert _rel(got, exp) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "inter"), [(16384, 9216)])  # Gemma 2 2B: intermediate 9216
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_gelu_kernel_real_shapes(rows: int, inter: int, dtype: torch.dtype) -> None:
+    gate = (3 * torch.randn(rows, inter, device="cuda")).to(dtype).requires_grad_()
+    up = torch.randn(rows, inter, device="cuda", dtype=dtype, requires_grad=True)
+    assert swiglu_kernel_available(gate, up, "gelu_tanh")
+    y = GELU(gate, up)
+    assert y.dtype == dtype
+    g = torch.randn_like(y)
+    dg, du = torch.autograd.grad(y, [gate, up], g)
+    g32, u32 = gate.detach().float().requires_grad_(), up.detach().float().requires_grad_()
+    ref = GELU_REF(g32, u32)
+    edg, edu = torch.autograd.grad(ref, [g32, u32], g.float())
+    rtol, atol = (2**-8, 1e-5) if dtype == torch.bfloat16 else (1e-5, 1e-5)
+    torch.testing.assert_close(y.float(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dg.float(), edg, rtol=rtol, atol=max(atol, 1e-4))
+    torch.testing.assert_close(du.float(), edu, rtol=rtol, atol=atol)
+    if dtype == torch.bfloat16:
+        # HF's bf16 composition (gelu rounded to bf16, then the product) is no closer to fp32 than we are.
+        hf = F.gelu(gate.detach(), approximate="tanh") * up.detach()
+        assert _rel(y, ref) <= _rel(hf, ref) + 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_gemma2_mlp_under_autocast_matches_hf() -> None:
+    mlp = _gemma_mlp(2304, 9216, torch.float32).cuda()  # Gemma 2 2B
+    x = torch.randn(4, 512, 2304, device="cuda", requires_grad=True)
+    g = torch.randn(4, 512, 2304, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_hf = mlp(x)
+        y = _ours_mlp(mlp, x, GELU)
     assert y.dtype == y_hf.dtype == torch.bfloat16
     assert _rel(y, y_hf) < 1e-2
     for got, exp in zip(_mlp_grads(mlp, x, y, g), _mlp_grads(mlp, x, y_hf, g)):
