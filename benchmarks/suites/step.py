@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -45,6 +47,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -54,11 +57,36 @@ from benchmarks.common import RandomTokens, lightning_loop, raw_loop
 from benchmarks.harness import REPO, Context, Measurement, measure
 from lit_accel.kernels import KERNEL_NAMES, apply_kernels, kernels_applied
 from lit_accel.models import CausalLM
+from lit_accel.models.presets import PRESETS
 
 __all__ = ["run"]
 
 SIZES: tuple[tuple[str, int, int], ...] = (("llama-125m", 16, 2048), ("llama-1b", 8, 2048))
 SMOKE_SIZES: tuple[tuple[str, int, int], ...] = (("llama-tiny", 2, 32), ("llama-tiny", 4, 32))
+# One small model per family for the ``families`` result: (preset, batch, seq, config overrides). Batches keep
+# HF eager (whose logits are materialised, 256k-word vocabularies for Gemma) within 80 GB with AdamW's fp32 state;
+# Phi-3-mini's 3.8B parameters leave room for 16 of its 32 blocks only.
+FAMILY_SIZES: tuple[tuple[str, int, int, dict[str, Any]], ...] = (
+    ("qwen3-0.6b", 8, 2048, {}),
+    ("gemma3-1b", 4, 2048, {}),
+    ("gemma2-2b", 2, 2048, {}),
+    ("phi3-mini", 2, 2048, {"num_hidden_layers": 16}),
+    ("olmo2-1b", 4, 2048, {}),
+    ("qwen3-moe-3b", 2, 2048, {}),
+)
+SMOKE_FAMILY_SIZES: tuple[tuple[str, int, int, dict[str, Any]], ...] = (("gemma2-tiny", 2, 32, {}),)
+FAMILY_VARIANTS = ("eager", "liger", "ours")
+# Liger-Kernel's patch function per ``model_type`` (called with the keyword arguments it accepts).
+LIGER_FUNCTIONS = {
+    "llama": "apply_liger_kernel_to_llama",
+    "qwen3": "apply_liger_kernel_to_qwen3",
+    "gemma2": "apply_liger_kernel_to_gemma2",
+    "gemma3_text": "apply_liger_kernel_to_gemma3_text",
+    "phi3": "apply_liger_kernel_to_phi3",
+    "olmo2": "apply_liger_kernel_to_olmo2",
+    "mixtral": "apply_liger_kernel_to_mixtral",
+    "qwen3_moe": "apply_liger_kernel_to_qwen3_moe",
+}
 
 RAW = "raw HF + torch"
 LIGHTNING = "lit_accel CausalLM (Lightning)"
@@ -98,11 +126,11 @@ def _tolerances(device: torch.device) -> dict[str, float]:
     return {"loss": 1e-4, "grads": 1e-4, "param": 1e-3, "first_step": 1e-5}
 
 
-def _initial_model(preset: str) -> torch.nn.Module:
+def _initial_model(preset: str, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
     """The model every loop of a size starts from: ``CausalLM``'s, kernels off, built on the CPU after seed 0 (what
     ``raw_loop`` builds under the same seed)."""
     torch.manual_seed(0)
-    module = CausalLM(preset, kernels=False)
+    module = CausalLM(preset, kernels=False, config_overrides=overrides or None)
     module.configure_model()
     assert module.model is not None
     return module.model
@@ -203,7 +231,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     variant, batch, seq = args.variant, args.batch, args.seq
     tol = _tolerances(device)
     n = args.warmup + args.iters * args.windows + 1
-    model = _initial_model(args.preset)
+    model = _initial_model(args.preset, json.loads(args.overrides))
     vocab = model.config.vocab_size
     x0 = _first_batch(batch, seq, n, vocab).to(device)
 
@@ -221,27 +249,36 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         return {"times_ms": m.times_ms, "peak_gib": m.peak_gib, "first_loss": probe.loss}
 
     if variant == "liger":
+        model_type = model.config.model_type
         try:
-            from liger_kernel.transformers import apply_liger_kernel_to_llama
+            import liger_kernel.transformers as liger
         except ModuleNotFoundError:
             return {"skipped": NO_LIGER}
         except Exception as err:  # a build for another torch or triton
             return {"skipped": f"liger-kernel does not import: {type(err).__name__}: {err}"}
+        apply_liger: Any = getattr(liger, LIGER_FUNCTIONS.get(str(model_type), ""), None)
+        if apply_liger is None:
+            return {"skipped": f"liger-kernel {_version('liger_kernel')} has no patch for {model_type}"}
 
     model = model.to(device)
     model.train()
     ref_loss, ref = _loss_and_grads(model, model, x0, device)
     forward: Any = model
+    expected: set[str] = set()
     if variant == "liger":
-        apply_liger_kernel_to_llama(
-            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model
-        )
+        wanted: dict[str, Any] = dict(rope=True, rms_norm=True, swiglu=True, geglu=True, cross_entropy=False)
+        wanted.update(fused_linear_cross_entropy=True, model=model)
+        accepted = inspect.signature(apply_liger).parameters
+        apply_liger(**{k: v for k, v in wanted.items() if k in accepted})
     elif variant == "ours":
-        print("patched:", apply_kernels(model, strict=True).counts(), flush=True)
+        report = apply_kernels(model, strict=True)
+        print("patched:", report.counts(), report.notes, flush=True)
+        # Every kernel, except the gated-MLP one where every MLP is a mixture of experts (the report says so).
+        expected = set(KERNEL_NAMES) - ({"swiglu"} - set(report.patched))
     elif variant == "compile":
         forward = torch.compile(model, backend=args.backend)
     patched = kernels_applied(model)
-    if (variant == "ours") != bool(patched) or (variant == "ours" and set(patched) != set(KERNEL_NAMES)):
+    if set(patched) != expected:
         raise RuntimeError(f"hot_path check: {variant}: lit_accel kernels patched in: {patched}")
     if variant != "eager":
         loss, grads = _loss_and_grads(forward, model, x0, device)
@@ -278,11 +315,27 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     return {"times_ms": m.times_ms, "peak_gib": m.peak_gib, "first_loss": state["first"]}
 
 
-def _spawn(cfg: dict[str, Any], preset: str, batch: int, seq: int, variant: str, windows: int) -> dict[str, Any]:
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _spawn(
+    cfg: dict[str, Any],
+    preset: str,
+    batch: int,
+    seq: int,
+    variant: str,
+    windows: int,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Runs one child; its result, or ``{"failed": why}``."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
         out = tmp.name
     cmd = [sys.executable, "-m", "benchmarks.suites.step", "--child", variant, "--preset", preset]
+    cmd += ["--overrides", json.dumps(overrides or {})]
     cmd += ["--batch", str(batch), "--seq", str(seq), "--warmup", str(cfg["warmup"]), "--iters", str(cfg["iters"])]
     cmd += ["--windows", str(windows), "--backend", cfg["compile_backend"], "--out", out]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -332,16 +385,56 @@ def hot_path(ctx: Context, sizes: tuple[tuple[str, int, int], ...], cfg: dict[st
             "first (warm-up) step."
         ),
     )
+    return _time_variants(ctx, table, [(p, b, t, {}) for p, b, t in sizes], cfg, VARIANTS)
+
+
+def families(ctx: Context, sizes: tuple[tuple[str, int, int, dict[str, Any]], ...], cfg: dict[str, Any]) -> list[str]:
+    """HF eager, Liger-Kernel and ours on one small model per family; returns the variants that failed."""
+    tol = _tolerances(ctx.device)
+    table = ctx.table(
+        "families",
+        "Training step with the hot-path kernels, one model per family",
+        notes=(
+            f"{_numerics(ctx.device)} (Gemma 2: eager attention, transformers has no sdpa for its soft-capped "
+            "attention); the same random batches and initial weights (seed 0) for every variant; each variant in "
+            f"its own process, {ctx.windows} windows of {cfg['iters']} steps after {cfg['warmup']} warm-up steps, "
+            "median and spread (max - min) per step; every other model runs the variants in the reverse order. "
+            "Baseline: HF eager, the Hugging Face model CausalLM builds with lit_accel's kernels off; 'speed vs HF "
+            "eager' = HF eager ms / this ms. Liger: its apply_liger_kernel_to_<family>(rope, rms_norm, swiglu or "
+            "geglu, fused_linear_cross_entropy) on the model instance, where Liger has one. Ours: "
+            "apply_kernels(strict=True): every kernel, the gated MLP except in mixture-of-experts blocks (HF's "
+            "experts loop runs there). Checked before timing, in each variant's process: loss and gradients of the "
+            f"first batch against HF eager's (relative error <= {tol['grads']:g} over all parameters, "
+            f"{tol['param']:g} per parameter, loss {tol['loss']:g}). Model shapes: the released models' (random "
+            "weights), with the block count cut where the model column says so."
+        ),
+    )
+    return _time_variants(ctx, table, sizes, cfg, FAMILY_VARIANTS)
+
+
+def _time_variants(
+    ctx: Context,
+    table: Any,
+    sizes: Sequence[tuple[str, int, int, dict[str, Any]]],
+    cfg: dict[str, Any],
+    variants: tuple[str, ...],
+) -> list[str]:
+    """Runs every variant at every size in its own process and adds their rows; returns the failures."""
+    tol = _tolerances(ctx.device)
     liger_missing = importlib.util.find_spec("liger_kernel") is None
     failures: list[str] = []
-    for i, (preset, batch, seq) in enumerate(sizes):
-        head = {"model": preset, "batch": f"{batch}x{seq}"}
+    for i, (preset, batch, seq, overrides) in enumerate(sizes):
+        model_name = preset
+        if "num_hidden_layers" in overrides:
+            full = int(PRESETS[preset]["num_hidden_layers"])
+            model_name = f"{preset} ({overrides['num_hidden_layers']} of {full} blocks)"
+        head = {"model": model_name, "batch": f"{batch}x{seq}"}
         results: dict[str, dict[str, Any]] = {}
-        for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
+        for variant in variants if i % 2 == 0 else variants[::-1]:
             if variant == "liger" and liger_missing:
                 results[variant] = {"skipped": NO_LIGER}
             else:
-                results[variant] = _spawn(cfg, preset, batch, seq, variant, ctx.windows)
+                results[variant] = _spawn(cfg, preset, batch, seq, variant, ctx.windows, overrides)
             res = results[variant]
             if "times_ms" in res:
                 if len(res["times_ms"]) != ctx.windows:
@@ -353,7 +446,7 @@ def hot_path(ctx: Context, sizes: tuple[tuple[str, int, int], ...], cfg: dict[st
                 failures.append(f"{preset} {LABELS[variant]}: {res['failed']}")
         eager = results["eager"]
         base = Measurement(LABELS["eager"], eager["times_ms"]) if "times_ms" in eager else None
-        for variant in VARIANTS:
+        for variant in variants:
             res = results[variant]
             if "times_ms" not in res:
                 table.add({**head, "variant": LABELS[variant], "note": res.get("skipped") or res.get("failed")})
@@ -464,14 +557,18 @@ def run(ctx: Context) -> None:
         # A child is killed after 9 minutes, so a hung variant becomes a row instead of stalling the suite.
         cfg = dict(warmup=5, iters=10, timeout=540, compile_backend="inductor")
         hot_sizes, step_sizes = SIZES, SIZES
-    hot_sizes = [s for s in hot_sizes if ctx.wants_model(s[0])]
-    step_sizes = [s for s in step_sizes if ctx.wants_model(s[0])]
+    family_sizes = SMOKE_FAMILY_SIZES if ctx.smoke else FAMILY_SIZES
+    hot_sizes = tuple(s for s in hot_sizes if ctx.wants_model(s[0]))
+    step_sizes = tuple(s for s in step_sizes if ctx.wants_model(s[0]))
+    family_sizes = tuple(s for s in family_sizes if ctx.wants_model(s[0]))
     # The child processes first, while this process holds no GPU memory.
     failures = hot_path(ctx, hot_sizes, cfg) if ctx.wants("hot_path") else []
+    if ctx.wants("families"):
+        failures += families(ctx, family_sizes, cfg)
     if ctx.wants("train_step"):
         train_step(ctx, step_sizes, cfg)
     if failures:
-        raise RuntimeError("hot_path variants failed: " + "; ".join(failures))
+        raise RuntimeError("hot-path variants failed: " + "; ".join(failures))
 
 
 def _main() -> None:
@@ -484,6 +581,7 @@ def _main() -> None:
     parser.add_argument("--iters", type=int, required=True)
     parser.add_argument("--windows", type=int, required=True)
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend")
+    parser.add_argument("--overrides", default="{}", help="config overrides of the preset, as JSON")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.variant = args.child

@@ -1,14 +1,24 @@
-"""Patch a Hugging Face LLaMA-family model in place so its hot path runs on ``lit_accel``'s Triton kernels.
+"""Patch a Hugging Face decoder in place so its hot path runs on ``lit_accel``'s Triton kernels.
 
-:func:`apply_kernels` swaps, per module instance (the class and every other model are untouched):
+Architectures (:data:`KERNEL_ARCHS`): LLaMA, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2,
+Mixtral and Qwen3-MoE. :func:`apply_kernels` swaps, per module instance (the class and every other model are
+untouched), each with the family's exact numerics:
 
-- each ``*RMSNorm`` (the pre-norms and the final norm) for :func:`lit_accel.ops.rms_norm`;
-- each MLP's ``act_fn(gate_proj(x)) * up_proj(x)`` for :func:`lit_accel.ops.swiglu` (the three projections are
-  still called as modules, so LoRA, 2:4 or factorised linears and their hooks keep working);
-- the rotary embedding of q and k for :func:`lit_accel.kernels.apply_rope`;
+- each ``*RMSNorm`` (pre-norms, post-norms, q/k norms and the final norm) for :func:`lit_accel.ops.rms_norm`:
+  LLaMA's rounding (x_hat rounded to the input dtype, then times ``w``), Gemma's ``x_hat * (1 + w)`` computed in
+  fp32 and rounded once, and OLMo 2's ``x_hat * w`` rounded once;
+- each dense MLP's ``act(gate) * up`` for :func:`lit_accel.ops.swiglu`: SiLU (SwiGLU) or gelu-tanh (Gemma's GeGLU),
+  on separate ``gate_proj``/``up_proj`` or on the two halves of Phi-3's fused ``gate_up_proj`` (the projections are
+  still called as modules, so LoRA, 2:4 or factorised linears and their hooks keep working). Mixture-of-experts
+  MLPs keep Hugging Face's experts forward (:attr:`KernelReport.notes` says so);
+- the rotary embedding of q and k for :func:`lit_accel.kernels.apply_rope`, whole or partial (Phi-3's
+  ``partial_rotary_factor``), with whatever frequencies the model's rotary tables hold (Llama-3 scaling, Gemma 3's
+  local and global bases);
 - in training mode with ``labels``, the LM head and loss for :func:`lit_accel.kernels.fused_linear_cross_entropy`,
-  so the (tokens x vocabulary) logits are never materialised: such a forward returns ``logits=None``. In eval mode
-  (validation, generation) the model returns logits and HF's loss as before.
+  so the (tokens x vocabulary) logits are never materialised: such a forward returns ``logits=None``. Gemma 2's
+  final-logit soft-cap is applied inside the fused loss, and mixture-of-experts models add their router's
+  load-balancing loss as their own forward does. In eval mode (validation, generation) the model returns logits
+  and HF's loss as before.
 
 Every patched forward dispatches per call: the Triton kernel for CUDA tensors it supports, the plain-PyTorch
 reference (HF's own formula) otherwise, warning once per module when a CUDA call falls back. Module hooks (DropBP,
@@ -42,7 +52,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from lit_accel.models.structure import get_structure
 from lit_accel.ops.linear_cross_entropy import (
@@ -52,18 +62,35 @@ from lit_accel.ops.linear_cross_entropy import (
 )
 from lit_accel.ops.rms_norm import rms_norm_fallback_reason, rms_norm_kernel, rms_norm_reference
 from lit_accel.ops.rope import rope_fallback_reason, rope_kernel
-from lit_accel.ops.swiglu import swiglu_fallback_reason, swiglu_kernel
+from lit_accel.ops.swiglu import Activation, swiglu_fallback_reason, swiglu_kernel
 
 __all__ = ["KERNEL_ARCHS", "KERNEL_NAMES", "KernelReport", "apply_kernels", "kernels_applied", "remove_kernels"]
 
 KERNEL_NAMES: tuple[str, ...] = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
 """The kernels :func:`apply_kernels` can switch on, by the name its keyword arguments use."""
 
-KERNEL_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2")
+KERNEL_ARCHS: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "mixtral",
+    "qwen3_moe",
+)
 """``config.model_type`` values whose modules :func:`apply_kernels` knows how to patch."""
 
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3_text")
+"""Architectures whose RMSNorm computes ``x_hat * (1 + w)`` in fp32 and then rounds (the others round x_hat first and
+multiply by ``w``)."""
+
 _MARK = "_lit_accel_kernel"  # instance attribute naming the kernel a module's forward was patched with
-_SILU_ACTS = ("silu", "swish")
+_ACTIVATIONS: dict[str, Activation] = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+"""``config.hidden_act`` (``hidden_activation`` for Gemma) -> the gated-MLP kernel's activation."""
 
 
 @dataclass
@@ -78,7 +105,9 @@ class KernelReport:
     patched: dict[str, list[str]] = field(default_factory=dict)
     """Kernel name -> qualified names of the modules patched (or restored) for it."""
     skipped: dict[str, str] = field(default_factory=dict)
-    """Kernel name -> why it was not applied anywhere (e.g. the MLP activation is not SiLU)."""
+    """Kernel name -> why it was not applied anywhere (e.g. the MLP activation is neither SiLU nor gelu-tanh)."""
+    notes: dict[str, str] = field(default_factory=dict)
+    """Kernel name -> what it left out where it was applied (e.g. the experts of a mixture-of-experts MLP)."""
 
     def counts(self) -> dict[str, int]:
         """Number of modules per kernel, in :data:`KERNEL_NAMES` order."""
@@ -134,32 +163,45 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 
 def _rms_norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     weight = self.weight
-    eps = float(self.variance_epsilon)
+    eps, offset, cast_mode = self.__dict__["_lit_accel_norm"]
     if _kernel_device(hidden_states):
-        # Under autocast every consumer of a pre-norm is a linear that casts to the autocast dtype anyway, so
-        # writing that dtype directly halves the store of an fp32 residual stream without changing what the
-        # linears see (HF rounds x_hat to the input dtype, multiplies by the fp32 weight, autocast rounds again).
+        # Under autocast the output of every patched norm is either read by linears, which cast to the autocast
+        # dtype anyway (pre-norms, the final norm), or has that dtype in HF too, because its input came out of an
+        # autocast linear (post-norms and q/k norms). So writing that dtype directly halves the store of an fp32
+        # residual stream without changing any value downstream.
         out_dtype = _autocast_dtype(hidden_states)
         reason = _cached_reason(
-            ("rms_norm", out_dtype, *_sig(hidden_states, weight)),
-            lambda: rms_norm_fallback_reason(hidden_states, weight, out_dtype),
+            ("rms_norm", out_dtype, cast_mode, *_sig(hidden_states, weight)),
+            lambda: rms_norm_fallback_reason(
+                hidden_states, weight, out_dtype, weight_offset=offset, cast_mode=cast_mode
+            ),
         )
         if reason is not None:
             _warn_fallback(self, "rms_norm", reason)
-            return rms_norm_reference(hidden_states, weight, eps)
-        return rms_norm_kernel(hidden_states, weight, eps, out_dtype)  # checked once per signature above
-    return rms_norm_reference(hidden_states, weight, eps)
+            return rms_norm_reference(hidden_states, weight, eps, weight_offset=offset, cast_mode=cast_mode)
+        # Checked once per signature above.
+        return rms_norm_kernel(hidden_states, weight, eps, out_dtype, weight_offset=offset, cast_mode=cast_mode)
+    return rms_norm_reference(hidden_states, weight, eps, weight_offset=offset, cast_mode=cast_mode)
 
 
-def _swiglu_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    gate = self.gate_proj(x)
-    up = self.up_proj(x)
+def _gated_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    activation, fused = self.__dict__["_lit_accel_mlp"]
+    if fused:
+        # Phi-3's one gate_up_proj: its output is [gate | up]; the kernel reads the two halves in place.
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        act_fn = self.activation_fn
+    else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        act_fn = self.act_fn
     if _kernel_device(gate):
-        reason = _cached_reason(("swiglu", *_sig(gate, up)), lambda: swiglu_fallback_reason(gate, up))
+        reason = _cached_reason(
+            ("swiglu", activation, gate.stride(), up.stride(), *_sig(gate, up)),
+            lambda: swiglu_fallback_reason(gate, up, activation),
+        )
         if reason is None:
-            return self.down_proj(swiglu_kernel(gate, up))  # checked once per signature above
+            return self.down_proj(swiglu_kernel(gate, up, activation))  # checked once per signature above
         _warn_fallback(self, "swiglu", reason)
-    return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(act_fn(gate) * up)
 
 
 # The rotary dispatcher is installed once per modeling module; a thread-local depth counter says whether the
@@ -252,12 +294,21 @@ def _causal_lm_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     kwargs.pop("labels")
     kwargs.pop("logits_to_keep", None)
     num_items = kwargs.get("num_items_in_batch")
+    config = self.config
+    # Mixture-of-experts models add the router's load-balancing loss, as their own forward does.
+    router_aux = getattr(config, "router_aux_loss_coef", None) is not None and bool(
+        kwargs.get("output_router_logits", getattr(config, "output_router_logits", False))
+    )
+    if router_aux:
+        kwargs["output_router_logits"] = True
     outputs = self.model(**kwargs)
     hidden = outputs.last_hidden_state
     assert labels is not None
     targets = _shifted_labels(labels).to(hidden.device)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
+    # Gemma 2 soft-caps the final logits (``cap * tanh(logits / cap)``) before its loss; the fused loss does the same.
+    softcap = getattr(config, "final_logit_softcapping", None)
     if _kernel_device(hidden):
         reason = _cached_reason(
             ("linear_cross_entropy", _autocast_dtype(flat_hidden), *_sig(flat_hidden, head.weight, head.bias)),
@@ -266,22 +317,34 @@ def _causal_lm_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         if reason is None:
             # Checked once per signature above; labels come from HF's shift and lie in [0, V) or are ignored.
             loss = fused_linear_cross_entropy_kernel(
-                flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
+                flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items, softcap=softcap
             )
         else:
             _warn_fallback(self, "linear_cross_entropy", reason)
             loss = linear_cross_entropy_reference(
-                flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
+                flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items, softcap=softcap
             )
     else:
         loss = linear_cross_entropy_reference(
-            flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items
+            flat_hidden, head.weight, flat_targets, head.bias, num_items_in_batch=num_items, softcap=softcap
+        )
+    loss = cast("torch.Tensor", loss)  # without return_z_loss both paths return the loss alone
+    if router_aux:
+        modeling = importlib.import_module(type(self).__module__)
+        aux_loss = modeling.load_balancing_loss_func(
+            outputs.router_logits, self.num_experts, self.num_experts_per_tok, kwargs.get("attention_mask")
+        )
+        loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
         )
     return CausalLMOutputWithPast(
-        loss=cast("torch.Tensor", loss),  # without return_z_loss both paths return the loss alone
-        logits=None,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
+        loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
     )
 
 
@@ -329,10 +392,10 @@ def apply_kernels(
     (the kernels' references) on CPU tensors.
 
     Args:
-        model: A Hugging Face LLaMA, Mistral or Qwen2 model (``*ForCausalLM`` or the base ``*Model``), possibly
-            wrapped (PEFT, a LightningModule's ``.model``).
+        model: A Hugging Face model of an architecture in :data:`KERNEL_ARCHS` (``*ForCausalLM`` or the base
+            ``*Model``), possibly wrapped (PEFT, a LightningModule's ``.model``).
         rms_norm: Patch every RMSNorm.
-        swiglu: Patch every MLP whose activation is SiLU.
+        swiglu: Patch every dense gated MLP whose activation is SiLU or gelu-tanh (SwiGLU or GeGLU).
         rope: Patch the rotary embedding of every attention module.
         linear_cross_entropy: Patch the ``*ForCausalLM`` forward so training steps with labels use the fused
             LM head + loss (not applied when ``lm_head`` is not a plain ``nn.Linear``, e.g. adapted by LoRA, or is
@@ -377,33 +440,59 @@ def apply_kernels(
 
     structure = get_structure(model)
     names = {id(m): n for n, m in model.named_modules()}
-    modeling = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    # The module that defines the attention class is the one whose ``apply_rotary_pos_emb`` that attention calls
+    # (``gemma3_text`` lives in ``transformers.models.gemma3``).
+    modeling = importlib.import_module(type(structure.blocks[0].attention.module).__module__)
 
     if rms_norm:
-        norms = [sub.norm for sub in structure.sublayers() if sub.norm is not None]
+        # Pre-norms, post-norms (Gemma 2/3, OLMo 2), q/k norms (Qwen3, Gemma 3, OLMo 2) and the final norm.
+        norm_names = [n for sub in structure.sublayers() for n in sub.norm_names]
         if structure.final_norm_name is not None:
-            norms.append(model.get_submodule(structure.final_norm_name))
+            norm_names.append(structure.final_norm_name)
+        norms = [model.get_submodule(n) for n in norm_names]
         done = report.patched.setdefault("rms_norm", [])
+        offset, cast_mode = (1.0, "gemma") if arch in _GEMMA_ARCHS else (0.0, "llama")
+        if arch == "olmo2":
+            cast_mode = "gemma"  # OLMo 2 multiplies by the weight in fp32 and rounds after, as Gemma does
         for norm in norms:
-            if not (hasattr(norm, "variance_epsilon") and isinstance(getattr(norm, "weight", None), torch.Tensor)):
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+            if not (isinstance(eps, float) and isinstance(getattr(norm, "weight", None), torch.Tensor)):
                 skip("rms_norm", f"{names[id(norm)]} ({type(norm).__name__}) is not an RMSNorm with weight and eps")
                 continue
             _patch(norm, names[id(norm)], "rms_norm", _rms_norm_forward)
+            norm.__dict__["_lit_accel_norm"] = (float(eps), offset, cast_mode)
             done.append(names[id(norm)])
 
     if swiglu:
-        act = getattr(config, "hidden_act", None)
-        if act not in _SILU_ACTS:
-            skip("swiglu", f"config.hidden_act={act!r}; the SwiGLU kernel needs one of {_SILU_ACTS}")
+        act_name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        activation = _ACTIVATIONS.get(str(act_name))
+        if activation is None:
+            skip(
+                "swiglu",
+                f"config.hidden_act={act_name!r}; the gated-MLP kernel takes one of {sorted(_ACTIVATIONS)}",
+            )
         else:
             done = report.patched.setdefault("swiglu", [])
+            moe_blocks = []
             for block in structure.blocks:
                 mlp = block.mlp.module
-                if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-                    skip("swiglu", f"{block.mlp.name} has no gate_proj/up_proj/down_proj/act_fn")
+                if block.mlp.experts is not None:
+                    moe_blocks.append(block.mlp.name)
                     continue
-                _patch(mlp, block.mlp.name, "swiglu", _swiglu_mlp_forward)
+                fused = hasattr(mlp, "gate_up_proj") and hasattr(mlp, "activation_fn")
+                if not fused and not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                    skip("swiglu", f"{block.mlp.name} has no gate_proj/up_proj/down_proj/act_fn or gate_up_proj")
+                    continue
+                _patch(mlp, block.mlp.name, "swiglu", _gated_mlp_forward)
+                mlp.__dict__["_lit_accel_mlp"] = (activation, fused)
                 done.append(block.mlp.name)
+            if moe_blocks:
+                # Experts run inside HF's experts module (a loop over 3-D weights), which no kernel here replaces.
+                report.notes["swiglu"] = (
+                    f"{len(moe_blocks)} mixture-of-experts MLPs keep Hugging Face's experts forward"
+                )
+                if not done:
+                    report.patched.pop("swiglu")
 
     if rope:
         if not hasattr(modeling, "apply_rotary_pos_emb"):
@@ -446,7 +535,7 @@ def remove_kernels(model: nn.Module) -> KernelReport:
         module.__dict__.pop("forward", None)
         if previous is not None:
             module.forward = previous  # type: ignore[method-assign]
-        for key in ("_lit_accel_name", "_lit_accel_inner_forward"):
+        for key in ("_lit_accel_name", "_lit_accel_inner_forward", "_lit_accel_norm", "_lit_accel_mlp"):
             module.__dict__.pop(key, None)
         report.patched.setdefault(kernel, []).append(name)
     return report

@@ -4,7 +4,8 @@ It calls :func:`lit_accel.kernels.apply_kernels` right after ``configure_model``
 and after the model is built, under any strategy), logs how many modules use each kernel under ``kernels/...``,
 and leaves the patches in place after the run (evaluation forwards are Hugging Face's own anyway). ``CausalLM``
 already applies the kernels by default on CUDA (its ``kernels`` argument); this callback is for other
-LightningModules holding a Hugging Face LLaMA, Mistral or Qwen2 model, or to choose kernels one by one.
+LightningModules holding a Hugging Face model of a family in ``KERNEL_ARCHS`` (LLaMA, Mistral, Qwen2/3, Gemma 1-3,
+Phi-3, OLMo 2, Mixtral, Qwen3-MoE), or to choose kernels one by one.
 
 Example:
     >>> import lightning as L

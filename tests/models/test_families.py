@@ -214,3 +214,15 @@ def test_dropbp_callback_in_a_trainer_on_every_family(family: str) -> None:
     assert cb.num_sublayers == 4 and cb.measured
     assert cb.allocated_rates is not None and len(cb.allocated_rates) == 4 and max(cb.allocated_rates) > 0
     assert all(torch.isfinite(torch.tensor(losses.losses)))
+
+
+def test_family_table_is_current() -> None:
+    import make_family_table as table  # tests/models is on sys.path while its tests run
+
+    block = table.table()
+    for column, (path, name) in table.COLUMNS.items():
+        support = getattr(table._load(path), name)
+        assert set(support) == set(FAMILIES), f"{path}::{name} must state every family for column {column!r}"
+    assert set(table.ROWS) == set(FAMILIES)
+    stale = [str(p) for p, current in table.current_blocks().items() if current != block]
+    assert not stale, f"{stale} hold an old family table; run python tests/models/make_family_table.py"
