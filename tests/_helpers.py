@@ -3,10 +3,13 @@ configs, tiny models, a quiet Trainer, and the launcher of multi-process (torchr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -180,3 +183,53 @@ def tiny_family(family: str, seed: int = 0, **overrides: Any) -> Any:
             if param.dim() == 1 and "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
     return model
+
+
+@contextlib.contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """One intra-op thread: at the tiny family shapes a second one only adds synchronisation, which costs 10x and
+    more (MKL's SVD, the matmuls) on a 2-core machine that is busy with anything else."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def expected_family_linears(family: str, model: Any, kinds: tuple[str, ...] = ("attention", "mlp")) -> set[str]:
+    """The decoder linears ``kinds`` hold in a :func:`tiny_family` model, written out per family (not read from the
+    structure code): Phi-3's fused projections, no MLP linears in mixture-of-experts blocks."""
+    attn = ("qkv_proj", "o_proj") if family == "phi3" else ("q_proj", "k_proj", "v_proj", "o_proj")
+    mlp = ("gate_up_proj", "down_proj") if family == "phi3" else ("gate_proj", "up_proj", "down_proj")
+    layers = model.config.num_hidden_layers
+    dense = set(range(layers))
+    if family == "mixtral":
+        dense = set()
+    elif family == "qwen3_moe":
+        dense = set(model.config.mlp_only_layers)
+    names = set()
+    for i in range(layers):
+        if "attention" in kinds:
+            names |= {f"model.layers.{i}.self_attn.{s}" for s in attn}
+        if "mlp" in kinds and i in dense:
+            names |= {f"model.layers.{i}.mlp.{s}" for s in mlp}
+    return names
+
+
+@contextlib.contextmanager
+def moe_warning(family: str, prefix: str = "", mlp: bool = True) -> Iterator[None]:
+    """Exactly one warning about mixture-of-experts MLPs when ``mlp`` targets meet an MoE family, naming it (and
+    starting with ``prefix``, the technique); none otherwise."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    moe = [str(w.message) for w in caught if "mixture of experts" in str(w.message)]
+    if family in MOE_FAMILIES and mlp:
+        assert len(moe) == 1, moe
+        assert moe[0].startswith(prefix) and f"model_type '{family}'" in moe[0]
+        assert "3-D tensors" in moe[0] and "stay dense" in moe[0]
+    else:
+        assert not moe, moe

@@ -5,13 +5,11 @@ with the factorised logits."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections.abc import Iterator
 
 import pytest
 import torch
-from _helpers import FAMILIES, MOE_FAMILIES, tiny_family
+from _helpers import FAMILIES, MOE_FAMILIES, expected_family_linears, moe_warning, one_intra_op_thread, tiny_family
 from torch import nn
 
 from lit_accel.lowrank.factorize import apply_factorization, merge_factorization
@@ -32,46 +30,8 @@ PARAMS = pytest.mark.parametrize("family", list(FAMILIES))
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    """One intra-op thread: at these tiny shapes a second one only adds synchronisation, which costs 10x and more
-    (MKL's SVD, the matmuls) on a 2-core machine that is busy with anything else."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def expected_linears(family: str, model: nn.Module, kinds: tuple[str, ...] = ("attention", "mlp")) -> set[str]:
-    """The decoder linears ``kinds`` hold, written out per family (not read from the structure code)."""
-    attn = ("qkv_proj", "o_proj") if family == "phi3" else ("q_proj", "k_proj", "v_proj", "o_proj")
-    mlp = ("gate_up_proj", "down_proj") if family == "phi3" else ("gate_proj", "up_proj", "down_proj")
-    layers = model.config.num_hidden_layers
-    dense = set(range(layers))
-    if family == "mixtral":
-        dense = set()
-    elif family == "qwen3_moe":
-        dense = set(model.config.mlp_only_layers)
-    names = set()
-    for i in range(layers):
-        if "attention" in kinds:
-            names |= {f"model.layers.{i}.self_attn.{s}" for s in attn}
-        if "mlp" in kinds and i in dense:
-            names |= {f"model.layers.{i}.mlp.{s}" for s in mlp}
-    return names
-
-
-@contextlib.contextmanager
-def moe_warning(family: str) -> Iterator[None]:
-    """Exactly one warning about mixture-of-experts MLPs for an MoE family, naming it; none for the others."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with one_intra_op_thread():
         yield
-    moe = [str(w.message) for w in caught if "mixture of experts" in str(w.message)]
-    if family in MOE_FAMILIES:
-        assert len(moe) == 1, moe
-        assert moe[0].startswith("SVD factorisation: ") and f"model_type '{family}'" in moe[0]
-        assert "3-D tensors" in moe[0] and "stay dense" in moe[0]
-    else:
-        assert not moe, moe
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -83,9 +43,9 @@ def logits(model: nn.Module) -> torch.Tensor:
 def test_full_rank_keeps_the_logits(family: str) -> None:
     model = tiny_family(family).eval()
     ref = logits(model)
-    with moe_warning(family):
+    with moe_warning(family, "SVD factorisation: "):
         reports = apply_factorization(model, "all-linear", energy=1.0, skip_if_not_smaller=False)
-    assert {r.name for r in reports} == expected_linears(family, model) and all(r.factorized for r in reports)
+    assert {r.name for r in reports} == expected_family_linears(family, model) and all(r.factorized for r in reports)
     assert all(r.rank == min(r.in_features, r.out_features) and (r.rel_error or 0.0) < 1e-5 for r in reports)
     torch.testing.assert_close(logits(model), ref, atol=1e-4, rtol=1e-4)
     if family in MOE_FAMILIES:  # the experts and the router are untouched
@@ -98,9 +58,11 @@ def test_parameter_and_flop_counts_at_a_fixed_rank(family: str) -> None:
     params_before = sum(p.numel() for p in model.parameters())
     flops_before = model_matmul_flops_per_token(model)
     r = 8
-    with moe_warning(family):
+    with moe_warning(family, "SVD factorisation: "):
         reports = apply_factorization(model, "all-linear", rank=r)
-    assert {rep.name for rep in reports} == expected_linears(family, model) and all(rep.factorized for rep in reports)
+    assert {rep.name for rep in reports} == expected_family_linears(family, model) and all(
+        rep.factorized for rep in reports
+    )
     for rep in reports:
         bias = rep.out_features if rep.bias else 0
         assert rep.params_before == rep.in_features * rep.out_features + bias
@@ -130,7 +92,7 @@ def test_parameter_and_flop_counts_at_a_fixed_rank(family: str) -> None:
     # Merged back: plain linears again, the same logits as factorised, the original parameter count.
     model.eval()
     factorised = logits(model)
-    assert set(merge_factorization(model)) == expected_linears(family, model)
+    assert set(merge_factorization(model)) == expected_family_linears(family, model)
     assert not factorization_ranks(model) and sum(p.numel() for p in model.parameters()) == params_before
     torch.testing.assert_close(logits(model), factorised, atol=1e-5, rtol=1e-4)
 
@@ -143,6 +105,6 @@ def test_mlp_targets_on_a_mixture_of_experts(family: str) -> None:
             apply_factorization(model, "mlp", rank=8)
         assert not factorization_ranks(model)
     else:  # only the dense MLPs of mlp_only_layers
-        with moe_warning(family):
+        with moe_warning(family, "SVD factorisation: "):
             reports = apply_factorization(model, "mlp", rank=8)
-        assert {r.name for r in reports} == expected_linears(family, model, ("mlp",))
+        assert {r.name for r in reports} == expected_family_linears(family, model, ("mlp",))

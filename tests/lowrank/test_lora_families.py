@@ -4,7 +4,6 @@ same logits, merges equal to PEFT's, and the shared-input groups."""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,15 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import FAMILIES, MOE_FAMILIES, quiet_trainer, tiny_family
+from _helpers import (
+    FAMILIES,
+    MOE_FAMILIES,
+    expected_family_linears,
+    moe_warning,
+    one_intra_op_thread,
+    quiet_trainer,
+    tiny_family,
+)
 from lora_helpers import copy_adapters_to_peft, logits, peft_adapter_grads, peft_model, randomize_adapters
 from torch import nn
 from torch.utils.data import DataLoader
@@ -41,51 +48,13 @@ PARAMS = pytest.mark.parametrize("family", list(FAMILIES))
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    """One intra-op thread: at these tiny shapes a second one only adds synchronisation, which costs 10x and more
-    (MKL's SVD, the matmuls) on a 2-core machine that is busy with anything else."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 def base(family: str) -> nn.Module:
     """The family's tiny model in eval mode; two calls give the same weights."""
     return tiny_family(family, seed=0).eval()
-
-
-def expected_linears(family: str, model: nn.Module, kinds: tuple[str, ...] = ("attention", "mlp")) -> set[str]:
-    """The decoder linears ``kinds`` hold, written out per family (not read from the structure code)."""
-    attn = ("qkv_proj", "o_proj") if family == "phi3" else ("q_proj", "k_proj", "v_proj", "o_proj")
-    mlp = ("gate_up_proj", "down_proj") if family == "phi3" else ("gate_proj", "up_proj", "down_proj")
-    layers = model.config.num_hidden_layers
-    dense = set(range(layers))
-    if family == "mixtral":
-        dense = set()
-    elif family == "qwen3_moe":
-        dense = set(model.config.mlp_only_layers)
-    names = set()
-    for i in range(layers):
-        if "attention" in kinds:
-            names |= {f"model.layers.{i}.self_attn.{s}" for s in attn}
-        if "mlp" in kinds and i in dense:
-            names |= {f"model.layers.{i}.mlp.{s}" for s in mlp}
-    return names
-
-
-@contextlib.contextmanager
-def moe_warning(family: str, mlp: bool = True) -> Iterator[None]:
-    """Exactly one warning about mixture-of-experts MLPs when ``mlp`` targets meet an MoE family, naming it; none
-    otherwise."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    moe = [str(w.message) for w in caught if "mixture of experts" in str(w.message)]
-    if family in MOE_FAMILIES and mlp:
-        assert len(moe) == 1, moe
-        assert f"model_type '{family}'" in moe[0] and "3-D tensors" in moe[0] and "stay dense" in moe[0]
-    else:
-        assert not moe, moe
 
 
 def adapt(family: str, model: nn.Module, targets: str = "all-linear", **kwargs: Any) -> dict[str, LoRALinear]:
@@ -101,7 +70,7 @@ def test_all_linear_adapts_every_dense_linear_and_nothing_else(family: str) -> N
     model = base(family)
     before = logits(model, IDS)
     layers = adapt(family, model)
-    assert set(layers) == expected_linears(family, model)
+    assert set(layers) == expected_family_linears(family, model)
     # Only the adapters train: the experts, the router, norms and embeddings stay frozen.
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{x}" for n in layers for x in "AB"}
@@ -120,7 +89,7 @@ def test_presets_and_roles_resolve(family: str) -> None:
     attn = base(family)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the attention never mentions experts
-        assert set(apply_lora(attn, targets="attention", r=2, alpha=4)) == expected_linears(
+        assert set(apply_lora(attn, targets="attention", r=2, alpha=4)) == expected_family_linears(
             family, attn, ("attention",)
         )
     roles = ["qkv", "gate_up"] if family == "phi3" else ["q", "k", "v", "gate", "up"]
@@ -132,7 +101,7 @@ def test_presets_and_roles_resolve(family: str) -> None:
         return
     with moe_warning(family):
         mlp = apply_lora(model, targets="mlp", r=2, alpha=4)
-    assert set(mlp) == expected_linears(family, model, ("mlp",))
+    assert set(mlp) == expected_family_linears(family, model, ("mlp",))
     with moe_warning(family):
         chosen = apply_lora(base(family), targets=roles, r=2, alpha=4)
     suffixes = {n.rsplit(".", 1)[1] for n in chosen}
@@ -163,7 +132,7 @@ def test_outputs_and_adapter_gradients_equal_peft(family: str) -> None:
     layers = adapt(family, ours, targets=peft_targets(family))
     ref = _peft_for(family, layers)
     assert len(layers) == len(
-        expected_linears(family, ours, ("attention",) if family == "qwen3_moe" else ("attention", "mlp"))
+        expected_family_linears(family, ours, ("attention",) if family == "qwen3_moe" else ("attention", "mlp"))
     )
     randomize_adapters(ours)
     copy_adapters_to_peft(ours, ref)
@@ -241,7 +210,7 @@ def test_groups_skip_fused_projections_and_equal_the_per_layer_path(
     moe = family in MOE_FAMILIES
     model.to(torch.float32 if moe else torch.float64).train()
     groups = group_shared_inputs(model)
-    dense_mlps = len({n.rsplit(".", 1)[0] for n in expected_linears(family, model, ("mlp",))})
+    dense_mlps = len({n.rsplit(".", 1)[0] for n in expected_family_linears(family, model, ("mlp",))})
     if family == "phi3":
         assert groups == []  # qkv_proj and gate_up_proj are one linear each: nothing to group
     else:

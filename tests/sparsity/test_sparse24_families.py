@@ -5,14 +5,19 @@ pattern, and the callback's refusal on Mixtral's MoE-only MLP."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections.abc import Iterator
 
 import pytest
 import torch
-from _helpers import FAMILIES, MOE_FAMILIES, quiet_trainer, tiny_family
-from torch import nn
+from _helpers import (
+    FAMILIES,
+    MOE_FAMILIES,
+    expected_family_linears,
+    moe_warning,
+    one_intra_op_thread,
+    quiet_trainer,
+    tiny_family,
+)
 from torch.utils.data import DataLoader
 
 from lit_accel.models import CausalLM
@@ -34,46 +39,8 @@ PARAMS = pytest.mark.parametrize("family", list(FAMILIES))
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    """One intra-op thread: at these tiny shapes a second one only adds synchronisation, which costs 10x and more
-    (MKL's SVD, the matmuls) on a 2-core machine that is busy with anything else."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def expected_linears(family: str, model: nn.Module, kinds: tuple[str, ...] = ("attention", "mlp")) -> set[str]:
-    """The decoder linears ``kinds`` hold, written out per family (not read from the structure code)."""
-    attn = ("qkv_proj", "o_proj") if family == "phi3" else ("q_proj", "k_proj", "v_proj", "o_proj")
-    mlp = ("gate_up_proj", "down_proj") if family == "phi3" else ("gate_proj", "up_proj", "down_proj")
-    layers = model.config.num_hidden_layers
-    dense = set(range(layers))
-    if family == "mixtral":
-        dense = set()
-    elif family == "qwen3_moe":
-        dense = set(model.config.mlp_only_layers)
-    names = set()
-    for i in range(layers):
-        if "attention" in kinds:
-            names |= {f"model.layers.{i}.self_attn.{s}" for s in attn}
-        if "mlp" in kinds and i in dense:
-            names |= {f"model.layers.{i}.mlp.{s}" for s in mlp}
-    return names
-
-
-@contextlib.contextmanager
-def moe_warning(family: str) -> Iterator[None]:
-    """Exactly one warning about mixture-of-experts MLPs for an MoE family, naming it; none for the others."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with one_intra_op_thread():
         yield
-    moe = [str(w.message) for w in caught if "mixture of experts" in str(w.message)]
-    if family in MOE_FAMILIES:
-        assert len(moe) == 1, moe
-        assert moe[0].startswith("2:4 sparsity: ") and f"model_type '{family}'" in moe[0]
-        assert "3-D tensors" in moe[0] and "stay dense" in moe[0]
-    else:
-        assert not moe, moe
 
 
 def is_transposable_24(mask: torch.Tensor) -> bool:
@@ -86,9 +53,9 @@ def is_transposable_24(mask: torch.Tensor) -> bool:
 def test_masks_hold_through_a_training_step(family: str) -> None:
     model = tiny_family(family).train()
     params_before = {id(p) for p in model.parameters()}
-    with moe_warning(family):
+    with moe_warning(family, "2:4 sparsity: "):
         layers, skipped = sparsify_linears(model, "all-linear")
-    assert not skipped and set(layers) == expected_linears(family, model)
+    assert not skipped and set(layers) == expected_family_linears(family, model)
     assert all(type(model.get_submodule(n)) is SparseLinear for n in layers)
     assert {id(p) for p in model.parameters()} == params_before  # the same Parameter objects
     for layer in layers.values():
@@ -126,7 +93,7 @@ def test_masks_hold_through_a_training_step(family: str) -> None:
     assert torch.isfinite(model(input_ids=IDS, labels=IDS).loss)
     # Refreshed from the updated weights, the masks keep the pattern; the surgery is idempotent.
     assert all(is_transposable_24(m) for m in set_24_masks(layers).values())
-    with moe_warning(family):
+    with moe_warning(family, "2:4 sparsity: "):
         again, _ = sparsify_linears(model, "all-linear")
     assert all(again[n] is layers[n] for n in layers)
 
@@ -168,9 +135,9 @@ def test_mlp_targets_on_a_mixture_of_experts(family: str) -> None:
             sparsify_linears(model, "mlp")
         assert not any(isinstance(m, SparseLinear) for m in model.modules())
     else:  # only the dense MLPs of mlp_only_layers
-        with moe_warning(family):
+        with moe_warning(family, "2:4 sparsity: "):
             layers, _ = sparsify_linears(model, "mlp")
-        assert set(layers) == expected_linears(family, model, ("mlp",))
+        assert set(layers) == expected_family_linears(family, model, ("mlp",))
 
 
 def test_callback_refuses_mlp_targets_on_mixtral_and_sparsifies_its_attention() -> None:
@@ -184,5 +151,5 @@ def test_callback_refuses_mlp_targets_on_mixtral_and_sparsifies_its_attention() 
     cb = SemiStructuredSparsity(targets="all-linear", mask_refresh_every=1)
     with pytest.warns(UserWarning, match=r"model_type 'mixtral'.*3-D tensors"):
         quiet_trainer(max_steps=2, callbacks=[cb]).fit(module := lm(), data)
-    assert set(cb.layers) == expected_linears("mixtral", module.model) and not cb.skipped
+    assert set(cb.layers) == expected_family_linears("mixtral", module.model) and not cb.skipped
     assert cb.refreshes == 2 and all(is_transposable_24(m) for m in cb.masks.values())
