@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 import types
 import warnings
@@ -195,7 +196,7 @@ def _gated_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
         act_fn = self.act_fn
     if _kernel_device(gate):
         reason = _cached_reason(
-            ("swiglu", activation, gate.stride(), up.stride(), *_sig(gate, up)),
+            ("swiglu", activation, *_sig(gate, up)),
             lambda: swiglu_fallback_reason(gate, up, activation),
         )
         if reason is None:
@@ -330,8 +331,8 @@ def _causal_lm_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         )
     loss = cast("torch.Tensor", loss)  # without return_z_loss both paths return the loss alone
     if router_aux:
-        modeling = importlib.import_module(type(self).__module__)
-        aux_loss = modeling.load_balancing_loss_func(
+        # The causal LM's own modeling module (loaded: its class lives there) defines the loss its forward adds.
+        aux_loss = sys.modules[type(self).__module__].load_balancing_loss_func(
             outputs.router_logits, self.num_experts, self.num_experts_per_tok, kwargs.get("attention_mask")
         )
         loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)

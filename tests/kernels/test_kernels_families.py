@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from _helpers import FAMILIES, MOE_FAMILIES, tiny_family
+from kernel_helpers import assert_same as _assert_same
 from torch import nn
 
 from lit_accel.kernels import apply_kernels, kernels_applied, remove_kernels
@@ -58,34 +59,6 @@ def _model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
     if family == "gemma2":
         extra["final_logit_softcapping"] = 30.0
     return tiny_family(family, seed=seed, **extra, **overrides)
-
-
-def _loss_and_grads(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same(model: nn.Module, patched: nn.Module, rtol: float, atol: float, seq: int = 12) -> None:
-    ids = torch.randint(0, model.config.vocab_size, (2, seq))
-    labels = ids.clone()
-    labels[0, :3] = -100
-    model.train()
-    patched.train()
-    loss_ref, grads_ref = _loss_and_grads(model, ids, labels)
-    loss, grads = _loss_and_grads(patched, ids, labels)
-    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=atol)
-    assert grads.keys() == grads_ref.keys()
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=rtol * 10, atol=atol * 10, msg=name)
-    model.eval()
-    patched.eval()
-    with torch.no_grad():
-        ref = model(input_ids=ids, labels=labels)
-        got = patched(input_ids=ids, labels=labels)
-    torch.testing.assert_close(got.logits, ref.logits, rtol=rtol, atol=atol)
-    torch.testing.assert_close(got.loss, ref.loss, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
