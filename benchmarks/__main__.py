@@ -7,6 +7,7 @@
     python -m benchmarks run --smoke                # every suite at tiny sizes on any device (CI, on a CPU)
     python -m benchmarks render                     # benchmarks/RESULTS.md and the README table from the records
     python -m benchmarks render --check             # exit 1 when they differ from what the records give
+    python -m benchmarks model [--check]            # docs/scaling.md: the scaling model's predictions (8-1024 GPUs)
 
 Each suite runs in its own process (one suite's crash or out-of-memory does not take the others down); every row it
 measures is appended at once to ``benchmarks/records/<suite>.jsonl`` (smoke runs: a temporary folder, never
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--allow-cpu", action="store_true", help="time real sizes without a GPU")
     render = sub.add_parser("render", help="write RESULTS.md and the README table from the records")
     render.add_argument("--check", action="store_true", help="exit 1 when the files differ from the records'")
+    model = sub.add_parser("model", help="write (--check: compare) docs/scaling.md's scaling-model tables")
+    model.add_argument("--check", action="store_true", help="exit 1 when docs/scaling.md differs from the model's")
     one = sub.add_parser("_one")  # one suite in this process (what `run` starts per suite)
     one.add_argument("suite")
     one.add_argument("--records", required=True)
@@ -165,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, argv)
     if args.cmd == "_one":
         return _one(args)
+    if args.cmd == "model":
+        from benchmarks.scaling_docs import main as model
+
+        return model(["--check"] if args.check else [])
     from benchmarks.render import render_all
 
     return render_all(check=args.check)

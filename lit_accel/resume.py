@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["BatchSeededRNG", "batch_seed", "complete_epoch_end_loop_state"]
+__all__ = [
+    "BatchSeededRNG",
+    "batch_seed",
+    "complete_epoch_end_loop_state",
+    "keep_global_batch",
+    "set_epoch_batches_done",
+]
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -150,4 +156,51 @@ def complete_epoch_end_loop_state(checkpoint: dict[str, Any]) -> bool:
     if isinstance(val_batches, dict) and isinstance(val_batches.get("total"), dict):
         # Lightning clears this at every epoch start: it counts the validation runs within the epoch.
         val_batches["total"] = dict.fromkeys(val_batches["total"], 0)
+    return True
+
+
+def keep_global_batch(global_batch: int, world_size: int, batch_size: int) -> int | None:
+    """The gradient accumulation that keeps ``global_batch`` sequences per optimizer step on ``world_size``
+    processes of ``batch_size`` sequences each, or None when it does not divide evenly.
+
+    Example:
+        >>> keep_global_batch(12, world_size=3, batch_size=2)  # saved as 2 processes x 2 sequences x 3 micro-batches
+        2
+        >>> keep_global_batch(12, world_size=5, batch_size=2) is None
+        True
+    """
+    if global_batch < 1 or world_size < 1 or batch_size < 1:
+        raise ValueError(f"global_batch={global_batch}, world_size={world_size}, batch_size={batch_size} must be >= 1")
+    per_step = world_size * batch_size
+    return global_batch // per_step if global_batch % per_step == 0 else None
+
+
+def set_epoch_batches_done(checkpoint: dict[str, Any], batches: int) -> bool:
+    """Rewrite a checkpoint's fit loop to have run ``batches`` batches of the current epoch (the totals move by the
+    same amount): what a resume on another world size or batch size needs, where one saved batch is not one batch
+    of the resumed run. Optimizer-step counters (``global_step``, schedulers) are untouched.
+
+    Returns:
+        Whether the checkpoint held a fit loop to rewrite.
+
+    Example:
+        >>> counts = {k: 6 for k in ("ready", "started", "processed", "completed")}
+        >>> progress = {"total": dict(counts), "current": dict(counts)}
+        >>> ckpt = {"loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
+        >>> set_epoch_batches_done(ckpt, 9)
+        True
+        >>> progress["current"]["processed"], progress["total"]["ready"]
+        (9, 9)
+    """
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        current, total = progress["current"], progress["total"]
+    except (KeyError, TypeError):
+        return False
+    for key in ("ready", "started", "processed", "completed"):
+        if key in current:
+            shift = batches - int(current[key])
+            current[key] = batches
+            if key in total:
+                total[key] = max(0, int(total[key]) + shift)
     return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,11 @@ def test_config_builds(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)  # relative run folders land in the temporary directory
     raw = yaml.safe_load(path.read_text())
     strategy = raw.get("trainer", {}).get("strategy", "auto")
-    assert strategy == "auto" or strategy in StrategyRegistry or strategy in ("ddp", "fsdp", "deepspeed")
+    if isinstance(strategy, dict):  # class_path + init_args: the class builds with them (no process is started)
+        module, name = strategy["class_path"].rsplit(".", 1)
+        getattr(importlib.import_module(module), name)(**strategy.get("init_args", {}))
+    else:
+        assert strategy == "auto" or strategy in StrategyRegistry or strategy in ("ddp", "fsdp", "deepspeed")
     cli = LitAccelCLI(args=["--config", str(path), *CPU], run=False)
     # `data:` is TextDataModule's arguments, or class_path + init_args of a subclass (MultiDomainDataModule).
     data = raw["data"].get("init_args", raw["data"])

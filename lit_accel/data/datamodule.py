@@ -15,13 +15,13 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_accel.data.corpus import STDLIB, CorpusInfo, corpus_fingerprint, load_documents, validate_corpus
@@ -34,7 +34,7 @@ from lit_accel.data.tokenizer import (
     train_bpe_tokenizer,
 )
 from lit_accel.models.params import global_rank, world_size
-from lit_accel.resume import complete_epoch_end_loop_state
+from lit_accel.resume import complete_epoch_end_loop_state, keep_global_batch, set_epoch_batches_done
 
 __all__ = ["DEFAULT_BPE_TRAIN_BYTES", "ResumableSampler", "ShardedSequentialSampler", "TextDataModule"]
 
@@ -53,13 +53,21 @@ def _as_sized(data: Sized | int) -> Any:
     return range(data) if isinstance(data, int) else data
 
 
+def _samples_done(saved: dict[str, int]) -> int:
+    """The sequences of the saved epoch already used, over all ranks (see :meth:`ResumableSampler.resume_at`)."""
+    return saved["batches_done"] * saved.get("batch_size", 1) * saved.get("world_size", 1)
+
+
 class ResumableSampler(DistributedSampler):
     """Shuffling sampler that shards across ranks and can resume in the middle of an epoch.
 
     Each epoch draws ``torch.randperm`` from a generator seeded with ``(seed, epoch)``, truncates it to a multiple of
-    ``world_size`` and gives rank ``r`` the indices ``perm[r::world_size]``. After :meth:`resume`, iterating the
-    saved epoch skips the first ``batches_done * batch_size`` of this rank's indices; ``len()`` stays the full epoch
-    length, since Lightning counts batches from its restored counter.
+    ``world_size`` and gives rank ``r`` the indices ``perm[r::world_size]``. So after ``k`` batches of ``B`` on each
+    of ``W`` ranks the run has used exactly the first ``k * B * W`` entries of the permutation, whatever ``W`` and
+    ``B`` are: :meth:`resume_at` continues from such a position on any world size and batch size (the rest of the
+    epoch split over the ranks as ``perm[start + r::world_size]``, trimmed so that every rank gets as many), and no
+    sample is seen twice or skipped. ``len()`` stays the full epoch length; the resumed epoch ends when its
+    iterator does.
 
     It subclasses ``DistributedSampler`` so that Lightning does not wrap it in another distributed sampler.
 
@@ -100,21 +108,43 @@ class ResumableSampler(DistributedSampler):
         self.epoch = epoch
 
     def resume(self, epoch: int, batches_done: int) -> None:
-        """Skip the first ``batches_done`` batches of ``epoch`` when that epoch is iterated."""
-        self._resume = (int(epoch), int(batches_done))
+        """Skip the first ``batches_done`` batches (of this sampler's world size and batch size) of ``epoch``."""
+        self.resume_at(epoch, int(batches_done) * self.batch_size * self.world_size)
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """Continue ``epoch`` after its first ``samples_done`` samples, counted over all ranks (``k * B * W`` for a
+        run of ``W`` ranks that did ``k`` batches of ``B``): the same position on any world size and batch size.
+
+        Example:
+            >>> before = [ResumableSampler(12, batch_size=2, rank=r, world_size=2) for r in range(2)]
+            >>> seen = [i for s in before for i in list(s)[:2]]  # one batch of 2 on each of 2 ranks
+            >>> after = [ResumableSampler(12, batch_size=1, rank=r, world_size=4) for r in range(4)]
+            >>> for s in after:
+            ...     s.resume_at(epoch=0, samples_done=4)
+            >>> rest = [i for s in after for i in s]
+            >>> sorted(seen + rest) == list(range(12))
+            True
+        """
+        if samples_done < 0:
+            raise ValueError(f"samples_done={samples_done} must be >= 0")
+        self._resume = (int(epoch), int(samples_done))
 
     def epoch_indices(self, epoch: int) -> list[int]:
         """This rank's full index order for ``epoch`` (ignoring any resume skip)."""
+        return self._permutation(epoch)[self.rank :: self.world_size].tolist()
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator()
         g.manual_seed(_mix_seed(self.seed, epoch))
-        perm = torch.randperm(self.size, generator=g)[: self.total_size]
-        return perm[self.rank :: self.world_size].tolist()
+        return torch.randperm(self.size, generator=g)[: self.total_size]
 
     def __iter__(self) -> Iterator[int]:
-        indices = self.epoch_indices(self.epoch)
-        if self._resume is not None and self._resume[0] == self.epoch:
-            indices = indices[self._resume[1] * self.batch_size :]
-        return iter(indices)
+        if self._resume is None or self._resume[0] != self.epoch:
+            return iter(self.epoch_indices(self.epoch))
+        start = min(self._resume[1], self.total_size)
+        # every rank as many samples: with another world size the rest need not divide evenly
+        end = start + (self.total_size - start) // self.world_size * self.world_size
+        return iter(self._permutation(self.epoch)[start:end][self.rank :: self.world_size].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
@@ -165,8 +195,10 @@ class TextDataModule(L.LightningDataModule):
     Nothing is downloaded. The default corpus is the running interpreter's standard library (``.py`` files, ~30 MB).
     Local rank 0 trains the tokenizer and tokenises in :meth:`prepare_data`; other ranks wait for the files in
     :meth:`setup`. A training sample is ``{"input_ids": LongTensor[seq_len]}``; labels are the same ids (the model
-    shifts them). Resuming from a Lightning checkpoint continues with the next unseen batch, also mid-epoch, as
-    long as ``batch_size`` and the number of devices are unchanged.
+    shifts them). Resuming from a Lightning checkpoint continues with the next unseen sample, also mid-epoch, also on
+    another number of devices or another ``batch_size``: then the global batch (devices x ``batch_size`` x
+    ``accumulate_grad_batches``) is kept by changing the Trainer's gradient accumulation when it divides evenly
+    (``keep_global_batch``), and logged.
 
     Args:
         corpus: ``"stdlib"``, a text/``.jsonl``/``.parquet`` file, a folder of such files, or a ``save_to_disk``
@@ -191,6 +223,9 @@ class TextDataModule(L.LightningDataModule):
         seed: the shuffling seed.
         test_fraction: fraction of documents held out for :meth:`test_dataloader` (``lit-accel test``), in
             [0, 0.5); they are in neither train nor validation. Corpora of fewer than 3 documents have no test split.
+        keep_global_batch: when a run resumes on another number of devices or ``batch_size``, set the Trainer's
+            ``accumulate_grad_batches`` so that each optimizer step sees as many sequences as before (when that
+            divides evenly; else a warning says how the global batch changes). False keeps the Trainer's value.
 
     Example:
         >>> dm = TextDataModule(max_corpus_bytes=1_000_000, bpe_vocab_size=1000, seq_len=128, cache_dir="/tmp/c")
@@ -219,6 +254,7 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str = ".cache/lit_accel",
         seed: int = 1234,
         test_fraction: float = 0.005,
+        keep_global_batch: bool = True,
     ) -> None:
         super().__init__()
         corpus = str(corpus)
@@ -266,6 +302,7 @@ class TextDataModule(L.LightningDataModule):
         self.text_field = text_field
         self.cache_dir = Path(cache_dir)
         self.seed = seed
+        self.keep_global_batch = bool(keep_global_batch)
         self._seq_len = seq_len
         self._info: CorpusInfo | None = None
         self._tokenizer: Any = None
@@ -415,18 +452,7 @@ class TextDataModule(L.LightningDataModule):
             )
         sampler = ResumableSampler(train, self.batch_size, self.seed, rank, world_size)
         if self._resume_state is not None:
-            saved = self._resume_state
-            if (
-                saved.get("batch_size", self.batch_size) != self.batch_size
-                or saved.get("world_size", world_size) != world_size
-            ):
-                warnings.warn(
-                    f"resuming with batch_size={self.batch_size} and world_size={world_size}, but the checkpoint "
-                    f"was saved with batch_size={saved.get('batch_size')} and world_size={saved.get('world_size')}; "
-                    "the data order after resume will not match an uninterrupted run.",
-                    stacklevel=2,
-                )
-            sampler.resume(saved["epoch"], saved["batches_done"])
+            sampler.resume_at(self._resume_state["epoch"], _samples_done(self._resume_state))
         return _ResumableDataLoader(
             train,
             batch_size=self.batch_size,
@@ -472,7 +498,8 @@ class TextDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The resume position: ``{"epoch", "batches_done", "batch_size", "world_size"}`` (saved in checkpoints)."""
+        """The resume position: ``{"epoch", "batches_done", "batch_size", "world_size", "accumulate_grad_batches"}``
+        (saved in checkpoints)."""
         if self.trainer is None:
             return dict(self._resume_state or {})
         # `current` is a _ProcessedTracker at runtime; its annotation is the narrower base class.
@@ -482,6 +509,7 @@ class TextDataModule(L.LightningDataModule):
             "batches_done": int(progress.processed),
             "batch_size": self.batch_size,
             "world_size": int(self.trainer.world_size),
+            "accumulate_grad_batches": int(self.trainer.accumulate_grad_batches),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -498,6 +526,55 @@ class TextDataModule(L.LightningDataModule):
         checkpoint = getattr(connector, "_loaded_checkpoint", None)
         if isinstance(checkpoint, dict):
             complete_epoch_end_loop_state(checkpoint)
+            if self._resume_state is not None and self._elastic_position:
+                self._resume_elsewhere(checkpoint, self._resume_state)
+
+    _elastic_position = True
+    """Whether the sampler resumes from a sample position (so another world size or batch size continues exactly)."""
+
+    def _resume_elsewhere(self, checkpoint: dict[str, Any], saved: dict[str, int]) -> None:
+        """On another world size or batch size: the fit loop's batch counter in this run's batches, and the global
+        batch kept through gradient accumulation (:attr:`keep_global_batch`)."""
+        trainer = self.trainer
+        assert trainer is not None
+        world, batch = int(trainer.world_size), self.batch_size
+        saved_world, saved_batch = saved.get("world_size", world), saved.get("batch_size", batch)
+        if (saved_world, saved_batch) == (world, batch):
+            return
+        samples = _samples_done(saved)
+        set_epoch_batches_done(checkpoint, samples // (world * batch))
+        where = f"{saved_world} x {saved_batch} sequences per batch -> {world} x {batch}"
+        if samples % (world * batch):
+            rank_zero_warn(
+                f"resuming on {where}: the {samples} sequences already used in this epoch are not a whole number of"
+                " this run's batches; training continues from the next unused sequence, with the epoch's batch"
+                " counter rounded down"
+            )
+        if "accumulate_grad_batches" not in saved:
+            return
+        global_batch = saved_world * saved_batch * saved["accumulate_grad_batches"]
+        accumulate = keep_global_batch(global_batch, world, batch)
+        current = int(trainer.accumulate_grad_batches)
+        if accumulate is None or not self.keep_global_batch:
+            reason = (
+                "keep_global_batch=False"
+                if not self.keep_global_batch
+                else f"{global_batch} is not a multiple of {world} x {batch}"
+            )
+            rank_zero_warn(
+                f"resuming on {where}: the global batch changes from {global_batch} to {world * batch * current}"
+                f" sequences per optimizer step ({reason}); learning-rate schedules and step counts are in steps"
+            )
+            return
+        if accumulate != current:
+            trainer.accumulate_grad_batches = accumulate
+            engine = getattr(trainer.strategy, "deepspeed_engine", None)
+            if engine is not None:  # DeepSpeed scales the loss and steps by its own accumulation count
+                engine.set_train_batch_size(global_batch)
+        rank_zero_info(
+            f"resuming on {where}: accumulate_grad_batches {current} -> {accumulate} keeps the global batch of"
+            f" {global_batch} sequences per optimizer step"
+        )
 
     # -------------------------------------------------------------------------------------------- properties
     @property

@@ -419,6 +419,10 @@ class MultiDomainDataModule(TextDataModule):
         others: as :class:`~lit_accel.data.TextDataModule`.
     """
 
+    # Its sampler draws whole batches per step from per-domain streams: a resume on another world size or batch
+    # size continues with a warning, not from the same sample.
+    _elastic_position = False
+
     def __init__(
         self,
         domains: dict[str, str | list[str]],

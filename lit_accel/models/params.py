@@ -9,7 +9,8 @@ Once a DeepSpeed engine with an optimizer exists (ZeRO 1, 2 or 3, any precision)
 *master* copy of every trainable parameter, partitioned over the ranks, and each step overwrites the parameters
 with it: a write to ``param.data`` alone is undone at the next step. :func:`full_parameters` is the helper for
 callbacks that rewrite weights while training: it gathers, lets one rank modify, broadcasts the result, and writes
-it into the fp32 master copy too (see its docstring); :func:`gathered` only gathers ZeRO-3 partitions.
+it into the fp32 master copy too (see its docstring); :func:`gathered` only gathers ZeRO-3 partitions, and
+:func:`gathered_for_reading` gathers, read-only, those not already whole (so it nests).
 
 Example:
     >>> import torch
@@ -23,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "full_shape",
     "full_state_dict",
     "gathered",
+    "gathered_for_reading",
     "global_rank",
     "is_partitioned",
     "is_rank_zero",
@@ -76,6 +78,36 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> It
 
     with deepspeed.zero.GatheredParameters(part, modifier_rank=modifier_rank):
         yield
+
+
+@contextlib.contextmanager
+def gathered_for_reading(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Makes ZeRO-3 partitioned ``params`` whole for the block, read-only; a no-op for any other parameter.
+
+    Unlike :func:`gathered`, parameters that are already whole (gathered by an enclosing block, or by ZeRO-3 itself
+    for the module running now) are left as they are, and stay whole after the block, so it nests. Collective under
+    ZeRO-3: call it on every rank. Changes made inside the block are discarded.
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> with gathered_for_reading(layer.parameters()):
+        ...     tuple(layer.weight.shape)
+        (2, 2)
+    """
+    missing = [p for p in params if is_partitioned(p) and _not_available(p)]
+    if not missing:
+        yield
+        return
+    # deferred: importing deepspeed is slow (and it is absent off Linux); only DeepSpeed runs reach here
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(missing, modifier_rank=None):
+        yield
+
+
+def _not_available(param: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter whose full value is not held now (its status ``NOT_AVAILABLE``)."""
+    return getattr(getattr(param, "ds_status", None), "name", None) == "NOT_AVAILABLE"
 
 
 def global_rank() -> int:

@@ -6,6 +6,7 @@
 - :mod:`~lit_accel.pruning.targets`: :class:`PruningTarget` (dims, a preset or a ratio), the Lagrangian constraint and
   its multipliers.
 - :mod:`~lit_accel.pruning.export`: :func:`export_pruned` removes the masked units and folds the gates in;
+  :func:`export_pruned_gathered` does it for a DeepSpeed ZeRO-3 partitioned model (gathered to rank 0);
   :func:`export_pruned_checkpoint` does it from a checkpoint (``lit-accel export``).
 - :mod:`~lit_accel.pruning.report`: per-layer expected / kept / target sizes and their W&B charts.
 - :mod:`~lit_accel.pruning.callback`: :class:`StructuredPruning`, the Lightning callback that runs it all in a fit.
@@ -36,6 +37,7 @@ from lit_accel.pruning.export import (
     export_loaded_pruning_checkpoint,
     export_pruned,
     export_pruned_checkpoint,
+    export_pruned_gathered,
     is_pruning_checkpoint,
     is_pruning_checkpoint_dict,
 )
@@ -78,6 +80,7 @@ __all__ = [
     "export_loaded_pruning_checkpoint",
     "export_pruned",
     "export_pruned_checkpoint",
+    "export_pruned_gathered",
     "is_pruning_checkpoint",
     "is_pruning_checkpoint_dict",
     "lagrangian_loss",

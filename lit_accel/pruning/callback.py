@@ -18,10 +18,19 @@ The algorithm lives in :mod:`lit_accel.pruning.masks`, :mod:`~lit_accel.pruning.
    (:func:`~lit_accel.pruning.report.architecture_report`) to each ``WandbLogger`` as the table
    ``pruning/architecture`` and the line charts ``pruning/chart/{blocks,kv_heads,intermediate,hidden}``; other
    loggers get only the scalar ``pruning/kept_params``.
-4. ``on_train_end``: with ``export_dir``, writes the physically pruned model (:func:`export_pruned`) there.
+4. ``on_train_end``: with ``export_dir``, writes the physically pruned model (:func:`export_pruned_gathered`) there.
 5. Checkpoints record the target and the units kept per group (``checkpoint["lit_accel"]["pruning"]``), so that
    ``lit-accel export`` (:func:`~lit_accel.pruning.export.export_pruned_checkpoint`) can export the pruned model
    from any checkpoint of the run.
+
+**Strategies.** One device, DDP and DeepSpeed ZeRO-1/2/3 learn the same masks. ``log_alpha`` is clamped into
+``[LOG_ALPHA_MIN, LOG_ALPHA_MAX]`` after every optimizer step (and before the first) through
+:func:`~lit_accel.models.params.full_parameters`, so DeepSpeed's fp32 master copy is clamped too (its next step would
+otherwise restore the unclamped value). Under ZeRO-3 the masks and multipliers are partitioned like every other
+parameter (they are created inside ``zero.Init``, with the model): the callback gathers them, read-only, from the
+start of each training step to the end of its backward (autograd accumulates their full-shape gradients into them),
+and for every read outside a step (evaluation masks, reports, export); the export gathers the model's weights to
+rank 0 only then, one module at a time.
 
 :meth:`StructuredPruning.bypass` switches the masks off for a while (the model computes as the source model);
 :class:`~lit_accel.data.DynamicBatchLoading` uses it to measure reference losses on the source model.
@@ -44,18 +53,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lit_accel.models.hf_directory import save_hf_directory
+from lit_accel.models.params import full_parameters, gathered_for_reading
 from lit_accel.models.structure import get_structure
 from lit_accel.models.surgery import find_hf_model, run_after_configure_model
 from lit_accel.observe.wandb import WandbCharts, wandb_loggers
 from lit_accel.pruning.apply import MaskHooks, apply_masks
-from lit_accel.pruning.export import export_pruned
-from lit_accel.pruning.masks import L0Masks, check_prunable, count_params
+from lit_accel.pruning.export import export_pruned_gathered
+from lit_accel.pruning.masks import LOG_ALPHA_MAX, LOG_ALPHA_MIN, L0Masks, check_prunable, count_params
 from lit_accel.pruning.report import architecture_charts, architecture_report
 from lit_accel.pruning.targets import Lagrangian, PruningTarget, constraint_loss
 from lit_accel.settings import settings_from, takes_settings
@@ -182,6 +191,8 @@ class StructuredPruning(L.Callback):
         self._charts = WandbCharts("StructuredPruning")
         self.hooks: MaskHooks | None = None
         self._pl_module: L.LightningModule | None = None
+        self._held: contextlib.ExitStack | None = None
+        self._projected_step = -1
 
     @property
     def masks(self) -> L0Masks:
@@ -218,18 +229,39 @@ class StructuredPruning(L.Callback):
             raise RuntimeError("StructuredPruning: the masks do not exist yet; they are built when the fit sets up")
         return module
 
+    # ------------------------------------------------------------------ ZeRO-3 partitions
+    def _readable(self) -> contextlib.AbstractContextManager[None]:
+        """The masks' and multipliers' parameters whole for a block, read-only (gathered under ZeRO-3, collective)."""
+        return gathered_for_reading(self._pruning_module().parameters())
+
+    def _hold(self) -> None:
+        """Gather the masks and multipliers until :meth:`_release`: a training step's forward *and* backward need them
+        whole under ZeRO-3 (autograd accumulates their full-shape gradients into them); a no-op otherwise."""
+        if self._held is None:
+            held = contextlib.ExitStack()
+            held.enter_context(self._readable())
+            self._held = held
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
+    def _project(self, trainer: L.Trainer) -> None:
+        """Clamp every ``log_alpha`` into ``[LOG_ALPHA_MIN, LOG_ALPHA_MAX]`` after each optimizer step (and before the
+        first), in the parameters and in the optimizer's fp32 master copy (DeepSpeed), so that every strategy keeps
+        what the in-place clamp of the masks' forward keeps on one device. Without this, a DeepSpeed optimizer step
+        overwrites the clamp with its unclamped master value (the masks start above the bound)."""
+        if self._projected_step == trainer.global_step:
+            return
+        self._projected_step = trainer.global_step
+        with full_parameters(self.masks, modifier_rank=0) as params, torch.no_grad():
+            for param in params.values():
+                param.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
     # ------------------------------------------------------------------ set-up
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        strategy = trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy):
-            stage_no = (strategy.config or {}).get("zero_optimization", {}).get("stage", 0)
-            if stage_no == 3:
-                # The masks would be created inside ZeRO-3's partitioning context and the hooks read full weights.
-                raise ValueError(
-                    "StructuredPruning does not support DeepSpeed ZeRO stage 3 (strategy zero_optimization.stage=3); "
-                    "use DDP or DeepSpeed stage 1 or 2"
-                )
         # The head and channel masks hook o_proj / down_proj; a callback that replaces those modules would
         # silently drop the masks (and the Lagrangian would prune units the model never learned to lose).
         callbacks: list[Any] = getattr(trainer, "callbacks", [])
@@ -314,6 +346,9 @@ class StructuredPruning(L.Callback):
         def wrapped_training_step(*args: Any, **kwargs: Any) -> Any:
             cb: StructuredPruning = pl_module.__dict__["_lit_accel_pruning_callback"]
             assert cb.hooks is not None
+            # First, before anything reads a mask: ZeRO-3 would otherwise gather a parameter read inside its forward
+            # itself, for the running module only, and partition it again when that module's forward ends.
+            cb._hold()  # released after the backward (on_after_backward), or at the batch's end if there is none
             trainer = pl_module.trainer
             device = cb.masks.hidden.log_alpha.device
             # Seeded by step and micro-batch: every rank draws the same masks, gradient-accumulation micro-batches
@@ -336,11 +371,32 @@ class StructuredPruning(L.Callback):
         pl_module.configure_optimizers = wrapped_configure_optimizers  # type: ignore[method-assign]
         pl_module.training_step = wrapped_training_step  # type: ignore[method-assign]
 
+    # ------------------------------------------------------------------ training
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(getattr(pl_module, "pruning", None), nn.ModuleDict):
+            self._project(trainer)
+
+    @override
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._release()
+
     # ------------------------------------------------------------------ charts
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._release()  # a step that returned None had no backward
+        if isinstance(getattr(pl_module, "pruning", None), nn.ModuleDict):
+            self._project(trainer)
         n = self.settings.chart_every_n_steps
         step = trainer.global_step
         if n is not None and step > 0 and step % n == 0 and step != self._charted_step:
@@ -357,12 +413,14 @@ class StructuredPruning(L.Callback):
         if not isinstance(getattr(self._pl_module, "pruning", None), nn.ModuleDict):
             return
         masks = self.masks
-        with torch.no_grad():
+        report = None
+        with self._readable(), torch.no_grad():  # every rank: a collective under ZeRO-3
             kept = {k: (v != 0).float() for k, v in masks.deterministic().items()}
             kept_params = float(count_params(masks.shape, kept))
+            if wandb_loggers(trainer) and trainer.is_global_zero:
+                report = architecture_report(masks, self.target)
         pl_module.log("pruning/kept_params", kept_params, on_step=on_step, on_epoch=not on_step)
-        if wandb_loggers(trainer) and trainer.is_global_zero:
-            report = architecture_report(masks, self.target)
+        if report is not None:
             rows = [list(row) for row in zip(*report.values())]
             self._charts.log(trainer, "pruning/architecture", list(report), rows, architecture_charts(report))
 
@@ -380,7 +438,7 @@ class StructuredPruning(L.Callback):
     def _dims(self, kept: dict[str, torch.Tensor] | None) -> tuple[str, float]:
         shape = self.masks.shape
         if kept is None:
-            ones = {k: torch.ones_like(v) for k, v in self.masks.deterministic().items()}
+            ones = {k: torch.ones_like(v) for k, v in self.masks.deterministic().items()}  # collective under ZeRO-3
             return (
                 f"{shape.num_layers} blocks, {shape.num_kv_heads} KV heads, MLP {shape.intermediate_size}, hidden"
                 f" {shape.hidden_size}",
@@ -415,7 +473,7 @@ class StructuredPruning(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if isinstance(getattr(pl_module, "pruning", None), nn.ModuleDict):
             with torch.no_grad():
-                kept, params = self._dims(dict(self.masks.deterministic()))
+                kept, params = self._dims(dict(self.masks.deterministic()))  # collective under ZeRO-3
             rank_zero_info(
                 f"StructuredPruning: the masks now keep {kept}: {params / 1e6:.2f}M parameters"
                 + (
@@ -427,14 +485,15 @@ class StructuredPruning(L.Callback):
         if self.settings.export_dir is not None:
             self._export(pl_module)
 
-    @rank_zero_only
     def _export(self, pl_module: L.LightningModule) -> None:
         model = find_hf_model(pl_module)
         export_dir = self.settings.export_dir
         assert export_dir is not None
-        small = export_pruned(model, self.masks)  # type: ignore[arg-type]
-        # Atomic, and never over an existing non-empty directory (set-up already refused one).
-        save_hf_directory(small, small.state_dict(), Path(export_dir), tokenizer=None, overwrite=False)
+        # Every rank: under ZeRO-3 the masks and the weights are gathered (to rank 0, module by module) only here.
+        small = export_pruned_gathered(model, self.masks)  # type: ignore[arg-type]
+        if small is not None:  # rank 0
+            # Atomic, and never over an existing non-empty directory (set-up already refused one).
+            save_hf_directory(small, small.state_dict(), Path(export_dir), tokenizer=None, overwrite=False)
 
 
 def _schedulers(result: Any) -> list[Any]:

@@ -38,9 +38,12 @@ hidden state a caller may ask for) differs, by ``1 / c`` and, as with any tied h
 The export needs the same number of KV heads and intermediate channels in every kept block (a Hugging Face config
 has one of each); :meth:`L0Masks.deterministic` always gives that, as the paper's target architecture is uniform.
 
+:func:`export_pruned_gathered` exports a model whose parameters DeepSpeed ZeRO-3 partitions (called on every rank,
+it gathers the weights one module at a time into a CPU copy on rank 0, which prunes it).
 :func:`export_pruned_checkpoint` does the same from a checkpoint of a
-:class:`~lit_accel.pruning.callback.StructuredPruning` run (``lit-accel export --ckpt CKPT --out DIR`` calls it for
-such a checkpoint), then reloads the directory with plain ``from_pretrained`` and checks its logits.
+:class:`~lit_accel.pruning.callback.StructuredPruning` run, a ZeRO-3 checkpoint folder included (``lit-accel export
+--ckpt CKPT --out DIR`` calls it for such a checkpoint), then reloads the directory with plain ``from_pretrained`` and
+checks its logits.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -69,7 +72,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from lit_accel.checkpoint import deepspeed_client_state_file, load_checkpoint_file, load_lightning_checkpoint
 from lit_accel.models.causal_lm import CausalLM
 from lit_accel.models.hf_directory import check_output_directory, save_hf_directory
-from lit_accel.models.params import is_partitioned, load_full_state_dict
+from lit_accel.models.params import full_state_dict, is_partitioned, is_rank_zero, load_full_state_dict
 from lit_accel.models.structure import Block, ModelStructure, get_structure
 from lit_accel.pruning.apply import apply_masks, norm_style
 from lit_accel.pruning.masks import MASK_GROUPS, L0Masks, check_prunable
@@ -78,6 +81,7 @@ __all__ = [
     "export_loaded_pruning_checkpoint",
     "export_pruned",
     "export_pruned_checkpoint",
+    "export_pruned_gathered",
     "is_pruning_checkpoint",
     "is_pruning_checkpoint_dict",
 ]
@@ -135,7 +139,8 @@ def export_pruned(model: PreTrainedModel, masks: L0Masks | dict[str, torch.Tenso
 
     Args:
         model: A Hugging Face model of a family in :data:`~lit_accel.pruning.masks.PRUNABLE_ARCHS` (causal LM or
-            base), with full (not ZeRO-3 partitioned) parameters. It is not modified.
+            base), with full (not ZeRO-3 partitioned: see :func:`export_pruned_gathered`) parameters. It is not
+            modified.
         masks: The :class:`L0Masks` (their deterministic masks are used) or a dict of gate tensors with keys
             ``head_layer``, ``mlp``, ``heads``, ``intermediate``, ``hidden`` and their shapes.
 
@@ -160,8 +165,9 @@ def export_pruned(model: PreTrainedModel, masks: L0Masks | dict[str, torch.Tenso
         )
     if any(is_partitioned(p) for p in model.parameters()):
         raise ValueError(
-            "export_pruned: the model's parameters are ZeRO-3 partitioned; export from a full copy "
-            "(e.g. the saved Hugging Face directory loaded with from_pretrained)"
+            "export_pruned: the model's parameters are ZeRO-3 partitioned; call export_pruned_gathered on every "
+            "rank (it gathers them to rank 0), or export from a full copy (e.g. a saved directory loaded with "
+            "from_pretrained)"
         )
     zs = masks.deterministic() if isinstance(masks, L0Masks) else masks
     missing = [g for g in MASK_GROUPS if g not in zs]
@@ -337,6 +343,41 @@ def _fill(
             f"export_pruned: {dst.arch} has parameters this export does not fill: {missing[:6]}; it cannot prune "
             "this architecture exactly"
         )
+
+
+def export_pruned_gathered(
+    model: PreTrainedModel, masks: L0Masks | dict[str, torch.Tensor] | None = None
+) -> PreTrainedModel | None:
+    """:func:`export_pruned` on rank 0 for a model that may be DeepSpeed ZeRO-3 partitioned; call it on every rank.
+
+    Under ZeRO-3 the masks are gathered (on every rank) and the model's weights are gathered one module at a time
+    into a CPU copy on rank 0 (:func:`~lit_accel.models.params.full_state_dict`), which is pruned there: the full
+    model is never whole on an accelerator, and only at this export. Otherwise rank 0 prunes the model itself.
+
+    Args:
+        model: As for :func:`export_pruned`, partitioned or not.
+        masks: As for :func:`export_pruned`.
+
+    Returns:
+        The pruned model (on the CPU when ``model`` is partitioned) on rank 0, ``None`` on the other ranks.
+
+    Raises:
+        ValueError: As :func:`export_pruned`.
+    """
+    zs = masks.deterministic() if isinstance(masks, L0Masks) else masks  # collective under ZeRO-3
+    if not any(is_partitioned(p) for p in model.parameters()):
+        return export_pruned(model, zs) if is_rank_zero() else None
+    state = full_state_dict(model)  # collective; rank 0 gets every tensor on the CPU, the others nothing
+    if not is_rank_zero():
+        return None
+    dtype, default = next(model.parameters()).dtype, torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the model's dtype: a 7B model never exists in fp32 here
+    try:
+        full = type(model)(copy.deepcopy(model.config))
+    finally:
+        torch.set_default_dtype(default)
+    load_full_state_dict(full, state)
+    return export_pruned(full, zs)
 
 
 # --------------------------------------------------------------------------------------------- from a checkpoint

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_accel.models.params import gathered_for_reading
 from lit_accel.models.structure import ModelStructure, Sublayer, get_structure
 
 __all__ = [
@@ -140,12 +141,28 @@ class HardConcrete(nn.Module):
         with torch.no_grad():
             self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
+    def _whole_log_alpha(self) -> torch.Tensor:
+        """``log_alpha``, checked to be whole: a ZeRO-3 partition (an empty shard) would give masks of the wrong shape.
+
+        Raises:
+            RuntimeError: ``log_alpha`` is a ZeRO-3 partition not gathered now.
+        """
+        log_alpha = self.log_alpha
+        if tuple(log_alpha.shape) != self.shape:
+            raise RuntimeError(
+                f"HardConcrete: log_alpha has shape {tuple(log_alpha.shape)}, not {self.shape} (a DeepSpeed ZeRO-3 "
+                "partition); gather the masks' parameters for the forward and the backward "
+                "(lit_accel.models.params.gathered_for_reading), as StructuredPruning does"
+            )
+        return log_alpha
+
     def expected_l0(self) -> torch.Tensor:
         """``P(gate != 0)`` per unit, differentiable in ``log_alpha``: ``1 - CDF(0)`` of the stretched concrete."""
+        log_alpha = self._whole_log_alpha()
         low, high = STRETCH
         # Logit of where 0 falls in the unstretched (0, 1) interval.
         zero_logit = math.log(-low) - math.log(high)
-        cdf0 = torch.sigmoid(zero_logit * TEMPERATURE - self.log_alpha).clamp(EPSILON, 1 - EPSILON)
+        cdf0 = torch.sigmoid(zero_logit * TEMPERATURE - log_alpha).clamp(EPSILON, 1 - EPSILON)
         return 1 - cdf0
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -155,9 +172,10 @@ class HardConcrete(nn.Module):
             generator: Random generator for the uniform noise; pass one seeded alike on all ranks so that every
                 rank samples the same masks.
         """
-        u = torch.rand(self.shape, generator=generator, device=self.log_alpha.device, dtype=self.log_alpha.dtype)
+        log_alpha = self._whole_log_alpha()
+        u = torch.rand(self.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype)
         u = u * (1 - 2 * EPSILON) + EPSILON
-        y = torch.sigmoid((torch.log(u) - torch.log(1 - u) + self.log_alpha) / TEMPERATURE)
+        y = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / TEMPERATURE)
         low, high = STRETCH
         return F.hardtanh(y * (high - low) + low, 0.0, 1.0)
 
@@ -168,6 +186,8 @@ class HardConcrete(nn.Module):
     def deterministic(self, keep: int | None = None) -> torch.Tensor:
         """Deterministic gates: ``sigmoid(0.8 * log_alpha / T)`` for the ``keep`` largest units of each group, 0 else.
 
+        Under DeepSpeed ZeRO-3 ``log_alpha`` is gathered for the call (unless already whole): call it on every rank.
+
         Args:
             keep: Units kept in every group (the same number in each, so that layers stay uniform); default
                 :meth:`default_keep`. Must be in ``[0, shape[-1]]``.
@@ -176,10 +196,10 @@ class HardConcrete(nn.Module):
             A tensor of ``shape`` with exactly ``keep`` non-zeros along the last dimension. No gradient.
         """
         n = self.shape[-1]
-        keep = self.default_keep() if keep is None else keep
-        if not 0 <= keep <= n:
-            raise ValueError(f"HardConcrete.deterministic: keep must be in [0, {n}], got {keep}")
-        with torch.no_grad():
+        with gathered_for_reading([self.log_alpha]), torch.no_grad():
+            keep = self.default_keep() if keep is None else keep
+            if not 0 <= keep <= n:
+                raise ValueError(f"HardConcrete.deterministic: keep must be in [0, {n}], got {keep}")
             # Clamped out of place: evaluating or exporting must not change the parameters.
             log_alpha = self.log_alpha.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
             soft = torch.sigmoid(log_alpha / TEMPERATURE * _DETERMINISTIC_SCALE)
@@ -491,7 +511,14 @@ class L0Masks(nn.Module):
         Counts come from ``keep``; a group without one keeps the rounded mean expected L0 (at least 1). For a family
         whose config needs ``hidden_size`` to be a multiple of ``num_attention_heads`` (LLaMA, Gemma 2/3), a hidden
         count that comes from the expected L0 (not from ``keep``) is rounded to the nearest such multiple.
+
+        Under DeepSpeed ZeRO-3 the masks' parameters are gathered for the call (unless already whole): call it on
+        every rank.
         """
+        with gathered_for_reading(self.parameters()):
+            return self._deterministic()
+
+    def _deterministic(self) -> dict[str, torch.Tensor]:
         layers = self.keep.get("layers")
         if layers is None:
             mean_l0 = (self.head_layer.expected_l0() + self.mlp.expected_l0()).detach().sum() / 2
@@ -525,6 +552,9 @@ class L0Masks(nn.Module):
 
     def forward(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Samples of every group in training mode; :meth:`deterministic` in evaluation mode.
+
+        Under DeepSpeed ZeRO-3, training mode needs the parameters whole for the forward *and* the backward (the
+        caller gathers them, as :class:`~lit_accel.pruning.callback.StructuredPruning` does); a partition raises.
 
         Args:
             generator: Random generator for the samples (seed it alike on all ranks).

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lit_accel.models.params import gathered_for_reading
 from lit_accel.observe.wandb import LineChart
 from lit_accel.pruning.masks import L0Masks
 from lit_accel.pruning.targets import PruningTarget
@@ -48,6 +49,9 @@ def architecture_report(masks: L0Masks, target: PruningTarget) -> dict[str, list
     ``hidden_*`` with suffixes ``_expected``, ``_kept`` and ``_target`` (the hidden dims are shared, so their
     values repeat). A ratio target has no per-group target: its ``*_target`` columns are absent.
 
+    Under DeepSpeed ZeRO-3 the masks' parameters are gathered for the call (unless already whole): call it on every
+    rank.
+
     Args:
         masks: The masks being learned (their mode is not changed).
         target: The target they are pushed to.
@@ -57,8 +61,9 @@ def architecture_report(masks: L0Masks, target: PruningTarget) -> dict[str, list
     """
     shape = masks.shape
     n = shape.num_layers
-    scores = {k: v.detach().float().cpu() for k, v in _expected(masks).items()}
-    det = {k: v.detach().float().cpu() for k, v in masks.deterministic().items()}
+    with gathered_for_reading(masks.parameters()):
+        scores = {k: v.detach().float().cpu() for k, v in _expected(masks).items()}
+        det = {k: v.detach().float().cpu() for k, v in masks.deterministic().items()}
     block_kept = ((det["head_layer"] != 0) | (det["mlp"] != 0)).float()
     hidden_expected = float(scores["hidden"].sum())
     hidden_kept = float((det["hidden"] != 0).sum())

@@ -7,11 +7,11 @@ under Lightning's own ``DeepSpeedStrategy``) can call :func:`check_callback_conf
 
 Example:
     >>> from lit_accel.callbacks import StructuredPruning
-    >>> check_callback_conflicts({"zero_optimization": {"stage": 2}}, [StructuredPruning(param_ratio=0.5)])
     >>> check_callback_conflicts({"zero_optimization": {"stage": 3}}, [StructuredPruning(param_ratio=0.5)])
+    >>> check_callback_conflicts({"optimizer": {"type": "AdamW"}}, [StructuredPruning(param_ratio=0.5)])
     Traceback (most recent call last):
     ...
-    ValueError: DeepSpeed config key zero_optimization.stage=3 conflicts with callback StructuredPruning: ...
+    ValueError: DeepSpeed config key optimizer={'type': 'AdamW'} conflicts with callback StructuredPruning: ...
 """
 
 from __future__ import annotations
@@ -57,10 +57,6 @@ def offloads(value: Any) -> bool:
     return bool(value)
 
 
-def _is_stage_3(value: Any) -> bool:
-    return value is not MISSING and str(value) == "3"
-
-
 def _is_set(value: Any) -> bool:
     return value is not MISSING and value is not None
 
@@ -80,16 +76,6 @@ CONFLICTS: tuple[ConfigConflict, ...] = (
             "lit_deepspeed_stage_2_offload instead of lit_deepspeed_stage_3_offload), or train without "
             "SemiStructuredSparsity"
         ),
-    ),
-    ConfigConflict(
-        callback="StructuredPruning",
-        key="zero_optimization.stage",
-        applies=_is_stage_3,
-        reason=(
-            "its masks are attached to o_proj/down_proj after the model is built, inside ZeRO-3's partitioning "
-            "context, and its hooks and Lagrangian read full, unpartitioned weights"
-        ),
-        fix="use ZeRO stage 1 or 2 (strategy lit_deepspeed_stage_2) or DDP",
     ),
     ConfigConflict(
         callback="StructuredPruning",

@@ -37,13 +37,14 @@ as a doctest because DeepSpeed logs its accelerator choice on stdout):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 from collections.abc import Generator, Mapping
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins import ClusterEnvironment
@@ -59,6 +60,7 @@ from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn import Module
 from torch.optim import Optimizer
+from transformers import AutoModelForCausalLM
 
 from lit_accel.checkpoint_io import (
     discard_path,
@@ -71,8 +73,10 @@ from lit_accel.checkpoint_io import (
     temporary_path,
     verify_deepspeed_folder,
 )
+from lit_accel.strategies import scale
 from lit_accel.strategies.conflicts import check_callback_conflicts, offloads
 from lit_accel.strategies.sizing import ModelSize, derived_zero_settings, model_size
+from lit_accel.strategies.universal import load_on_new_world_size, saved_world_size, universal_path
 
 __all__ = ["LIT_DEEPSPEED_STRATEGIES", "LitDeepSpeedStrategy"]
 
@@ -132,11 +136,15 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
             the LR scheduler follows), as DeepSpeed requires for ZeRO-Offload (its op is compiled on first use).
             ``False`` keeps the torch optimizer, stepping on the CPU with PyTorch's slower kernels (sets
             ``zero_force_ds_cpu_optimizer: false`` unless the config gives it).
+        zero_quantized_weights, zero_quantized_gradients, zero_hpz_partition_size, communication_data_type: ZeRO++
+            (ZeRO-3 only; ``zero_hpz_partition_size="node"``: the devices per node) and the dtype of gradient
+            reduction (``"fp32"``, ``"bf16"``, ``"fp16"``); see :mod:`lit_accel.strategies.scale`.
 
     The remaining arguments are Lightning's ``DeepSpeedStrategy`` ones, with the same meaning and defaults.
 
     Raises:
-        ValueError: At construction, for a ``stage`` outside 0..3 or a negative size; in ``setup_environment``,
+        ValueError: At construction, for a ``stage`` outside 0..3, a negative size, or a combination DeepSpeed does
+            not support (:mod:`lit_accel.strategies.scale`); in ``setup_environment``,
             when a DeepSpeed config key conflicts with a callback of the Trainer.
         RuntimeError: On the CPU, when DeepSpeed's accelerator is not its CPU one (set ``DS_ACCELERATOR=cpu``).
     """
@@ -159,6 +167,10 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
         zero_allow_untested_optimizer: bool = True,
         sub_group_size: int = 1_000_000_000,
         cpu_adam: bool = True,
+        zero_quantized_weights: bool = False,
+        zero_quantized_gradients: bool = False,
+        zero_hpz_partition_size: int | Literal["node"] | None = None,
+        communication_data_type: Literal["fp32", "bf16", "fp16"] | None = None,
         accelerator: Accelerator | None = None,
         zero_optimization: bool = True,
         remote_device: str | None = None,
@@ -205,9 +217,11 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
             "param_persistence_threshold": param_persistence_threshold,
             "sub_group_size": sub_group_size,
         }
-        for name, value in sizes.items():
-            if value is not None and (not isinstance(value, int | float) or value < 0):
-                raise ValueError(f"LitDeepSpeedStrategy {name}={value!r}; allowed: a number of elements >= 0 or None.")
+        scale.check_sizes(sizes)
+        scale.check_flags({"overlap_comm": overlap_comm, "contiguous_gradients": contiguous_gradients})
+        at_scale = scale.ScaleSettings(
+            zero_quantized_weights, zero_quantized_gradients, zero_hpz_partition_size, communication_data_type
+        )
         base = DeepSpeedStrategy._create_default_config(
             self,
             zero_optimization,
@@ -250,6 +264,7 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
             base["zero_optimization"] = {k: v for k, v in zero.items() if v is not None}
         if not cpu_adam:
             base["zero_force_ds_cpu_optimizer"] = False
+        base = _deep_merge(base, at_scale.config())
         user = DeepSpeedStrategy._load_config(self, config)
         merged = _deep_merge(base, copy.deepcopy(user)) if user else base
         _drop_lightning_autos(merged)
@@ -259,6 +274,7 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
                 f"LitDeepSpeedStrategy: zero_optimization.offload_param (offload_parameters=True) needs ZeRO stage 3,"
                 f" got stage={zero.get('stage', 0)}: only ZeRO-3 partitions, and so can offload, the parameters."
             )
+        scale.check_scale_config(merged)
         self._bf16 = bf16
         self._cpu_adam = cpu_adam
         self.user_config: dict[str, Any] = copy.deepcopy(user) if user else {}
@@ -334,10 +350,19 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
                         del zero[n]
         return filled
 
+    def _format_config(self) -> None:
+        # Lightning's (batch size, accumulation, precision), then the settings that need the process layout.
+        super()._format_config()
+        assert isinstance(self.config, dict)
+        visible = torch.cuda.device_count() if self.root_device.type == "cuda" else None
+        self.derived.update(scale.resolve_for_world(self.config, max(self.num_processes, 1), self.world_size, visible))
+        scale.forget_previous_hpz_group(self.config)
+
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
         if self.zero_stage == 3 and self.lightning_module is not None:
             self.derive_defaults(model_size(self.lightning_module), before_partitioning=True)
+            _import_model_class(self.lightning_module)
         with super().model_sharded_context():
             yield
 
@@ -384,6 +409,21 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
                 " Lightning's default. To train in fp32, pass bf16=False to the strategy."
             )
         self.precision_plugin = DeepSpeedPrecision(wanted)  # type: ignore[arg-type]
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Any:
+        """As Lightning's, with the loss divided by the gradient accumulation once, not twice.
+
+        Under automatic optimization Lightning already divides each micro-batch's loss by ``accumulate_grad_batches``
+        (``ClosureResult``), and DeepSpeed's ``engine.backward`` divides it by ``gradient_accumulation_steps`` again,
+        so with accumulation the gradients DeepSpeed reduces, clips and hands to Adam are ``1/accumulate`` of the
+        mean gradient: Adam's ``eps`` and ``gradient_clipping`` then act ``accumulate`` times stronger than
+        configured, and the run differs from DDP's and from the same global batch without accumulation. Manual
+        optimization (``manual_backward``) keeps DeepSpeed's division, Lightning's being absent there.
+        """
+        module = self.lightning_module
+        if module is not None and module.automatic_optimization:
+            kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def setup(self, trainer: Trainer) -> None:
         assert self.lightning_module is not None
@@ -471,6 +511,8 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
             if self.is_global_zero:
                 seal_deepspeed_folder(staging, _CHECKPOINT_TAG)
                 publish_folder(staging, final, token)
+                if universal_path(final).exists():  # the universal copy of the save just replaced
+                    discard_path(universal_path(final))
         self.barrier("LitDeepSpeedStrategy.save_checkpoint")
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -496,6 +538,9 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
         problem = self.broadcast(problem)
         if problem is not None:
             raise ValueError(problem)
+        saved = self.broadcast(saved_world_size(path) if self.is_global_zero and path.is_dir() else None)
+        if saved is not None and saved != self.world_size:
+            return load_on_new_world_size(self, path, saved)
         return super().load_checkpoint(checkpoint_path, weights_only)
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
@@ -503,6 +548,8 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
         (:func:`lit_accel.checkpoint_io.discard_path`): ``ModelCheckpoint`` removes the previous best or last one."""
         if self.is_global_zero:
             discard_path(filepath)
+            if universal_path(filepath).exists():  # its universal copy goes with it
+                discard_path(universal_path(filepath))
 
     # ------------------------------------------------------------------ CPU (gloo) support
     @property
@@ -572,6 +619,22 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         self.model = engine
+
+
+def _import_model_class(module: Module) -> None:
+    """Imports the Hugging Face model class of ``module.config`` (``CausalLM`` has it before building the model)
+    before ZeRO-3's ``zero.Init`` starts patching classes.
+
+    A module class *created* while ``zero.Init`` is active records its ``__init__`` at creation as the one to put
+    back on exit; a class whose ``__init__`` a decorator wraps after creation (transformers' kernel-hub
+    integration, ``use_kernelized_func`` on the attention classes when the ``kernels`` package is installed) gets
+    the undecorated one back, and every later instance in the process fails in its forward (``'LlamaAttention'
+    object has no attribute '_kernel_funcs'``): a second fit, a resume, an export in the same process."""
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        return
+    with contextlib.suppress(KeyError, ValueError, ImportError):
+        AutoModelForCausalLM._model_mapping[type(config)]  # resolving the mapping imports the modeling module
 
 
 def _offloads_optimizer(config: Mapping[str, Any] | None) -> bool:

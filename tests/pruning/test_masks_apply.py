@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from pruning_helpers import tiny_llama
 
@@ -146,3 +147,12 @@ def test_blocks_are_ranked_by_clamped_gates_not_by_a_raw_sum() -> None:
     assert det["head_layer"][0] == 0 and det["head_layer"][1] > 0
     assert det["mlp"][0] == 0 and det["mlp"][1] > 0
     assert masks.head_layer.log_alpha[0] == 8.0  # evaluating leaves the parameters as they were
+
+
+def test_a_partitioned_mask_read_without_a_gather_raises_in_words() -> None:
+    gate = HardConcrete((2, 3))
+    with torch.no_grad():
+        gate.log_alpha.data = torch.empty(0)  # what DeepSpeed ZeRO-3 leaves in a parameter outside a gather
+    for read in (gate.sample, gate.expected_l0):
+        with pytest.raises(RuntimeError, match=r"shape \(0,\), not \(2, 3\) \(a DeepSpeed ZeRO-3 partition\)"):
+            read()
