@@ -75,6 +75,7 @@ from lit_accel.checkpoint_io import (
 )
 from lit_accel.strategies import scale
 from lit_accel.strategies.conflicts import check_callback_conflicts, offloads
+from lit_accel.strategies.from_file import load_file_into_engine
 from lit_accel.strategies.sizing import ModelSize, derived_zero_settings, model_size
 from lit_accel.strategies.universal import load_on_new_world_size, saved_world_size, universal_path
 
@@ -521,6 +522,10 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
         incomplete or damaged folder fails naming what is wrong instead of loading garbage or arbitrary objects. A
         checkpoint that a killed save left moved aside is put back first (:func:`restore_displaced`).
 
+        Also resumes what Lightning's DeepSpeedStrategy cannot: a folder saved by another number of processes
+        (through DeepSpeed's universal format, :mod:`lit_accel.strategies.universal`) and a single-file checkpoint
+        of a DDP or single-device run (:mod:`lit_accel.strategies.from_file`).
+
         Raises:
             ValueError: On every rank, with rank 0's finding.
         """
@@ -538,6 +543,8 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
         problem = self.broadcast(problem)
         if problem is not None:
             raise ValueError(problem)
+        if path.is_file():  # a DDP or single-device checkpoint
+            return load_file_into_engine(self, path)
         saved = self.broadcast(saved_world_size(path) if self.is_global_zero and path.is_dir() else None)
         if saved is not None and saved != self.world_size:
             return load_on_new_world_size(self, path, saved)
