@@ -24,9 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import errno
+import hashlib
+import io
 import json
 import os
 import re
@@ -44,7 +47,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
-from lit_accel.checkpoint import _deepspeed_records, load_checkpoint_file
+from lit_accel.checkpoint import _deepspeed_records, load_checkpoint_file, load_lightning_checkpoint
 
 try:  # POSIX only; without it temporaries are still written and renamed, but never judged stale
     import fcntl
@@ -53,16 +56,25 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "MANIFEST_NAME",
+    "OPTIMIZER_BY_NAME",
+    "UNIVERSAL_LATEST",
+    "UNIVERSAL_MARKER",
+    "UNIVERSAL_SUFFIX",
     "AtomicCheckpointIO",
     "atomic_torch_save",
+    "deepspeed_folder_checkpoint",
     "discard_path",
     "held_temporary_folder",
     "new_token",
+    "parse_rank_file",
     "publish_folder",
     "remove_stale_temporaries",
     "restore_displaced",
+    "saved_world_size",
     "seal_deepspeed_folder",
     "temporary_path",
+    "universal_copy",
+    "universal_path",
     "use_atomic_checkpoint_io",
     "verify_deepspeed_folder",
 ]
@@ -440,6 +452,225 @@ def verify_deepspeed_folder(path: str | os.PathLike[str], name: str = "ckpt_path
         load_checkpoint_file(f, mmap=True, name=name, allow=records)
 
 
+# ------------------------------------------------------------------------- DeepSpeed universal checkpoints
+UNIVERSAL_SUFFIX = ".universal"
+"""The universal copy of ``<folder>`` is ``<folder>.universal`` beside it (not a ``.ckpt`` name, so nothing that
+looks for checkpoints picks it up)."""
+UNIVERSAL_MARKER = "lit_accel_universal.json"
+"""The file in a universal copy naming its source and the source's fingerprint (written last)."""
+UNIVERSAL_LATEST = "latest_universal"  # the tag file DeepSpeed reads when load_universal is on
+_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def universal_path(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where the universal copy of a DeepSpeed checkpoint folder lives: ``<folder>.universal`` beside it."""
+    path = Path(checkpoint)
+    return path.with_name(path.name + UNIVERSAL_SUFFIX)
+
+
+def parse_rank_file(name: str) -> int | None:
+    """The data-parallel rank of a ZeRO optimizer-state file name, or None for any other file."""
+    match = _OPTIM.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _tag(folder: Path) -> str:
+    return (folder / "latest").read_text().strip()
+
+
+def saved_world_size(folder: str | os.PathLike[str]) -> int | None:
+    """The data-parallel world size a DeepSpeed checkpoint folder was saved with, from its optimizer-state file
+    names (one per rank; nothing is read), or None when it holds no ZeRO optimizer state (a module-only save).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "latest").write_text("checkpoint")
+        10
+        >>> (root / "checkpoint").mkdir()
+        >>> for r in range(3):
+        ...     _ = (root / "checkpoint" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+        >>> saved_world_size(root)
+        3
+    """
+    root = Path(folder)
+    ranks = {parse_rank_file(p.name) for p in (root / _tag(root)).iterdir()}
+    ranks.discard(None)
+    return len(ranks) or None
+
+
+def _fingerprint(folder: Path) -> str:
+    """What identifies one save of ``folder``: its manifest (every file with its size, written by every lit_accel
+    save) and ``latest``; for a folder without a manifest, every file's relative path, size and mtime."""
+    digest = hashlib.sha256()
+    manifest = folder / MANIFEST_NAME
+    if manifest.is_file():
+        digest.update(manifest.read_bytes())
+    else:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                stat = p.stat()
+                digest.update(f"{p.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    digest.update((folder / "latest").read_bytes())
+    return digest.hexdigest()
+
+
+def _matching_copy(source: Path, copy: Path, fingerprint: str) -> bool:
+    marker = copy / UNIVERSAL_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except ValueError:
+        return False
+    return bool(info.get("fingerprint") == fingerprint and (copy / UNIVERSAL_LATEST).is_file())
+
+
+def _verify_copy(copy: Path) -> None:
+    """Every ``.pt`` of the copy holds tensors, containers and DeepSpeed's records only (DeepSpeed unpickles them
+    without restriction), with every record's CRC-32 intact."""
+    records = _deepspeed_records()
+    for f in sorted(copy.rglob("*.pt")):
+        load_checkpoint_file(f, mmap=True, name="the universal copy", allow=records)
+
+
+def _convert(source: Path, staging: Path, tag: str) -> None:
+    # deferred: importing deepspeed is slow; only a resume on another world size converts
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(source / tag),
+        output_folder=str(staging / f"{tag}_universal"),
+        num_extract_workers=1,  # in-process: a conversion inside a training process must not fork workers
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # Lightning's engine does not record universal_checkpoint_info; nothing is lost
+    )
+    chatter = io.StringIO()  # ds_to_universal prints every step; the caller logs one line instead
+    with contextlib.redirect_stdout(chatter):
+        ds_to_universal.main(args)
+    (staging / UNIVERSAL_LATEST).write_text(f"{tag}_universal")
+
+
+def universal_copy(checkpoint: str | os.PathLike[str]) -> tuple[Path, bool]:
+    """The universal copy of a DeepSpeed checkpoint folder, converted now unless a matching one exists.
+
+    Call on one process (rank 0); the others wait. The source folder is only read. DeepSpeed's converter unpickles
+    the source's files, so check the source first (``verify_deepspeed_folder``); a reused copy is checked here.
+
+    Args:
+        checkpoint: A complete DeepSpeed checkpoint folder (``latest`` tag, ZeRO stage 1, 2 or 3).
+
+    Returns:
+        ``(copy, converted)``: the folder to load with DeepSpeed's ``load_universal`` on, and whether it was
+        converted now (False: an existing copy of the same save was reused).
+
+    Raises:
+        ValueError: The source holds no ZeRO optimizer state, or DeepSpeed cannot convert it (its message kept).
+    """
+    source = Path(checkpoint)
+    tag = _tag(source)
+    if saved_world_size(source) is None:
+        raise ValueError(
+            f"{str(source)!r} holds no ZeRO optimizer state (a weights-only save), so it cannot be converted to"
+            " DeepSpeed's universal format; load it on the world size that saved it"
+        )
+    copy = universal_path(source)
+    with _exclusive(copy.with_name(f".{copy.name}.lock")):  # several processes may ask at once (DDP ranks)
+        fingerprint = _fingerprint(source)
+        if _matching_copy(source, copy, fingerprint):
+            _verify_copy(copy)
+            return copy, False
+        _convert_into_place(source, copy, tag, fingerprint)
+    return copy, True
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``lock`` for the block (released when the process dies, too)."""
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _convert_into_place(source: Path, copy: Path, tag: str, fingerprint: str) -> None:
+    staging = temporary_path(copy, new_token())
+    staging.mkdir(parents=True)
+    try:
+        try:
+            _convert(source, staging, tag)
+        except (AssertionError, RuntimeError, KeyError, ValueError, NotImplementedError) as err:
+            raise ValueError(
+                f"DeepSpeed could not convert {str(source)!r} to its universal checkpoint format: {err}"
+            ) from err
+        info: dict[str, Any] = {
+            "source": str(source.resolve()),
+            "fingerprint": fingerprint,
+            "world_size": saved_world_size(source),
+            "tag": tag,
+        }
+        (staging / UNIVERSAL_MARKER).write_text(json.dumps(info, indent=1))
+        if copy.exists():
+            discard_path(copy)  # a copy of an earlier save under this name
+        os.replace(staging, copy)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+OPTIMIZER_BY_NAME = "lit_accel_optimizer_by_name"
+"""The key under which :func:`deepspeed_folder_checkpoint` leaves Adam's state by parameter name, for
+:func:`lit_accel.resume.fill_optimizer_states` to turn into the torch optimizer's ``optimizer_states``."""
+
+
+def deepspeed_folder_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """A DeepSpeed checkpoint folder as the Lightning checkpoint a run without DeepSpeed (DDP, one device) resumes.
+
+    The weights are consolidated to fp32 (DeepSpeed's ``zero_to_fp32``, through
+    :func:`lit_accel.checkpoint.load_lightning_checkpoint`), Lightning's loop, scheduler, callback and data states
+    come as saved, and Adam's moments and step per parameter come from the folder's universal copy
+    (:func:`universal_copy`) under :data:`OPTIMIZER_BY_NAME`, with each group's hyperparameters: the torch
+    optimizer's ``optimizer_states`` are indexed by its own parameter order, which only the resumed run knows
+    (``CausalLM`` fills them in ``on_fit_start``; ``optimizer_states`` is empty until then).
+
+    Raises:
+        ValueError: The folder is incomplete or damaged (:func:`verify_deepspeed_folder`), or cannot be converted.
+    """
+    path = Path(folder)
+    verify_deepspeed_folder(path)
+    checkpoint = load_lightning_checkpoint(path)
+    checkpoint["optimizer_states"] = []
+    if saved_world_size(path) is None:
+        return checkpoint
+    copy, _ = universal_copy(path)
+    zero = copy / (copy / UNIVERSAL_LATEST).read_text().strip() / "zero"
+    records = _deepspeed_records()
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    for param_dir in sorted(p for p in zero.iterdir() if p.is_dir()):
+        entry = {}
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if (param_dir / f"{key}.pt").is_file():
+                value = load_checkpoint_file(param_dir / f"{key}.pt", name="the universal copy", allow=records)
+                entry[key] = value["param"] if isinstance(value, dict) else value
+        if "exp_avg" in entry:
+            moments[param_dir.name] = entry
+    groups = load_checkpoint_file(zero / "optimizer_state.pt", name="the universal copy", allow=records)
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups["param_groups"]]
+    # ZeRO-3's universal copy keeps Adam's step once, in the wrapped torch optimizer's state, not per parameter
+    inner_states = (groups.get("optimizer_state_dict") or {}).get("state") or {}
+    step = next((s["step"] for s in inner_states.values() if "step" in s), None)
+    for entry in moments.values():
+        if "step" not in entry and step is not None:
+            entry["step"] = step
+    checkpoint[OPTIMIZER_BY_NAME] = {"moments": moments, "param_groups": hyper}
+    return checkpoint
+
+
 # ---------------------------------------------------------------------------------------------------- Lightning
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` with crash-proof writes and verified reads; same file format.
@@ -486,6 +717,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         local = _local(path)
         if not local.exists():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        if local.is_dir() and (local / "latest").is_file():  # a DeepSpeed folder, resumed without DeepSpeed
+            return deepspeed_folder_checkpoint(local)
         try:
             return load_checkpoint_file(local, name="ckpt_path", allow=self.allow, map_location=map_location)
         except ValueError as err:

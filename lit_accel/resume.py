@@ -25,6 +25,7 @@ __all__ = [
     "BatchSeededRNG",
     "batch_seed",
     "complete_epoch_end_loop_state",
+    "fill_optimizer_states",
     "keep_global_batch",
     "set_epoch_batches_done",
 ]
@@ -203,4 +204,59 @@ def set_epoch_batches_done(checkpoint: dict[str, Any], batches: int) -> bool:
             current[key] = batches
             if key in total:
                 total[key] = max(0, int(total[key]) + shift)
+    return True
+
+
+def fill_optimizer_states(
+    checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer, named_parameters: Any, key: str
+) -> bool:
+    """Turns Adam's state by parameter name (``checkpoint[key]``, what a DeepSpeed folder gives a run without
+    DeepSpeed) into ``checkpoint["optimizer_states"]`` for ``optimizer``, indexed in its own parameter order, with
+    each group's saved hyperparameters. Call it once the optimizer exists and before Lightning restores it.
+
+    Returns:
+        Whether there was anything to fill.
+
+    Raises:
+        ValueError: The saved groups do not match the optimizer's in number.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = torch.optim.AdamW([p], lr=0.1)
+        >>> saved = {"moments": {"w": {"exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2), "step": 3.0}},
+        ...          "param_groups": [{"lr": 0.05}]}
+        >>> ckpt = {"by_name": saved}
+        >>> fill_optimizer_states(ckpt, opt, [("w", p)], key="by_name")
+        True
+        >>> opt.load_state_dict(ckpt["optimizer_states"][0])
+        >>> float(opt.state[p]["step"]), opt.param_groups[0]["lr"]
+        (3.0, 0.05)
+    """
+    by_name = checkpoint.pop(key, None)
+    if by_name is None:
+        return False
+    names = {id(p): n for n, p in named_parameters}
+    saved_groups = by_name["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's"
+            f" {len(optimizer.param_groups)}: it was saved with another configure_optimizers"
+        )
+    state: dict[int, dict[str, Any]] = {}
+    groups = []
+    index = 0
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        ids = []
+        for param in group["params"]:
+            moments = by_name["moments"].get(names.get(id(param), ""))
+            if moments is not None:
+                state[index] = {
+                    "step": torch.tensor(float(moments.get("step", 0.0))),
+                    "exp_avg": moments["exp_avg"].reshape(param.shape),
+                    "exp_avg_sq": moments["exp_avg_sq"].reshape(param.shape),
+                }
+            ids.append(index)
+            index += 1
+        groups.append({**group, **saved, "params": ids})
+    checkpoint["optimizer_states"] = [{"state": state, "param_groups": groups}]
     return True

@@ -35,7 +35,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 # because they patch per-family forwards found through lit_accel.models.structure). A module reference, its names
 # read at call time: importing lit_accel.kernels first imports this module while kernels.apply is still initialising.
 import lit_accel.kernels.apply as _kernels
-from lit_accel.checkpoint_io import use_atomic_checkpoint_io
+from lit_accel.checkpoint_io import OPTIMIZER_BY_NAME, use_atomic_checkpoint_io
 from lit_accel.models.hf_directory import read_hf_weights, save_hf_directory
 from lit_accel.models.params import (
     full_shape,
@@ -46,7 +46,7 @@ from lit_accel.models.params import (
     zero3_initialize_weights,
 )
 from lit_accel.models.presets import ModelSource, resolve_model_source
-from lit_accel.resume import complete_epoch_end_loop_state
+from lit_accel.resume import complete_epoch_end_loop_state, fill_optimizer_states
 from lit_accel.run_identity import (
     FolderLock,
     check_resume,
@@ -285,6 +285,11 @@ class CausalLM(L.LightningModule):
         if self._run_id is None:
             self._run_id = trainer.strategy.broadcast(new_run_id())
         self._folder_locks = guard_checkpoint_folders(trainer, self._run_id)
+        # A DeepSpeed folder resumed without DeepSpeed brings Adam's state by parameter name: index it now that the
+        # optimizer exists (Lightning restores the optimizers after this hook).
+        loaded = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None)
+        if isinstance(loaded, dict) and OPTIMIZER_BY_NAME in loaded and trainer.optimizers:
+            fill_optimizer_states(loaded, trainer.optimizers[0], self.named_parameters(), OPTIMIZER_BY_NAME)
 
     def teardown(self, stage: str) -> None:
         for lock in self._folder_locks:

@@ -69,15 +69,17 @@ from lit_accel.checkpoint_io import (
     publish_folder,
     remove_stale_temporaries,
     restore_displaced,
+    saved_world_size,
     seal_deepspeed_folder,
     temporary_path,
+    universal_path,
     verify_deepspeed_folder,
 )
 from lit_accel.strategies import scale
 from lit_accel.strategies.conflicts import check_callback_conflicts, offloads
 from lit_accel.strategies.from_file import load_file_into_engine
 from lit_accel.strategies.sizing import ModelSize, derived_zero_settings, model_size
-from lit_accel.strategies.universal import load_on_new_world_size, saved_world_size, universal_path
+from lit_accel.strategies.universal import load_on_new_world_size
 
 __all__ = ["LIT_DEEPSPEED_STRATEGIES", "LitDeepSpeedStrategy"]
 

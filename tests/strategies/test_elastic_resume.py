@@ -30,7 +30,7 @@ import pytest
 import torch
 from _helpers import run_torchrun
 
-from lit_accel.strategies.universal import UNIVERSAL_MARKER, universal_path
+from lit_accel.checkpoint_io import UNIVERSAL_MARKER, universal_path
 
 pytest.importorskip("deepspeed")
 
@@ -65,8 +65,10 @@ def _plans() -> dict[str, tuple[int, list[dict[str, Any]]]]:
     to_one = [spec(f"r21_zero2_{t}", "zero2", t, source=f"s2_zero2_{t}") for t in TECHNIQUES]
     to_one += [spec(f"r21_{s}_dense", s, "dense", source=f"s2_{s}_dense") for s in ("zero1", "zero3")]
     to_one.append(spec("r21_zero2_dense_from_ddp", "zero2", "dense", source="s2_ddp_dense"))
+    to_one.append(spec("r21_single_dense_from_zero2", "ddp", "dense", source="s2_zero2_dense"))
     to_three = [spec(f"r23_{stage3[t]}_{t}", stage3[t], t, source=f"s2_{stage3[t]}_{t}") for t in TECHNIQUES]
     to_three += [spec(f"r23_zero3_{t}_from_ddp", "zero3", t, source=f"s2_ddp_{t}") for t in ("dense", "lora")]
+    to_three += [spec(f"r23_ddp_{t}_from_zero3", "ddp", t, source=f"s2_zero3_{t}") for t in ("dense", "lora")]
     to_three += [spec(f"s3_zero1_{t}", "zero1", t, 2) for t in TECHNIQUES]
     back_to_two = [spec(f"r32_zero1_{t}", "zero1", t, source=f"s3_zero1_{t}") for t in TECHNIQUES]
     return {"from_two": (2, from_two), "to_one": (1, to_one), "to_three": (3, to_three), "to_two": (2, back_to_two)}
