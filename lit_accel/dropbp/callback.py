@@ -196,8 +196,10 @@ class DropBP(L.Callback):
     ``find_unused_parameters=True`` on Lightning's ``DDPStrategy`` (before it wraps the model), and DDP leaves
     those gradients None, exactly as on one device (AdamW then skips them). ``static_graph=True`` cannot work
     with a graph that changes per step and is rejected. Sensitivities are averaged over ranks, so every rank
-    allocates the same rates. Under DeepSpeed nothing is set (it has no ``find_unused_parameters``); ZeRO is
-    not covered by the CPU tests.
+    allocates the same rates. Under DeepSpeed nothing is set (it has no ``find_unused_parameters``): every rank
+    drops the same sublayers (the CPU matrix checks it on 2 and 4 ranks, ZeRO-1/2/3), but ZeRO steps flat
+    partitions, so a dropped sublayer's parameters get a zero gradient and AdamW still moves them by their momentum
+    and weight decay (one device and DDP skip them).
 
     Logged: the settings once as the run's config (``dropbp/target``, ...: ``log_hyperparams``);
     ``dropbp/dropped_backward_flops_fraction`` (this step),
