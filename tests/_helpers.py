@@ -121,11 +121,13 @@ def torchrun_command(script: Path, *args: object, nproc: int = DDP_PROCESSES) ->
 
 def worker_env(**extra: str | None) -> dict[str, str]:
     """The environment of a worker: the repository and ``tests/`` (for ``_helpers``) importable, one thread per
-    process, no W&B, DeepSpeed's CPU accelerator (also on a machine with a GPU); ``extra`` adds or replaces
-    variables, and removes those given as None."""
+    process, no W&B, no torch.compile, DeepSpeed's CPU accelerator (also on a machine with a GPU); ``extra`` adds or
+    replaces variables, and removes those given as None."""
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     env["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed calls torch.compile at import, which loads inductor (~6 s of CPU per process); no worker compiles.
+    env["TORCHDYNAMO_DISABLE"] = "1"
     for key, value in extra.items():
         if value is None:
             env.pop(key, None)
