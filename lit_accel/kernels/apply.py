@@ -18,7 +18,10 @@ untouched), each with the family's exact numerics:
   so the (tokens x vocabulary) logits are never materialised: such a forward returns ``logits=None``. Gemma 2's
   final-logit soft-cap is applied inside the fused loss, and mixture-of-experts models add their router's
   load-balancing loss as their own forward does. In eval mode (validation, generation) the model returns logits
-  and HF's loss as before.
+  and HF's loss as before. Under DeepSpeed ZeRO-3 the head's partitioned weight (and bias) are registered as
+  external parameters of the ``*ForCausalLM`` (``deepspeed.zero.register_external_parameter``), whose forward the
+  fused loss runs in: ZeRO-3 gathers them for that forward and its backward and reduces their gradients into the
+  partitions (see :func:`apply_kernels`).
 
 Every patched forward dispatches per call: the Triton kernel for CUDA tensors it supports, the plain-PyTorch
 reference (HF's own formula) otherwise, warning once per module when a CUDA call falls back. Module hooks (DropBP,
@@ -284,11 +287,15 @@ def _causal_lm_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     )
     if not use_fused:
         return inner(*args, **kwargs)
-    if type(head) is not nn.Linear or _is_partitioned(head.weight):
-        # The head changed after apply_kernels (e.g. LoRA or factorisation on lm_head, or ZeRO-3 partitioning):
-        # its own forward must run, or the fused loss would silently skip the adapter.
-        _warn_fallback(self, "linear_cross_entropy", f"lm_head is now a {type(head).__name__} or partitioned")
+    if type(head) is not nn.Linear:
+        # The head changed after apply_kernels (e.g. LoRA or factorisation on lm_head): its own forward must run, or
+        # the fused loss would silently skip the adapter.
+        _warn_fallback(self, "linear_cross_entropy", f"lm_head is now a {type(head).__name__}")
         return inner(*args, **kwargs)
+    reason = _head_not_gathered(head)
+    if reason is not None:
+        _warn_fallback(self, "linear_cross_entropy", reason)
+        return inner(*args, **kwargs)  # lm_head's own forward gathers its partitioned weight
     kwargs = dict(kwargs)
     if args:
         kwargs["input_ids"] = args[0]
@@ -378,6 +385,81 @@ def _is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+_EXTERNAL = "_lit_accel_external"  # instance attribute: the parameters registered below, to unregister them
+
+
+def _head_params(head: nn.Module) -> list[torch.Tensor]:
+    # What the fused loss reads from the head outside the head's forward: its weight (under tied embeddings the
+    # embedding's weight: the same Parameter) and its bias. The final norm and everything else it reads runs inside
+    # a module's forward (self.model), where ZeRO-3 gathers them itself.
+    return [p for p in (head.weight, getattr(head, "bias", None)) if isinstance(p, torch.Tensor)]
+
+
+def _register_external(lm: nn.Module, head: nn.Module) -> str | None:
+    """Registers the partitioned parameters of ``head`` as ZeRO-3 external parameters of ``lm``.
+
+    ZeRO-3 gathers a module's own parameters in that module's forward pre-hook and releases them after its forward;
+    the fused loss reads ``lm_head.weight`` in ``lm``'s forward, outside ``lm_head``'s. Registered as an external
+    parameter of ``lm``, the weight is gathered by ``lm``'s forward pre-hook, kept while ``lm``'s forward runs (also
+    through a tied embedding's own gather and release inside it), gathered again by ``lm``'s pre-backward hook and
+    its gradient reduced into the partitions like any other. Registration only records the parameter on ``lm``
+    (no communication), but every rank must do it, or the ranks would gather different parameters: every rank runs
+    :func:`apply_kernels` on the same model.
+
+    Returns:
+        None once registered, else why it cannot be.
+    """
+    params = [p for p in _head_params(head) if _is_partitioned(p)]
+    if not params:
+        return None
+    not_params = [type(p).__name__ for p in params if not isinstance(p, nn.Parameter)]
+    if not_params:
+        return f"lm_head holds a partitioned {not_params[0]} that is not an nn.Parameter"
+    try:
+        # Deferred: DeepSpeed is optional and slow to import; it is installed whenever a parameter is partitioned.
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    except ImportError as err:
+        return f"deepspeed.zero.register_external_parameter cannot be imported ({err})"
+    registered = lm.__dict__.setdefault(_EXTERNAL, {})
+    for p in params:
+        register_external_parameter(lm, p)
+        registered[id(p)] = p
+    return None
+
+
+def _unregister_external(lm: nn.Module) -> None:
+    registered = lm.__dict__.pop(_EXTERNAL, None)
+    if not registered:
+        return
+    # Deferred: only reached where apply_kernels registered a partitioned parameter, so DeepSpeed is installed.
+    from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
+
+    for p in registered.values():
+        if id(p) in getattr(lm, "_external_params", {}):
+            unregister_external_parameter(lm, p)
+
+
+def _head_not_gathered(head: nn.Module) -> str | None:
+    """None when every parameter the fused loss reads from ``head`` holds its whole tensor now, else why not.
+
+    Under ZeRO-3 a partitioned parameter is whole while a module that owns it, or registered it as an external
+    parameter, runs its forward: here the ``*ForCausalLM``, where :func:`apply_kernels` registered it. A weight
+    partitioned only after :func:`apply_kernels` (a model built outside ``zero.Init`` and partitioned by
+    ``deepspeed.initialize``) is gathered too: inside the engine's forward DeepSpeed gathers a partitioned parameter
+    that is read outside its module's forward and registers it with the module running (DeepSpeed >= 0.19.8, which
+    lit_accel requires). What is left is a forward run outside the engine or without the module hooks
+    (``lm.forward(...)`` rather than ``lm(...)``).
+    """
+    # A partitioned parameter's ds_shape is its whole shape; between gathers it holds an empty tensor.
+    params = _head_params(head)
+    if all(not _is_partitioned(p) or p.shape == p.ds_shape for p in params):  # type: ignore[attr-defined]
+        return None
+    return (
+        "lm_head.weight is partitioned by DeepSpeed ZeRO-3 and was not gathered for this forward (run outside"
+        " DeepSpeed's engine or without the module's hooks); Hugging Face's head and loss run"
+    )
+
+
 def apply_kernels(
     model: nn.Module,
     *,
@@ -399,8 +481,13 @@ def apply_kernels(
         swiglu: Patch every dense gated MLP whose activation is SiLU or gelu-tanh (SwiGLU or GeGLU).
         rope: Patch the rotary embedding of every attention module.
         linear_cross_entropy: Patch the ``*ForCausalLM`` forward so training steps with labels use the fused
-            LM head + loss (not applied when ``lm_head`` is not a plain ``nn.Linear``, e.g. adapted by LoRA, or is
-            partitioned by DeepSpeed ZeRO-3: then HF's head and loss run, with a warning).
+            LM head + loss (not applied when ``lm_head`` is not a plain ``nn.Linear``, e.g. adapted by LoRA: then
+            HF's head and loss run, with a warning). Under DeepSpeed ZeRO-3 (``lm_head.weight`` already partitioned,
+            as for a model built in ``configure_model`` under ``zero.Init``) the head's weight, which a tied
+            embedding shares, and bias are registered as external parameters of the ``*ForCausalLM``, so that its
+            forward pre-hook gathers them (call it on every rank, as any model surgery under ZeRO-3). A weight
+            partitioned only after this call is gathered and registered by DeepSpeed's engine itself, in the first
+            forward that reads it.
         strict: Raise instead of warning when the architecture or a requested kernel cannot be applied.
 
     Returns:
@@ -513,8 +600,8 @@ def apply_kernels(
             head = lm.lm_head
             if type(head) is not nn.Linear:
                 skip("linear_cross_entropy", f"lm_head is a {type(head).__name__}, not a plain nn.Linear")
-            elif _is_partitioned(head.weight):
-                skip("linear_cross_entropy", "lm_head.weight is partitioned by DeepSpeed ZeRO-3")
+            elif (unregistered := _register_external(lm, head)) is not None:
+                skip("linear_cross_entropy", f"lm_head.weight is partitioned by DeepSpeed ZeRO-3 and {unregistered}")
             else:
                 _patch(lm, name or type(lm).__name__, "linear_cross_entropy", _causal_lm_forward)
                 report.patched.setdefault("linear_cross_entropy", []).append(name or type(lm).__name__)
@@ -538,6 +625,7 @@ def remove_kernels(model: nn.Module) -> KernelReport:
             module.forward = previous  # type: ignore[method-assign]
         for key in ("_lit_accel_name", "_lit_accel_inner_forward", "_lit_accel_norm", "_lit_accel_mlp"):
             module.__dict__.pop(key, None)
+        _unregister_external(module)
         report.patched.setdefault(kernel, []).append(name)
     return report
 

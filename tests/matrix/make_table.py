@@ -116,7 +116,8 @@ GPU_NOTES: dict[str, tuple[str, str, str]] = {
     "kernels": (
         _NO_TEST,
         "the same patch (CausalLM's default on CUDA) in `tests/test_gpu.py::test_deepspeed_init_save_and_export[2]`",
-        "the same patch (CausalLM's default on CUDA) in `tests/test_gpu.py::test_deepspeed_init_save_and_export[3]`",
+        "the same patch (CausalLM's default on CUDA) in `tests/test_gpu.py::test_deepspeed_init_save_and_export[3]`;"
+        " `tests/kernels/test_zero3_fused_loss.py::test_gpu_fused_loss_under_zero3_runs_and_trains_as_one_gpu`",
     ),
     "dropbp+lora": (
         _NO_TEST,
@@ -273,7 +274,7 @@ Legend. ✅ passes: the row passes every check of `tests/matrix/matrix_common.py
 - **the technique acted**: facts only the technique explains (DropBP measured and dropped sublayers, so some
   parameters had no gradient; 6 MLP linears 2:4-sparse with 3 mask refreshes; pruning masks in the state dict that
   moved; 14 (6) LoRA adapters and nothing else trainable; 8 factorised attention linears; tokens/s logged;
-  RMSNorm/SwiGLU/RoPE/fused-loss patches in place);
+  RMSNorm/SwiGLU/RoPE/fused-loss patches in place, and the LM head's own forward never run in training);
 - **checkpoint -> resume continues exactly**: a second run, with Lightning's `ModelCheckpoint`, writes the
   step-{RESUME_AT} checkpoint and crashes (`tests/_helpers.py::CrashAtStep`) as step {RESUME_AT} starts; a fresh
   module with fresh callbacks resumes from that checkpoint to step {MAX_STEPS}, each technique restoring through its
@@ -297,10 +298,11 @@ Legend. ✅ passes: the row passes every check of `tests/matrix/matrix_common.py
 
 - **DeepSpeed ZeRO-1/2/3**: the DDP checks, with the weights gathered (`full_parameters`) under ZeRO-3 before they
   are digested, and the resume from the DeepSpeed checkpoint *folder* Lightning writes (per-rank optimizer shards,
-  and ZeRO-3's per-rank parameter shards); the facts come from that folder's model-states file. Two facts read
+  and ZeRO-3's per-rank parameter shards); the facts come from that folder's model-states file. One fact reads
   differently there (`DEEPSPEED_FACTS` in `matrix_common.py`): under ZeRO-3 "some parameters had no gradient" is not
-  checked (the optimizer steps ZeRO's flat fp32 partitions, whose gradient is always set; the drop masks still are),
-  and FusedKernels leaves the fused head + loss out on purpose (`lm_head.weight` is partitioned).
+  checked (the optimizer steps ZeRO's flat fp32 partitions, whose gradient is always set; the drop masks still are).
+  FusedKernels' fused head + loss runs under every strategy, ZeRO-3 included (`lm_head`'s own forward never runs in
+  training: its partitioned weight is gathered for the `*ForCausalLM` forward that reads it).
 
 ⛔ refused: the pair cannot combine and the callbacks say so at set-up, before any step, on every rank, with the
 error the row names (`ROWS` in `tests/matrix/matrix_common.py`): LoRA and SVD factorisation on the same linear (in

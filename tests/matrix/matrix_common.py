@@ -272,7 +272,10 @@ ROWS: tuple[Row, ...] = (
         "kernels",
         "FusedKernels (CPU: PyTorch references)",
         lambda: [_kernels()],
-        {"kernels.patched": {"linear_cross_entropy": 1, "rms_norm": 5, "rope": 2, "swiglu": 2}},
+        {
+            "kernels.patched": {"linear_cross_entropy": 1, "rms_norm": 5, "rope": 2, "swiglu": 2},
+            "kernels.lm_head_forwards": 0,
+        },
     ),
     Row(
         "dropbp+lora",
@@ -372,8 +375,6 @@ DEEPSPEED_FACTS: dict[tuple[str, int], dict[str, Any]] = {
     # ZeRO-3 reduces the gradients into its flat fp32 partitions: the optimizer's parameters are those partitions,
     # whose .grad is always set, so "a parameter had no gradient" cannot be observed there (the drop mask still is).
     **{(row_id, 3): {"dropbp.grads_skipped": None} for row_id in ("dropbp", "dropbp+lora", "dropbp+sparse24")},
-    # FusedKernels leaves the fused head + loss out under ZeRO-3 on purpose: lm_head.weight is partitioned.
-    ("kernels", 3): {"kernels.patched": {"rms_norm": 5, "rope": 2, "swiglu": 2}},
 }
 """(row, ZeRO stage) -> changes to the row's expected facts under DeepSpeed (None: not checked there)."""
 

@@ -197,9 +197,16 @@ class Recorder(L.Callback):
         self.grad_digests: list[str] | None = []
         self.grads_as_dropped: list[bool] = []
         self.initial: dict[str, torch.Tensor] = {}
+        self.head_forwards = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.initial = full_state(pl_module)
+        if any(isinstance(cb, FusedKernels) for cb in self.techniques):
+            # The fused head + loss computes the loss from the hidden states: lm_head's own forward must not run.
+            def count(module: torch.nn.Module, args: Any, output: Any) -> None:
+                self.head_forwards += int(module.training)
+
+            pl_module.model.get_output_embeddings().register_forward_hook(count)  # type: ignore[union-attr]
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         # Runs after the technique callbacks (given to the Trainer first): their decisions for this step are made.
@@ -422,6 +429,7 @@ def facts(fit: Fit, ckpt: dict[str, Any]) -> dict[str, Any]:
             head = model.get_output_embeddings().weight
             # ZeRO-3 keeps a slice of ds_numel elements on each rank (padded to a multiple of the world size).
             out["kernels.lm_head_numel"] = [head.ds_tensor.numel(), head.ds_numel] if is_partitioned(head) else None
+            out["kernels.lm_head_forwards"] = rec.head_forwards
     return out
 
 

@@ -24,6 +24,7 @@ def _config(tmp: Path, name: str) -> Path:
         "seed_everything": 7,
         "trainer": {
             "accelerator": "cpu",
+            "default_root_dir": str(tmp / f"run_{name}"),  # the CLI's config.yaml goes there, not into the checkout
             "strategy": {
                 "class_path": "lit_accel.strategies.LitDeepSpeedStrategy",
                 "init_args": {"stage": 2, "bf16": False},
