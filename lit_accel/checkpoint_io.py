@@ -500,12 +500,14 @@ def saved_world_size(folder: str | os.PathLike[str]) -> int | None:
 
 
 def _fingerprint(folder: Path) -> str:
-    """What identifies one save of ``folder``: its manifest (every file with its size, written by every lit_accel
-    save) and ``latest``; for a folder without a manifest, every file's relative path, size and mtime."""
-    digest = hashlib.sha256()
+    """What identifies one save of ``folder``: its resolved path, its manifest (every file with its size, written last
+    by every lit_accel save) with the manifest's modification time, and ``latest``; for a folder without a manifest,
+    every file's relative path, size and modification time."""
+    digest = hashlib.sha256(str(folder.resolve()).encode())
     manifest = folder / MANIFEST_NAME
     if manifest.is_file():
-        digest.update(manifest.read_bytes())
+        # sizes alone repeat from one save to the next under the same name; the manifest's own time does not
+        digest.update(manifest.read_bytes() + str(manifest.stat().st_mtime_ns).encode())
     else:
         for p in sorted(folder.rglob("*")):
             if p.is_file():

@@ -198,10 +198,12 @@ def set_epoch_batches_done(checkpoint: dict[str, Any], batches: int) -> bool:
         current, total = progress["current"], progress["total"]
     except (KeyError, TypeError):
         return False
+    # One shift for every counter keeps their offsets (a save in on_train_batch_end has completed = processed - 1,
+    # which tells Lightning where in the batch it stopped).
+    shift = batches - int(current.get("processed", 0))
     for key in ("ready", "started", "processed", "completed"):
         if key in current:
-            shift = batches - int(current[key])
-            current[key] = batches
+            current[key] = max(0, int(current[key]) + shift)
             if key in total:
                 total[key] = max(0, int(total[key]) + shift)
     return True

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -525,24 +526,26 @@ class TextDataModule(L.LightningDataModule):
         connector = getattr(self.trainer, "_checkpoint_connector", None)
         checkpoint = getattr(connector, "_loaded_checkpoint", None)
         if isinstance(checkpoint, dict):
-            complete_epoch_end_loop_state(checkpoint)
+            at_epoch_end = complete_epoch_end_loop_state(checkpoint)
             if self._resume_state is not None and self._elastic_position:
-                self._resume_elsewhere(checkpoint, self._resume_state)
+                self._resume_elsewhere(checkpoint, self._resume_state, at_epoch_end)
 
     _elastic_position = True
     """Whether the sampler resumes from a sample position (so another world size or batch size continues exactly)."""
 
-    def _resume_elsewhere(self, checkpoint: dict[str, Any], saved: dict[str, int]) -> None:
-        """On another world size or batch size: the fit loop's batch counter in this run's batches, and the global
-        batch kept through gradient accumulation (:attr:`keep_global_batch`)."""
+    def _resume_elsewhere(self, checkpoint: dict[str, Any], saved: dict[str, int], at_epoch_end: bool) -> None:
+        """On another world size or batch size: the fit loop's batch counter in this run's batches (unless the
+        checkpoint was saved at an epoch's end: the next epoch starts from its first batch anyway), and the global
+        batch kept through gradient accumulation (:attr:`keep_global_batch`; training only, automatic optimization)."""
         trainer = self.trainer
         assert trainer is not None
         world, batch = int(trainer.world_size), self.batch_size
         saved_world, saved_batch = saved.get("world_size", world), saved.get("batch_size", batch)
-        if (saved_world, saved_batch) == (world, batch):
+        if (saved_world, saved_batch) == (world, batch) or trainer.state.fn != TrainerFn.FITTING:
             return
-        samples = _samples_done(saved)
-        set_epoch_batches_done(checkpoint, samples // (world * batch))
+        samples = 0 if at_epoch_end else _samples_done(saved)
+        if not at_epoch_end:
+            set_epoch_batches_done(checkpoint, samples // (world * batch))
         where = f"{saved_world} x {saved_batch} sequences per batch -> {world} x {batch}"
         if samples % (world * batch):
             rank_zero_warn(
@@ -550,7 +553,8 @@ class TextDataModule(L.LightningDataModule):
                 " this run's batches; training continues from the next unused sequence, with the epoch's batch"
                 " counter rounded down"
             )
-        if "accumulate_grad_batches" not in saved:
+        module = trainer.lightning_module
+        if "accumulate_grad_batches" not in saved or (module is not None and not module.automatic_optimization):
             return
         global_batch = saved_world * saved_batch * saved["accumulate_grad_batches"]
         accumulate = keep_global_batch(global_batch, world, batch)
@@ -570,7 +574,7 @@ class TextDataModule(L.LightningDataModule):
             trainer.accumulate_grad_batches = accumulate
             engine = getattr(trainer.strategy, "deepspeed_engine", None)
             if engine is not None:  # DeepSpeed scales the loss and steps by its own accumulation count
-                engine.set_train_batch_size(global_batch)
+                engine.set_train_batch_size(accumulate * engine.train_micro_batch_size_per_gpu() * engine.dp_world_size)
         rank_zero_info(
             f"resuming on {where}: accumulate_grad_batches {current} -> {accumulate} keeps the global batch of"
             f" {global_batch} sequences per optimizer step"

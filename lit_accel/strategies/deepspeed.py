@@ -57,6 +57,7 @@ from lightning.pytorch.accelerators import Accelerator, CPUAccelerator
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn import Module
 from torch.optim import Optimizer
@@ -545,10 +546,13 @@ class LitDeepSpeedStrategy(DeepSpeedStrategy):
         problem = self.broadcast(problem)
         if problem is not None:
             raise ValueError(problem)
-        if path.is_file():  # a DDP or single-device checkpoint
+        # Only for training: validate/test run DeepSpeed's inference engine, which holds no ZeRO optimizer to fill
+        # (Lightning's own load takes the module weights on any world size there).
+        fitting = self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        if path.is_file() and fitting:  # a DDP or single-device checkpoint
             return load_file_into_engine(self, path)
         saved = self.broadcast(saved_world_size(path) if self.is_global_zero and path.is_dir() else None)
-        if saved is not None and saved != self.world_size:
+        if saved is not None and saved != self.world_size and fitting:
             return load_on_new_world_size(self, path, saved)
         return super().load_checkpoint(checkpoint_path, weights_only)
 

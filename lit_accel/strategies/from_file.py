@@ -95,6 +95,12 @@ def _set_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], zero3:
     return missing
 
 
+def _step_tensor(step: float, flat: torch.Tensor, optimizer: Any) -> torch.Tensor:
+    """Adam's step as torch keeps it: on the parameter's device for fused or capturable Adam, else on the CPU."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    return torch.tensor(float(step), dtype=torch.float32, device=flat.device if on_device else "cpu")
+
+
 def _ensure_adam_state(engine: Any) -> None:
     """Creates Adam's state (zeros) for every flat fp32 partition that has none yet and, under ZeRO-1/2, links each
     parameter's slice of it, as DeepSpeed does after its first step: before any step a ZeRO-1/2 optimizer holds no
@@ -107,7 +113,7 @@ def _ensure_adam_state(engine: Any) -> None:
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 state[key] = torch.zeros_like(flat)
-        state.setdefault("step", torch.tensor(0.0))
+        state.setdefault("step", _step_tensor(0.0, flat, inner))
         if not zero3:
             for lp in zero.bit16_groups[i]:
                 if lp._hp_mapping is not None:
@@ -139,9 +145,9 @@ def _set_optimizer(engine: Any, module: torch.nn.Module, saved: dict[str, Any]) 
     if len(steps) > 1:
         raise ValueError(f"the checkpoint's optimizer state holds several step counts ({sorted(steps)})")
     inner = engine.optimizer.optimizer
-    for flat_state in inner.state.values():
+    for flat, flat_state in inner.state.items():
         if steps and "step" in flat_state:
-            flat_state["step"] = torch.tensor(next(iter(steps)))  # one tensor per state: Adam adds to it in place
+            flat_state["step"] = _step_tensor(next(iter(steps)), flat, inner)  # one per state: Adam adds in place
     if len(saved["param_groups"]) == len(inner.param_groups):
         for group, saved_group in zip(inner.param_groups, saved["param_groups"]):
             group.update({k: v for k, v in saved_group.items() if k != "params"})

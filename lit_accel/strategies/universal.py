@@ -75,14 +75,19 @@ def _unshare_step_counters(optimizer: Any) -> None:
     DeepSpeed's ZeRO-3 universal loader stores one and the same ``step`` tensor in the state of every sub-group;
     torch's Adam increments ``step`` in place, so with two parameter groups the shared counter advanced twice per
     optimizer step and Adam's bias correction drifted from the uninterrupted run's (measured: 1.6e-3 in the weights
-    two steps after the resume, against 0 with separate counters)."""
+    two steps after the resume, against 0 with separate counters). With fused or capturable Adam the step also goes
+    to its parameter's device, where those kernels read it (the converter saved it on the CPU)."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     seen: set[int] = set()
-    for state in optimizer.state.values():
+    for param, state in optimizer.state.items():
         step = state.get("step")
         if isinstance(step, torch.Tensor):
             if id(step) in seen:
-                state["step"] = step.clone()
-            seen.add(id(state["step"]))
+                step = step.clone()
+            if on_device:  # fused and capturable Adam read the step on the parameter's device
+                step = step.to(device=param.device, dtype=torch.float32)
+            state["step"] = step
+            seen.add(id(step))
 
 
 def load_on_new_world_size(strategy: Any, path: Path, saved: int) -> dict[str, Any]:
@@ -112,8 +117,11 @@ def load_on_new_world_size(strategy: Any, path: Path, saved: int) -> dict[str, A
                 f" {strategy.world_size}: {'converted it to' if converted else 'reusing'} DeepSpeed's universal"
                 f" checkpoint format in {copy!r}"
             )
-        except (ValueError, OSError) as err:
-            problem = f"ckpt_path {str(path)!r} cannot be resumed on {strategy.world_size} process(es): {err}"
+        except Exception as err:  # any failure on rank 0 must reach the others, which wait in the broadcast
+            problem = (
+                f"ckpt_path {str(path)!r} cannot be resumed on {strategy.world_size} process(es):"
+                f" {type(err).__name__}: {err}"
+            )
     problem, copy = strategy.broadcast((problem, copy))
     if problem is not None:
         raise ValueError(problem)
