@@ -517,7 +517,7 @@ def _fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _matching_copy(source: Path, copy: Path, fingerprint: str) -> bool:
+def _matching_copy(copy: Path, fingerprint: str) -> bool:
     marker = copy / UNIVERSAL_MARKER
     if not marker.is_file():
         return False
@@ -581,7 +581,7 @@ def universal_copy(checkpoint: str | os.PathLike[str]) -> tuple[Path, bool]:
     copy = universal_path(source)
     with _exclusive(copy.with_name(f".{copy.name}.lock")):  # several processes may ask at once (DDP ranks)
         fingerprint = _fingerprint(source)
-        if _matching_copy(source, copy, fingerprint):
+        if _matching_copy(copy, fingerprint):
             _verify_copy(copy)
             return copy, False
         _convert_into_place(source, copy, tag, fingerprint)

@@ -52,6 +52,7 @@ from lit_accel.models.structure import StructurePatterns, as_patterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
 from lit_accel.observe.wandb import BarChart, WandbCharts, other_loggers
 from lit_accel.settings import settings_from, takes_settings
+from lit_accel.strategies.sizing import param_numel
 
 __all__ = ["FactorizationSettings", "LowRankFactorization"]
 
@@ -318,8 +319,7 @@ class LowRankFactorization(L.Callback):
 
 
 def _num_params(model: nn.Module) -> int:
-    # Under ZeRO-3 the local tensor is an empty shard; DeepSpeed keeps the full size in ``ds_numel``.
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    return sum(param_numel(p) for p in model.parameters())
 
 
 def _datamodule_tokenizer(trainer: L.Trainer) -> Any | None:

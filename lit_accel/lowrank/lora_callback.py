@@ -43,6 +43,7 @@ from lit_accel.models.structure import StructurePatterns, as_patterns
 from lit_accel.models.surgery import TARGET_PRESETS, find_hf_model, run_after_configure_model
 from lit_accel.resume import BatchSeededRNG
 from lit_accel.settings import settings_from, takes_settings
+from lit_accel.strategies.sizing import param_numel
 
 __all__ = ["EXPORTS", "LoRA", "LoRASettings"]
 
@@ -155,10 +156,6 @@ class LoRASettings:
         out = dataclasses.asdict(self)
         out["patterns"] = dataclasses.asdict(self.patterns) if self.patterns is not None else None
         return out
-
-
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def _export_paths(export_dir: str, export: str) -> list[tuple[str, Path]]:
@@ -284,8 +281,8 @@ class LoRA(L.Callback):
             problem = peft_layout_problem(model, self.layer_names, s.patterns)
             if problem:
                 raise ValueError(f"LoRA export={s.export!r}: {problem}")
-        trainable = sum(_numel(p) for p in pl_module.parameters() if p.requires_grad)
-        total = sum(_numel(p) for p in pl_module.parameters())
+        trainable = sum(param_numel(p) for p in pl_module.parameters() if p.requires_grad)
+        total = sum(param_numel(p) for p in pl_module.parameters())
         metrics = {
             "lora/trainable_params": float(trainable),
             "lora/total_params": float(total),

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_accel.strategies.sizing import local_partition_span
+
 __all__ = [
     "full_parameters",
     "full_shape",
@@ -214,10 +216,7 @@ def _write_master(param: nn.Parameter, before: torch.Tensor) -> None:
         local = safe_get_local_fp32_param(param)  # this rank's partition, padded to the partition size
         if local is None:
             return
-        group = getattr(param, "ds_process_group", None)
-        rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
-        start = local.numel() * rank
-        valid = max(0, min(local.numel(), new.numel() - start))
+        start, valid = local_partition_span(param, local.numel())
         merged = local.detach().clone().flatten()
         part_new = new[start : start + valid].to(merged.device)
         part_old = old[start : start + valid].to(merged.device)

@@ -44,6 +44,7 @@ from lit_accel.models.architectures import (
     join_name,
 )
 from lit_accel.models.params import full_shape
+from lit_accel.strategies.sizing import param_numel
 
 __all__ = [
     "SUPPORTED_ARCHS",
@@ -137,11 +138,6 @@ def _collect_linears(module: nn.Module, prefix: str) -> dict[str, nn.Module]:
         else:
             out.update(_collect_linears(child, qual))
     return out
-
-
-def _param_numel(p: torch.Tensor) -> int:
-    # Under ZeRO-3 the local tensor is an empty shard; DeepSpeed keeps the full size in ``ds_numel``.
-    return int(getattr(p, "ds_numel", p.numel()))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -446,7 +442,7 @@ class ModelStructure:
                     kept.pop(key, None)
             if include_lm_head:
                 kept.update(params_of(self.lm_head_name))
-        return sum(_param_numel(p) for p in kept.values())
+        return sum(param_numel(p) for p in kept.values())
 
 
 def _few(names: list[str], n: int = 12) -> str:

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-__all__ = ["load_file_into_engine", "optimizer_order"]
+from lit_accel.strategies.sizing import local_partition_span, param_numel
+
+__all__ = ["load_file_into_engine", "optimizer_order", "step_device"]
 
 
 def optimizer_order(groups: Sequence[Sequence[Any]]) -> list[Any]:
@@ -58,9 +60,7 @@ def _set_full(param: torch.nn.Parameter, value: torch.Tensor, key: str | None = 
     local = utils.safe_get_local_fp32_param(param) if key is None else utils.safe_get_local_optimizer_state(param, key)
     if local is None:
         return
-    group = getattr(param, "ds_process_group", None)
-    start = local.numel() * torch.distributed.get_rank(group=group)
-    valid = max(0, min(local.numel(), value.numel() - start))
+    start, valid = local_partition_span(param, local.numel())
     merged = torch.zeros_like(local).flatten()
     merged[:valid] = value[start : start + valid].to(merged.device)
     if key is None:
@@ -97,8 +97,14 @@ def _set_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], zero3:
 
 def _step_tensor(step: float, flat: torch.Tensor, optimizer: Any) -> torch.Tensor:
     """Adam's step as torch keeps it: on the parameter's device for fused or capturable Adam, else on the CPU."""
+    return torch.tensor(float(step), dtype=torch.float32).to(step_device(flat, optimizer))
+
+
+def step_device(param: torch.Tensor, optimizer: Any) -> torch.device:
+    """Where torch's Adam keeps ``param``'s step: its device for fused or capturable Adam (their kernels read it
+    there), else the CPU."""
     on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
-    return torch.tensor(float(step), dtype=torch.float32, device=flat.device if on_device else "cpu")
+    return param.device if on_device else torch.device("cpu")
 
 
 def _ensure_adam_state(engine: Any) -> None:
@@ -137,7 +143,7 @@ def _set_optimizer(engine: Any, module: torch.nn.Module, saved: dict[str, Any]) 
         state = saved["state"].get(index, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                if state[key].numel() != getattr(param, "ds_numel", param.numel()):
+                if state[key].numel() != param_numel(param):
                     raise ValueError(f"the checkpoint's {key} of {names.get(id(param))!r} has another size")
                 _set_full(param, state[key], key)
         if "step" in state:

@@ -39,9 +39,18 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["BUCKET_FLOOR", "DEEPSPEED_BUCKET_DEFAULT", "ModelSize", "derived_zero_settings", "model_size"]
+__all__ = [
+    "BUCKET_FLOOR",
+    "DEEPSPEED_BUCKET_DEFAULT",
+    "ModelSize",
+    "derived_zero_settings",
+    "local_partition_span",
+    "model_size",
+    "param_numel",
+]
 
 BUCKET_FLOOR = 2**22
 """Smallest derived bucket (elements): 8 MiB of bf16, large enough for bandwidth-bound collectives."""
@@ -98,7 +107,7 @@ def model_size(module: nn.Module) -> ModelSize:
     built -- or the config of a submodule), else from the widest ``nn.Embedding``, else from the most common
     ``in_features`` of the ``nn.Linear`` layers. The count is ``None`` while the module has no parameters yet.
     """
-    total = sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+    total = sum(param_numel(p) for p in module.parameters())
     return ModelSize(num_params=total or None, hidden_size=_hidden_size(module))
 
 
@@ -117,3 +126,22 @@ def _hidden_size(module: nn.Module) -> int | None:
         return max(m.embedding_dim for m in embeddings)
     widths = Counter(m.in_features for m in module.modules() if isinstance(m, nn.Linear))
     return widths.most_common(1)[0][0] if widths else None
+
+
+def local_partition_span(param: nn.Parameter, partition_numel: int) -> tuple[int, int]:
+    """Where this rank's ZeRO-3 partition of ``param`` starts in the flattened whole, and how many of its
+    ``partition_numel`` elements are real (the last rank's partition is padded when the size does not divide).
+
+    Example:
+        >>> local_partition_span(torch.nn.Parameter(torch.zeros(10)), 4)  # one process: rank 0
+        (0, 4)
+    """
+    group = getattr(param, "ds_process_group", None)
+    rank = torch.distributed.get_rank(group=group) if torch.distributed.is_initialized() else 0
+    start = partition_numel * rank
+    return start, max(0, min(partition_numel, param_numel(param) - start))
+
+
+def param_numel(param: torch.Tensor) -> int:
+    """The whole element count of ``param`` (``ds_numel`` under ZeRO-3, where the tensor itself is a partition)."""
+    return int(getattr(param, "ds_numel", param.numel()))

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_accel.checkpoint import _deepspeed_records, load_checkpoint_file
 from lit_accel.checkpoint_io import UNIVERSAL_LATEST, universal_copy
+from lit_accel.strategies.from_file import step_device
 
 __all__ = ["load_on_new_world_size", "restore_group_hyperparameters"]
 
@@ -77,15 +78,13 @@ def _unshare_step_counters(optimizer: Any) -> None:
     optimizer step and Adam's bias correction drifted from the uninterrupted run's (measured: 1.6e-3 in the weights
     two steps after the resume, against 0 with separate counters). With fused or capturable Adam the step also goes
     to its parameter's device, where those kernels read it (the converter saved it on the CPU)."""
-    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     seen: set[int] = set()
     for param, state in optimizer.state.items():
         step = state.get("step")
         if isinstance(step, torch.Tensor):
             if id(step) in seen:
                 step = step.clone()
-            if on_device:  # fused and capturable Adam read the step on the parameter's device
-                step = step.to(device=param.device, dtype=torch.float32)
+            step = step.to(device=step_device(param, optimizer))
             state["step"] = step
             seen.add(id(step))
 

@@ -25,6 +25,7 @@ import torch
 from _helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, Strategy
+from pruning_ddp_worker import LLAMA, VOCAB  # the same 3-block LLaMA as the DDP test
 from torch.utils.data import DataLoader
 
 from lit_accel.export import export_checkpoint
@@ -33,18 +34,6 @@ from lit_accel.models.params import full_state_dict, gathered_for_reading
 from lit_accel.pruning.callback import StructuredPruning
 from lit_accel.strategies import LitDeepSpeedStrategy
 
-VOCAB = 96
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": False,
-}
 STEPS = 4
 TARGET = {"num_layers": 2, "num_kv_heads": 1, "intermediate_size": 64, "hidden_size": 48}
 

@@ -137,7 +137,6 @@ def run(out: Path, spec: dict[str, Any], cache: Path, base: Path) -> dict[str, A
         "technique_state": _technique_state(trainer),
         "world_size": world,
         "engine_steps": getattr(getattr(trainer.strategy, "deepspeed_engine", None), "global_steps", None),
-        "engine_micro_steps": getattr(getattr(trainer.strategy, "deepspeed_engine", None), "micro_steps", None),
     }
 
 
