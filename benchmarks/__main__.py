@@ -5,6 +5,7 @@
     python -m benchmarks run step kernels           # some suites
     python -m benchmarks run step/hot_path --models llama-1b   # one result, one model preset
     python -m benchmarks run --smoke                # every suite at tiny sizes on any device (CI, on a CPU)
+    python -m benchmarks run quality --allow-cpu --jobs 12 --wandb offline   # CPU-scale quality, 12 jobs at once
     python -m benchmarks render                     # benchmarks/RESULTS.md and the README table from the records
     python -m benchmarks render --check             # exit 1 when they differ from what the records give
     python -m benchmarks model [--check]            # docs/scaling.md: the scaling model's predictions (8-1024 GPUs)
@@ -34,7 +35,7 @@ SUITES: dict[str, str] = {
     "sparse24": "2:4 sparsity: cuSPARSELt linears, the MLP block and the training step vs dense; cached plans",
     "pruning": "a pruned model's shape vs the original: training and inference tokens/s",
     "scaling": "tokens/s per GPU from 1 to N GPUs, dense and with each technique",
-    "quality": "validation loss at small scale: 2:4 vs dense; pruned + continued vs from scratch",
+    "quality": "quality per unit of compute: val loss vs wall-clock and tokens, time to dense's loss, every technique",
 }
 """Suite name -> what it measures; each is ``benchmarks/suites/<name>.py``."""
 
@@ -108,6 +109,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             one += ["--only", ",".join(sorted(picked[name] or ()))]
         if args.models:
             one += ["--models", args.models]
+        one += ["--jobs", str(args.jobs)] + (["--wandb", args.wandb] if args.wandb else [])
         rc = subprocess.run(one, cwd=REPO, env=env).returncode
         took = time.monotonic() - start
         print(f"== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f} s", flush=True)
@@ -128,9 +130,18 @@ def _one(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"benchmarks.suites.{args.suite}")
     only = set(args.only.split(",")) if args.only else None
     models = set(args.models.split(",")) if args.models else None
-    ctx = Context(args.suite, args.smoke, Path(args.records), args.run_id, args.command, only, models)
+    ctx = Context(
+        args.suite, args.smoke, Path(args.records), args.run_id, args.command, only, models, args.jobs, args.wandb
+    )
     module.run(ctx)
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--smoke", action="store_true", help="tiny sizes on any device; records kept apart")
     run.add_argument("--records", default=None, help="records folder (default: benchmarks/records; smoke: a temp)")
     run.add_argument("--allow-cpu", action="store_true", help="time real sizes without a GPU")
+    run.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        help="independent CPU jobs a suite may run at once (quality), each on its own cores",
+    )
+    run.add_argument(
+        "--wandb", choices=("offline", "online"), default=None, help="also log the quality curves to W&B (grouped runs)"
+    )
     render = sub.add_parser("render", help="write RESULTS.md and the README table from the records")
     render.add_argument("--check", action="store_true", help="exit 1 when the files differ from the records'")
     model = sub.add_parser("model", help="write (--check: compare) docs/scaling.md's scaling-model tables")
@@ -158,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--smoke", action="store_true")
     one.add_argument("--only", default=None)
     one.add_argument("--models", default=None)
+    one.add_argument("--jobs", type=_positive, default=1)
+    one.add_argument("--wandb", choices=("offline", "online"), default=None)
     args = parser.parse_args(argv)
     if args.cmd == "list":
         width = max(map(len, SUITES))

@@ -30,6 +30,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ __all__ = [
     "Context",
     "Measurement",
     "Table",
+    "cpu_device",
     "environment",
     "free_memory",
     "git_commit",
@@ -54,6 +56,7 @@ MIN_WINDOWS = 5
 """Every timed figure is the median of at least this many windows; the spread (max - min) is recorded with it."""
 
 REPO = Path(__file__).resolve().parent.parent
+_WRITE_LOCK = threading.Lock()  # a suite may write from a thread (CPU jobs beside its GPU runs)
 
 
 @dataclass
@@ -237,15 +240,21 @@ def environment() -> dict[str, Any]:
         count = torch.cuda.device_count()
         device = torch.cuda.get_device_name() + (f" x{count}" if count > 1 else "")
     else:
-        device = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        device = cpu_device()
     return {"device": device, "versions": versions}
+
+
+def cpu_device() -> str:
+    """This machine's CPU as records name it (also for CPU runs beside a GPU on the same machine)."""
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 class Table:
     """One result's rows; :meth:`add` writes each row as a record at once."""
 
-    def __init__(self, ctx: Context, result: str, title: str, notes: str = "") -> None:
+    def __init__(self, ctx: Context, result: str, title: str, notes: str = "", device: str | None = None) -> None:
         self.ctx, self.result, self.title, self.notes = ctx, result, title, notes
+        self.device = device
 
     def add(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Writes ``row`` (column name -> value, in display order) as one record; returns the record."""
@@ -256,6 +265,7 @@ class Table:
             "row": dict(row),
             "notes": self.notes,
             **self.ctx.stamp,
+            **({"device": self.device} if self.device else {}),
         }
         self.ctx.write(record)
         print(f"[{self.ctx.suite}/{self.result}] " + ", ".join(f"{k}={_short(v)}" for k, v in row.items()), flush=True)
@@ -278,6 +288,8 @@ class Context:
         command: The exact command that produced the records.
         only: The results to run (``None``: all of the suite's); a whole suite may outlast a time limit.
         models: The model presets to run where a result measures several (``None``: all).
+        jobs: How many independent CPU jobs a suite may run at once (each on its own cores), where it has any.
+        wandb: ``"offline"`` or ``"online"``: suites that can (quality) also log their curves to W&B; None: no W&B.
     """
 
     def __init__(
@@ -289,9 +301,11 @@ class Context:
         command: str | None = None,
         only: set[str] | None = None,
         models: set[str] | None = None,
+        jobs: int = 1,
+        wandb: str | None = None,
     ) -> None:
         self.suite, self.smoke, self.records, self.run_id = suite, smoke, Path(records), run_id
-        self.only, self.models = only, models
+        self.only, self.models, self.jobs, self.wandb = only, models, jobs, wandb
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
         env = environment()
@@ -318,14 +332,20 @@ class Context:
         """Whether this run measures the model ``preset`` (``run --models`` picks some)."""
         return self.models is None or preset in self.models
 
-    def table(self, result: str, title: str, notes: str = "") -> Table:
-        """A result's table; ``result`` is its stable id (``"train_step"``), ``title`` its heading."""
-        return Table(self, result, title, notes)
+    def table(self, result: str, title: str, notes: str = "", device: str | None = None) -> Table:
+        """A result's table; ``result`` is its stable id (``"train_step"``), ``title`` its heading; ``device``
+        overrides the records' device (CPU jobs run beside a GPU)."""
+        return Table(self, result, title, notes, device)
+
+    @staticmethod
+    def cpu_device() -> str:
+        """This machine's CPU, as records name it."""
+        return cpu_device()
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Appends ``record`` to ``<records>/<suite>.jsonl`` (NaN, e.g. a CPU's peak memory, as null)."""
         self.records.mkdir(parents=True, exist_ok=True)
-        with open(self.records / f"{self.suite}.jsonl", "a") as f:
+        with _WRITE_LOCK, open(self.records / f"{self.suite}.jsonl", "a") as f:
             f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
             f.flush()
 
