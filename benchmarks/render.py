@@ -288,7 +288,10 @@ def render_results_md(results: Mapping[str, Result] | None = None) -> str:
                     [_cell(row.get(c)) for c in columns] + [f"`{commit}`"]
                     for row, commit in zip(result.rows, result.commits)
                 )
-                lines += ["", *_table([*columns, "commit"], rows), ""]
+                body = _table([*columns, "commit"], rows)
+                if result.result.endswith("_curves"):  # hundreds of points: folded, the summary table says it
+                    body = [f"<details><summary>{len(result.rows)} points</summary>", "", *body, "", "</details>"]
+                lines += ["", *body, ""]
                 if result.notes:
                     lines += [result.notes, ""]
     return "\n".join(lines).rstrip() + "\n"

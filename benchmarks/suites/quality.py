@@ -11,13 +11,12 @@ fraction of the baseline's, each the mean over seeds with min and max (:mod:`ben
 
 Comparisons (CPU scale: a ``llama-20m``-class model, 6 blocks of 384, BPE 2048, 8 x 128 tokens a step):
 
-- ``pretrain``: dense vs DropBP 0.5 (its defaults), 2:4 MLPs from step 0, and 2:4 with the paper's schedule (dense
-  warm-up for the first 10% of the steps, dense fine-tune for the last 10%), from a random init on the embedded
-  corpus. DropBP trains the steps that fit dense's wall-clock (its step is cheaper); 2:4 trains dense's steps (its
-  speed-up is a GPU property: on a CPU it runs the masked emulation).
-- ``dropbp_schedules``: what DropBP's settings do in pre-training at equal wall-clock: the default (rates uniform at
-  the target until the sensitivities are measured at 10% of the run), dense until measured, the drop rate warmed up
-  linearly from 0 over the first 30% of the run, and the learning rate x1.5.
+- ``pretrain``: from a random init on the embedded corpus, dense vs DropBP 0.5 with its defaults (rates uniform at
+  the target until the sensitivities are measured at 10% of the run) and with the schedules under study (dense until
+  measured; the drop rate warmed up linearly from 0 over the first 30% of the run; the learning rate x1.5), and 2:4
+  MLPs from step 0 and with the paper's schedule (dense warm-up for the first 10% of the steps, dense fine-tune for
+  the last 10%). DropBP trains the steps that fit dense's wall-clock (its step is cheaper); 2:4 on a CPU trains
+  dense's steps (its speed-up is a GPU property: a CPU runs the masked emulation).
 - ``finetune``: a model of ours pretrained on the embedded corpus's first bytes (library code: it never sees the
   ``test`` package), fine-tuned on a domain it has not seen: the standard library's own test suite
   (``test/test_*.py``, written to a local JSONL; documents held out for validation). Full fine-tuning (the
@@ -26,7 +25,8 @@ Comparisons (CPU scale: a ``llama-20m``-class model, 6 blocks of 384, BPE 2048, 
 - ``pruning``: a dense source, ``StructuredPruning`` to a smaller shape, exported and trained on (the source's cost
   not counted), against the same shape from a random init trained for the same wall-clock (the baseline).
 
-On a GPU (``llama-125m``, 16 x 1024, bf16-mixed): ``pretrain_125m`` and ``finetune_125m``, the same comparisons, two
+On a GPU (``llama-125m``, 16 x 1024, bf16-mixed): ``pretrain_125m`` (dense, DropBP defaults, DropBP dense until
+measured, 2:4 with the paper's schedule on its fast kernels, for dense's wall-clock) and ``finetune_125m``, two
 seeds. ``--jobs N`` runs the CPU-scale (comparison, seed) jobs as N processes at once, each on its own cores (CUDA
 hidden), so a GPU machine's idle cores record the CPU scale beside its GPU runs.
 
@@ -91,8 +91,8 @@ class Scale:
     prune_source_steps: int = 200
     prune_steps: int = 60
     continue_steps: int = 140
-    calib_steps: int = 12
-    """Steps of each calibration fit (the first third untimed)."""
+    calib_steps: int = 20
+    """Steps of each calibration fit (the first quarter untimed)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -218,32 +218,37 @@ def _sparse24(warmup_fraction: float, kernel: str) -> Callable[[int, int], list[
 
 
 def pretrain_variants(gpu: bool) -> list[Variant]:
-    """Dense, DropBP, 2:4 from step 0 and with the paper's schedule. On a GPU 2:4 runs its fast kernels
-    (``kernel="auto"``) and trains the steps that fit dense's wall-clock; on a CPU (the masked emulation, no
-    speed-up) dense's steps."""
+    """Dense; DropBP 0.5 with its defaults and with the schedules under study (dense until the sensitivities are
+    measured, the rate warmed up over the first 30% of the run, the learning rate x1.5); 2:4 from step 0 and with
+    the paper's schedule. On a GPU 2:4 runs its fast kernels (``kernel="auto"``) and trains the steps that fit
+    dense's wall-clock; on a CPU (the masked emulation, no speed-up) dense's steps. The GPU scale runs the defaults
+    and the best schedule of the CPU scale only (its runs are longer)."""
     kernel, budget = ("auto", "time") if gpu else ("masked", "steps")
     probe = (lambda: _sparse24(0.0, "auto")(0, 1)) if gpu else None
-    return [
+    dense_first = Variant(
+        "DropBP 0.5, dense until measured", _dropbp(before_measurement="dense"), "time", _uniform_probe, 0.9
+    )
+    variants = [
         Variant("dense"),
         Variant("DropBP 0.5", _dropbp(), "time", _uniform_probe),
+        dense_first,
+        Variant(
+            "DropBP 0.5, rate warm-up over 30%",
+            lambda s, n: [RampedDropBP(int(0.3 * n), target=0.5, seed=s)],
+            "time",
+            _uniform_probe,
+            0.85,
+        ),
+        Variant("DropBP 0.5, lr x1.5", _dropbp(), "time", _uniform_probe, lr_scale=1.5),
         Variant("2:4 MLPs from step 0", _sparse24(0.0, kernel), budget, probe),
         Variant("2:4 MLPs, dense warm-up 10% + dense fine-tune 10%", _sparse24(0.1, kernel), budget, probe, 0.8),
     ]
+    if gpu:
+        keep = {"dense", "DropBP 0.5", dense_first.name, "2:4 MLPs, dense warm-up 10% + dense fine-tune 10%"}
+        variants = [v for v in variants if v.name in keep]
+    return variants
 
 
-DROPBP_SCHEDULES = [
-    Variant("dense"),
-    Variant("DropBP 0.5 (defaults)", _dropbp(), "time", _uniform_probe),
-    Variant("DropBP 0.5, dense until measured", _dropbp(before_measurement="dense"), "time", _uniform_probe, 0.9),
-    Variant(
-        "DropBP 0.5, rate warm-up over 30%",
-        lambda s, n: [RampedDropBP(int(0.3 * n), target=0.5, seed=s)],
-        "time",
-        _uniform_probe,
-        0.85,
-    ),
-    Variant("DropBP 0.5, lr x1.5", _dropbp(), "time", _uniform_probe, lr_scale=1.5),
-]
 FINETUNE = [
     Variant("full fine-tuning"),
     Variant("DropBP 0.5", _dropbp(sensitivity_at=0), "time", _uniform_probe),
@@ -259,10 +264,10 @@ FINETUNE = [
 
 
 def comparison_variants(name: str) -> list[Variant]:
-    """The variants of comparison ``name`` (``pretrain``, ``dropbp_schedules``, ``finetune``), baseline first."""
+    """The variants of comparison ``name`` (``pretrain``, ``finetune``), baseline first."""
     if name == "pretrain":
         return pretrain_variants(_gpu())
-    return {"dropbp_schedules": DROPBP_SCHEDULES, "finetune": FINETUNE}[name]
+    return FINETUNE
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -379,7 +384,7 @@ class _StepClock(L.Callback):
 
 
 def _step_seconds(scale: Scale, dm: TextDataModule, model: Any, lr: float, callbacks: list[L.Callback]) -> float:
-    clock = _StepClock(max(1, scale.calib_steps // 3))
+    clock = _StepClock(max(1, scale.calib_steps // 4))
     module = _module(scale, model, lr, scale.calib_steps)
     _trainer(scale, scale.calib_steps, [clock, *callbacks], None, None).fit(module, datamodule=dm)
     del module
@@ -655,13 +660,11 @@ def run_parallel(jobs: list[Job], at_once: int, reserve: int = 0) -> dict[tuple[
 
 TITLES = {
     "pretrain": "Pre-training: each technique against dense at equal wall-clock",
-    "dropbp_schedules": "DropBP's settings in pre-training, at equal wall-clock",
     "finetune": "Fine-tuning a pretrained model on an unseen domain: LoRA, DropBP, LoRA + DropBP vs full fine-tuning",
     "pruning": "Pruned + continued vs the same shape from scratch, at equal wall-clock",
 }
 BASELINES = {
     "pretrain": "dense",
-    "dropbp_schedules": "dense",
     "finetune": "full fine-tuning",
     "pruning": "same shape from scratch",
 }
@@ -689,7 +692,7 @@ def _notes(comparison: str, scale: Scale, results: list[JobResult]) -> str:
         "first reaches it / the baseline's (interpolated between validations; NaN = not reached); 'val loss at "
         "equal time' = at the seed's shortest run's end."
     )
-    if base == "pretrain" or base == "dropbp_schedules":
+    if base == "pretrain":
         data = (
             f"From a random init on the embedded corpus (first {scale.corpus_bytes or 'all'} bytes, BPE, 5% held "
             f"out), lr {scale.lr}."
@@ -776,7 +779,7 @@ def _cpu_scale(ctx: Context, names: list[str], errors: list[BaseException]) -> N
 def run(ctx: Context) -> None:
     """CPU-scale comparisons (as worker processes with CUDA hidden, on a GPU machine: beside the GPU runs), and on a
     GPU the ``llama-125m`` ones."""
-    names = [c for c in ("pretrain", "dropbp_schedules", "finetune", "pruning") if ctx.wants(c)]
+    names = [c for c in ("pretrain", "finetune", "pruning") if ctx.wants(c)]
     gpu = ctx.device.type == "cuda" and not ctx.smoke
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
