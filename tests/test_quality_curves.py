@@ -145,3 +145,17 @@ def test_val_curve_stops_the_clock_while_validating_and_plots_against_it() -> No
     logged = [m for m, _ in logger.logged if "quality/val_loss" in m]
     assert [m["quality/train_seconds"] for m in logged] == [p.seconds for p in curve.points]
     assert [m["quality/val_loss"] for m in logged] == [p.loss for p in curve.points]
+
+
+def test_a_table_can_name_another_device_for_jobs_run_beside_the_gpu(tmp_path: Any) -> None:
+    import json
+
+    from benchmarks.harness import Context
+
+    ctx = Context("quality", smoke=True, records=tmp_path, run_id="r", command="c", jobs=3, wandb="offline")
+    assert (ctx.jobs, ctx.wandb) == (3, "offline")
+    ctx.table("a", "A").add({"v": 1.0})
+    ctx.table("b", "B", device="CPU (x86_64, 16 cores)").add({"v": 2.0})
+    records = [json.loads(line) for line in (tmp_path / "quality.jsonl").read_text().splitlines()]
+    assert records[0]["device"] == ctx.stamp["device"]
+    assert records[1]["device"] == "CPU (x86_64, 16 cores)" and records[1]["commit"] == ctx.stamp["commit"]
