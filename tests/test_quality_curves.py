@@ -159,3 +159,18 @@ def test_a_table_can_name_another_device_for_jobs_run_beside_the_gpu(tmp_path: A
     records = [json.loads(line) for line in (tmp_path / "quality.jsonl").read_text().splitlines()]
     assert records[0]["device"] == ctx.stamp["device"]
     assert records[1]["device"] == "CPU (x86_64, 16 cores)" and records[1]["commit"] == ctx.stamp["commit"]
+
+
+def test_overlay_chart_is_a_wandb_line_series_of_every_curve() -> None:
+    pytest.importorskip("wandb")
+    from benchmarks.quality_curves import overlay_chart
+
+    curves = [
+        _curve("dense", 0, [(1.0, 4.0), (2.0, 3.0)]),
+        _curve("DropBP 0.5", 0, [(0.7, 4.1), (1.4, 3.2), (2.1, 2.9)]),
+    ]
+    chart = overlay_chart(curves, "pretrain")
+    rows = chart.table.data
+    assert chart.table.columns == ["step", "lineKey", "lineVal"]  # x (training seconds), run, val loss
+    assert {r[1] for r in rows} == {"dense / seed 0", "DropBP 0.5 / seed 0"}
+    assert sorted((r[0], r[2]) for r in rows if r[1] == "DropBP 0.5 / seed 0") == [(0.7, 4.1), (1.4, 3.2), (2.1, 2.9)]

@@ -17,6 +17,8 @@ Comparisons (CPU scale: a ``llama-20m``-class model, 6 blocks of 384, BPE 2048, 
   MLPs from step 0 and with the paper's schedule (dense warm-up for the first 10% of the steps, dense fine-tune for
   the last 10%). DropBP trains the steps that fit dense's wall-clock (its step is cheaper); 2:4 on a CPU trains
   dense's steps (its speed-up is a GPU property: a CPU runs the masked emulation).
+- ``dropbp_settings``: DropBP's target (0.25, 0.75) and measurement (at 30% of the run; measured again at 50%)
+  against dense, at equal wall-clock.
 - ``finetune``: a model of ours pretrained on the embedded corpus's first bytes (library code: it never sees the
   ``test`` package), fine-tuned on a domain it has not seen: the standard library's own test suite
   (``test/test_*.py``, written to a local JSONL; documents held out for validation). Full fine-tuning (the
@@ -176,6 +178,20 @@ class RampedDropBP(DropBP):
         return [r * scale for r in DropBP.rates.fget(self)]  # type: ignore[attr-defined]
 
 
+class RemeasuredDropBP(DropBP):
+    """DropBP that measures the sensitivities again (and reallocates the rates) at ``again_at`` x the run."""
+
+    def __init__(self, again_at: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.again_at, self.remeasured = again_at, False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if self.measured and not self.remeasured and trainer.global_step >= self.again_at * trainer.max_steps:
+            self.measured, self.remeasured = False, True
+            self.sensitivity_step = trainer.global_step
+        super().on_train_batch_start(trainer, pl_module, batch, idx)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One arm of a comparison."""
@@ -249,6 +265,18 @@ def pretrain_variants(gpu: bool) -> list[Variant]:
     return variants
 
 
+DROPBP_SETTINGS = [
+    Variant("dense"),
+    Variant("DropBP 0.25", _dropbp(0.25), "time", lambda: [DropBP(target=0.25, sensitivity="uniform")]),
+    Variant("DropBP 0.75", _dropbp(0.75), "time", lambda: [DropBP(target=0.75, sensitivity="uniform")]),
+    Variant("DropBP 0.5, measured at 30%", _dropbp(sensitivity_at=0.3), "time", _uniform_probe),
+    Variant(
+        "DropBP 0.5, measured again at 50%",
+        lambda s, n: [RemeasuredDropBP(0.5, target=0.5, seed=s)],
+        "time",
+        _uniform_probe,
+    ),
+]
 FINETUNE = [
     Variant("full fine-tuning"),
     Variant("DropBP 0.5", _dropbp(sensitivity_at=0), "time", _uniform_probe),
@@ -264,10 +292,10 @@ FINETUNE = [
 
 
 def comparison_variants(name: str) -> list[Variant]:
-    """The variants of comparison ``name`` (``pretrain``, ``finetune``), baseline first."""
+    """The variants of comparison ``name`` (``pretrain``, ``dropbp_settings``, ``finetune``), baseline first."""
     if name == "pretrain":
         return pretrain_variants(_gpu())
-    return FINETUNE
+    return {"dropbp_settings": DROPBP_SETTINGS, "finetune": FINETUNE}[name]
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -660,11 +688,13 @@ def run_parallel(jobs: list[Job], at_once: int, reserve: int = 0) -> dict[tuple[
 
 TITLES = {
     "pretrain": "Pre-training: each technique against dense at equal wall-clock",
+    "dropbp_settings": "DropBP's target and measurement in pre-training, at equal wall-clock",
     "finetune": "Fine-tuning a pretrained model on an unseen domain: LoRA, DropBP, LoRA + DropBP vs full fine-tuning",
     "pruning": "Pruned + continued vs the same shape from scratch, at equal wall-clock",
 }
 BASELINES = {
     "pretrain": "dense",
+    "dropbp_settings": "dense",
     "finetune": "full fine-tuning",
     "pruning": "same shape from scratch",
 }
@@ -692,7 +722,7 @@ def _notes(comparison: str, scale: Scale, results: list[JobResult]) -> str:
         "first reaches it / the baseline's (interpolated between validations; NaN = not reached); 'val loss at "
         "equal time' = at the seed's shortest run's end."
     )
-    if base == "pretrain":
+    if base in ("pretrain", "dropbp_settings"):
         data = (
             f"From a random init on the embedded corpus (first {scale.corpus_bytes or 'all'} bytes, BPE, 5% held "
             f"out), lr {scale.lr}."
@@ -779,7 +809,7 @@ def _cpu_scale(ctx: Context, names: list[str], errors: list[BaseException]) -> N
 def run(ctx: Context) -> None:
     """CPU-scale comparisons (as worker processes with CUDA hidden, on a GPU machine: beside the GPU runs), and on a
     GPU the ``llama-125m`` ones."""
-    names = [c for c in ("pretrain", "finetune", "pruning") if ctx.wants(c)]
+    names = [c for c in ("pretrain", "dropbp_settings", "finetune", "pruning") if ctx.wants(c)]
     gpu = ctx.device.type == "cuda" and not ctx.smoke
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
