@@ -53,6 +53,29 @@ def test_every_suite_runs_and_records_in_smoke_mode(smoke: dict[str, list[dict]]
             assert all(record["row"][k] >= 5 for k in timed), record  # a timed figure is a median of >= 5 windows
 
 
+def test_quality_smoke_records_curves_and_summaries_of_every_comparison(smoke: dict[str, list[dict]]) -> None:
+    by_result: dict[str, list[dict]] = {}
+    for r in smoke["quality"]:
+        by_result.setdefault(r["result"], []).append(r["row"])
+    comparisons = {"pretrain": "dense", "dropbp_settings": "dense", "finetune": "full fine-tuning"}
+    comparisons["pruning"] = "same shape from scratch"
+    assert set(by_result) == set(comparisons) | {f"{c}_curves" for c in comparisons}
+    for comparison, baseline in comparisons.items():
+        rows = by_result[comparison]
+        assert rows[0]["variant"] == baseline and rows[0]["time to target vs baseline"] == 1.0
+        curves: dict[str, list[dict]] = {}
+        for p in by_result[f"{comparison}_curves"]:
+            curves.setdefault(p["variant"], []).append(p)
+        assert [r["variant"] for r in rows] == list(curves)  # a summary row per curve, the baseline first
+        for points in curves.values():
+            assert [p["step"] for p in points] == sorted({p["step"] for p in points})
+            assert [p["train seconds"] for p in points] == sorted(p["train seconds"] for p in points)
+            assert all(p["tokens"] == p["step"] * 4 * 32 for p in points)  # smoke: 4 x 32 tokens a step
+    # Every fine-tuning run starts from the same pretrained model: one first point, shared.
+    starts = {(p["step"], p["val loss"]) for p in by_result["finetune_curves"] if p["step"] == 0}
+    assert len(starts) == 1
+
+
 def test_every_goal_and_headline_names_a_result_and_column_a_suite_produces(smoke: dict[str, list[dict]]) -> None:
     produced: dict[str, set[str]] = {}
     for records in smoke.values():

@@ -88,7 +88,7 @@ class Scale:
     ft_lr: float = 5e-4
     lora_lr: float = 2e-3
     ft_bytes: int = 2_000_000
-    prune_target: tuple[int, int, int, int] = (4, 1, 512, 256)
+    prune_target: tuple[int, int, int, int] = (4, 1, 512, 288)
     """Kept layers, KV heads, MLP channels, hidden dims."""
     prune_source_steps: int = 200
     prune_steps: int = 60
@@ -494,10 +494,13 @@ def _budgets(
     timed = [v for v in variants if v.budget == "time"]
     if not timed:
         return budgets, ratios
+    # The baseline is timed before and after the probes and its faster time kept: a process's first fit also pays
+    # for warming up its thread pools and allocator, which would understate every probe's ratio.
     base = _step_seconds(scale, dm, model, lr, [])
+    probes = {v.name: _step_seconds(scale, dm, model, lr * v.lr_scale, v.probe()) for v in timed if v.probe}
+    base = min(base, _step_seconds(scale, dm, model, lr, []))
     for v in timed:
-        assert v.probe is not None
-        ratio = _step_seconds(scale, dm, model, lr * v.lr_scale, v.probe()) / base
+        ratio = probes[v.name] / base
         ratios[v.name] = ratio
         effective = 1.0 - (1.0 - ratio) * v.coverage
         budgets[v.name] = steps_for_time(steps, effective, every)
@@ -654,9 +657,12 @@ def _load(path: Path) -> JobResult:
     return JobResult(curves, data["info"])
 
 
-def run_parallel(jobs: list[Job], at_once: int, reserve: int = 0) -> dict[tuple[str, int], JobResult]:
+def run_parallel(
+    jobs: list[Job], at_once: int, reserve: int = 0, errors: list[BaseException] | None = None
+) -> dict[tuple[str, int], JobResult]:
     """Runs ``jobs`` as worker processes, ``at_once`` at a time, each pinned to its own cores (the first
-    ``reserve`` cores left to the parent), CUDA hidden."""
+    ``reserve`` cores left to the parent), CUDA hidden. A failed job is reported in ``errors`` (raised when None)
+    and left out of the result."""
     cores = sorted(os.sched_getaffinity(0))[reserve:]
     per = max(1, len(cores) // at_once)
     free = [cores[i * per : (i + 1) * per] for i in range(min(at_once, len(cores)))]
@@ -679,7 +685,13 @@ def run_parallel(jobs: list[Job], at_once: int, reserve: int = 0) -> dict[tuple[
                 running.remove(item)
                 free.append(mine)
                 if proc.returncode != 0:
-                    raise RuntimeError(f"quality job {job.comparison} seed {job.seed} failed (exit {proc.returncode})")
+                    error = RuntimeError(
+                        f"quality job {job.comparison} seed {job.seed} failed (exit {proc.returncode})"
+                    )
+                    if errors is None:
+                        raise error
+                    errors.append(error)
+                    continue
                 done[(job.comparison, job.seed)] = _load(out)
     return done
 
@@ -789,21 +801,29 @@ def _wandb_summary(ctx: Context, comparison: str, title: str, curves: list[Curve
 
 
 def _cpu_scale(ctx: Context, names: list[str], errors: list[BaseException]) -> None:
+    """Runs the CPU-scale comparisons; each comparison's records are written as soon as its seeds are done, and a
+    failing comparison does not stop the others (its error is kept for the caller)."""
     scale = SMOKE if ctx.smoke else CPU
     beside_gpu = ctx.device.type == "cuda"
+    device = ctx.cpu_device() if beside_gpu else None
     try:
         if "finetune" in names:
             build_source(scale) if not beside_gpu else run_parallel([Job("source", scale.name, 0)], 1, reserve=2)
-        jobs = [Job(c, scale.name, s, ctx.wandb, f"{c}-{ctx.run_id}") for c in names for s in scale.seeds]
-        if ctx.jobs > 1 or beside_gpu:
-            results = run_parallel(jobs, ctx.jobs, reserve=2 if beside_gpu else 0)
-        else:
-            results = {(j.comparison, j.seed): run_job(j) for j in jobs}
-        device = ctx.cpu_device() if beside_gpu else None
-        for c in names:
-            write_tables(ctx, c, scale, [results[(c, s)] for s in scale.seeds], device)
-    except BaseException as e:  # reported by the caller, after the GPU comparisons
+    except BaseException as e:
         errors.append(e)
+        names = [c for c in names if c != "finetune"]
+    jobs = {c: [Job(c, scale.name, s, ctx.wandb, f"{c}-{ctx.run_id}") for s in scale.seeds] for c in names}
+    if ctx.jobs > 1 or beside_gpu:
+        done = run_parallel([j for js in jobs.values() for j in js], ctx.jobs, 2 if beside_gpu else 0, errors)
+    for c in names:
+        try:
+            if ctx.jobs > 1 or beside_gpu:
+                results = [done[(c, s)] for s in scale.seeds]
+            else:
+                results = [run_job(j) for j in jobs[c]]
+            write_tables(ctx, c, scale, results, device)
+        except BaseException as e:  # reported by the caller once the others are recorded
+            errors.append(e)
 
 
 def run(ctx: Context) -> None:
@@ -825,7 +845,10 @@ def run(ctx: Context) -> None:
         for c in ("pretrain_125m", "finetune_125m"):
             if ctx.wants(c):
                 jobs = [Job(c, GPU.name, s, ctx.wandb, f"{c}-{ctx.run_id}") for s in GPU.seeds]
-                write_tables(ctx, c, GPU, [run_job(j) for j in jobs], None)
+                try:
+                    write_tables(ctx, c, GPU, [run_job(j) for j in jobs], None)
+                except Exception as e:  # the other comparisons still run and record
+                    errors.append(e)
     if worker is not None:
         worker.join()
     if errors:
