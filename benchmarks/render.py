@@ -175,8 +175,12 @@ def _goal_rows(results: Mapping[str, Result], spec: Mapping[str, Any]) -> list[l
         result = results.get(goal["result"])
         row = result.find(goal.get("match") or {}) if result is not None else None
         value = row.get(goal["column"]) if row is not None else None
-        if result is None or not isinstance(value, (int, float)):
+        if result is None or row is None:
             rows.append([goal["goal"], goal["setting"], target, "not measured", "-", "-"])
+            continue
+        if not isinstance(value, (int, float)):  # measured, without a value: e.g. a target never reached
+            where = f"{result.key} @ {_commit_label(result.commit_of(row))}, {result.device_of(row)}"
+            rows.append([goal["goal"], goal["setting"], target, "none (not reached)", "**not met**", where])
             continue
         met = _OPS[goal["op"]](float(value), float(goal["target"]))
         rows.append(

@@ -85,8 +85,10 @@ class Scale:
     seeds: tuple[int, ...] = (0, 1, 2)
     ft_source_steps: int = 400
     ft_steps: int = 120
-    ft_lr: float = 5e-4
-    lora_lr: float = 2e-3
+    ft_lr: float = 1e-4
+    """Full fine-tuning's peak lr: below the source's final lr (0.1 x ``lr``); at 5e-4 (2.5x it) a fresh AdamW raised
+    the CPU-scale domain loss above the source's and 120 steps did not bring it back."""
+    lora_lr: float = 5e-4
     ft_bytes: int = 2_000_000
     prune_target: tuple[int, int, int, int] = (4, 1, 512, 288)
     """Kept layers, KV heads, MLP channels, hidden dims."""
