@@ -608,7 +608,8 @@ def run_pruning(job: Job, scale: Scale) -> JobResult:
 def build_source(scale: Scale) -> Path:
     """The fine-tuning comparisons' pretrained model: dense, ``ft_source_steps`` on the embedded corpus's first
     bytes (seed 0), saved with its tokenizer; built once per scale and reused."""
-    key = json.dumps(asdict(scale), sort_keys=True, default=str)
+    fields = ("preset", "overrides", "seq", "batch", "lr", "val_batches", "corpus_bytes", "ft_source_steps")
+    key = json.dumps({f: getattr(scale, f) for f in fields}, sort_keys=True, default=str)
     import hashlib
 
     out = CACHE / f"quality-source-{scale.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -759,6 +760,9 @@ def _notes(comparison: str, scale: Scale, results: list[JobResult]) -> str:
             f"{scale.continue_steps} steps; baseline: that shape from a random init for the steps that fit the pruned "
             f"run's wall-clock (pruning included). lr {scale.lr}."
         )
+    if base == "pruning":
+        scratch = ", ".join(f"seed {i}: {r.info.get('scratch steps')}" for i, r in enumerate(results))
+        return f"{common} {data} From-scratch steps: {scratch}."
     return f"{common} {data} Budgets (steps): {budgets}. Step time vs the baseline, measured: {ratio_text or '-'}."
 
 
