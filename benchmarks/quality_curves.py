@@ -6,7 +6,8 @@ seconds (the clock stops while validating), the optimizer step, the tokens train
 :func:`summarize` turns the curves of all seeds into one row per variant:
 
 - **loss at equal wall-clock**: each run's validation loss at the seed's common time (the shortest run's end),
-  interpolated linearly between its validation points, and its difference from the baseline's at that time;
+  interpolated linearly between its validation points, and its difference from the baseline's at that time (a
+  longer run is read mid-schedule, before its learning rate has decayed: this figure favours the shorter run);
 - **time to target**: the training seconds at which the run's validation loss first reaches the target (default:
   the baseline's final loss of that seed), interpolated between the validation points that bracket it, as a
   fraction of the baseline's own time to it; not reached when the run ends above it;
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import torch
+
+from benchmarks.harness import _sync
 
 __all__ = [
     "Curve",
@@ -69,11 +71,6 @@ class Curve:
     @property
     def end(self) -> Point:
         return self.points[-1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class ValCurve(L.Callback):

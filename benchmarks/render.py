@@ -178,21 +178,16 @@ def _goal_rows(results: Mapping[str, Result], spec: Mapping[str, Any]) -> list[l
         if result is None or row is None:
             rows.append([goal["goal"], goal["setting"], target, "not measured", "-", "-"])
             continue
+        where = f"{result.key} @ {_commit_label(result.commit_of(row))}, {result.device_of(row)}"
+        # ``require``: other cells of the row that must hold exact values for the goal to count as met (e.g. every
+        # seed reached the target, where the value itself is a mean over the seeds that did).
+        unmet = [f"{k} {row.get(k)}" for k, v in (goal.get("require") or {}).items() if row.get(k) != v]
         if not isinstance(value, (int, float)):  # measured, without a value: e.g. a target never reached
-            where = f"{result.key} @ {_commit_label(result.commit_of(row))}, {result.device_of(row)}"
             rows.append([goal["goal"], goal["setting"], target, "none (not reached)", "**not met**", where])
             continue
-        met = _OPS[goal["op"]](float(value), float(goal["target"]))
-        rows.append(
-            [
-                goal["goal"],
-                goal["setting"],
-                target,
-                _cell(float(value)),
-                "**met**" if met else "**not met**",
-                f"{result.key} @ {_commit_label(result.commit_of(row))}, {result.device_of(row)}",
-            ]
-        )
+        met = _OPS[goal["op"]](float(value), float(goal["target"])) and not unmet
+        measured = _cell(float(value)) + (f" ({', '.join(unmet)})" if unmet else "")
+        rows.append([goal["goal"], goal["setting"], target, measured, "**met**" if met else "**not met**", where])
     return rows
 
 

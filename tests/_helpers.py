@@ -1,5 +1,6 @@
 """Shared by the tests (pytest puts tests/ on sys.path): test-only callbacks importable by class path from CLI
-configs, tiny models, a quiet Trainer, and the launcher of multi-process (torchrun) workers."""
+configs, tiny models, a quiet Trainer, a logger that keeps what it is given, and the launcher of multi-process
+(torchrun) workers."""
 
 from __future__ import annotations
 
@@ -14,9 +15,59 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
+from lightning.pytorch.loggers import Logger
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)`` and the hyperparameters; ``experiment`` records W&B's
+    ``define_metric`` calls, so a callback that declares its x-axis can be checked without wandb."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, Any]]] = []
+        self.hparams: dict[str, Any] = {}
+        self.defined: list[tuple[str, str | None]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @property
+    def experiment(self) -> Any:
+        return self
+
+    def define_metric(self, name: str, step_metric: str | None = None) -> None:
+        self.defined.append((name, step_metric))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self.hparams.update(dict(params))
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    @property
+    def logged(self) -> list[dict[str, Any]]:
+        """Every call's metrics, in order."""
+        return [m for _, m in self.rows]
+
+    @property
+    def latest(self) -> dict[str, Any]:
+        """Each key's last value."""
+        return {k: v for m in self.logged for k, v in m.items()}
+
+    def keys(self) -> set[str]:
+        return {k for m in self.logged for k in m}
+
+    def series(self, key: str) -> dict[int, Any]:
+        """``{step: value}`` of ``key`` over the calls that named a step."""
+        return {s: m[key] for s, m in self.rows if key in m and s is not None}
 
 
 class CrashAtStep(L.Callback):

@@ -15,7 +15,7 @@ from _helpers import REPO
 
 sys.path.insert(0, str(REPO))
 from benchmarks.__main__ import SUITES
-from benchmarks.render import SPEC, load_results
+from benchmarks.render import SPEC, Result, _goal_rows, load_results
 
 KEYS = {"suite", "result", "title", "row", "notes", "run", "device", "versions", "commit", "command", "date", "smoke"}
 
@@ -87,6 +87,7 @@ def test_every_goal_and_headline_names_a_result_and_column_a_suite_produces(smok
         assert goal["column"] in produced[goal["result"]], goal
         assert set(goal.get("match") or {}) <= produced[goal["result"]], goal
         assert goal["op"] in (">=", "<=", ">", "<"), goal
+        assert set(goal.get("require") or {}) <= produced[goal["result"]], goal
     for item in spec["headlines"]:
         assert item["result"] in produced, item
         for match in (item.get("rows") or {}).values():
@@ -102,6 +103,23 @@ def test_results_and_readme_are_what_the_records_give() -> None:
     for goal in spec["goals"]:
         result = results.get(goal["result"])
         assert result is not None and result.find(goal.get("match") or {}) is not None, goal
+
+
+def test_a_goal_with_a_requirement_is_met_only_when_the_row_meets_it_too() -> None:
+    rows = [
+        {"variant": "a", "time to target": 0.8, "reached target": "3/3"},
+        {"variant": "b", "time to target": 0.8, "reached target": "2/3"},
+        {"variant": "c", "time to target": None, "reached target": "0/3"},
+    ]
+    stamp = {"suite": "quality", "result": "x", "title": "T", "commit": "0123456789ab", "device": "CPU"}
+    result = Result([{**stamp, "row": row} for row in rows])
+    goal = {"result": "quality/x", "setting": "s", "column": "time to target", "op": "<", "target": 1.0}
+    goal["require"] = {"reached target": "3/3"}
+    spec = {"goals": [{**goal, "goal": v, "match": {"variant": v}} for v in "abc"]}
+    a, b, c = _goal_rows({"quality/x": result}, spec)
+    assert a[3:5] == ["0.8", "**met**"]
+    assert b[3:5] == ["0.8 (reached target 2/3)", "**not met**"]
+    assert c[3:5] == ["none (not reached)", "**not met**"]
 
 
 def test_smoke_records_are_never_published(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from _helpers import MemoryLogger
 
 from benchmarks.quality_curves import Curve, Point, ValCurve, loss_at, spread, steps_for_time, summarize, time_to
 
@@ -78,37 +79,6 @@ def test_summarize_pairs_each_seed_with_its_baseline() -> None:
         summarize([c for c in curves if not (c.variant == "dense" and c.seed == 1)], "dense")
 
 
-class _Experiment:
-    def __init__(self) -> None:
-        self.defined: list[tuple[str, str | None]] = []
-
-    def define_metric(self, name: str, step_metric: str | None = None) -> None:
-        self.defined.append((name, step_metric))
-
-
-class _Logger(L.pytorch.loggers.Logger):
-    """Records what is logged; its ``experiment`` has W&B's ``define_metric``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.experiment = _Experiment()
-        self.logged: list[tuple[dict[str, float], int | None]] = []
-
-    @property
-    def name(self) -> str:
-        return "stub"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.append((dict(metrics), step))
-
-
 class _Tiny(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -127,7 +97,7 @@ class _Tiny(L.LightningModule):
 
 def test_val_curve_stops_the_clock_while_validating_and_plots_against_it() -> None:
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=4)
-    curve, logger = ValCurve(tokens_per_step=16, start=Point(100.0, 10, 160, 9.9)), _Logger()
+    curve, logger = ValCurve(tokens_per_step=16, start=Point(100.0, 10, 160, 9.9)), MemoryLogger()
     trainer = L.Trainer(
         max_steps=6, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=2, logger=logger,
         callbacks=[curve], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -141,8 +111,8 @@ def test_val_curve_stops_the_clock_while_validating_and_plots_against_it() -> No
     assert seconds == sorted(seconds) and seconds[-1] <= curve.train_seconds
     # Three validations of 2 batches x 0.2 s (and a 2-batch sanity check) ran; none of it is training time.
     assert wall - curve.train_seconds >= 1.2 and curve.train_seconds < wall - 1.2 + 0.3
-    assert ("quality/*", "quality/train_seconds") in logger.experiment.defined
-    logged = [m for m, _ in logger.logged if "quality/val_loss" in m]
+    assert ("quality/*", "quality/train_seconds") in logger.defined
+    logged = [m for m in logger.logged if "quality/val_loss" in m]
     assert [m["quality/train_seconds"] for m in logged] == [p.seconds for p in curve.points]
     assert [m["quality/val_loss"] for m in logged] == [p.loss for p in curve.points]
 

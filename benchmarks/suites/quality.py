@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from benchmarks.common import StepTimer
 from benchmarks.harness import Context, free_memory
 from benchmarks.quality_curves import Curve, Point, ValCurve, overlay_chart, steps_for_time, summarize
 from lit_accel.callbacks import DropBP, LoRA, SemiStructuredSparsity, StructuredPruning
@@ -394,32 +396,16 @@ def _trainer(scale: Scale, steps: int, callbacks: list[L.Callback], val_every: i
     )
 
 
-class _StepClock(L.Callback):
-    """Wall-clock of the optimizer steps after the first ``skip`` (compilation, allocation, first measurement)."""
-
-    def __init__(self, skip: int) -> None:
-        self.skip, self.t0, self.seconds, self.steps = skip, 0.0, 0.0, 0
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if trainer.global_step == self.skip:
-            if _gpu():
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if _gpu():
-            torch.cuda.synchronize()
-        self.steps = trainer.global_step - self.skip
-        self.seconds = time.perf_counter() - self.t0
-
-
 def _step_seconds(scale: Scale, dm: TextDataModule, model: Any, lr: float, callbacks: list[L.Callback]) -> float:
-    clock = _StepClock(max(1, scale.calib_steps // 4))
+    # The first quarter is untimed (compilation, allocation, a technique's first measurement); the rest is timed
+    # in three windows and their median kept, so one stall of the machine does not set a variant's budget.
+    skip = max(1, scale.calib_steps // 4)
+    timer = StepTimer(skip, max(1, (scale.calib_steps - skip) // 3), 3)
     module = _module(scale, model, lr, scale.calib_steps)
-    _trainer(scale, scale.calib_steps, [clock, *callbacks], None, None).fit(module, datamodule=dm)
+    _trainer(scale, scale.calib_steps, [timer, *callbacks], None, None).fit(module, datamodule=dm)
     del module
     free_memory()
-    return clock.seconds / max(1, clock.steps)
+    return statistics.median(timer.times_ms) / 1000.0
 
 
 @dataclass
@@ -735,7 +721,8 @@ def _notes(comparison: str, scale: Scale, results: list[JobResult]) -> str:
         f"{scale.val_points} steps on {scale.val_batches} batches; training seconds exclude validation. Target = the "
         "baseline's final val loss of the same seed; 'time to target vs baseline' = the seconds at which the run "
         "first reaches it / the baseline's (interpolated between validations; NaN = not reached); 'val loss at "
-        "equal time' = at the seed's shortest run's end."
+        "equal time' = at the seed's shortest run's end (a longer run is read there mid-schedule, before its lr has "
+        "decayed, so this column favours the shorter run; final val loss and time to target do not)."
     )
     if base in ("pretrain", "dropbp_settings"):
         data = (
@@ -813,8 +800,10 @@ def _cpu_scale(ctx: Context, names: list[str], errors: list[BaseException]) -> N
     beside_gpu = ctx.device.type == "cuda"
     device = ctx.cpu_device() if beside_gpu else None
     try:
-        if "finetune" in names:
-            build_source(scale) if not beside_gpu else run_parallel([Job("source", scale.name, 0)], 1, reserve=2)
+        if "finetune" in names and beside_gpu:  # built on the CPU like the jobs that read it, CUDA hidden
+            run_parallel([Job("source", scale.name, 0)], 1, reserve=2)
+        elif "finetune" in names:
+            build_source(scale)
     except BaseException as e:
         errors.append(e)
         names = [c for c in names if c != "finetune"]

@@ -12,10 +12,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _helpers import tiny_llama
+from _helpers import MemoryLogger, tiny_llama
 from dropbp_helpers import VOCAB, Recorder, random_loader, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from lit_accel.cli import LitAccelCLI
@@ -37,29 +37,6 @@ def causal_lm(layers: int = 2, **kw: Any) -> CausalLM:
     return CausalLM("llama-tiny", config_overrides=overrides, warmup_steps=2, learning_rate=1e-3, **kw)
 
 
-class CaptureLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        self.hparams = {**getattr(self, "hparams", {}), **dict(params)}
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def keys(self) -> set[str]:
-        return {k for _, m in self.metrics for k in m}
-
-
 def fit(module: CausalLM, cb: DropBP, steps: int, n_data: int = 64, **kw: Any) -> Recorder:
     rec = Recorder(cb)
     extra = kw.pop("callbacks", [])
@@ -73,7 +50,7 @@ def fit(module: CausalLM, cb: DropBP, steps: int, n_data: int = 64, **kw: Any) -
 
 def test_auto_mode_measures_allocates_and_drops_the_target_fraction() -> None:
     module = causal_lm(layers=4)
-    logger = CaptureLogger()
+    logger = MemoryLogger()
     cb = DropBP(target=0.5, sensitivity_at=3, log_every_n_steps=1)
     rec = fit(module, cb, steps=120, logger=logger)
     assert all(math.isfinite(x) for x in rec.losses)
@@ -205,7 +182,7 @@ def test_allocation_chart_goes_to_wandb_and_scalars_elsewhere() -> None:
     cb.sensitivities = [1.0, 2.0, 3.0, 4.0]
     cb.allocated_rates = [0.9, 0.5, 0.3, 0.2]
     cb.measured = True
-    wandb_logger, other = FakeWandbLogger(), CaptureLogger()
+    wandb_logger, other = FakeWandbLogger(), MemoryLogger()
     trainer = SimpleNamespace(is_global_zero=True, loggers=[wandb_logger, other], global_step=7)
     cb._log_allocation(trainer)  # type: ignore[arg-type]
     (payload,) = wandb_logger.logged
@@ -214,7 +191,7 @@ def test_allocation_chart_goes_to_wandb_and_scalars_elsewhere() -> None:
     table = payload["dropbp/allocation"]
     assert [row[3] for row in table.data] == [0.9, 0.5, 0.3, 0.2]
     assert [row[0] for row in table.data] == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
-    (step, scalars) = other.metrics[0]
+    (step, scalars) = other.rows[0]
     assert step == 7 and scalars["dropbp/rate/0"] == 0.9 and scalars["dropbp/sensitivity/3"] == 4.0
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _helpers import tiny_llama
+from _helpers import MemoryLogger, tiny_llama
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -279,26 +279,6 @@ def test_rebuild_factorization_changes_ranks_and_restores_dense() -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _MemoryLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[dict[str, float]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.append(dict(metrics))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 class _Losses(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -333,7 +313,7 @@ def _module() -> CausalLM:
 
 
 def test_callback_trains_and_the_optimizer_holds_the_factors(tmp_path: Path) -> None:
-    losses, logger = _Losses(), _MemoryLogger()
+    losses, logger = _Losses(), MemoryLogger()
     cb = LowRankFactorization("attention", energy=0.8, export_dir=str(tmp_path / "export"))
     module = _module()
     trainer = _trainer(tmp_path, 12, [cb, losses], logger=logger)
@@ -461,7 +441,7 @@ class _FakeWandbLogger(WandbLogger):
 def test_wandb_gets_a_table_and_other_loggers_per_layer_scalars() -> None:
     cb = LowRankFactorization("attention", rank=8)
     cb._apply(tiny_llama(layers=1).eval())
-    wandb_logger, other = _FakeWandbLogger(), _MemoryLogger()
+    wandb_logger, other = _FakeWandbLogger(), MemoryLogger()
     trainer = SimpleNamespace(is_global_zero=True, loggers=[wandb_logger, other], global_step=3)
     cb._log(trainer)  # type: ignore[arg-type]
     (payload,) = wandb_logger.logged

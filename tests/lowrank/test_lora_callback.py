@@ -9,9 +9,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _helpers import quiet_trainer
+from _helpers import MemoryLogger, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from lora_helpers import VOCAB, logits, tiny_llama
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
@@ -46,31 +45,11 @@ def module(base_dir: Path) -> CausalLM:
     return CausalLM(str(base_dir), learning_rate=1e-2, warmup_steps=0, weight_decay=0.0)
 
 
-class MetricLog(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[str, float] = {}
-
-    @property
-    def name(self) -> str:
-        return "m"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.update(metrics)
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def test_fit_trains_only_adapters_logs_and_exports(base_dir: Path, tmp_path: Path) -> None:
     from peft import PeftModel
 
     lm = module(base_dir)
-    log = MetricLog()
+    log = MemoryLogger()
     cb = LoRA(targets="attention", r=4, alpha=8, export_dir=str(tmp_path / "export"), export="both")
     t = trainer(max_steps=3, logger=log, callbacks=[cb])
     t.fit(lm, loader())
@@ -86,9 +65,9 @@ def test_fit_trains_only_adapters_logs_and_exports(base_dir: Path, tmp_path: Pat
     assert torch.equal(q.base_layer.weight, original.model.layers[0].self_attn.q_proj.weight)
     assert float(q.lora_B.detach().abs().sum()) > 0
     trainable = sum(p.numel() for m in layers.values() for p in (m.lora_A, m.lora_B))
-    assert log.metrics["lora/trainable_params"] == trainable
-    assert log.metrics["lora/total_params"] == sum(p.numel() for p in lm.parameters())
-    assert log.metrics["lora/trainable_fraction"] == pytest.approx(trainable / log.metrics["lora/total_params"])
+    assert log.latest["lora/trainable_params"] == trainable
+    assert log.latest["lora/total_params"] == sum(p.numel() for p in lm.parameters())
+    assert log.latest["lora/trainable_fraction"] == pytest.approx(trainable / log.latest["lora/total_params"])
     # end-of-training export: a merged plain model and a PEFT adapter, both with the trained logits
     lm.model.eval()
     expected = logits(lm.model, IDS)

@@ -9,9 +9,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _helpers import quiet_trainer
+from _helpers import MemoryLogger, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
@@ -32,29 +31,6 @@ trainer = quiet_trainer
 def module(**kw: Any) -> CausalLM:
     torch.manual_seed(0)
     return CausalLM("llama-tiny", learning_rate=1e-2, warmup_steps=0, **kw)
-
-
-class History(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "h"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def last(self, key: str) -> dict[int, float]:
-        return {s: m[key] for s, m in self.rows if key in m and s is not None}
 
 
 class Probe(L.Callback):
@@ -79,7 +55,7 @@ class Probe(L.Callback):
 
 def test_phases_masks_logging_and_decay() -> None:
     cb = SemiStructuredSparsity(dense_warmup_steps=2, mask_refresh_every=2, dense_finetune_fraction=0.25)
-    probe, hist = Probe(), History()
+    probe, hist = Probe(), MemoryLogger()
     lm = module()
     t = trainer(max_steps=8, callbacks=[cb, probe], logger=hist)
     t.fit(lm, loader())
@@ -88,10 +64,10 @@ def test_phases_masks_logging_and_decay() -> None:
     assert probe.masked == {0: False, 1: False, 2: True, 3: True, 4: True, 5: True, 6: False, 7: False}
     assert all(probe.valid.values())
     assert cb.refreshes == 2 and cb.last_refresh_step == 4  # steps 2 and 4
-    assert hist.last("sparsity24/phase") == {i: float(i >= 2) + float(i >= 6) for i in range(8)}
-    dens = hist.last("sparsity24/density")
+    assert hist.series("sparsity24/phase") == {i: float(i >= 2) + float(i >= 6) for i in range(8)}
+    dens = hist.series("sparsity24/density")
     assert dens[1] == 1.0 and dens[3] == 0.5 and dens[7] == 1.0
-    flips = hist.last("sparsity24/flip_rate")
+    flips = hist.series("sparsity24/flip_rate")
     assert list(flips) == [4] and 0.0 <= flips[4] <= 1.0  # the first mask has nothing to flip from
     assert any(k.startswith("sparsity24/flip_rate/model.layers.0.mlp") for _, m in hist.rows for k in m)
     # state_dict keys are those of the plain model
