@@ -181,8 +181,13 @@ def _goal_rows(results: Mapping[str, Result], spec: Mapping[str, Any]) -> list[l
         where = f"{result.key} @ {_commit_label(result.commit_of(row))}, {result.device_of(row)}"
         # ``require``: other cells of the row that must hold exact values for the goal to count as met (e.g. every
         # seed reached the target, where the value itself is a mean over the seeds that did).
-        unmet = [f"{k} {row.get(k)}" for k, v in (goal.get("require") or {}).items() if row.get(k) != v]
-        if not isinstance(value, (int, float)):  # measured, without a value: e.g. a target never reached
+        # Compared as text, as ``match`` is: a YAML value and a record's cell may differ in type (3 against "3").
+        unmet = [
+            f"{k} {row.get(k, 'missing')}"
+            for k, v in (goal.get("require") or {}).items()
+            if str(row.get(k)) != str(v)
+        ]
+        if not isinstance(value, (int, float)) or math.isnan(value):  # measured, no value: a target never reached
             rows.append([goal["goal"], goal["setting"], target, "none (not reached)", "**not met**", where])
             continue
         met = _OPS[goal["op"]](float(value), float(goal["target"])) and not unmet

@@ -110,16 +110,23 @@ def test_a_goal_with_a_requirement_is_met_only_when_the_row_meets_it_too() -> No
         {"variant": "a", "time to target": 0.8, "reached target": "3/3"},
         {"variant": "b", "time to target": 0.8, "reached target": "2/3"},
         {"variant": "c", "time to target": None, "reached target": "0/3"},
+        {"variant": "d", "time to target": float("nan"), "reached target": "0/3"},
+        {"variant": "e", "time to target": 0.9, "seeds": 3},
     ]
     stamp = {"suite": "quality", "result": "x", "title": "T", "commit": "0123456789ab", "device": "CPU"}
     result = Result([{**stamp, "row": row} for row in rows])
     goal = {"result": "quality/x", "setting": "s", "column": "time to target", "op": "<", "target": 1.0}
     goal["require"] = {"reached target": "3/3"}
-    spec = {"goals": [{**goal, "goal": v, "match": {"variant": v}} for v in "abc"]}
-    a, b, c = _goal_rows({"quality/x": result}, spec)
+    spec = {"goals": [{**goal, "goal": v, "match": {"variant": v}} for v in "abcd"]}
+    # A YAML value matches a cell of another type as text, as ``match`` does; a missing cell is named.
+    spec["goals"] += [{**goal, "goal": "e", "match": {"variant": "e"}, "require": {"seeds": "3"}}]
+    spec["goals"] += [{**goal, "goal": "e2", "match": {"variant": "e"}, "require": {"reached target": "3/3"}}]
+    a, b, c, d, e, e2 = _goal_rows({"quality/x": result}, spec)
     assert a[3:5] == ["0.8", "**met**"]
     assert b[3:5] == ["0.8 (reached target 2/3)", "**not met**"]
-    assert c[3:5] == ["none (not reached)", "**not met**"]
+    assert c[3:5] == d[3:5] == ["none (not reached)", "**not met**"]
+    assert e[3:5] == ["0.9", "**met**"]
+    assert e2[3:5] == ["0.9 (reached target missing)", "**not met**"]
 
 
 def test_smoke_records_are_never_published(tmp_path: Path) -> None:

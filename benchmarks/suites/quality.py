@@ -405,6 +405,8 @@ def _step_seconds(scale: Scale, dm: TextDataModule, model: Any, lr: float, callb
     _trainer(scale, scale.calib_steps, [timer, *callbacks], None, None).fit(module, datamodule=dm)
     del module
     free_memory()
+    if not timer.times_ms:
+        raise ValueError(f"calib_steps={scale.calib_steps} leaves no timed window: use at least {skip + 1}")
     return statistics.median(timer.times_ms) / 1000.0
 
 
