@@ -183,9 +183,7 @@ def _goal_rows(results: Mapping[str, Result], spec: Mapping[str, Any]) -> list[l
         # seed reached the target, where the value itself is a mean over the seeds that did).
         # Compared as text, as ``match`` is: a YAML value and a record's cell may differ in type (3 against "3").
         unmet = [
-            f"{k} {row.get(k, 'missing')}"
-            for k, v in (goal.get("require") or {}).items()
-            if str(row.get(k)) != str(v)
+            f"{k} {row.get(k, 'missing')}" for k, v in (goal.get("require") or {}).items() if str(row.get(k)) != str(v)
         ]
         if not isinstance(value, (int, float)) or math.isnan(value):  # measured, no value: a target never reached
             rows.append([goal["goal"], goal["setting"], target, "none (not reached)", "**not met**", where])
