@@ -22,8 +22,9 @@ Comparisons (CPU scale: a ``llama-20m``-class model, 6 blocks of 384, BPE 2048, 
 - ``finetune``: a model of ours pretrained on the embedded corpus's first bytes (library code: it never sees the
   ``test`` package), fine-tuned on a domain it has not seen: the standard library's own test suite
   (``test/test_*.py``, written to a local JSONL; documents held out for validation). Full fine-tuning (the
-  baseline), LoRA (r 16, all linears), DropBP 0.5 (sensitivities at step 0, as for fine-tuning) and LoRA + DropBP,
-  each for the steps that fit full fine-tuning's wall-clock.
+  baseline), LoRA (r 16, all linears), DropBP 0.5 (sensitivities at step 0, as for fine-tuning), LoRA + DropBP, and
+  the SVD factorisation of every decoder linear at rank width / 4, each for the steps that fit full fine-tuning's
+  wall-clock.
 - ``pruning``: a dense source, ``StructuredPruning`` to a smaller shape, exported and trained on (the source's cost
   not counted), against the same shape from a random init trained for the same wall-clock (the baseline).
 
@@ -47,7 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ import torch
 from benchmarks.common import StepTimer
 from benchmarks.harness import Context, free_memory
 from benchmarks.quality_curves import Curve, Point, ValCurve, overlay_chart, steps_for_time, summarize
-from lit_accel.callbacks import DropBP, LoRA, SemiStructuredSparsity, StructuredPruning
+from lit_accel.callbacks import DropBP, LoRA, LowRankFactorization, SemiStructuredSparsity, StructuredPruning
 from lit_accel.data import TextDataModule
 from lit_accel.models import CausalLM
 from lit_accel.pruning import export_pruned
@@ -225,6 +226,28 @@ def _lora() -> LoRA:
     return LoRA(targets="all-linear", r=16, alpha=32)
 
 
+SVD_WIDTH_FRACTION = 4
+"""The factorisation variant's rank: the model's width over this (96 at llama-20m, 192 at llama-125m)."""
+
+
+class _WidthFactorization(LowRankFactorization):
+    """:class:`LowRankFactorization` at rank ``hidden_size // SVD_WIDTH_FRACTION`` of the model it meets, timing its
+    SVDs: they run at set-up, before the training clock starts, and the comparison adds ``seconds`` to the run's
+    wall-clock so that every cost of the technique is counted."""
+
+    seconds = 0.0
+
+    def _apply(self, model: torch.nn.Module) -> None:
+        t0 = time.perf_counter()
+        self.settings.rank = max(1, int(model.config.hidden_size) // SVD_WIDTH_FRACTION)
+        super()._apply(model)
+        self.seconds += time.perf_counter() - t0
+
+
+def _svd(seed: int = 0, steps: int = 0) -> list[L.Callback]:
+    return [_WidthFactorization(targets="all-linear", rank=1)]
+
+
 def _sparse24(warmup_fraction: float, kernel: str) -> Callable[[int, int], list[L.Callback]]:
     def make(seed: int, steps: int) -> list[L.Callback]:
         tenth = int(warmup_fraction * steps)
@@ -292,6 +315,7 @@ FINETUNE = [
         lambda: [_lora(), DropBP(target=0.5, sensitivity="uniform")],
         lora=True,
     ),
+    Variant(f"SVD rank d/{SVD_WIDTH_FRACTION}, all linears", _svd, "time", _svd),
 ]
 
 
@@ -469,7 +493,10 @@ def _fit_curve(
         loss = float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
         curve.add(trainer, loss, curve.train_seconds)
     _finish(logger)
-    points = ([start] if start is not None and math.isfinite(start.loss) else []) + curve.points
+    # Work a technique does at set-up, before the training clock starts (the SVDs of a factorisation).
+    setup = sum(getattr(cb, "seconds", 0.0) for cb in trainer.callbacks if isinstance(cb, _WidthFactorization))
+    fitted = [replace(p, seconds=p.seconds + setup) for p in curve.points]
+    points = ([start] if start is not None and math.isfinite(start.loss) else []) + fitted
     if not all(math.isfinite(p.loss) for p in points):
         raise RuntimeError(f"{variant.name}: non-finite validation loss {points}")
     return Curve(variant.name, job.seed, points), module
@@ -738,7 +765,10 @@ def _notes(comparison: str, scale: Scale, results: list[JobResult]) -> str:
             "standard library's test suite "
             f"(test/test_*.py, first {scale.ft_bytes:,} bytes, 5% of the files held out), {scale.ft_steps} steps of "
             f"full fine-tuning at lr {scale.ft_lr}; LoRA r 16, alpha 32, all linears at lr {scale.lora_lr}; DropBP "
-            "sensitivities measured at step 0. The first point of every curve is the source's loss on the domain."
+            "sensitivities measured at step 0; SVD: every decoder linear replaced by its truncated SVD of rank "
+            f"hidden size / {SVD_WIDTH_FRACTION} before the first step (skipped where the factors would not be "
+            "smaller; the SVDs' time counted), at full fine-tuning's lr. The first point of every curve is the "
+            "source's loss on the domain."
         )
     else:
         layers, kv, inter, hidden = scale.prune_target
