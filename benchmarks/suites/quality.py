@@ -38,6 +38,7 @@ Smoke (``--smoke``): every comparison with ``llama-tiny`` at a few steps, one se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -232,16 +233,16 @@ SVD_WIDTH_FRACTION = 4
 
 class _WidthFactorization(LowRankFactorization):
     """:class:`LowRankFactorization` at rank ``hidden_size // SVD_WIDTH_FRACTION`` of the model it meets, timing its
-    SVDs: they run at set-up, before the training clock starts, and the comparison adds ``seconds`` to the run's
-    wall-clock so that every cost of the technique is counted."""
+    SVDs: they run at set-up, before the training clock starts, so it reports them as ``setup_seconds``, which the
+    comparison adds to the run's wall-clock (every cost of a technique is counted)."""
 
-    seconds = 0.0
+    setup_seconds = 0.0
 
     def _apply(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
         self.settings.rank = max(1, int(model.config.hidden_size) // SVD_WIDTH_FRACTION)
         super()._apply(model)
-        self.seconds += time.perf_counter() - t0
+        self.setup_seconds += time.perf_counter() - t0
 
 
 def _svd(seed: int = 0, steps: int = 0) -> list[L.Callback]:
@@ -424,13 +425,14 @@ def _step_seconds(scale: Scale, dm: TextDataModule, model: Any, lr: float, callb
     # The first quarter is untimed (compilation, allocation, a technique's first measurement); the rest is timed
     # in three windows and their median kept, so one stall of the machine does not set a variant's budget.
     skip = max(1, scale.calib_steps // 4)
-    timer = StepTimer(skip, max(1, (scale.calib_steps - skip) // 3), 3)
+    iters = max(1, (scale.calib_steps - skip) // 3)
+    if scale.calib_steps < skip + iters:
+        raise ValueError(f"calib_steps={scale.calib_steps} leaves no timed window: use at least {skip + iters}")
+    timer = StepTimer(skip, iters, 3)
     module = _module(scale, model, lr, scale.calib_steps)
     _trainer(scale, scale.calib_steps, [timer, *callbacks], None, None).fit(module, datamodule=dm)
     del module
     free_memory()
-    if not timer.times_ms:
-        raise ValueError(f"calib_steps={scale.calib_steps} leaves no timed window: use at least {skip + 1}")
     return statistics.median(timer.times_ms) / 1000.0
 
 
@@ -493,8 +495,9 @@ def _fit_curve(
         loss = float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
         curve.add(trainer, loss, curve.train_seconds)
     _finish(logger)
-    # Work a technique does at set-up, before the training clock starts (the SVDs of a factorisation).
-    setup = sum(getattr(cb, "seconds", 0.0) for cb in trainer.callbacks if isinstance(cb, _WidthFactorization))
+    # Work a technique does at set-up, before the training clock starts (e.g. the SVDs of a factorisation): any
+    # callback of the variant may report it as ``setup_seconds``.
+    setup = sum(float(getattr(cb, "setup_seconds", 0.0)) for cb in trainer.callbacks)
     fitted = [replace(p, seconds=p.seconds + setup) for p in curve.points]
     points = ([start] if start is not None and math.isfinite(start.loss) else []) + fitted
     if not all(math.isfinite(p.loss) for p in points):
@@ -625,8 +628,6 @@ def build_source(scale: Scale) -> Path:
     bytes (seed 0), saved with its tokenizer; built once per scale and reused."""
     fields = ("preset", "overrides", "seq", "batch", "lr", "val_batches", "corpus_bytes", "ft_source_steps")
     key = json.dumps({f: getattr(scale, f) for f in fields}, sort_keys=True, default=str)
-    import hashlib
-
     out = CACHE / f"quality-source-{scale.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (out / "config.json").is_file():
         return out
